@@ -1,0 +1,7 @@
+"""jax_fa3: FlashAttention-3 for JAX on NVIDIA Hopper."""
+
+from jax_fa3._kernels import kernels_available
+from jax_fa3.attention import dot_product_attention, flash_attention
+
+__all__ = ["dot_product_attention", "flash_attention", "kernels_available"]
+__version__ = "0.1.0"

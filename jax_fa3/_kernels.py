@@ -1,0 +1,83 @@
+"""The compiled Hopper kernels: loads the extension, registers its FFI targets.
+
+The extension `jax_fa3._fa3_cuda` is built only where a CUDA toolkit was found
+(see CMakeLists.txt). Its `variants()` table is the one list of what is
+compiled; this module reads it and keeps no copy of its own.
+"""
+
+import dataclasses
+import importlib
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import numpy as np
+
+FWD_TARGET = "jax_fa3_fwd"
+BWD_TARGET = "jax_fa3_bwd"
+
+
+class Variant(NamedTuple):
+  """One compiled kernel: direction "fwd"/"bwd", dtype name, q/k and v head dims."""
+  direction: str
+  dtype: str
+  head_dim: int
+  head_dim_v: int
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelStatus:
+  """What `jax_fa3` can run on an H100. True when any kernel is compiled."""
+  variants: tuple[Variant, ...]
+  unavailable_reason: str | None = None
+  build_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __bool__(self):
+    return bool(self.variants)
+
+  def __str__(self):
+    if not self.variants:
+      return f"jax_fa3 CUDA kernels: none ({self.unavailable_reason})"
+    lines = [f"  {v.direction} {v.dtype} head_dim={v.head_dim} head_dim_v={v.head_dim_v}"
+             for v in self.variants]
+    return "\n".join(["jax_fa3 CUDA kernels:", *lines])
+
+
+def _load() -> KernelStatus:
+  try:
+    _fa3_cuda = importlib.import_module("jax_fa3._fa3_cuda")
+  except ImportError as e:
+    return KernelStatus((), f"the CUDA extension jax_fa3._fa3_cuda could not be "
+                            f"imported ({e}); build it with `JAX_FA3_CUDA=ON pip install .`")
+  for name, capsule in _fa3_cuda.registrations().items():
+    jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+  variants = tuple(Variant(d, t, int(h), int(hv)) for d, t, h, hv in _fa3_cuda.variants())
+  reason = None if variants else "the extension was built with an empty variant list"
+  return KernelStatus(variants, reason, dict(_fa3_cuda.build_info()))
+
+
+_status = _load()
+
+
+def kernels_available() -> KernelStatus:
+  """Which CUDA kernels are compiled into this install, and why none are when none are.
+
+  `bool(jax_fa3.kernels_available())` says whether any is; `print(...)` lists them.
+  Where a (dtype, head dim) pair has no kernel, jax_fa3 runs its float32
+  reference instead, with a one-time warning.
+  """
+  return _status
+
+
+def compiled_head_dims(direction: str, dtype, head_dim: int,
+                       head_dim_v: int) -> tuple[int, int] | None:
+  """The smallest compiled (head_dim, head_dim_v) that holds the given ones, or None.
+
+  Raises RuntimeError when the extension itself is missing.
+  """
+  if not _status.variants:
+    raise RuntimeError(f"jax_fa3 cannot lower to CUDA: {_status.unavailable_reason}")
+  dtype_name = np.dtype(dtype).name
+  fits = [(v.head_dim, v.head_dim_v) for v in _status.variants
+          if v.direction == direction and v.dtype == dtype_name
+          and v.head_dim >= head_dim and v.head_dim_v >= head_dim_v]
+  return min(fits, key=lambda dims: (dims[0] + dims[1], dims[0]), default=None)

@@ -1,0 +1,302 @@
+"""The public attention functions: argument checks, defaults and the custom VJP."""
+
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
+
+from jax_fa3 import primitives
+from jax_fa3.primitives import AttentionParams
+
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_MAX_HEAD_DIM = 256
+# jax.nn's masked logit (-0.7 * float32 max): what it reports as the lse of a row that sees no key.
+_JAX_NN_MASKED_LSE = np.float32(-0.7 * np.finfo(np.float32).max)
+
+
+def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, return_lse=False, deterministic=False):
+  """FlashAttention-3: softmax(q kᵀ · softmax_scale) v, on Hopper kernels where compiled.
+
+  Args:
+    q: queries, `[batch, seqlen_q, heads, head_dim]`, bfloat16 or float16.
+      float32 is refused with a TypeError: cast with `.astype(jnp.bfloat16)`,
+      or use `dot_product_attention`, which hands float32 to `jax.nn`.
+    k: keys, `[batch, seqlen_k, kv_heads, head_dim]`; `heads % kv_heads == 0`
+      (grouped-query and multi-query attention).
+    v: values, `[batch, seqlen_k, kv_heads, head_dim_v]`.
+    softmax_scale: multiplies q kᵀ; defaults to `1 / sqrt(head_dim)`.
+    causal: query `i` sees key `j` iff `j <= i + seqlen_k - seqlen_q`, i.e. the
+      mask's diagonal is aligned bottom-right, as in FlashAttention. Same as
+      `window_size=(left, 0)`.
+    window_size: `(left, right)`: query `i` sees keys
+      `[i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]`; -1 is unbounded.
+    softcap: if positive, scores become `softcap * tanh(scores / softcap)`.
+    return_lse: also return the log-sum-exp of the scores (differentiable).
+    deterministic: make the backward pass bitwise reproducible (slower).
+
+  Head dims up to 256 are supported; sizes without a compiled kernel are padded
+  up to the next one. A query row that sees no key gets output 0 and lse -inf,
+  and passes no gradient.
+
+  Returns:
+    `out [batch, seqlen_q, heads, head_dim_v]` in q's dtype, or `(out, lse)` with
+    `lse [batch, heads, seqlen_q]` float32 (natural log).
+  """
+  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  _check_qkv(q, k, v)
+  window_left, window_right = _check_window("window_size", window_size)
+  params = AttentionParams(
+      softmax_scale=_static_float("softmax_scale", softmax_scale, q.shape[3] ** -0.5),
+      softcap=_check_softcap(softcap),
+      window_left=window_left,
+      window_right=0 if causal else window_right,
+      diagonal_offset=k.shape[1] - q.shape[1])
+  absent = jnp.zeros((0,), jnp.int32)
+  out, lse = _attention(q, k, v, absent, absent, params, bool(deterministic))
+  return (out, lse) if return_lse else out
+
+
+def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
+                          is_causal=False, query_seq_lengths=None,
+                          key_value_seq_lengths=None, local_window_size=None,
+                          implementation=None, return_residual=False):
+  """A drop-in for `jax.nn.dot_product_attention`, with exactly its semantics.
+
+  That includes its top-left causal alignment when T != S, its handling of
+  padded and fully masked rows, and its residual (the lse, shaped like the
+  output without its last axis, in the input dtype, without gradient).
+
+  `implementation`:
+    None: jax_fa3 where it applies (bfloat16/float16, head dim <= 256, no bias,
+      no dense mask, a static scale, non-negative windows), `jax.nn` otherwise.
+    "fa3": jax_fa3, or a ValueError/TypeError naming what it does not support.
+    "xla", "cudnn": passed through to `jax.nn.dot_product_attention`.
+  """
+  if implementation in ("xla", "cudnn"):
+    return _jax_nn(query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
+                   key_value_seq_lengths, local_window_size, implementation, return_residual)
+  if implementation not in (None, "fa3"):
+    raise ValueError(f"Unsupported implementation option: {implementation!r}; "
+                     "choose None, 'fa3', 'xla' or 'cudnn'")
+  query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+  if isinstance(local_window_size, numbers.Integral):
+    local_window_size = (local_window_size, local_window_size)
+  unsupported = _unsupported_by_fa3(query, key, value, bias, mask, scale, local_window_size)
+  if unsupported:
+    if implementation == "fa3":
+      raise unsupported
+    return _jax_nn(query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
+                   key_value_seq_lengths, local_window_size, None, return_residual)
+
+  output_shape = query.shape
+  if query.ndim == 3:
+    query, key, value = query[None], key[None], value[None]
+  batch, seqlen_q, heads, head_dim = query.shape
+  _, seqlen_k, kv_heads, _ = key.shape
+  query_seq_lengths = _check_seq_lengths("query_seq_lengths", query_seq_lengths, batch)
+  key_value_seq_lengths = _check_seq_lengths("key_value_seq_lengths",
+                                             key_value_seq_lengths, batch)
+  _check_like_jax_nn(query, key, value)
+  window_left, window_right = local_window_size or (-1, -1)
+  params = AttentionParams(
+      softmax_scale=head_dim ** -0.5 if scale is None else float(scale),
+      window_left=window_left,
+      window_right=0 if is_causal else window_right,
+      diagonal_offset=0)  # jax.nn aligns the causal mask top-left.
+  seqused_q = _seqused(query_seq_lengths, seqlen_q)
+  seqused_k = _seqused(key_value_seq_lengths, seqlen_k)
+  out, lse = _attention(query, key, value, seqused_q, seqused_k, params, False)
+
+  # jax.nn masks with a finite logit, so a row that sees no key averages all
+  # values uniformly (unless it is a padded query row, which it zeroes) and
+  # reports that logit as its lse. Reproduce both, gradients included.
+  sees_nothing = jnp.swapaxes(lse == -jnp.inf, 1, 2)  # [B, T, N]
+  averaged = sees_nothing
+  if query_seq_lengths is not None:
+    averaged &= jnp.arange(seqlen_q)[None, :, None] < query_seq_lengths[:, None, None]
+  mean_value = jnp.repeat(jnp.mean(value.astype(jnp.float32), axis=1), heads // kv_heads, axis=1)
+  out = jnp.where(averaged[..., None], mean_value[:, None].astype(out.dtype), out)
+  out = out.reshape(output_shape)
+  if not return_residual:
+    return out
+  residual = jnp.where(sees_nothing, _JAX_NN_MASKED_LSE, jnp.swapaxes(lse, 1, 2))
+  return out, jax.lax.stop_gradient(residual.astype(key.dtype).reshape(output_shape[:-1]))
+
+
+# --- The custom VJP --------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, seqused_q, seqused_k, params, deterministic):
+  del deterministic
+  return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params))
+
+
+def _attention_fwd(q, k, v, seqused_q, seqused_k, params, deterministic):
+  del deterministic
+  q, k, v, seqused_q, seqused_k = (x.value for x in (q, k, v, seqused_q, seqused_k))
+  out, lse = primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params)
+  return (out, lse), (q, k, v, seqused_q, seqused_k, out, lse)
+
+
+def _attention_bwd(params, deterministic, residuals, cotangents):
+  q, k, v, seqused_q, seqused_k, out, lse = residuals
+  dout, dlse = cotangents
+  if isinstance(dout, SymbolicZero):
+    dout = jnp.zeros_like(out)
+  if not isinstance(dlse, SymbolicZero):
+    # d lse_i / d score_ij = P_ij, so lse's cotangent adds dlse_i to every dP_ij.
+    # A column of ones in v, dlse in dout and zeros in out does exactly that
+    # (rowsum(dout * out) is unchanged); the extra dv column is dropped.
+    ones = jnp.ones((*v.shape[:3], 1), v.dtype)
+    dout = jnp.concatenate([dout, jnp.swapaxes(dlse, 1, 2)[..., None].astype(dout.dtype)], -1)
+    out = jnp.concatenate([out, jnp.zeros((*out.shape[:3], 1), out.dtype)], -1)
+    dq, dk, dv = primitives.attention_bwd(dout, q, k, jnp.concatenate([v, ones], -1), out,
+                                          lse, seqused_q, seqused_k, params, deterministic)
+    return dq, dk, dv[..., :-1], None, None
+  dq, dk, dv = primitives.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
+                                        params, deterministic)
+  return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
+
+
+# --- Argument checks -------------------------------------------------------------
+
+def _check_qkv(q, k, v):
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.ndim != 4:
+      raise ValueError(f"flash_attention: {name} must have rank 4 "
+                       f"[batch, seqlen, heads, head_dim], got shape {x.shape}")
+    if x.dtype not in _DTYPES:
+      raise TypeError(f"flash_attention: {name} has dtype {x.dtype}; it takes bfloat16 or "
+                      "float16. Cast float32 inputs with .astype(jnp.bfloat16), or use "
+                      "jax_fa3.dot_product_attention, which hands float32 to jax.nn.")
+    if 0 in x.shape:
+      raise ValueError(f"flash_attention: {name} has an empty dimension: shape {x.shape}")
+  if not q.dtype == k.dtype == v.dtype:
+    raise TypeError(f"flash_attention: q, k and v must share one dtype, got "
+                    f"{q.dtype}, {k.dtype}, {v.dtype}")
+  shapes = f"q {q.shape}, k {k.shape}, v {v.shape}"
+  if not q.shape[0] == k.shape[0] == v.shape[0]:
+    raise ValueError(f"flash_attention: q, k and v must have the same batch size: {shapes}")
+  if k.shape[3] != q.shape[3]:
+    raise ValueError(f"flash_attention: k's head dim must equal q's: {shapes}")
+  if v.shape[1:3] != k.shape[1:3]:
+    raise ValueError(f"flash_attention: v must have k's seqlen and heads: {shapes}")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"flash_attention: q's heads ({q.shape[2]}) must be a multiple of "
+                     f"k/v's heads ({k.shape[2]}): {shapes}")
+  if max(q.shape[3], v.shape[3]) > _MAX_HEAD_DIM:
+    raise ValueError(f"flash_attention: head dims must be at most {_MAX_HEAD_DIM}: {shapes}")
+
+
+def _check_window(name, window):
+  if (not isinstance(window, (tuple, list)) or len(window) != 2
+      or not all(_is_int(w) and w >= -1 for w in window)):
+    raise ValueError(f"{name} must be a pair (left, right) of ints >= -1 "
+                     f"(-1 = unbounded), got {window!r}")
+  return int(window[0]), int(window[1])
+
+
+def _check_softcap(softcap):
+  softcap = _static_float("softcap", softcap, 0.0)
+  if softcap < 0 or not np.isfinite(softcap):
+    raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap}")
+  return softcap
+
+
+def _static_float(name, value, default):
+  if value is None:
+    return float(default)
+  try:
+    return float(value)
+  except TypeError as e:
+    raise TypeError(f"{name} must be a static Python number (it is a kernel "
+                    f"attribute), got {value!r}") from e
+
+
+def _is_int(x):
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _unsupported_by_fa3(query, key, value, bias, mask, scale, local_window_size):
+  """The exception `implementation="fa3"` raises for these arguments, or None."""
+  ranks = (query.ndim, key.ndim, value.ndim)
+  if bias is not None:
+    return ValueError("implementation='fa3' does not support `bias`; use implementation=None "
+                      "to fall back to jax.nn")
+  if mask is not None:
+    return ValueError("implementation='fa3' does not support a dense `mask`; express it with "
+                      "is_causal, local_window_size and the *_seq_lengths, or use "
+                      "implementation=None to fall back to jax.nn")
+  if ranks not in ((3, 3, 3), (4, 4, 4)):
+    return ValueError(f"implementation='fa3' takes query, key and value all of rank 4 (BTNH) "
+                      f"or all of rank 3 (TNH), got ranks {ranks}")
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if x.dtype not in _DTYPES:
+      return TypeError(f"implementation='fa3' takes bfloat16 or float16, got {name} of dtype "
+                       f"{x.dtype}; cast it, or use implementation=None to fall back to jax.nn")
+  if max(query.shape[-1], value.shape[-1]) > _MAX_HEAD_DIM:
+    return ValueError(f"implementation='fa3' supports head dims up to {_MAX_HEAD_DIM}, got "
+                      f"query {query.shape}, value {value.shape}")
+  if scale is not None:
+    try:
+      float(scale)
+    except TypeError:
+      return TypeError("implementation='fa3' needs a static `scale` (a kernel attribute), "
+                       f"got {scale!r}")
+  if local_window_size is not None and not (
+      isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2
+      and all(_is_int(w) and w >= 0 for w in local_window_size)):
+    return ValueError("implementation='fa3' takes local_window_size as an int or a pair of "
+                      f"ints >= 0, got {local_window_size!r}")
+  return None
+
+
+def _check_like_jax_nn(query, key, value):
+  """jax.nn.dot_product_attention's shape rules, on rank-4 arrays."""
+  if value.shape != key.shape:
+    raise ValueError(f"value shape {value.shape} must equal key shape {key.shape} "
+                     "[batch, kv_seqlen, kv_heads, head_dim]")
+  if query.shape[0] != key.shape[0] or query.shape[3] != key.shape[3]:
+    raise ValueError(f"query shape {query.shape} must match key shape {key.shape} in "
+                     "batch and head_dim")
+  if query.dtype != key.dtype or value.dtype != key.dtype:
+    raise ValueError(f"query, key and value must share one dtype, got {query.dtype}, "
+                     f"{key.dtype}, {value.dtype}")
+  if 0 in query.shape or 0 in key.shape:
+    raise ValueError(f"query {query.shape} and key {key.shape} must have no empty dimension")
+  if query.shape[2] % key.shape[2]:
+    raise ValueError(f"The number of query heads must be a multiple of key/value heads, "
+                     f"got query {query.shape}, key {key.shape}")
+
+
+def _check_seq_lengths(name, lengths, batch):
+  if lengths is None:
+    return None
+  lengths = jnp.asarray(lengths)
+  if lengths.shape != (batch,) or lengths.dtype != np.int32:
+    raise ValueError(f"{name} must be int32 of shape (batch,) = ({batch},), got "
+                     f"{lengths.dtype}{list(lengths.shape)}")
+  return lengths
+
+
+def _seqused(lengths, seqlen):
+  """jax.nn's lengths as the kernels' seqused: clipped to [0, seqlen], or absent."""
+  if lengths is None:
+    return jnp.zeros((0,), jnp.int32)
+  return jnp.clip(lengths, 0, seqlen)
+
+
+def _jax_nn(query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
+            key_value_seq_lengths, local_window_size, implementation, return_residual):
+  return jax.nn.dot_product_attention(
+      query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+      query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+      local_window_size=local_window_size, implementation=implementation,
+      return_residual=return_residual)

@@ -1,0 +1,191 @@
+"""The forward and backward attention primitives.
+
+Their operands, results and parameters are those of the FFI contract
+(`cuda/ffi/CONTRACT.md`); `reference.py` states their semantics in JAX.
+- fwd: (q, k, v, seqused_q, seqused_k) -> (out, lse)
+- bwd: (dout, q, k, v, out, lse, seqused_q, seqused_k) -> (dq, dk, dv)
+An absent `seqused_*` is an int32 array of shape [0].
+
+On CUDA they lower to the FFI targets where a kernel is compiled for the
+dtype and head dims, padding head dims up to the next compiled ones; anywhere
+else, and for pairs without a kernel, they lower to the float32 reference.
+vmap folds every mapped axis into the batch axis.
+"""
+
+import dataclasses
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir, xla
+
+from jax_fa3 import _kernels, reference
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionParams:
+  """The static parameters both primitives share (CONTRACT.md's attributes)."""
+  softmax_scale: float
+  softcap: float = 0.0
+  window_left: int = -1
+  window_right: int = -1
+  diagonal_offset: int = 0
+
+
+def attention_fwd(q, k, v, seqused_q, seqused_k, params: AttentionParams):
+  """Binds the forward primitive: returns (out, lse)."""
+  return fwd_p.bind(q, k, v, seqused_q, seqused_k, **dataclasses.asdict(params))
+
+
+def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
+                  params: AttentionParams, deterministic: bool):
+  """Binds the backward primitive: returns (dq, dk, dv)."""
+  return bwd_p.bind(dout, q, k, v, out, lse, seqused_q, seqused_k,
+                    **dataclasses.asdict(params), deterministic=deterministic)
+
+
+# --- Workspace sizes ---------------------------------------------------------
+# The workspace is an extra u8 result, so XLA owns the memory and the call stays
+# CUDA-graph safe. The handlers refuse a smaller buffer: keep these two functions
+# in step with cuda/ffi/.
+
+def fwd_workspace_bytes() -> int:
+  """Bytes of scratch the forward kernel needs (its tile-scheduler counters)."""
+  return 256
+
+
+def bwd_workspace_bytes(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim,
+                        head_dim_v) -> int:
+  """Bytes of scratch the backward kernels need, for the head dims they are launched with."""
+  sq, sk = _round_up(seqlen_q, 128), _round_up(seqlen_k, 128)
+  d, dv = _round_up(head_dim, 64), _round_up(head_dim_v, 64)
+  parts = [4 * batch * heads * sq * d,     # dq accumulator, f32
+           4 * batch * heads * sq,         # rowsum(dout * out)
+           4 * batch * heads * sq,         # lse * log2(e)
+           4 * batch * heads * (sq // 64)]  # dq write-order semaphores
+  if heads != kv_heads:                    # GQA: dk, dv are summed over groups in f32
+    parts += [4 * batch * kv_heads * sk * d, 4 * batch * kv_heads * sk * dv]
+  return sum(_round_up(p, 256) for p in parts)
+
+
+def _round_up(x, multiple):
+  return -(-x // multiple) * multiple
+
+
+# --- Abstract evaluation ------------------------------------------------------
+# `aval.update` keeps the operands' sharding and varying manual axes.
+
+def _fwd_abstract_eval(q, k, v, seqused_q, seqused_k, **params):
+  del k, seqused_q, seqused_k, params
+  batch, seqlen_q, heads, _ = q.shape
+  spec_b, spec_t, spec_n, _ = q.sharding.spec
+  lse_sharding = q.sharding.update(spec=jax.sharding.PartitionSpec(spec_b, spec_n, spec_t))
+  return (q.update(shape=(batch, seqlen_q, heads, v.shape[3])),
+          q.update(shape=(batch, heads, seqlen_q), dtype=jnp.float32, sharding=lse_sharding))
+
+
+def _bwd_abstract_eval(dout, q, k, v, out, lse, seqused_q, seqused_k, **params):
+  del dout, out, lse, seqused_q, seqused_k, params
+  return q.update(), k.update(), v.update()
+
+
+# --- CUDA lowering -------------------------------------------------------------
+
+def _fwd_cuda(q, k, v, seqused_q, seqused_k, **params):
+  dims = _kernel_head_dims("fwd", q, v)
+  if dims is None:
+    return reference.attention_fwd(q, k, v, seqused_q, seqused_k, **params)
+  head_dim, head_dim_v = dims
+  batch, seqlen_q, heads, _ = q.shape
+  out, lse, _ = jax.ffi.ffi_call(_kernels.FWD_TARGET, (
+      jax.ShapeDtypeStruct((batch, seqlen_q, heads, head_dim_v), q.dtype),
+      jax.ShapeDtypeStruct((batch, heads, seqlen_q), jnp.float32),
+      jax.ShapeDtypeStruct((fwd_workspace_bytes(),), jnp.uint8),
+  ))(_pad_head_dim(q, head_dim), _pad_head_dim(k, head_dim),
+     _pad_head_dim(v, head_dim_v), seqused_q, seqused_k, **_ffi_attributes(**params))
+  return out[..., :v.shape[3]], lse
+
+
+def _bwd_cuda(dout, q, k, v, out, lse, seqused_q, seqused_k, **params):
+  dims = _kernel_head_dims("bwd", q, v)
+  if dims is None:
+    return reference.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, **params)
+  head_dim, head_dim_v = dims
+  batch, seqlen_q, heads, _ = q.shape
+  _, seqlen_k, kv_heads, _ = k.shape
+  workspace = bwd_workspace_bytes(batch, seqlen_q, seqlen_k, heads, kv_heads,
+                                  head_dim, head_dim_v)
+  dq, dk, dv, _ = jax.ffi.ffi_call(_kernels.BWD_TARGET, (
+      jax.ShapeDtypeStruct((*q.shape[:3], head_dim), q.dtype),
+      jax.ShapeDtypeStruct((*k.shape[:3], head_dim), k.dtype),
+      jax.ShapeDtypeStruct((*v.shape[:3], head_dim_v), v.dtype),
+      jax.ShapeDtypeStruct((workspace,), jnp.uint8),
+  ))(_pad_head_dim(dout, head_dim_v), _pad_head_dim(q, head_dim),
+     _pad_head_dim(k, head_dim), _pad_head_dim(v, head_dim_v),
+     _pad_head_dim(out, head_dim_v), lse, seqused_q, seqused_k,
+     **_ffi_attributes(**params))
+  return dq[..., :q.shape[3]], dk[..., :k.shape[3]], dv[..., :v.shape[3]]
+
+
+def _kernel_head_dims(direction, q, v):
+  """The compiled head dims to pad to, or None (with a one-time warning) if none fits."""
+  dims = _kernels.compiled_head_dims(direction, q.dtype, q.shape[3], v.shape[3])
+  if dims is None:
+    _warn_once(f"jax_fa3: no {direction} kernel is compiled for {q.dtype} with "
+               f"head_dim={q.shape[3]}, head_dim_v={v.shape[3]}; running the float32 "
+               f"reference instead (slow). See jax_fa3.kernels_available().")
+  return dims
+
+
+@functools.cache
+def _warn_once(message):
+  warnings.warn(message, stacklevel=2)
+
+
+def _pad_head_dim(x, head_dim):
+  """Zero-pads the last axis: zero q/k columns leave the scores, zero v columns the output, unchanged."""
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, head_dim - x.shape[-1])])
+
+
+def _ffi_attributes(*, softmax_scale, softcap, window_left, window_right,
+                    diagonal_offset, deterministic=None):
+  """The FFI attributes, typed as CONTRACT.md says: f32 as np.float32, s64 as int, i1 as bool."""
+  attributes = dict(softmax_scale=np.float32(softmax_scale), softcap=np.float32(softcap),
+                    window_left=int(window_left), window_right=int(window_right),
+                    diagonal_offset=int(diagonal_offset))
+  if deterministic is not None:
+    attributes["deterministic"] = bool(deterministic)
+  return attributes
+
+
+# --- Batching --------------------------------------------------------------------
+
+def _fold_vmap_axis_into_batch(primitive, args, dims, **params):
+  """Every operand and result of both primitives leads with the batch axis (or is an
+  empty seqused), so a vmapped axis, moved to the front, merges into it."""
+  size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+  args = [batching.bdim_at_front(x, d, size) for x, d in zip(args, dims)]
+  outs = primitive.bind(*[x.reshape(-1, *x.shape[2:]) for x in args], **params)
+  return [o.reshape(size, -1, *o.shape[1:]) for o in outs], [0] * len(outs)
+
+
+# --- Registration ----------------------------------------------------------------
+
+def _define(name, abstract_eval, reference_rule, cuda_rule):
+  primitive = Primitive(name)
+  primitive.multiple_results = True
+  primitive.def_impl(functools.partial(xla.apply_primitive, primitive))
+  primitive.def_abstract_eval(abstract_eval)
+  mlir.register_lowering(primitive, mlir.lower_fun(reference_rule, multiple_results=True))
+  mlir.register_lowering(primitive, mlir.lower_fun(cuda_rule, multiple_results=True),
+                         platform="cuda")
+  batching.primitive_batchers[primitive] = functools.partial(
+      _fold_vmap_axis_into_batch, primitive)
+  return primitive
+
+
+fwd_p = _define("fa3_fwd", _fwd_abstract_eval, reference.attention_fwd, _fwd_cuda)
+bwd_p = _define("fa3_bwd", _bwd_abstract_eval, reference.attention_bwd, _bwd_cuda)

@@ -1,0 +1,108 @@
+"""Pure-JAX attention in float32: the path off the GPU and the kernels' specification.
+
+Both functions implement exactly the semantics of the FFI contract
+(`cuda/ffi/CONTRACT.md`): query row `i` of batch `b` sees key `j` iff
+`i < seqused_q[b]`, `j < seqused_k[b]` and `j` lies in the window
+`[i + diagonal_offset - window_left, i + diagonal_offset + window_right]`
+(a negative bound is unbounded). A row that sees no key has output 0 and
+lse -inf, and contributes nothing to any gradient. Absent `seqused_*` arrays
+have shape `[0]`.
+
+Heads are grouped as in `jax.nn.dot_product_attention`: query head `h` reads
+key/value head `h // (heads // kv_heads)`.
+"""
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def attention_fwd(q, k, v, seqused_q, seqused_k, *, softmax_scale, softcap,
+                  window_left, window_right, diagonal_offset):
+  """Returns `(out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] float32)`."""
+  visible = _visible(q.shape[1], k.shape[1], seqused_q, seqused_k,
+                     window_left, window_right, diagonal_offset)
+  scores, _ = _scores(q, k, softmax_scale, softcap)
+  scores = jnp.where(visible, scores, -jnp.inf)
+  row_max = jnp.max(scores, axis=-1, keepdims=True)
+  row_max = jnp.where(row_max == -jnp.inf, 0.0, row_max)
+  probs = jnp.exp(scores - row_max)
+  row_sum = jnp.sum(probs, axis=-1, keepdims=True)
+  seen_any = row_sum > 0
+  probs = probs / jnp.where(seen_any, row_sum, 1.0)
+  lse = jnp.where(seen_any, row_max + jnp.log(jnp.where(seen_any, row_sum, 1.0)),
+                  -jnp.inf)
+  out = _ungroup(jnp.einsum("bhgqk,bkhd->bhgqd", probs, v.astype(jnp.float32),
+                            precision=_HIGHEST))
+  batch, seqlen_q, heads = q.shape[:3]
+  return out.astype(q.dtype), lse.reshape(batch, heads, seqlen_q)
+
+
+def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, *,
+                  softmax_scale, softcap, window_left, window_right,
+                  diagonal_offset, deterministic):
+  """Returns `(dq, dk, dv)`, recomputing the probabilities from `lse`."""
+  del deterministic  # This path is always deterministic.
+  visible = _visible(q.shape[1], k.shape[1], seqused_q, seqused_k,
+                     window_left, window_right, diagonal_offset)
+  scores, tanh = _scores(q, k, softmax_scale, softcap)
+  probs = jnp.where(visible, jnp.exp(scores - _group(lse[..., None], k)), 0.0)
+
+  dout_g = _group(jnp.swapaxes(dout, 1, 2).astype(jnp.float32), k)
+  dv = jnp.einsum("bhgqk,bhgqd->bkhd", probs, dout_g, precision=_HIGHEST)
+  dprobs = jnp.einsum("bhgqd,bkhd->bhgqk", dout_g, v.astype(jnp.float32),
+                      precision=_HIGHEST)
+  # rowsum(dP * P) = rowsum(dO * O): the softmax Jacobian's diagonal term.
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  dscores = probs * (dprobs - _group(jnp.swapaxes(delta, 1, 2)[..., None], k))
+  if softcap:
+    dscores = dscores * (1.0 - tanh * tanh)
+  dscores = dscores * softmax_scale
+  dq = _ungroup(jnp.einsum("bhgqk,bkhd->bhgqd", dscores, k.astype(jnp.float32),
+                           precision=_HIGHEST))
+  q_g = _group(jnp.swapaxes(q, 1, 2).astype(jnp.float32), k)
+  dk = jnp.einsum("bhgqk,bhgqd->bkhd", dscores, q_g, precision=_HIGHEST)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _scores(q, k, softmax_scale, softcap):
+  """Scores `[B, Hk, G, Sq, Sk]` in float32, and tanh(raw/softcap) when capped."""
+  q_g = _group(jnp.swapaxes(q, 1, 2).astype(jnp.float32), k)
+  scores = jnp.einsum("bhgqd,bkhd->bhgqk", q_g, k.astype(jnp.float32),
+                      precision=_HIGHEST) * softmax_scale
+  if not softcap:
+    return scores, None
+  tanh = jnp.tanh(scores / softcap)
+  return softcap * tanh, tanh
+
+
+def _visible(seqlen_q, seqlen_k, seqused_q, seqused_k, window_left,
+             window_right, diagonal_offset):
+  """Which key each query row sees: bool, broadcastable to `[B, Hk, G, Sq, Sk]`."""
+  row = jnp.arange(seqlen_q)[:, None]
+  col = jnp.arange(seqlen_k)[None, :]
+  diagonal = row + diagonal_offset
+  visible = jnp.ones((1, seqlen_q, seqlen_k), bool)
+  if window_left >= 0:
+    visible &= col >= diagonal - window_left
+  if window_right >= 0:
+    visible &= col <= diagonal + window_right
+  if seqused_q.size:
+    visible &= row < seqused_q[:, None, None]
+  if seqused_k.size:
+    visible &= col < seqused_k[:, None, None]
+  return visible[:, None, None]
+
+
+def _group(x_bhs, k):
+  """`[B, H, Sq, ...]` -> `[B, Hk, G, Sq, ...]`, with Hk the kv heads of `k`."""
+  kv_heads = k.shape[2]
+  return x_bhs.reshape(x_bhs.shape[0], kv_heads, x_bhs.shape[1] // kv_heads,
+                       *x_bhs.shape[2:])
+
+
+def _ungroup(x):
+  """`[B, Hk, G, Sq, D]` -> `[B, Sq, H, D]`."""
+  batch, kv_heads, groups, seqlen, dim = x.shape
+  return jnp.swapaxes(x.reshape(batch, kv_heads * groups, seqlen, dim), 1, 2)
