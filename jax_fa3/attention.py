@@ -118,9 +118,10 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   averaged = sees_nothing
   if query_seq_lengths is not None:
     averaged &= jnp.arange(seqlen_q)[None, :, None] < query_seq_lengths[:, None, None]
+  # (In float32, so the gradient's sum over those rows is float32 too.)
   mean_value = jnp.repeat(jnp.mean(value.astype(jnp.float32), axis=1), heads // kv_heads, axis=1)
-  out = jnp.where(averaged[..., None], mean_value[:, None].astype(out.dtype), out)
-  out = out.reshape(output_shape)
+  out = jnp.where(averaged[..., None], mean_value[:, None], out.astype(jnp.float32))
+  out = out.astype(query.dtype).reshape(output_shape)
   if not return_residual:
     return out
   residual = jnp.where(sees_nothing, _JAX_NN_MASKED_LSE, jnp.swapaxes(lse, 1, 2))
