@@ -1,0 +1,36 @@
+// The forward kernel's parameters, filled by the FFI handler from XLA's buffers.
+#pragma once
+
+#include <cstdint>
+
+namespace jax_fa3 {
+
+struct FwdParams {
+  void const* q;
+  void const* k;
+  void const* v;
+  void* out;
+  float* lse;                 // [batch, heads, seqlen_q], natural log
+  int const* seqused_q;       // [batch] or nullptr: rows past it are empty
+  int const* seqused_k;       // [batch] or nullptr: keys past it are invisible
+  int* tile_counter;          // the dynamic scheduler's counter, zeroed on-stream per launch
+
+  int batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, head_dim_v;
+
+  // Element strides of the BTNH tensors; the head-dim stride is always 1.
+  int64_t q_row_stride, q_head_stride, q_batch_stride;
+  int64_t k_row_stride, k_head_stride, k_batch_stride;
+  int64_t v_row_stride, v_head_stride, v_batch_stride;
+  int64_t o_row_stride, o_head_stride, o_batch_stride;
+
+  float softmax_scale;        // multiplies q·k
+  float softcap;              // 0 = off, else scores = softcap * tanh(scores / softcap)
+
+  // Query row i sees key j iff j < seqlen_k(b) and, with c = i + diagonal_offset,
+  // c - window_left <= j <= c + window_right (a negative window is unbounded).
+  int window_left, window_right, diagonal_offset;
+
+  int num_sms;
+};
+
+}  // namespace jax_fa3

@@ -1,0 +1,99 @@
+// Online softmax over WGMMA accumulator tiles, in fp32 with exp2.
+#pragma once
+
+#include <cmath>
+#include <cute/tensor.hpp>
+
+#include "common/layouts.h"
+
+namespace jax_fa3 {
+
+using namespace cute;
+
+// The four threads of a quad hold the same rows (acc_rows_cols), so row reductions
+// finish with two butterfly shuffles.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+__device__ __forceinline__ float tanh_approx(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// scores <- tanh(scores * prescale); the softcap itself is folded into the exp2 scale.
+template <class Engine, class Layout>
+__device__ __forceinline__ void apply_softcap(Tensor<Engine, Layout>& scores, float prescale) {
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < size(scores); ++i) { scores(i) = tanh_approx(scores(i) * prescale); }
+}
+
+// Multiplies every row of an accumulator tile by its factor.
+template <int kRows, class Engine, class Layout>
+__device__ __forceinline__ void scale_rows(Tensor<Engine, Layout>& acc, float const (&factor)[kRows]) {
+  Tensor rows = make_tensor(acc.data(), acc_rows_cols(acc.layout()));
+  static_assert(decltype(size<0>(rows))::value == kRows);
+  CUTLASS_PRAGMA_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < size<1>(rows); ++c) { rows(r, c) *= factor[r]; }
+  }
+}
+
+// Running row maximum and row sum of exp over the key tiles seen so far. Scores are kept
+// raw; scale_log2 turns them into log2 units, so each probability costs one FFMA + one EX2.
+template <int kRows>
+struct OnlineSoftmax {
+  float row_max[kRows];
+  float row_sum[kRows];  // per-thread partial sums, reduced across the quad in finalize()
+  float scale_log2;
+
+  // Folds a tile of scores into the running state and overwrites it with exp2 of the
+  // shifted scores (the unnormalised probabilities). o_scale receives the factor that
+  // brings the output accumulated so far onto the new maximum.
+  template <bool kFirst, class Engine, class Layout>
+  __device__ __forceinline__ void update(Tensor<Engine, Layout>& acc_s, float (&o_scale)[kRows]) {
+    Tensor s = make_tensor(acc_s.data(), acc_rows_cols(acc_s.layout()));
+    static_assert(decltype(size<0>(s))::value == kRows);
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      float new_max = kFirst ? -INFINITY : row_max[r];
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < size<1>(s); ++c) { new_max = fmaxf(new_max, s(r, c)); }
+      new_max = quad_max(new_max);
+      // A row that has seen only masked keys keeps max = -inf; shifting by 0 instead
+      // keeps exp2 at 0 rather than NaN.
+      float const shift = new_max == -INFINITY ? 0.f : new_max * scale_log2;
+      o_scale[r] = kFirst ? 1.f : exp2f(row_max[r] * scale_log2 - shift);
+      row_max[r] = new_max;
+      float sum = 0.f;
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < size<1>(s); ++c) {
+        s(r, c) = exp2f(s(r, c) * scale_log2 - shift);
+        sum += s(r, c);
+      }
+      row_sum[r] = kFirst ? sum : row_sum[r] * o_scale[r] + sum;
+    }
+  }
+
+  // o_scale receives 1/rowsum (0 for a row that saw no key) and lse the natural-log
+  // sum of exp of the scaled scores (-inf for such a row).
+  __device__ __forceinline__ void finalize(float (&o_scale)[kRows], float (&lse)[kRows]) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      float const sum = quad_sum(row_sum[r]);
+      bool const empty = sum == 0.f || sum != sum;
+      o_scale[r] = empty ? 0.f : 1.f / sum;
+      lse[r] = empty ? -INFINITY : row_max[r] * scale_log2 * float(M_LN2) + logf(sum);
+    }
+  }
+};
+
+}  // namespace jax_fa3

@@ -1,0 +1,225 @@
+// XLA FFI handlers: decode buffers and attributes, re-check every rule of CONTRACT.md,
+// fill the kernel parameters and launch on XLA's stream. Bad input returns
+// InvalidArgument and launches nothing. The handlers allocate nothing and never
+// synchronise, so XLA may capture them in CUDA graphs.
+#include "ffi/attention_ffi.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+
+#include <cuda_runtime_api.h>
+
+#include "common/params.h"
+#include "ffi/registry.h"
+
+namespace jax_fa3 {
+namespace {
+
+namespace ffi = xla::ffi;
+
+constexpr int64_t kMaxSeqlen = int64_t(1) << 30;  // keeps every row/column index in int32
+constexpr int64_t kFwdWorkspaceBytes = 4;         // the dynamic scheduler's tile counter
+
+std::string shape_str(ffi::AnyBuffer const& b) {
+  std::string s = "[";
+  auto dims = b.dimensions();
+  for (size_t i = 0; i < dims.size(); ++i) { s += (i ? ", " : "") + std::to_string(dims[i]); }
+  return s + "]";
+}
+
+ffi::Error invalid(std::string const& message) { return ffi::Error::InvalidArgument("jax_fa3: " + message); }
+
+char const* dtype_name(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::BF16: return "bfloat16";
+    case ffi::DataType::F16: return "float16";
+    default: return nullptr;
+  }
+}
+
+bool aligned16(void const* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// SM counts are read once per device; XLA may call from one host thread per GPU.
+int sm_count(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::once_flag once[kMaxDevices];
+  static int counts[kMaxDevices];
+  if (device < 0 || device >= kMaxDevices) { return 0; }
+  std::call_once(once[device], [device] {
+    if (cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      counts[device] = 0;
+    }
+  });
+  return counts[device];
+}
+
+// JAX_FA3_DEBUG_POISON=1 fills outputs with NaN before each launch so that tests see
+// any element a kernel fails to write. Read once; asynchronous, so graph-safe.
+bool poison_outputs() {
+  static bool const enabled = [] {
+    char const* v = std::getenv("JAX_FA3_DEBUG_POISON");
+    return v != nullptr && v[0] != '\0' && v[0] != '0';
+  }();
+  return enabled;
+}
+
+cudaError_t poison(ffi::Result<ffi::AnyBuffer>& buffer, cudaStream_t stream) {
+  return cudaMemsetAsync(buffer->untyped_data(), 0xFF, buffer->size_bytes(), stream);  // NaN in bf16/f16/f32
+}
+
+struct Dims {
+  int64_t batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, head_dim_v;
+};
+
+// Shapes, dtypes and attributes shared by both directions.
+ffi::Error check_inputs(ffi::AnyBuffer const& q, ffi::AnyBuffer const& k, ffi::AnyBuffer const& v,
+                        ffi::AnyBuffer const& seqused_q, ffi::AnyBuffer const& seqused_k, float softmax_scale,
+                        float softcap, int64_t window_left, int64_t window_right, int64_t diagonal_offset,
+                        Dims& d) {
+  if (q.dimensions().size() != 4 || k.dimensions().size() != 4 || v.dimensions().size() != 4) {
+    return invalid("q, k, v must be rank 4 [batch, seqlen, heads, head_dim]; got q " + shape_str(q) + ", k " +
+                   shape_str(k) + ", v " + shape_str(v));
+  }
+  if (!dtype_name(q.element_type())) { return invalid("q must be bfloat16 or float16"); }
+  if (k.element_type() != q.element_type() || v.element_type() != q.element_type()) {
+    return invalid("k and v must have q's dtype");
+  }
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  d = {qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], vd[3]};
+  if (kd[0] != d.batch || vd[0] != d.batch || vd[1] != d.seqlen_k || vd[2] != d.kv_heads || kd[3] != d.head_dim) {
+    return invalid("k " + shape_str(k) + " and v " + shape_str(v) + " do not match q " + shape_str(q) +
+                   " (same batch; k and v same seqlen and heads; k has q's head_dim)");
+  }
+  if (d.batch < 1 || d.seqlen_q < 1 || d.seqlen_k < 1 || d.heads < 1 || d.kv_heads < 1) {
+    return invalid("batch, seqlens and heads must be >= 1; got q " + shape_str(q) + ", k " + shape_str(k));
+  }
+  if (d.seqlen_q > kMaxSeqlen || d.seqlen_k > kMaxSeqlen) { return invalid("seqlens must be <= 2^30"); }
+  if (d.heads % d.kv_heads != 0) {
+    return invalid("q heads (" + std::to_string(d.heads) + ") must be a multiple of k/v heads (" +
+                   std::to_string(d.kv_heads) + ")");
+  }
+  for (ffi::AnyBuffer const* s : {&seqused_q, &seqused_k}) {
+    auto sd = s->dimensions();
+    if (s->element_type() != ffi::DataType::S32 || sd.size() != 1 || (sd[0] != 0 && sd[0] != d.batch)) {
+      return invalid("seqused_q/seqused_k must be int32 of shape [batch] or [0]; got " + shape_str(*s));
+    }
+  }
+  if (!(std::isfinite(softmax_scale) && softmax_scale > 0.f)) { return invalid("softmax_scale must be finite and > 0"); }
+  if (!(std::isfinite(softcap) && softcap >= 0.f)) { return invalid("softcap must be finite and >= 0"); }
+  if (window_left < -1 || window_right < -1) { return invalid("window sizes must be >= -1 (-1 = unbounded)"); }
+  if (diagonal_offset < -kMaxSeqlen || diagonal_offset > kMaxSeqlen) {
+    return invalid("|diagonal_offset| must be <= 2^30");
+  }
+  if (!aligned16(q.untyped_data()) || !aligned16(k.untyped_data()) || !aligned16(v.untyped_data())) {
+    return invalid("q, k, v must be 16-byte aligned");
+  }
+  return ffi::Error::Success();
+}
+
+// A window wider than any sequence is the same as none; clamping keeps int32 arithmetic safe.
+int clamp_window(int64_t w) { return w < 0 ? -1 : int(std::min<int64_t>(w, 2 * kMaxSeqlen)); }
+
+ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                   ffi::AnyBuffer seqused_q, ffi::AnyBuffer seqused_k, ffi::Result<ffi::AnyBuffer> out,
+                   ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale,
+                   float softcap, int64_t window_left, int64_t window_right, int64_t diagonal_offset) {
+  Dims d;
+  if (ffi::Error e = check_inputs(q, k, v, seqused_q, seqused_k, softmax_scale, softcap, window_left, window_right,
+                                  diagonal_offset, d);
+      e.failure()) {
+    return e;
+  }
+  auto od = out->dimensions();
+  if (out->element_type() != q.element_type() || od.size() != 4 || od[0] != d.batch || od[1] != d.seqlen_q ||
+      od[2] != d.heads || od[3] != d.head_dim_v) {
+    return invalid("out must be [batch, seqlen_q, heads, head_dim_v] in q's dtype; got " + shape_str(*out));
+  }
+  auto ld = lse->dimensions();
+  if (lse->element_type() != ffi::DataType::F32 || ld.size() != 3 || ld[0] != d.batch || ld[1] != d.heads ||
+      ld[2] != d.seqlen_q) {
+    return invalid("lse must be float32 [batch, heads, seqlen_q]; got " + shape_str(*lse));
+  }
+  if (workspace->element_type() != ffi::DataType::U8 || workspace->size_bytes() < kFwdWorkspaceBytes ||
+      !aligned16(workspace->untyped_data())) {
+    return invalid("workspace must be uint8 of at least " + std::to_string(kFwdWorkspaceBytes) + " bytes");
+  }
+  if (!aligned16(out->untyped_data())) { return invalid("out must be 16-byte aligned"); }
+  std::string const dtype = dtype_name(q.element_type());
+  FwdVariant const* variant = find_fwd_variant(dtype, int(d.head_dim), int(d.head_dim_v));
+  if (!variant) {
+    return invalid("no forward kernel for dtype " + dtype + ", head_dim " + std::to_string(d.head_dim) +
+                   ", head_dim_v " + std::to_string(d.head_dim_v) + " (see jax_fa3.kernels_available())");
+  }
+
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) { return ffi::Error::Internal("jax_fa3: cudaGetDevice failed"); }
+  FwdParams p{};
+  p.q = q.untyped_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.out = out->untyped_data();
+  p.lse = static_cast<float*>(lse->untyped_data());
+  p.seqused_q = seqused_q.dimensions()[0] ? static_cast<int const*>(seqused_q.untyped_data()) : nullptr;
+  p.seqused_k = seqused_k.dimensions()[0] ? static_cast<int const*>(seqused_k.untyped_data()) : nullptr;
+  p.tile_counter = static_cast<int*>(workspace->untyped_data());
+  p.batch = int(d.batch);
+  p.seqlen_q = int(d.seqlen_q);
+  p.seqlen_k = int(d.seqlen_k);
+  p.heads = int(d.heads);
+  p.kv_heads = int(d.kv_heads);
+  p.head_dim = int(d.head_dim);
+  p.head_dim_v = int(d.head_dim_v);
+  // Dense BTNH: row stride = heads * head_dim, batch stride = seqlen * row stride.
+  p.q_head_stride = d.head_dim;
+  p.q_row_stride = d.heads * d.head_dim;
+  p.q_batch_stride = d.seqlen_q * p.q_row_stride;
+  p.k_head_stride = d.head_dim;
+  p.k_row_stride = d.kv_heads * d.head_dim;
+  p.k_batch_stride = d.seqlen_k * p.k_row_stride;
+  p.v_head_stride = d.head_dim_v;
+  p.v_row_stride = d.kv_heads * d.head_dim_v;
+  p.v_batch_stride = d.seqlen_k * p.v_row_stride;
+  p.o_head_stride = d.head_dim_v;
+  p.o_row_stride = d.heads * d.head_dim_v;
+  p.o_batch_stride = d.seqlen_q * p.o_row_stride;
+  p.softmax_scale = softmax_scale;
+  p.softcap = softcap;
+  p.window_left = clamp_window(window_left);
+  p.window_right = clamp_window(window_right);
+  p.diagonal_offset = int(diagonal_offset);
+  p.num_sms = sm_count(device);
+  if (p.num_sms <= 0) { return ffi::Error::Internal("jax_fa3: could not read the SM count"); }
+
+  if (poison_outputs()) {
+    if (cudaError_t e = poison(out, stream); e != cudaSuccess) { return ffi::Error::Internal(cudaGetErrorString(e)); }
+    if (cudaError_t e = poison(lse, stream); e != cudaSuccess) { return ffi::Error::Internal(cudaGetErrorString(e)); }
+  }
+  if (cudaError_t e = variant->run(p, stream); e != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jax_fa3 forward launch failed: ") + cudaGetErrorString(e));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jax_fa3
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFa3Fwd, jax_fa3::FwdImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()  // q
+                                  .Arg<xla::ffi::AnyBuffer>()  // k
+                                  .Arg<xla::ffi::AnyBuffer>()  // v
+                                  .Arg<xla::ffi::AnyBuffer>()  // seqused_q
+                                  .Arg<xla::ffi::AnyBuffer>()  // seqused_k
+                                  .Ret<xla::ffi::AnyBuffer>()  // out
+                                  .Ret<xla::ffi::AnyBuffer>()  // lse
+                                  .Ret<xla::ffi::AnyBuffer>()  // workspace
+                                  .Attr<float>("softmax_scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("window_left")
+                                  .Attr<int64_t>("window_right")
+                                  .Attr<int64_t>("diagonal_offset"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});

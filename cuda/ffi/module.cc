@@ -1,0 +1,36 @@
+// The Python extension jax_fa3._fa3_cuda: FFI handler capsules and the variant table.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cuda_runtime_api.h>
+#include <cutlass/version.h>
+
+#include "ffi/attention_ffi.h"
+#include "ffi/registry.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_fa3_cuda, m) {
+  m.doc() = "jax_fa3 Hopper kernels as XLA FFI handlers";
+
+  m.def("registrations", [] {
+    py::dict targets;
+    targets["jax_fa3_fwd"] = py::capsule(reinterpret_cast<void*>(&JaxFa3Fwd));
+    return targets;
+  }, "FFI target name -> handler capsule, for jax.ffi.register_ffi_target(..., platform='CUDA').");
+
+  m.def("variants", [] {
+    py::list out;
+    for (auto const& v : jax_fa3::fwd_variants()) { out.append(py::make_tuple("fwd", v.dtype, v.head_dim, v.head_dim_v)); }
+    return out;
+  }, "The compiled (direction, dtype, head_dim, head_dim_v) kernel variants.");
+
+  m.def("build_info", [] {
+    py::dict info;
+    info["cuda_runtime"] = CUDART_VERSION;
+    info["cutlass"] = std::to_string(CUTLASS_MAJOR) + "." + std::to_string(CUTLASS_MINOR) + "." +
+                      std::to_string(CUTLASS_PATCH);
+    info["arch"] = "sm_90a";
+    return info;
+  }, "How the extension was built.");
+}

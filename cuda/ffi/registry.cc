@@ -1,0 +1,17 @@
+#include "ffi/registry.h"
+
+namespace jax_fa3 {
+
+std::vector<FwdVariant>& fwd_variants() {
+  static std::vector<FwdVariant> table;  // filled during static initialisation, read-only afterwards
+  return table;
+}
+
+FwdVariant const* find_fwd_variant(std::string const& dtype, int head_dim, int head_dim_v) {
+  for (FwdVariant const& v : fwd_variants()) {
+    if (v.dtype == dtype && v.head_dim == head_dim && v.head_dim_v == head_dim_v) { return &v; }
+  }
+  return nullptr;
+}
+
+}  // namespace jax_fa3

@@ -1,0 +1,33 @@
+// The forward tile table: one row per head dim. kBlockM is 64 query rows per consumer
+// warpgroup; kBlockN is bounded by registers (one fp32 score tile, its 16-bit
+// probabilities and the output accumulator live at once) and by shared memory.
+#pragma once
+
+namespace jax_fa3 {
+
+template <int kHeadDim, bool kHasWindow>
+struct FwdTileConfig;
+
+#define JAX_FA3_FWD_TILE(HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_WINDOW, PINGPONG)           \
+  template <bool kHasWindow>                                                              \
+  struct FwdTileConfig<HEAD_DIM, kHasWindow> {                                            \
+    static constexpr int kBlockM = BLOCK_M;                                               \
+    static constexpr int kBlockN = kHasWindow ? BLOCK_N_WINDOW : BLOCK_N;                 \
+    static constexpr int kStages = 2;                                                     \
+    /* Two warpgroups take turns on the tensor cores; above 128 the output */            \
+    /* accumulator leaves no registers for it. */                                         \
+    static constexpr bool kPingpong = PINGPONG;                                           \
+    /* Large accumulators rescale under the next QK^T rather than after P·V. */           \
+    static constexpr bool kRescaleOBeforeGemm = HEAD_DIM > 128;                           \
+  };
+
+//               head dim  M    N   N (causal/local)  pingpong
+JAX_FA3_FWD_TILE(64,       128, 176, 128,             true)
+JAX_FA3_FWD_TILE(96,       128, 144, 128,             true)
+JAX_FA3_FWD_TILE(128,      128, 176, 128,             true)
+JAX_FA3_FWD_TILE(192,      128, 112, 96,              false)
+JAX_FA3_FWD_TILE(256,      128, 80,  64,              false)
+
+#undef JAX_FA3_FWD_TILE
+
+}  // namespace jax_fa3

@@ -1,0 +1,88 @@
+// Writing a finished query tile: O through shared memory and a TMA store, the
+// log-sum-exp straight from registers; tiles with no visible key get zeros and -inf.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "common/barriers.h"
+#include "common/layouts.h"
+#include "common/tile_scheduler.h"
+
+namespace jax_fa3 {
+
+using namespace cute;
+
+template <class Traits>
+struct FwdEpilogue {
+  using Element = typename Traits::Element;
+  using Params = typename Traits::Params;
+  using Storage = typename Traits::SharedStorage;
+  static constexpr int kBlockM = Traits::kBlockM;
+  static constexpr int kHeadDimV = Traits::kHeadDimV;
+  static constexpr int kConsumerThreads = Traits::kConsumerThreads;
+
+  Params const& p;
+  Storage& smem;
+  int const thread_idx;  // among the consumer threads
+
+  __device__ int64_t lse_offset(QueryTile const& tile) const {
+    return (int64_t(tile.batch) * p.heads + tile.head) * p.seqlen_q;
+  }
+
+  // acc_o is already normalised. rows_in_tile[r] is the tile row of the thread's row r.
+  template <int kRows, class AccO>
+  __device__ void store(QueryTile const& tile, AccO const& acc_o, float const (&lse)[kRows],
+                        int const (&rows_in_tile)[kRows]) {
+    // Each row's four quad threads hold the same LSE; the first writes it.
+    if (thread_idx % 4 == 0) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        int const row = tile.m_block * kBlockM + rows_in_tile[r];
+        if (row < p.seqlen_q) { p.lse[lse_offset(tile) + row] = lse[r]; }
+      }
+    }
+
+    Tensor o = convert_fragment<Element>(acc_o);
+    // O takes V's buffers: every warpgroup must have finished its last P·V.
+    barrier_sync(Barrier::kConsumers, kConsumerThreads);
+    Tensor sO = make_tensor(make_smem_ptr(smem.o.data()), typename Traits::SmemLayoutO{});
+    auto smem_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, typename Traits::TiledMmaPV{});
+    auto thread_copy = smem_copy.get_thread_slice(thread_idx);
+    copy(smem_copy, thread_copy.retile_S(o), thread_copy.partition_D(sO));
+    // stmatrix writes through the generic proxy; TMA reads through the async proxy.
+    cutlass::arch::fence_view_async_shared();
+    barrier_sync(Barrier::kConsumers, kConsumerThreads);
+
+    // The last warp stores: it is the last in the pingpong order, so its wait for the
+    // store to leave shared memory delays the next tile the least.
+    if (thread_idx == kConsumerThreads - 32) {
+      Tensor mO = p.tma_o.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDimV), p.heads, p.batch));
+      Tensor gO = local_tile(mO(_, _, tile.head, tile.batch), Shape<Int<kBlockM>, Int<kHeadDimV>>{},
+                             make_coord(tile.m_block, _0{}));
+      auto o_parts = tma_partition(p.tma_o, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sO), group_modes<0, 2>(gO));
+      Tensor tOg = get<0>(o_parts);
+      Tensor tOs = get<1>(o_parts);
+      copy(p.tma_o, tOs, tOg);  // rows past seqlen_q are clipped by TMA
+      tma_store_arrive();
+      tma_store_wait<0>();
+      cutlass::arch::ClusterBarrier::arrive(&smem.o_free);
+    }
+  }
+
+  // A tile in which no row sees any key: out = 0, lse = -inf.
+  __device__ void store_empty(QueryTile const& tile) {
+    int const first_row = tile.m_block * kBlockM;
+    int const rows = min(kBlockM, p.seqlen_q - first_row);
+    constexpr int kChunksPerRow = kHeadDimV * sizeof(Element) / sizeof(uint4);
+    Element* const out = p.out + tile.batch * p.o_batch_stride + tile.head * p.o_head_stride +
+                         int64_t(first_row) * p.o_row_stride;
+    for (int i = thread_idx; i < rows * kChunksPerRow; i += kConsumerThreads) {
+      reinterpret_cast<uint4*>(out + int64_t(i / kChunksPerRow) * p.o_row_stride)[i % kChunksPerRow] =
+          make_uint4(0, 0, 0, 0);
+    }
+    for (int r = thread_idx; r < rows; r += kConsumerThreads) { p.lse[lse_offset(tile) + first_row + r] = -INFINITY; }
+  }
+};
+
+}  // namespace jax_fa3

@@ -1,0 +1,109 @@
+// Host side of the forward pass: TMA descriptors, grid and launch for one
+// (dtype, head dim) variant. Instantiated once per variant in cuda/instantiations/.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+
+#include <cuda_runtime.h>
+#include <cute/tensor.hpp>
+
+#include "common/params.h"
+#include "fwd/kernel.h"
+#include "fwd/traits.h"
+
+namespace jax_fa3 {
+
+// Query heads per L2 section of the causal scheduler: as many heads' K and V as fit in
+// about 32 MB of the 50 MB L2, counted in query heads.
+inline int heads_per_l2_section(FwdParams const& fp, int element_bytes) {
+  int64_t const kv_bytes_per_head = int64_t(fp.seqlen_k) * (fp.head_dim + fp.head_dim_v) * element_bytes;
+  int64_t const kv_heads_in_l2 = std::max<int64_t>(1, (int64_t(32) << 20) / kv_bytes_per_head);
+  int64_t const group = fp.heads / fp.kv_heads;
+  return int(std::min<int64_t>(kv_heads_in_l2 * group, int64_t(fp.batch) * fp.heads));
+}
+
+template <class Traits>
+cudaError_t launch_fwd(FwdParams const& fp, cudaStream_t stream) {
+  using Element = typename Traits::Element;
+  auto gmem = [](void const* ptr, auto shape, auto stride) {
+    return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)), shape, stride);
+  };
+  auto const q = gmem(fp.q, make_shape(fp.seqlen_q, fp.head_dim, fp.heads, fp.batch),
+                      make_stride(fp.q_row_stride, _1{}, fp.q_head_stride, fp.q_batch_stride));
+  auto const k = gmem(fp.k, make_shape(fp.seqlen_k, fp.head_dim, fp.kv_heads, fp.batch),
+                      make_stride(fp.k_row_stride, _1{}, fp.k_head_stride, fp.k_batch_stride));
+  auto const vt = gmem(fp.v, make_shape(fp.head_dim_v, fp.seqlen_k, fp.kv_heads, fp.batch),
+                       make_stride(_1{}, fp.v_row_stride, fp.v_head_stride, fp.v_batch_stride));
+  auto const o = gmem(fp.out, make_shape(fp.seqlen_q, fp.head_dim_v, fp.heads, fp.batch),
+                      make_stride(fp.o_row_stride, _1{}, fp.o_head_stride, fp.o_batch_stride));
+
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  typename Traits::Params p{};
+  p.tma_q = make_tma_atom(SM90_TMA_LOAD{}, q, typename Traits::SmemLayoutQ{}, Shape<Int<kBlockM>, Int<Traits::kHeadDim>>{});
+  p.tma_k = make_tma_atom(SM90_TMA_LOAD{}, k, take<0, 2>(typename Traits::SmemLayoutK{}),
+                          Shape<Int<kBlockN>, Int<Traits::kHeadDim>>{});
+  p.tma_v = make_tma_atom(SM90_TMA_LOAD{}, vt, take<0, 2>(typename Traits::SmemLayoutVt{}),
+                          Shape<Int<Traits::kHeadDimV>, Int<kBlockN>>{});
+  p.tma_o = make_tma_atom(SM90_TMA_STORE{}, o, typename Traits::SmemLayoutO{},
+                          Shape<Int<kBlockM>, Int<Traits::kHeadDimV>>{});
+  p.out = static_cast<Element*>(fp.out);
+  p.o_row_stride = fp.o_row_stride;
+  p.o_head_stride = fp.o_head_stride;
+  p.o_batch_stride = fp.o_batch_stride;
+  p.lse = fp.lse;
+  p.seqused_q = fp.seqused_q;
+  p.seqused_k = fp.seqused_k;
+  p.tile_counter = fp.tile_counter;
+  p.batch = fp.batch;
+  p.seqlen_q = fp.seqlen_q;
+  p.seqlen_k = fp.seqlen_k;
+  p.heads = fp.heads;
+  p.kv_heads = fp.kv_heads;
+  p.kv_group = fp.heads / fp.kv_heads;
+  p.num_m_blocks = (fp.seqlen_q + kBlockM - 1) / kBlockM;
+  p.num_tiles = p.num_m_blocks * fp.heads * fp.batch;
+  p.heads_per_l2_section = heads_per_l2_section(fp, sizeof(Element));
+  float const log2e = float(M_LOG2E);
+  if (fp.softcap > 0.f) {
+    p.scale_log2 = fp.softcap * log2e;
+    p.softcap_prescale = fp.softmax_scale / fp.softcap;
+  } else {
+    p.scale_log2 = fp.softmax_scale * log2e;
+    p.softcap_prescale = 0.f;
+  }
+  p.window_left = fp.window_left;
+  p.window_right = fp.window_right;
+  p.diagonal_offset = fp.diagonal_offset;
+
+  auto kernel = fwd_kernel<Traits>;
+  // Opting in to more than 48 KB of shared memory is a per-function, per-device setting.
+  static std::once_flag configured[64];
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) { return e; }
+  cudaError_t attribute_error = cudaSuccess;
+  std::call_once(configured[device % 64], [&] {
+    attribute_error =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSharedBytes);
+  });
+  if (attribute_error != cudaSuccess) { return attribute_error; }
+
+  if constexpr (Traits::kHasWindow) {
+    if (cudaError_t e = cudaMemsetAsync(fp.tile_counter, 0, sizeof(int), stream); e != cudaSuccess) { return e; }
+  }
+  int const grid = std::min(p.num_tiles, fp.num_sms);
+  kernel<<<grid, Traits::kThreads, Traits::kSharedBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// The variant entry point: picks the kernel with or without a mask window.
+template <class Element, int kHeadDim>
+cudaError_t run_fwd(FwdParams const& fp, cudaStream_t stream) {
+  bool const has_window = fp.window_left >= 0 || fp.window_right >= 0;
+  return has_window ? launch_fwd<FwdTraits<Element, kHeadDim, kHeadDim, true>>(fp, stream)
+                    : launch_fwd<FwdTraits<Element, kHeadDim, kHeadDim, false>>(fp, stream);
+}
+
+}  // namespace jax_fa3

@@ -1,0 +1,181 @@
+// The consumer warpgroups' mainloop: S = Q·K^T, online softmax, O += P·V over the key
+// tiles of one query tile. Two overlaps hide the softmax under the tensor cores:
+// - within a warpgroup, Q·K[n]^T is issued together with P·V[n+1], and the softmax of
+//   S[n] runs while P·V[n+1] is still in flight;
+// - between warpgroups (pingpong), named barriers let one warpgroup issue its WGMMAs
+//   while the other does its softmax.
+#pragma once
+
+#include <type_traits>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "common/barriers.h"
+#include "common/gemm.h"
+#include "common/layouts.h"
+#include "common/mask.h"
+#include "common/softmax.h"
+#include "common/tile_scheduler.h"
+
+namespace jax_fa3 {
+
+using namespace cute;
+
+template <class Traits>
+struct FwdMainloop {
+  using Element = typename Traits::Element;
+  using Params = typename Traits::Params;
+  using Storage = typename Traits::SharedStorage;
+  using Ring = TmaRing<Traits::kStages>;
+  static constexpr int kBlockM = Traits::kBlockM;
+  static constexpr int kBlockN = Traits::kBlockN;
+  static constexpr int kConsumerWarpgroups = Traits::kConsumerWarpgroups;
+  static constexpr int kRows = 2;  // rows of the 64-row WGMMA atom held by each thread
+
+  Params const& p;
+  Storage& smem;
+  int const thread_idx;  // among the consumer threads
+  int const warpgroup;   // consumer warpgroup index
+  Ring k_ring{smem.k_ring};
+  Ring v_ring{smem.v_ring};
+  typename Ring::Position k_pos, v_pos;
+  int computed_tiles = 0;
+
+  // Pingpong: a warpgroup waits for its turn before issuing WGMMAs and hands the turn
+  // to the next warpgroup right after. Each barrier joins one waiting and one arriving
+  // warpgroup.
+  __device__ void wait_turn() const {
+    if constexpr (Traits::kPingpong) { barrier_sync(Barrier::kPingpong, 256, warpgroup); }
+  }
+  __device__ void pass_turn() const {
+    if constexpr (Traits::kPingpong) {
+      barrier_arrive(Barrier::kPingpong, 256, (warpgroup + 1) % kConsumerWarpgroups);
+    }
+  }
+  // The first warpgroup starts with the turn.
+  __device__ void init_turns() const {
+    if constexpr (Traits::kPingpong) {
+      if (warpgroup == kConsumerWarpgroups - 1) { barrier_arrive(Barrier::kPingpong, 256, 0); }
+    }
+  }
+
+  __device__ bool warpgroup_leader() const { return thread_idx % 128 == 0; }
+
+  __device__ void release_k() {
+    if (warpgroup_leader()) { k_ring.release(k_pos); }
+    k_pos.advance();
+  }
+  __device__ void release_v() {
+    if (warpgroup_leader()) { v_ring.release(v_pos); }
+    v_pos.advance();
+  }
+
+  // The tile rows that this thread's accumulator rows map to.
+  __device__ void rows_in_tile(int (&rows)[kRows]) const {
+    typename Traits::TiledMmaQK mma;
+    Tensor coords = mma.get_thread_slice(thread_idx).partition_C(
+        make_identity_tensor(select<0, 1>(typename Traits::TileShapeQK{})));
+    Tensor rc = make_tensor(coords.data(), acc_rows_cols(coords.layout()));
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) { rows[r] = get<0>(rc(r, 0)); }
+  }
+
+  // Computes one query tile into acc_o (normalised) and lse. Rows at or past seqlen_q
+  // come out as 0 and -inf.
+  template <class AccO>
+  __device__ void compute(QueryTile const& tile, KeyBlockRange<kBlockM, kBlockN> const& range, int seqlen_q,
+                          int seqlen_k, AccO& acc_o, float (&lse)[kRows], int const (&rows)[kRows]) {
+    typename Traits::TiledMmaQK mma_qk;
+    typename Traits::TiledMmaPV mma_pv;
+    auto thread_qk = mma_qk.get_thread_slice(thread_idx);
+    auto thread_pv = mma_pv.get_thread_slice(thread_idx);
+    Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
+    Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
+    Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutVt{});
+    Tensor tSrQ = thread_qk.partition_fragment_A(sQ);
+    Tensor tSrK = thread_qk.partition_fragment_B(sK);
+    Tensor tOrVt = thread_pv.partition_fragment_B(sVt);
+    Tensor coords = thread_qk.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileShapeQK{})));
+
+    AttentionMask const mask{seqlen_k, p.window_left, p.window_right, p.diagonal_offset};
+    OnlineSoftmax<kRows> softmax;
+    softmax.scale_log2 = p.scale_log2;
+    auto prepare_scores = [&](auto& scores, int n_block, auto masked) {
+      if (p.softcap_prescale != 0.f) { apply_softcap(scores, p.softcap_prescale); }
+      if constexpr (decltype(masked)::value) {
+        mask.template apply<kBlockM, kBlockN>(scores, coords, tile.m_block, n_block);
+      }
+    };
+    auto new_scores = [&] { return partition_fragment_C(mma_qk, select<0, 1>(typename Traits::TileShapeQK{})); };
+
+    clear(acc_o);
+    float o_scale[kRows];
+
+    // Prologue: S for the rightmost key tile (always masked: it holds the key-length or
+    // diagonal edge whenever there is one).
+    cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full, computed_tiles & 1);
+    int n_block = range.n_block_max - 1;
+    Tensor scores = new_scores();
+    k_ring.wait_full(k_pos);
+    wait_turn();
+    warpgroup_gemm</*zero_init=*/true, /*wait=*/-1>(mma_qk, tSrQ, tSrK(_, _, _, k_pos.stage), scores);
+    pass_turn();
+    warpgroup_wait<0>();
+    release_k();
+    prepare_scores(scores, n_block, std::true_type{});
+    softmax.template update</*first=*/true>(scores, o_scale);
+    Tensor tOrP = make_tensor<Element>(acc_as_operand_a(scores.layout()));
+    convert_into(scores, tOrP);
+
+    auto step = [&](int n, auto masked) {
+      Tensor next_scores = new_scores();
+      k_ring.wait_full(k_pos);
+      wait_turn();
+      warpgroup_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, k_pos.stage), next_scores);
+      if constexpr (Traits::kRescaleOBeforeGemm) { scale_rows(acc_o, o_scale); }
+      v_ring.wait_full(v_pos);
+      warpgroup_gemm<false, -1>(mma_pv, tOrP, tOrVt(_, _, _, v_pos.stage), acc_o);
+      pass_turn();
+      warpgroup_wait<1>();  // Q·K^T done; P·V still running under the softmax below
+      release_k();
+      prepare_scores(next_scores, n, masked);
+      softmax.template update<false>(next_scores, o_scale);
+      warpgroup_wait<0>();
+      release_v();
+      if constexpr (!Traits::kRescaleOBeforeGemm) { scale_rows(acc_o, o_scale); }
+      convert_into(next_scores, tOrP);
+    };
+    --n_block;
+    for (; n_block >= range.n_block_min && n_block >= range.n_block_right_masked; --n_block) {
+      step(n_block, std::true_type{});
+    }
+    for (; n_block >= range.n_block_min && n_block >= range.n_block_left_masked; --n_block) {
+      step(n_block, std::false_type{});
+    }
+    for (; n_block >= range.n_block_min; --n_block) { step(n_block, std::true_type{}); }
+
+    // Every Q·K^T of the tile is done: the producer may load the next Q.
+    if (warpgroup_leader()) { cutlass::arch::ClusterBarrier::arrive(&smem.q_empty); }
+
+    if constexpr (Traits::kRescaleOBeforeGemm) { scale_rows(acc_o, o_scale); }
+    v_ring.wait_full(v_pos);
+    wait_turn();
+    warpgroup_gemm<false, -1>(mma_pv, tOrP, tOrVt(_, _, _, v_pos.stage), acc_o);
+    pass_turn();
+    softmax.finalize(o_scale, lse);
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      if (tile.m_block * kBlockM + rows[r] >= seqlen_q) {
+        o_scale[r] = 0.f;
+        lse[r] = -INFINITY;
+      }
+    }
+    warpgroup_wait<0>();
+    release_v();
+    scale_rows(acc_o, o_scale);
+    ++computed_tiles;
+  }
+};
+
+}  // namespace jax_fa3

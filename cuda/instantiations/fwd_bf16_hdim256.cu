@@ -1,0 +1,4 @@
+#include "ffi/registry.h"
+#include "fwd/launch.h"
+
+static jax_fa3::RegisterFwdVariant const registered{{"bfloat16", 256, 256, &jax_fa3::run_fwd<cutlass::bfloat16_t, 256>}};

@@ -1,0 +1,104 @@
+"""Direct calls of the FFI targets, bypassing the primitives: the kernel contract
+(cuda/ffi/CONTRACT.md) tested on its own, plus a float32 oracle of the same semantics."""
+
+import functools
+import glob
+import importlib.machinery
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_PACKAGE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "jax_fa3")
+
+
+@functools.cache
+def extension():
+    """The compiled extension, loaded by path so a broken Python layer can't hide it."""
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    paths = glob.glob(os.path.join(_PACKAGE_DIR, "_fa3_cuda*" + suffix))
+    if not paths:
+        import jax_fa3._fa3_cuda as ext  # an installed package
+
+        return ext
+    loader = importlib.machinery.ExtensionFileLoader("jax_fa3._fa3_cuda", paths[0])
+    spec = importlib.util.spec_from_loader("jax_fa3._fa3_cuda", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def _registered():
+    for name, capsule in extension().registrations().items():
+        try:
+            jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+        except Exception:  # already registered by jax_fa3 itself
+            pass
+    return True
+
+
+def compiled(direction):
+    return {(d, int(hd)) for (dr, d, hd, _) in extension().variants() if dr == direction}
+
+
+def _seqused(x, batch):
+    return jnp.zeros((0,), jnp.int32) if x is None else jnp.asarray(x, jnp.int32).reshape(batch)
+
+
+def fwd(q, k, v, *, softmax_scale, softcap=0.0, window=(-1, -1), diagonal_offset=0, seqused_q=None,
+        seqused_k=None):
+    _registered()
+    b, sq, h, _ = q.shape
+    out_types = (
+        jax.ShapeDtypeStruct((b, sq, h, v.shape[-1]), q.dtype),
+        jax.ShapeDtypeStruct((b, h, sq), jnp.float32),
+        jax.ShapeDtypeStruct((256,), jnp.uint8),
+    )
+    call = jax.ffi.ffi_call("jax_fa3_fwd", out_types)
+    out, lse, _ = call(q, k, v, _seqused(seqused_q, b), _seqused(seqused_k, b),
+                       softmax_scale=np.float32(softmax_scale), softcap=np.float32(softcap),
+                       window_left=int(window[0]), window_right=int(window[1]),
+                       diagonal_offset=int(diagonal_offset))
+    return out, lse
+
+
+def visible_mask(sq, sk, window, diagonal_offset, seqused_q, seqused_k, batch):
+    """[batch, 1, sq, sk] bool: the contract's visibility rule."""
+    i = jnp.arange(sq)[:, None]
+    j = jnp.arange(sk)[None, :]
+    c = i + diagonal_offset
+    ok = jnp.ones((sq, sk), bool)
+    if window[0] >= 0:
+        ok &= j >= c - window[0]
+    if window[1] >= 0:
+        ok &= j <= c + window[1]
+    lq = jnp.full((batch,), sq) if seqused_q is None else jnp.asarray(seqused_q)
+    lk = jnp.full((batch,), sk) if seqused_k is None else jnp.asarray(seqused_k)
+    ok = ok[None] & (i[None] < lq[:, None, None]) & (j[None] < lk[:, None, None])
+    return ok[:, None]
+
+
+def attention(q, k, v, *, softmax_scale, softcap=0.0, window=(-1, -1), diagonal_offset=0, seqused_q=None,
+              seqused_k=None, dtype=jnp.float32):
+    """Plain attention computed in `dtype`: float32 is the oracle, the input dtype the baseline."""
+    b, sq, h, _ = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    k = jnp.repeat(k, h // hk, axis=2)
+    v = jnp.repeat(v, h // hk, axis=2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=jax.lax.Precision.HIGHEST) * jnp.asarray(softmax_scale, dtype)
+    if softcap:
+        s = softcap * jnp.tanh(s / softcap)
+    ok = visible_mask(sq, sk, window, diagonal_offset, seqused_q, seqused_k, b)
+    s = jnp.where(ok, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bhqk,bkhd->bqhd", (p / jnp.where(l > 0, l, 1)).astype(dtype), v,
+                   precision=jax.lax.Precision.HIGHEST)
+    lse = jnp.where(l[..., 0] > 0, jnp.log(jnp.where(l[..., 0] > 0, l[..., 0], 1)) + m[..., 0], -jnp.inf)
+    return o, lse.astype(jnp.float32)
