@@ -216,7 +216,7 @@ def _static_float(name, value, default):
     return float(default)
   try:
     return float(value)
-  except TypeError as e:
+  except (TypeError, ValueError) as e:
     raise TypeError(f"{name} must be a static Python number (it is a kernel "
                     f"attribute), got {value!r}") from e
 
