@@ -39,7 +39,18 @@ class KernelStatus:
       return f"jax_fa3 CUDA kernels: none ({self.unavailable_reason})"
     lines = [f"  {v.direction} {v.dtype} head_dim={v.head_dim} head_dim_v={v.head_dim_v}"
              for v in self.variants]
-    return "\n".join(["jax_fa3 CUDA kernels:", *lines])
+    built = ", ".join(f"{key}={value}" for key, value in self.build_info.items())
+    return "\n".join([f"jax_fa3 CUDA kernels ({built}):" if built else "jax_fa3 CUDA kernels:",
+                      *lines])
+
+  def head_dims_for(self, direction: str, dtype, head_dim: int,
+                    head_dim_v: int) -> tuple[int, int] | None:
+    """The smallest compiled (head_dim, head_dim_v) that holds the given ones, or None."""
+    dtype_name = np.dtype(dtype).name
+    fits = [(v.head_dim, v.head_dim_v) for v in self.variants
+            if v.direction == direction and v.dtype == dtype_name
+            and v.head_dim >= head_dim and v.head_dim_v >= head_dim_v]
+    return min(fits, key=lambda dims: (dims[0] + dims[1], dims[0]), default=None)
 
 
 def _load() -> KernelStatus:
@@ -66,18 +77,3 @@ def kernels_available() -> KernelStatus:
   reference instead, with a one-time warning.
   """
   return _status
-
-
-def compiled_head_dims(direction: str, dtype, head_dim: int,
-                       head_dim_v: int) -> tuple[int, int] | None:
-  """The smallest compiled (head_dim, head_dim_v) that holds the given ones, or None.
-
-  Raises RuntimeError when the extension itself is missing.
-  """
-  if not _status.variants:
-    raise RuntimeError(f"jax_fa3 cannot lower to CUDA: {_status.unavailable_reason}")
-  dtype_name = np.dtype(dtype).name
-  fits = [(v.head_dim, v.head_dim_v) for v in _status.variants
-          if v.direction == direction and v.dtype == dtype_name
-          and v.head_dim >= head_dim and v.head_dim_v >= head_dim_v]
-  return min(fits, key=lambda dims: (dims[0] + dims[1], dims[0]), default=None)

@@ -131,8 +131,14 @@ def _bwd_cuda(dout, q, k, v, out, lse, seqused_q, seqused_k, **params):
 
 
 def _kernel_head_dims(direction, q, v):
-  """The compiled head dims to pad to, or None (with a one-time warning) if none fits."""
-  dims = _kernels.compiled_head_dims(direction, q.dtype, q.shape[3], v.shape[3])
+  """The compiled head dims to pad to, or None (with a one-time warning) if none fits.
+
+  Raises RuntimeError when the extension is missing altogether.
+  """
+  kernels = _kernels.kernels_available()
+  if not kernels:
+    raise RuntimeError(f"jax_fa3 cannot lower to CUDA: {kernels.unavailable_reason}")
+  dims = kernels.head_dims_for(direction, q.dtype, q.shape[3], v.shape[3])
   if dims is None:
     _warn_once(f"jax_fa3: no {direction} kernel is compiled for {q.dtype} with "
                f"head_dim={q.shape[3]}, head_dim_v={v.shape[3]}; running the float32 "

@@ -130,11 +130,11 @@ def test_kernels_available_reports_why_not(compiled):
   assert status and "fwd bfloat16 head_dim=128 head_dim_v=128" in str(status)
 
 
-def test_smallest_compiled_head_dims(compiled):
-  compiled([Variant("fwd", "bfloat16", 64, 64), Variant("fwd", "bfloat16", 192, 128),
-            Variant("fwd", "bfloat16", 256, 256)])
-  assert _kernels.compiled_head_dims("fwd", jnp.bfloat16, 64, 64) == (64, 64)
-  assert _kernels.compiled_head_dims("fwd", jnp.bfloat16, 100, 100) == (192, 128)
-  assert _kernels.compiled_head_dims("fwd", jnp.bfloat16, 100, 200) == (256, 256)
-  assert _kernels.compiled_head_dims("bwd", jnp.bfloat16, 64, 64) is None
-  assert _kernels.compiled_head_dims("fwd", jnp.float16, 64, 64) is None
+def test_smallest_compiled_head_dims():
+  status = KernelStatus((Variant("fwd", "bfloat16", 64, 64), Variant("fwd", "bfloat16", 192, 128),
+                         Variant("fwd", "bfloat16", 256, 256)))
+  assert status.head_dims_for("fwd", jnp.bfloat16, 64, 64) == (64, 64)
+  assert status.head_dims_for("fwd", jnp.bfloat16, 100, 100) == (192, 128)
+  assert status.head_dims_for("fwd", jnp.bfloat16, 100, 200) == (256, 256)
+  assert status.head_dims_for("bwd", jnp.bfloat16, 64, 64) is None
+  assert status.head_dims_for("fwd", jnp.float16, 64, 64) is None
