@@ -1,0 +1,280 @@
+"""Benchmark jax_fa3 against jax.nn.dot_product_attention (cuDNN, XLA) and Pallas Mosaic-GPU.
+
+The sweep is the FlashAttention-3 paper's: hidden 2048, so head dims 64/128/256 have
+32/16/8 heads; seqlen 512 ... 16384 with batch x seqlen = 16384; causal and not; bfloat16.
+Modes: fwd, bwd (the pullback of jax.vjp alone) and fwdbwd (jax.vjp and its pullback).
+FLOPs: fwd = 4 * batch * heads * seqlen^2 * head_dim, halved when causal; bwd 2.5x, fwdbwd 3.5x.
+Timing: CUPTI kernel time, median of --iterations runs (see timing.py).
+
+Without a GPU it runs small sizes on the float32 reference path with wall-clock timing,
+and says so: such numbers check the plumbing, not the kernels.
+
+Writes results.json, results.md and tflops_<mode>.png to
+benchmarks/results/<YYYY-MM-DD>_<card>/ (or --out).
+
+    python benchmarks/bench.py --head-dims 128 --modes fwd --impls jax_fa3 cudnn
+"""
+
+import argparse
+import dataclasses
+import datetime
+import itertools
+import json
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+
+import jax_fa3
+from timing import on_gpu, time_ms, timing_method
+
+IMPLS = ("jax_fa3", "cudnn", "xla", "pallas")
+MODES = ("fwd", "bwd", "fwdbwd")
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
+# XLA materializes the float32 scores; past this size it only measures memory traffic (or OOMs).
+XLA_MAX_SCORE_BYTES = 8 << 30
+NO_GPU_BANNER = """
+************************************************************************************
+*  NO GPU: running small sizes on jax_fa3's float32 REFERENCE path, timed by the    *
+*  wall clock. These numbers check that everything runs; they say nothing about    *
+*  the Hopper kernels. Run on an H100 for the real benchmark.                       *
+************************************************************************************
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  hidden: int      # heads = hidden / head_dim
+  tokens: int      # batch = tokens / seqlen
+  head_dims: tuple[int, ...]
+  seqlens: tuple[int, ...]
+  iterations: int
+
+
+GPU_SWEEP = Sweep(2048, 16384, (64, 128, 256), (512, 1024, 2048, 4096, 8192, 16384), 10)
+CPU_SWEEP = Sweep(256, 1024, (64,), (128, 256, 512), 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  batch: int
+  seqlen: int
+  heads: int
+  head_dim: int
+  causal: bool
+  dtype: str
+
+  def flops(self, mode):
+    fwd = 4 * self.batch * self.heads * self.seqlen ** 2 * self.head_dim
+    return FLOP_FACTOR[mode] * (fwd / 2 if self.causal else fwd)
+
+  def inputs(self):
+    """q, k, v and an output cotangent: fresh random normal arrays."""
+    shape = (self.batch, self.seqlen, self.heads, self.head_dim)
+    keys = jax.random.split(jax.random.key(self.seqlen * 1000 + self.head_dim), 4)
+    return [jax.random.normal(key, shape, self.dtype) for key in keys]
+
+
+def attention_fn(impl, problem):
+  """`(q, k, v) -> out` for `impl`."""
+  if impl == "jax_fa3":
+    return lambda q, k, v: jax_fa3.flash_attention(q, k, v, causal=problem.causal)
+  if impl in ("cudnn", "xla"):
+    return lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=problem.causal, implementation=impl)
+  from jax.experimental.pallas.ops.gpu import attention_mgpu  # pylint: disable=import-outside-toplevel
+  # Block sizes from jax's own tests; it has no softmax scale, which does not change the work.
+  config = attention_mgpu.TuningConfig(
+      block_q=64, block_kv=64 if problem.head_dim > 128 else 128, max_concurrent_steps=2,
+      causal=problem.causal, compute_wgs_bwd=1 if problem.head_dim > 128 else 2,
+      block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+  return lambda q, k, v: attention_mgpu.attention(q, k, v, config)
+
+
+def why_not(impl, problem, mode):
+  """Why `impl` does not apply to this problem, or None."""
+  if impl in ("cudnn", "pallas") and not on_gpu():
+    return "needs an NVIDIA GPU"
+  score_bytes = 4 * problem.batch * problem.heads * problem.seqlen ** 2
+  if impl == "xla" and on_gpu() and score_bytes > XLA_MAX_SCORE_BYTES:
+    return f"its float32 scores would take {score_bytes / 2**30:.0f} GiB"
+  if impl == "pallas" and problem.head_dim % 64:
+    return "attention_mgpu needs head_dim % 64 == 0"
+  if impl == "pallas" and problem.causal and mode != "fwd":
+    return "attention_mgpu has no causal backward"
+  return None
+
+
+def timed_call(attention, mode, q, k, v, dout):
+  """The function to time for `mode`, and its arguments."""
+  if mode == "fwd":
+    return attention, (q, k, v)
+  if mode == "fwdbwd":
+    return (lambda q, k, v, dout: jax.vjp(attention, q, k, v)[1](dout)), (q, k, v, dout)
+  _, pullback = jax.vjp(attention, q, k, v)  # bwd: the forward runs here, untimed
+  return (lambda pullback, dout: pullback(dout)), (pullback, dout)
+
+
+def impl_label(impl, problem, mode):
+  """jax_fa3 is labelled "(reference)" where it runs no kernel for this mode."""
+  if impl != "jax_fa3":
+    return impl
+  directions = ("fwd", "bwd") if mode == "fwdbwd" else (mode,)
+  kernels = jax_fa3.kernels_available()
+  on_kernels = on_gpu() and all(
+      kernels.head_dims_for(d, problem.dtype, problem.head_dim, problem.head_dim)
+      for d in directions)
+  return impl if on_kernels else f"{impl} (reference)"
+
+
+def run(problems, modes, impls, iterations, card):
+  records = []
+  total = len(problems) * len(modes) * len(impls)
+  steps = itertools.product(problems, modes, impls)
+  for index, (problem, mode, impl) in enumerate(steps, 1):
+    prefix = (f"[{index:3}/{total}] {impl:8} {mode:6} d={problem.head_dim:<3} "
+              f"causal={problem.causal!s:5} seqlen={problem.seqlen:<5} batch={problem.batch:<3}")
+    reason = why_not(impl, problem, mode)
+    if reason:
+      print(f"{prefix} skipped: {reason}", flush=True)
+      continue
+    try:
+      fn, args = timed_call(attention_fn(impl, problem), mode, *problem.inputs())
+      ms = time_ms(fn, *args, iterations=iterations)
+    except Exception as e:  # pylint: disable=broad-except
+      if impl == "jax_fa3":
+        raise  # ours must run everywhere; only a baseline may decline a size
+      print(f"{prefix} skipped: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+      continue
+    tflops = problem.flops(mode) / ms / 1e9
+    records.append(dict(
+        impl=impl_label(impl, problem, mode), mode=mode, dtype=problem.dtype,
+        head_dim=problem.head_dim, causal=problem.causal, batch=problem.batch,
+        heads=problem.heads, seqlen_q=problem.seqlen, seqlen_k=problem.seqlen,
+        ms=ms, tflops=tflops, card=card))
+    print(f"{prefix} {ms:9.3f} ms {tflops:7.1f} TFLOP/s", flush=True)
+  return records
+
+
+def markdown(records, header):
+  lines = [f"# Attention benchmark: {header}", ""]
+  for mode in MODES:
+    rows = [r for r in records if r["mode"] == mode]
+    if not rows:
+      continue
+    labels = list(dict.fromkeys(r["impl"] for r in rows))
+    tflops = {(r["head_dim"], r["causal"], r["seqlen_q"], r["batch"], r["impl"]): r["tflops"]
+              for r in rows}
+    lines += [f"## {mode} (TFLOP/s)", "",
+              "| head dim | causal | seqlen | batch | " + " | ".join(labels) + " |",
+              "|---|---|---|---|" + "---|" * len(labels)]
+    for size in sorted({key[:4] for key in tflops}):
+      cells = [_format(tflops.get((*size, label))) for label in labels]
+      lines.append("| {} | {} | {} | {} | ".format(size[0], "yes" if size[1] else "no",
+                                                   *size[2:]) + " | ".join(cells) + " |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def _format(tflops):
+  if tflops is None:
+    return "-"
+  return f"{tflops:.0f}" if tflops >= 10 else f"{tflops:.2g}"
+
+
+def plot(records, header, out_dir):
+  """One PNG per mode: TFLOP/s against seqlen, a row per head dim, causal or not side by side."""
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    print("matplotlib is not installed, so no plots (pip install matplotlib)")
+    return []
+  paths = []
+  for mode in MODES:
+    rows = [r for r in records if r["mode"] == mode]
+    if not rows:
+      continue
+    head_dims = sorted({r["head_dim"] for r in rows})
+    fig, axes = plt.subplots(len(head_dims), 2, figsize=(11, 3.4 * len(head_dims)),
+                             squeeze=False, sharex=True)
+    for (row, head_dim), (col, causal) in itertools.product(enumerate(head_dims),
+                                                            enumerate((False, True))):
+      ax = axes[row][col]
+      for label in dict.fromkeys(r["impl"] for r in rows):
+        points = sorted((r["seqlen_q"], r["tflops"]) for r in rows if r["impl"] == label
+                        and r["head_dim"] == head_dim and r["causal"] == causal)
+        if points:
+          ax.plot(*zip(*points), marker="o", label=label)
+      ax.set_xscale("log", base=2)
+      seqlens = sorted({r["seqlen_q"] for r in rows})
+      ax.set_xticks(seqlens, [str(s) for s in seqlens])
+      ax.set_title(f"head dim {head_dim}, {'causal' if causal else 'not causal'}")
+      ax.set_ylabel("TFLOP/s")
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=8)
+    for ax in axes[-1]:
+      ax.set_xlabel("seqlen (batch x seqlen fixed)")
+    fig.suptitle(f"{mode}: {header}")
+    fig.tight_layout()
+    paths.append(out_dir / f"tflops_{mode}.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+  return paths
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--head-dims", type=int, nargs="+", help="default: 64 128 256 (GPU)")
+  parser.add_argument("--seqlens", type=int, nargs="+", help="default: 512 ... 16384 (GPU)")
+  parser.add_argument("--impls", nargs="+", choices=IMPLS, default=IMPLS)
+  parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
+  parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+  parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+  parser.add_argument("--hidden", type=int, help="heads x head_dim (default 2048 on a GPU)")
+  parser.add_argument("--tokens", type=int, help="batch x seqlen (default 16384 on a GPU)")
+  parser.add_argument("--iterations", type=int, help="timed runs per point (default 10 on a GPU)")
+  parser.add_argument("--out", type=pathlib.Path,
+                      help="output folder (default benchmarks/results/<date>_<card>)")
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  sweep = GPU_SWEEP if on_gpu() else CPU_SWEEP
+  if not on_gpu():
+    print(NO_GPU_BANNER)
+  card = jax.devices()[0].device_kind if on_gpu() else "cpu"
+  hidden, tokens = args.hidden or sweep.hidden, args.tokens or sweep.tokens
+  iterations = args.iterations or sweep.iterations
+  causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+  problems = [Problem(max(1, tokens // seqlen), seqlen, hidden // head_dim, head_dim, c, args.dtype)
+              for head_dim in args.head_dims or sweep.head_dims
+              for c in causal
+              for seqlen in args.seqlens or sweep.seqlens]
+  print(jax_fa3.kernels_available())
+  print(f"card: {card}; {timing_method(iterations)}; jax {jax.__version__}", flush=True)
+
+  records = run(problems, args.modes, args.impls, iterations, card)
+
+  date = datetime.date.today().isoformat()
+  slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
+  out_dir = args.out or pathlib.Path(__file__).parent / "results" / f"{date}_{slug}"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  header = f"{card}, {args.dtype}, {date}, jax {jax.__version__}; {timing_method(iterations)}"
+  if not on_gpu():
+    header += "; NO GPU: float32 reference path"
+  table = markdown(records, header)
+  (out_dir / "results.json").write_text(json.dumps(records, indent=1))
+  (out_dir / "results.md").write_text(table)
+  written = [out_dir / "results.json", out_dir / "results.md", *plot(records, header, out_dir)]
+  print("\n" + table)
+  print("wrote " + ", ".join(str(p) for p in written))
+  if not on_gpu():
+    print(NO_GPU_BANNER)
+
+
+if __name__ == "__main__":
+  main()
