@@ -12,11 +12,15 @@ import sys; sys.path.insert(0, 'tests/gpu'); import kernel_ffi
 e = kernel_ffi.extension(); print('variants:', sorted(e.variants())); print('build:', e.build_info())
 " 2>&1 | tee "$OUT/import.log" || exit 1
 if [ "$MODE" = sanitize ]; then
-  compute-sanitizer --tool memcheck python3 -m pytest tests/gpu -x -q -k "d128-b2-q1000 or q7-k7 or seqused" -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/memcheck.log"
-  compute-sanitizer --tool racecheck python3 -m pytest tests/gpu -x -q -k "d128-b1-q333" -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/racecheck.log"
+  timeout 240 compute-sanitizer --tool memcheck python3 -m pytest tests/gpu -x -q -p no:cacheprovider \
+    -k "${SANITIZE_CASES:-q7-k7 or (seqused and d64) or (q1-k513 and d256)}" 2>&1 | tee "$OUT/memcheck.log" | tail -15
+  timeout 240 compute-sanitizer --tool racecheck python3 -m pytest tests/gpu -x -q -p no:cacheprovider \
+    -k "${RACECHECK_CASES:-float16-d64-b2-q7-k7}" 2>&1 | tee "$OUT/racecheck.log" | tail -15
   exit 0
 fi
-timeout 300 python3 -m pytest tests/gpu -q -p no:cacheprovider -x 2>&1 | tee "$OUT/tests.log" | tail -25
+# A smoke case first: a hung kernel then costs 90 s, not the whole call.
+timeout 90 python3 -m pytest tests/gpu -q -p no:cacheprovider -x -k "${SMOKE:-bfloat16-d128-b2-q1000-k1000-h4_4-bottom_right}" 2>&1 | tee "$OUT/smoke.log" | tail -15 || exit 1
+timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/gpu -v -p no:cacheprovider --durations=5 2>&1 | tee "$OUT/tests.log" | grep -v PASSED | tail -40
 if [ "$MODE" = full ]; then
   timeout 240 python3 tools/kernel_bench.py --json "$OUT/kernel_bench.json" 2>&1 | tee "$OUT/bench.log"
 fi

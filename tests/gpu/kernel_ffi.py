@@ -81,6 +81,7 @@ def visible_mask(sq, sk, window, diagonal_offset, seqused_q, seqused_k, batch):
     return ok[:, None]
 
 
+@functools.partial(jax.jit, static_argnames=("softmax_scale", "softcap", "window", "diagonal_offset", "dtype"))
 def attention(q, k, v, *, softmax_scale, softcap=0.0, window=(-1, -1), diagonal_offset=0, seqused_q=None,
               seqused_k=None, dtype=jnp.float32):
     """Plain attention computed in `dtype`: float32 is the oracle, the input dtype the baseline."""

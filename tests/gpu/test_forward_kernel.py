@@ -105,10 +105,11 @@ def test_forward_matches_oracle(index):
         pytest.fail(f"variant {case.dtype} d{case.head_dim} not compiled")
     q, k, v, seqused_q, seqused_k = _inputs(case, seed=1000 + index)
     kwargs = dict(softmax_scale=1 / math.sqrt(case.head_dim), softcap=case.softcap, window=case.window,
-                  diagonal_offset=case.offset(), seqused_q=seqused_q, seqused_k=seqused_k)
-    out, lse = jax.jit(lambda *a: kernel_ffi.fwd(*a, **kwargs))(q, k, v)
-    ref, ref_lse = kernel_ffi.attention(q, k, v, **kwargs)
-    base, _ = kernel_ffi.attention(q, k, v, dtype=q.dtype, **kwargs)
+                  diagonal_offset=case.offset())
+    lengths = dict(seqused_q=seqused_q, seqused_k=seqused_k)
+    out, lse = jax.jit(lambda *a: kernel_ffi.fwd(*a, **kwargs, **lengths))(q, k, v)
+    ref, ref_lse = kernel_ffi.attention(q, k, v, **kwargs, **lengths)
+    base, _ = kernel_ffi.attention(q, k, v, dtype=q.dtype, **kwargs, **lengths)
 
     out, ref, base = (np.asarray(x, np.float32) for x in (out, ref, base))
     lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
