@@ -69,11 +69,11 @@ class Problem:
     fwd = 4 * self.batch * self.heads * self.seqlen ** 2 * self.head_dim
     return FLOP_FACTOR[mode] * (fwd / 2 if self.causal else fwd)
 
-  def inputs(self):
+  def inputs(self, dtype):
     """q, k, v and an output cotangent: fresh random normal arrays."""
     shape = (self.batch, self.seqlen, self.heads, self.head_dim)
     keys = jax.random.split(jax.random.key(self.seqlen * 1000 + self.head_dim), 4)
-    return [jax.random.normal(key, shape, self.dtype) for key in keys]
+    return [jax.random.normal(key, shape, dtype) for key in keys]
 
 
 def attention_fn(impl, problem):
@@ -116,8 +116,16 @@ def timed_call(attention, mode, q, k, v, dout):
   return (lambda pullback, dout: pullback(dout)), (pullback, dout)
 
 
+def impl_dtype(impl, problem):
+  """attention_mgpu runs float16 only; the others run the problem's dtype."""
+  return "float16" if impl == "pallas" else problem.dtype
+
+
 def impl_label(impl, problem, mode):
-  """jax_fa3 is labelled "(reference)" where it runs no kernel for this mode."""
+  """jax_fa3 is labelled "(reference)" where it runs no kernel for this mode, and an impl
+  that runs another dtype than the problem's is labelled with it."""
+  if impl_dtype(impl, problem) != problem.dtype:
+    return f"{impl} ({impl_dtype(impl, problem)})"
   if impl != "jax_fa3":
     return impl
   directions = ("fwd", "bwd") if mode == "fwdbwd" else (mode,)
@@ -133,27 +141,29 @@ def run(problems, modes, impls, iterations, card):
   total = len(problems) * len(modes) * len(impls)
   steps = itertools.product(problems, modes, impls)
   for index, (problem, mode, impl) in enumerate(steps, 1):
-    prefix = (f"[{index:3}/{total}] {impl:8} {mode:6} d={problem.head_dim:<3} "
+    label = impl_label(impl, problem, mode)
+    prefix = (f"[{index:3}/{total}] {label:19} {mode:6} d={problem.head_dim:<3} "
               f"causal={problem.causal!s:5} seqlen={problem.seqlen:<5} batch={problem.batch:<3}")
     reason = why_not(impl, problem, mode)
     if reason:
       print(f"{prefix} skipped: {reason}", flush=True)
       continue
     try:
-      fn, args = timed_call(attention_fn(impl, problem), mode, *problem.inputs())
+      inputs = problem.inputs(impl_dtype(impl, problem))
+      fn, args = timed_call(attention_fn(impl, problem), mode, *inputs)
       ms = time_ms(fn, *args, iterations=iterations)
     except Exception as e:  # pylint: disable=broad-except
-      if impl == "jax_fa3":
-        raise  # ours must run everywhere; only a baseline may decline a size
+      if label == "jax_fa3":
+        raise  # our kernels must run every size; baselines (and our reference) may decline
       print(f"{prefix} skipped: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
       continue
     tflops = problem.flops(mode) / ms / 1e9
     records.append(dict(
-        impl=impl_label(impl, problem, mode), mode=mode, dtype=problem.dtype,
+        impl=label, mode=mode, dtype=impl_dtype(impl, problem),
         head_dim=problem.head_dim, causal=problem.causal, batch=problem.batch,
         heads=problem.heads, seqlen_q=problem.seqlen, seqlen_k=problem.seqlen,
         ms=ms, tflops=tflops, card=card))
-    print(f"{prefix} {ms:9.3f} ms {tflops:7.1f} TFLOP/s", flush=True)
+    print(f"{prefix} {ms:9.3f} ms {tflops:8.3g} TFLOP/s", flush=True)
   return records
 
 

@@ -95,8 +95,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   output_shape = query.shape
   if query.ndim == 3:
     query, key, value = query[None], key[None], value[None]
-  batch, seqlen_q, heads, head_dim = query.shape
-  _, seqlen_k, kv_heads, _ = key.shape
+  batch, seqlen_q, _, head_dim = query.shape
+  seqlen_k = key.shape[1]
   query_seq_lengths = _check_seq_lengths("query_seq_lengths", query_seq_lengths, batch)
   key_value_seq_lengths = _check_seq_lengths("key_value_seq_lengths",
                                              key_value_seq_lengths, batch)
@@ -110,22 +110,30 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   seqused_q = _seqused(query_seq_lengths, seqlen_q)
   seqused_k = _seqused(key_value_seq_lengths, seqlen_k)
   out, lse = _attention(query, key, value, seqused_q, seqused_k, params, False)
+  out, residual = _as_jax_nn_gives(out, lse, value, query_seq_lengths)
+  if return_residual:
+    return out.reshape(output_shape), residual.reshape(output_shape[:-1])
+  return out.reshape(output_shape)
 
-  # jax.nn masks with a finite logit, so a row that sees no key averages all
-  # values uniformly (unless it is a padded query row, which it zeroes) and
-  # reports that logit as its lse. Reproduce both, gradients included.
-  sees_nothing = jnp.swapaxes(lse == -jnp.inf, 1, 2)  # [B, T, N]
+
+def _as_jax_nn_gives(out, lse, value, query_seq_lengths):
+  """Our (out, lse) turned into jax.nn's (out, residual), gradients included.
+
+  jax.nn masks with a finite logit, so a row that sees no key averages all values
+  uniformly (unless it is a padded query row, which it zeroes) and reports that logit
+  as its lse. The residual is the lse as [B, T, N] in the input dtype, without gradient.
+  """
+  _, seqlen_q, heads, _ = out.shape
+  sees_nothing = jnp.swapaxes(lse == -jnp.inf, 1, 2)
   averaged = sees_nothing
   if query_seq_lengths is not None:
     averaged &= jnp.arange(seqlen_q)[None, :, None] < query_seq_lengths[:, None, None]
-  # (In float32, so the gradient's sum over those rows is float32 too.)
-  mean_value = jnp.repeat(jnp.mean(value.astype(jnp.float32), axis=1), heads // kv_heads, axis=1)
-  out = jnp.where(averaged[..., None], mean_value[:, None], out.astype(jnp.float32))
-  out = out.astype(query.dtype).reshape(output_shape)
-  if not return_residual:
-    return out
+  # In float32, so that the gradient's sum over the averaged rows is float32 too.
+  mean_value = jnp.mean(value.astype(jnp.float32), axis=1)
+  mean_value = jnp.repeat(mean_value, heads // value.shape[2], axis=1)[:, None]
+  out = jnp.where(averaged[..., None], mean_value, out.astype(jnp.float32)).astype(out.dtype)
   residual = jnp.where(sees_nothing, _JAX_NN_MASKED_LSE, jnp.swapaxes(lse, 1, 2))
-  return out, jax.lax.stop_gradient(residual.astype(key.dtype).reshape(output_shape[:-1]))
+  return out, jax.lax.stop_gradient(residual.astype(out.dtype))
 
 
 # --- The custom VJP --------------------------------------------------------------

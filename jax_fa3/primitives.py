@@ -148,7 +148,7 @@ def _kernel_head_dims(direction, q, v):
 
 @functools.cache
 def _warn_once(message):
-  warnings.warn(message, stacklevel=2)
+  warnings.warn(message)
 
 
 def _pad_head_dim(x, head_dim):
