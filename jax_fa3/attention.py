@@ -159,7 +159,8 @@ def _attention_bwd(params, deterministic, residuals, cotangents):
   if not isinstance(dlse, SymbolicZero):
     # d lse_i / d score_ij = P_ij, so lse's cotangent adds dlse_i to every dP_ij.
     # A column of ones in v, dlse in dout and zeros in out does exactly that
-    # (rowsum(dout * out) is unchanged); the extra dv column is dropped.
+    # (rowsum(dout * out) is unchanged); the extra dv column is dropped. The wider
+    # head dim costs time, so this runs only when the lse is differentiated.
     ones = jnp.ones((*v.shape[:3], 1), v.dtype)
     dout = jnp.concatenate([dout, jnp.swapaxes(dlse, 1, 2)[..., None].astype(dout.dtype)], -1)
     out = jnp.concatenate([out, jnp.zeros((*out.shape[:3], 1), out.dtype)], -1)
