@@ -157,3 +157,21 @@ def test_rows_that_see_no_key(normal):
   for x in (out, dq, dk, dv):
     assert jnp.isfinite(x).all()
   assert jnp.isfinite(lse[:, :, 40 - 16:]).all()
+
+
+def test_float32_reference_with_seqused(normal, record_error):
+  """Per-sequence lengths, as the contract has them: rows past seqused_q see nothing."""
+  q, k, v = (normal(shape, jnp.float32) for shape in
+             ((3, 50, 4, 64), (3, 70, 2, 64), (3, 70, 2, 64)))
+  dout = normal((3, 50, 4, 64), jnp.float32)
+  seqused_q, seqused_k = jnp.array([50, 17, 0], jnp.int32), jnp.array([70, 0, 33], jnp.int32)
+  params = dict(softmax_scale=0.125, softcap=0.0, window_left=9, window_right=0,
+                diagonal_offset=20)
+  out, lse = reference.attention_fwd(q, k, v, seqused_q, seqused_k, **params)
+  grads = reference.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, **params,
+                                  deterministic=False)
+  expected = oracle.attention(q, k, v, dout, scale=0.125, window=(9, 0), diagonal_offset=20,
+                              seqused_q=np.asarray(seqused_q), seqused_k=np.asarray(seqused_k))
+  assert (out[1, 17:] == 0).all() and (lse[2] == -jnp.inf).all()
+  for name, actual, want in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), expected):
+    _check(record_error, jnp.float32, name, actual, want, ulps=64)
