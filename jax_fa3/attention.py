@@ -50,7 +50,7 @@ def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-
   _check_qkv(q, k, v)
   window_left, window_right = _check_window("window_size", window_size)
   params = AttentionParams(
-      softmax_scale=_static_float("softmax_scale", softmax_scale, q.shape[3] ** -0.5),
+      softmax_scale=_softmax_scale(softmax_scale, q.shape[3]),
       softcap=_check_softcap(softcap),
       window_left=window_left,
       window_right=0 if causal else window_right,
@@ -220,6 +220,13 @@ def _check_softcap(softcap):
   return softcap
 
 
+def _softmax_scale(softmax_scale, head_dim):
+  scale = _static_float("softmax_scale", softmax_scale, head_dim ** -0.5)
+  if not (scale > 0 and np.isfinite(scale)):
+    raise ValueError(f"softmax_scale must be a finite number > 0, got {softmax_scale!r}")
+  return scale
+
+
 def _static_float(name, value, default):
   if value is None:
     return float(default)
@@ -256,10 +263,12 @@ def _unsupported_by_fa3(query, key, value, bias, mask, scale, local_window_size)
                       f"query {query.shape}, value {value.shape}")
   if scale is not None:
     try:
-      float(scale)
+      static_scale = float(scale)
     except TypeError:
       return TypeError("implementation='fa3' needs a static `scale` (a kernel attribute), "
                        f"got {scale!r}")
+    if not (static_scale > 0 and np.isfinite(static_scale)):
+      return ValueError(f"implementation='fa3' needs a finite `scale` > 0, got {scale!r}")
   if local_window_size is not None and not (
       isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2
       and all(_is_int(w) and w >= 0 for w in local_window_size)):

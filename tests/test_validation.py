@@ -37,6 +37,8 @@ FLASH_ATTENTION_ERRORS = [
     ((Q, K, K), {"softcap": -1.0}, ValueError, r"softcap must be a finite number >= 0.*-1.0"),
     ((Q, K, K), {"softcap": "big"}, TypeError, r"softcap must be a static Python number .*, got 'big'"),
     ((Q, K, K), {"softmax_scale": [0.1]}, TypeError, r"softmax_scale must be a static Python number"),
+    ((Q, K, K), {"softmax_scale": 0.0}, ValueError, r"softmax_scale must be a finite number > 0, got 0.0"),
+    ((Q, K, K), {"softmax_scale": float("inf")}, ValueError, r"softmax_scale must be a finite number > 0, got inf"),
 ]
 
 
@@ -65,6 +67,7 @@ DROP_IN_ERRORS = [
     ((Q, K, K), {"implementation": "triton"}, r"Unsupported implementation option: 'triton'"),
     ((zeros(8, 4, 64), K, K), {"implementation": "fa3"}, r"all of rank 4 \(BTNH\) or all of rank 3 \(TNH\), got ranks \(3, 4, 4\)"),
     ((Q, K, K), {"local_window_size": (2, 3, 4), "implementation": "fa3"}, r"local_window_size as an int or a pair of ints >= 0, got \(2, 3, 4\)"),
+    ((Q, K, K), {"scale": -0.5, "implementation": "fa3"}, r"needs a finite `scale` > 0, got -0.5"),
 ]
 
 

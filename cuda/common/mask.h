@@ -15,6 +15,12 @@ __host__ __device__ __forceinline__ int64_t floor_div(int64_t a, int64_t b) {
   return a >= 0 ? a / b : -((-a + b - 1) / b);
 }
 
+// A sequence's used length: seqused[batch] when given (clamped into [0, length], since
+// the handler cannot check device data), else the full length.
+__device__ __forceinline__ int used_length(int const* seqused, int batch, int length) {
+  return seqused ? min(max(seqused[batch], 0), length) : length;
+}
+
 // The key-tile range of one query tile and where masking is needed in it. Keys are
 // visited from n_block_max - 1 down to n_block_min; tiles with n >= n_block_right_masked
 // cross the right edge (window or key length), tiles with n < n_block_left_masked the

@@ -66,8 +66,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(CUTE_GRID_CONS
     mainloop.init_turns();
     for (int tile_index = scheduler.first(); tile_index < p.num_tiles;) {
       QueryTile const tile = scheduler.decode(tile_index);
-      int const seqlen_q = p.seqused_q ? p.seqused_q[tile.batch] : p.seqlen_q;
-      int const seqlen_k = p.seqused_k ? p.seqused_k[tile.batch] : p.seqlen_k;
+      int const seqlen_q = used_length(p.seqused_q, tile.batch, p.seqlen_q);
+      int const seqlen_k = used_length(p.seqused_k, tile.batch, p.seqlen_k);
       KeyBlockRange<Traits::kBlockM, Traits::kBlockN> const range(tile.m_block, seqlen_q, seqlen_k, p.window_left,
                                                                   p.window_right, p.diagonal_offset);
       if (range.empty()) {

@@ -96,8 +96,8 @@ struct FwdProducer {
   __device__ void run(Scheduler& scheduler) {
     for (int tile_index = scheduler.first(); tile_index < p.num_tiles;) {
       QueryTile const tile = scheduler.decode(tile_index);
-      int const seqlen_q = p.seqused_q ? p.seqused_q[tile.batch] : p.seqlen_q;
-      int const seqlen_k = p.seqused_k ? p.seqused_k[tile.batch] : p.seqlen_k;
+      int const seqlen_q = used_length(p.seqused_q, tile.batch, p.seqlen_q);
+      int const seqlen_k = used_length(p.seqused_k, tile.batch, p.seqlen_k);
       KeyBlockRange<kBlockM, kBlockN> const range(tile.m_block, seqlen_q, seqlen_k, p.window_left, p.window_right,
                                                   p.diagonal_offset);
       if (!range.empty()) { load_tile(tile, range); }
