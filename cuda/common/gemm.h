@@ -32,4 +32,13 @@ CUTE_DEVICE void warpgroup_gemm(TiledMma& tiled_mma, TensorA const& a, TensorB c
   if constexpr (kAInRegisters) { warpgroup_fence_operand(const_cast<TensorA&>(a)); }
 }
 
+// ptxas schedules a WGMMA wait as early as its data dependencies allow, so register-only
+// work meant to run under the in-flight WGMMA (the softmax) can sink behind the wait.
+// A store of `value` that never executes (`never` is a runtime value the compiler cannot
+// fold) ends the basic block, and everything `value` depends on stays ahead of the wait.
+template <class T>
+CUTE_DEVICE void finish_before_next_wait(T value, bool never, T* sink) {
+  if (never) { *sink = value; }
+}
+
 }  // namespace jax_fa3

@@ -55,30 +55,34 @@ struct KeyBlockRange {
   }
 };
 
-// Sets to -inf the scores of keys a row may not see. coords is the identity tensor of
-// the (kBlockM, kBlockN) tile partitioned like the accumulator.
+// Sets to -inf the scores of keys a row may not see. rows[r] is the tile row of the
+// thread's row r; column_offset is the thread's first column. Columns are compared as
+// the compile-time columns of thread 0 plus that offset, so no per-column index is
+// kept in registers (a runtime identity tensor of 176 columns would cost 88 of them).
 struct AttentionMask {
   int seqlen_k, window_left, window_right, diagonal_offset;
 
-  template <int kBlockM, int kBlockN, class Engine, class Layout, class CoordEngine, class CoordLayout>
-  __device__ __forceinline__ void apply(Tensor<Engine, Layout>& acc_s, Tensor<CoordEngine, CoordLayout> const& coords,
-                                        int m_block, int n_block) const {
+  template <int kBlockM, int kBlockN, int kRows, class Engine, class Layout, class Thread0Coords>
+  __device__ __forceinline__ void apply(Tensor<Engine, Layout>& acc_s, Thread0Coords const& thread0_coords,
+                                        int const (&rows)[kRows], int column_offset, int m_block,
+                                        int n_block) const {
     Tensor s = make_tensor(acc_s.data(), acc_rows_cols(acc_s.layout()));
-    Tensor c = make_tensor(coords.data(), acc_rows_cols(coords.layout()));
-    int const col0 = n_block * kBlockN;
+    Tensor c = make_tensor(thread0_coords.data(), acc_rows_cols(thread0_coords.layout()));
+    static_assert(decltype(size<0>(s))::value == kRows);
+    int const col0 = n_block * kBlockN + column_offset;
     CUTLASS_PRAGMA_UNROLL
-    for (int r = 0; r < size<0>(s); ++r) {
-      int64_t const diagonal = int64_t(m_block) * kBlockM + get<0>(c(r, 0)) + diagonal_offset;
-      // Visible columns of this row, relative to the tile: [lo, hi).
+    for (int r = 0; r < kRows; ++r) {
+      int64_t const diagonal = int64_t(m_block) * kBlockM + rows[r] + diagonal_offset;
+      // Visible columns of this row, relative to the thread's first column: [lo, hi).
       int64_t hi = seqlen_k;
       if (window_right >= 0) { hi = std::min<int64_t>(hi, diagonal + window_right + 1); }
       int64_t lo = window_left >= 0 ? diagonal - window_left : 0;
-      int const hi_in_tile = int(std::max<int64_t>(std::min<int64_t>(hi - col0, kBlockN), 0));
-      int const lo_in_tile = int(std::max<int64_t>(std::min<int64_t>(lo - col0, kBlockN), 0));
+      int const hi_here = int(std::max<int64_t>(std::min<int64_t>(hi - col0, kBlockN), -1));
+      int const lo_here = int(std::max<int64_t>(std::min<int64_t>(lo - col0, kBlockN), -1));
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < size<1>(s); ++j) {
-        int const col = get<1>(c(0, j));
-        if (col >= hi_in_tile || col < lo_in_tile) { s(r, j) = -INFINITY; }
+        int const col = get<1>(c(0, j));  // a compile-time constant
+        if (col >= hi_here || col < lo_here) { s(r, j) = -INFINITY; }
       }
     }
   }

@@ -5,6 +5,18 @@
 
 namespace jax_fa3 {
 
+// Ablation builds (CMake JAX_FA3_FWD_ABLATION) switch off one of the paper's overlaps.
+#if defined(JAX_FA3_ABLATE_PINGPONG)
+constexpr bool kAblatePingpong = true;
+#else
+constexpr bool kAblatePingpong = false;
+#endif
+#if defined(JAX_FA3_ABLATE_INTRA_WG_OVERLAP)
+constexpr bool kAblateIntraWarpgroupOverlap = true;
+#else
+constexpr bool kAblateIntraWarpgroupOverlap = false;
+#endif
+
 template <int kHeadDim, bool kHasWindow>
 struct FwdTileConfig;
 
@@ -16,7 +28,9 @@ struct FwdTileConfig;
     static constexpr int kStages = 2;                                                     \
     /* Two warpgroups take turns on the tensor cores; above 128 the output */            \
     /* accumulator leaves no registers for it. */                                         \
-    static constexpr bool kPingpong = PINGPONG;                                           \
+    static constexpr bool kPingpong = PINGPONG && !kAblatePingpong;                       \
+    /* Softmax of S[n] under the in-flight P·V[n+1] of the same warpgroup. */             \
+    static constexpr bool kIntraWarpgroupOverlap = !kAblateIntraWarpgroupOverlap;         \
     /* Large accumulators rescale under the next QK^T rather than after P·V. */           \
     static constexpr bool kRescaleOBeforeGemm = HEAD_DIM > 128;                           \
   };

@@ -96,7 +96,9 @@ struct FwdMainloop {
     Tensor tSrQ = thread_qk.partition_fragment_A(sQ);
     Tensor tSrK = thread_qk.partition_fragment_B(sK);
     Tensor tOrVt = thread_pv.partition_fragment_B(sVt);
-    Tensor coords = thread_qk.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileShapeQK{})));
+    auto const tile_coords = make_identity_tensor(select<0, 1>(typename Traits::TileShapeQK{}));
+    Tensor thread0_coords = mma_qk.get_thread_slice(_0{}).partition_C(tile_coords);
+    int const column_offset = get<1>(thread_qk.partition_C(tile_coords)(0));
 
     AttentionMask const mask{seqlen_k, p.window_left, p.window_right, p.diagonal_offset};
     OnlineSoftmax<kRows> softmax;
@@ -104,7 +106,7 @@ struct FwdMainloop {
     auto prepare_scores = [&](auto& scores, int n_block, auto masked) {
       if (p.softcap_prescale != 0.f) { apply_softcap(scores, p.softcap_prescale); }
       if constexpr (decltype(masked)::value) {
-        mask.template apply<kBlockM, kBlockN>(scores, coords, tile.m_block, n_block);
+        mask.template apply<kBlockM, kBlockN>(scores, thread0_coords, rows, column_offset, tile.m_block, n_block);
       }
     };
     auto new_scores = [&] { return partition_fragment_C(mma_qk, select<0, 1>(typename Traits::TileShapeQK{})); };
@@ -137,10 +139,13 @@ struct FwdMainloop {
       v_ring.wait_full(v_pos);
       warpgroup_gemm<false, -1>(mma_pv, tOrP, tOrVt(_, _, _, v_pos.stage), acc_o);
       pass_turn();
+      if constexpr (!Traits::kIntraWarpgroupOverlap) { warpgroup_wait<0>(); }  // ablation: serial
       warpgroup_wait<1>();  // Q·K^T done; P·V still running under the softmax below
       release_k();
       prepare_scores(next_scores, n, masked);
       softmax.template update<false>(next_scores, o_scale);
+      // row_sum depends on every probability of the tile.
+      finish_before_next_wait(softmax.row_sum[0] + softmax.row_sum[1], p.num_tiles < 0, &smem.unused_sink);
       warpgroup_wait<0>();
       release_v();
       if constexpr (!Traits::kRescaleOBeforeGemm) { scale_rows(acc_o, o_scale); }

@@ -26,6 +26,7 @@ struct FwdTraits {
   static constexpr int kBlockN = Config::kBlockN;
   static constexpr int kStages = Config::kStages;
   static constexpr bool kPingpong = Config::kPingpong;
+  static constexpr bool kIntraWarpgroupOverlap = Config::kIntraWarpgroupOverlap;
   static constexpr bool kRescaleOBeforeGemm = Config::kRescaleOBeforeGemm;
 
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
@@ -75,6 +76,7 @@ struct FwdTraits {
     uint64_t q_empty;  // every consumer warpgroup finished its last Q·K^T of the tile
     uint64_t o_free;   // the previous tile's output left shared memory
     int next_tile;     // the dynamic scheduler's hand-off slot
+    float unused_sink;  // target of finish_before_next_wait's never-executed store
   };
   static_assert(cosize_v<SmemLayoutO> <= cosize_v<SmemLayoutVt>, "O must fit in V's buffers");
   static constexpr int kSharedBytes = sizeof(SharedStorage);
