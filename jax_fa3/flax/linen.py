@@ -1,0 +1,79 @@
+"""jax_fa3 for flax.linen: an `attention_fn` for `MultiHeadDotProductAttention`, and that
+module with it as the default.
+
+    layer = nn.MultiHeadDotProductAttention(
+        num_heads=8, dtype=jnp.bfloat16,
+        attention_fn=functools.partial(jax_fa3.flax.linen.dot_product_attention,
+                                       is_causal=True, mask_structure="padding"))
+    y = layer.apply(variables, x, mask=nn.make_causal_mask(tokens))
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.linen import dtypes
+
+from jax_fa3.flax import _adapter
+
+
+def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dropout=True,
+                          dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
+                          precision=None, module=None, force_fp32_for_softmax=False,
+                          einsum_dot_general=None, qk_attn_weights_einsum=None,
+                          attn_weights_value_einsum=None, *, is_causal=False,
+                          mask_structure=None, strict=False):
+  """`flax.linen.dot_product_attention` on jax_fa3's kernels, where they can serve the call.
+
+  Takes every argument of `flax.linen.dot_product_attention`, by name, since
+  `MultiHeadDotProductAttention` passes only those its `attention_fn` names. The kernels
+  serve a call with bfloat16 or float16 inputs (after promotion to `dtype`), no `bias`, no
+  dropout while training, no `module` (sow_weights=False), no custom einsums, and a `mask`
+  only if `mask_structure="padding"`. They compute the softmax in float32, so `precision`
+  and `force_fp32_for_softmax` need nothing more from them. GQA (fewer key/value heads)
+  is served too.
+
+  Any other call runs `flax.linen.dot_product_attention` instead, after a warning that
+  names the argument (once per reason); with `strict=True` it raises that error instead.
+
+  Keyword-only arguments, set them with `functools.partial`:
+    is_causal: causal attention (query i sees key j <= i), as in `flax.nnx` and `jax.nn`,
+      combined with `mask` by logical and. linen passes no causal flag, only a dense mask,
+      so a causal model sets this to be served without a mask to check.
+    mask_structure: None: `mask` may be any mask, and Flax's attention runs whenever one
+      is given. "padding": `mask` only marks right padding: for each sequence it keeps
+      the first q_len queries and the first kv_len keys (and is combined with
+      `is_causal`), as `make_attention_mask(tokens != pad, tokens != pad)` does, also
+      combined with `make_causal_mask` by `combine_masks`. The kernels then take those
+      lengths, and check on the device that the mask is exactly that: if it is not, the
+      output is all NaN, never a wrong number.
+    strict: raise instead of falling back to Flax's attention.
+  """
+  _adapter.check_mask_structure(mask_structure)
+  query, key, value = dtypes.promote_dtype(query, key, value, dtype=dtype)
+  try:
+    if einsum_dot_general or qk_attn_weights_einsum or attn_weights_value_einsum:
+      raise ValueError("jax_fa3.flax: einsum_dot_general, qk_attn_weights_einsum and "
+                       "attn_weights_value_einsum must be None on the kernels, which run "
+                       "their own matrix products")
+    return _adapter.attention(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
+                              mask_structure=mask_structure, dropout_rate=dropout_rate,
+                              deterministic=deterministic, module=module)
+  except (TypeError, ValueError) as unsupported:
+    _adapter.fall_back(unsupported, strict)
+  if is_causal:
+    causal = jnp.tril(jnp.ones((query.shape[-3], key.shape[-3]), bool))
+    mask = causal if mask is None else jnp.logical_and(mask, causal)
+  return nn.dot_product_attention(
+      query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
+      deterministic, dtype, precision, module, force_fp32_for_softmax,
+      einsum_dot_general=einsum_dot_general, qk_attn_weights_einsum=qk_attn_weights_einsum,
+      attn_weights_value_einsum=attn_weights_value_einsum)
+
+
+class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
+  """`flax.linen.MultiHeadDotProductAttention` with jax_fa3's `dot_product_attention` as
+  its default `attention_fn`. For a causal or padding mask, pass
+  `attention_fn=functools.partial(dot_product_attention, is_causal=True, ...)`."""
+  attention_fn: Callable[..., jax.Array] = dot_product_attention

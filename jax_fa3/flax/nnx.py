@@ -1,0 +1,58 @@
+"""jax_fa3 for flax.nnx: an `attention_fn` for `MultiHeadAttention`, and that module with
+it as the default.
+
+    layer = nnx.MultiHeadAttention(num_heads=8, in_features=512, dtype=jnp.bfloat16,
+                                   attention_fn=jax_fa3.flax.nnx.dot_product_attention,
+                                   rngs=nnx.Rngs(0))
+    y = layer(x, is_causal=True)
+"""
+
+from flax import nnx
+from flax.nnx.nn import dtypes
+
+from jax_fa3.flax import _adapter
+
+
+def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dropout=True,
+                          dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
+                          precision=None, module=None, promote_dtype=dtypes.promote_dtype,
+                          is_causal=False, *, mask_structure=None, strict=False):
+  """`flax.nnx.dot_product_attention` on jax_fa3's kernels, where they can serve the call.
+
+  Takes the arguments of `flax.nnx.dot_product_attention`. The kernels serve a call with
+  bfloat16 or float16 inputs (after `promote_dtype` to `dtype`), no `bias`, no dropout
+  while training, no `module` (sow_weights=False), and a `mask` only if
+  `mask_structure="padding"`. `is_causal` is their causal flag; GQA (`num_kv_heads`) is
+  served too. `precision` needs nothing from them: they compute in float32.
+
+  Any other call runs `flax.nnx.dot_product_attention` instead, after a warning that
+  names the argument (once per reason); with `strict=True` it raises that error instead.
+
+  Keyword-only arguments, set them with `functools.partial`:
+    mask_structure: None: `mask` may be any mask, and Flax's attention runs whenever one
+      is given. "padding": `mask` only marks right padding: for each sequence it keeps
+      the first q_len queries and the first kv_len keys (and is combined with
+      `is_causal`), as `make_attention_mask(tokens != pad, tokens != pad)` and the decode
+      cache's mask do. The kernels then take those lengths, and check on the device that
+      the mask is exactly that: if it is not, the output is all NaN, never a wrong number.
+    strict: raise instead of falling back to Flax's attention.
+  """
+  _adapter.check_mask_structure(mask_structure)
+  query, key, value = promote_dtype((query, key, value), dtype=dtype)
+  try:
+    return _adapter.attention(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
+                              mask_structure=mask_structure, dropout_rate=dropout_rate,
+                              deterministic=deterministic, module=module)
+  except (TypeError, ValueError) as unsupported:
+    _adapter.fall_back(unsupported, strict)
+  return nnx.dot_product_attention(
+      query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
+      deterministic, dtype, precision, module, promote_dtype, is_causal)
+
+
+class MultiHeadAttention(nnx.MultiHeadAttention):
+  """`flax.nnx.MultiHeadAttention` with jax_fa3's `dot_product_attention` as its default
+  `attention_fn`; it takes the same arguments."""
+
+  def __init__(self, *args, attention_fn=dot_product_attention, **kwargs):
+    super().__init__(*args, attention_fn=attention_fn, **kwargs)

@@ -1,0 +1,226 @@
+"""jax_fa3.flax on the reference path: equal to Flax's own attention, functions and modules.
+
+"Equal" is FlashAttention's accuracy rule: ours is at most twice as far from Flax's
+attention computed in float32 as Flax's own bfloat16/float16 result is, plus one rounding
+of the result (Flax on the CPU may round only once, as the float32 computation does). Every call here
+passes strict=True (or checks the kernels' primitive ran), so a silent fallback to Flax
+fails the test.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import jax_fa3.flax
+
+pytestmark = pytest.mark.usefixtures("on_cpu")
+
+
+def assert_as_close_as_flax(ours, flax_low, flax_f32, what=""):
+  """max|ours - truth| <= 2 max|Flax in low precision - truth| + eps max|truth|, leaf by leaf."""
+  for index, (a, base, truth) in enumerate(zip(*map(jax.tree.leaves, (ours, flax_low, flax_f32)))):
+    assert a.dtype == base.dtype and a.shape == base.shape, (what, index)
+    rounding = float(jnp.finfo(a.dtype).eps) * np.abs(np.asarray(truth, np.float64)).max()
+    truth = np.asarray(truth, np.float64)
+    error = np.abs(np.asarray(a, np.float64) - truth).max()
+    base_error = np.abs(np.asarray(base, np.float64) - truth).max()
+    assert error <= 2 * base_error + rounding, (
+        f"{what} leaf {index}: {error} > 2 * {base_error} + {rounding}")
+
+
+def in_float32(attention_fn):
+  """`attention_fn` computed in float32, its result rounded to the inputs' dtype."""
+  @functools.wraps(attention_fn)  # linen passes only the arguments the signature names
+  def attention(query, key, value, *args, dtype=None, **kwargs):
+    del dtype
+    upcast = (x.astype(jnp.float32) for x in (query, key, value))
+    return attention_fn(*upcast, *args, dtype=jnp.float32, **kwargs).astype(query.dtype)
+  return attention
+
+
+def out_and_grads(attention, q, k, v, dout):
+  out, pullback = jax.vjp(attention, q, k, v)
+  return out, pullback(dout)
+
+
+def padding_mask(make_attention_mask, query_lengths, key_lengths, seqlen_q, seqlen_k):
+  """Flax's padding mask [batch, 1, T, S] for right-padded sequences of these lengths."""
+  valid_q = jnp.arange(seqlen_q) < jnp.array(query_lengths)[:, None]
+  valid_k = jnp.arange(seqlen_k) < jnp.array(key_lengths)[:, None]
+  return make_attention_mask(valid_q, valid_k)
+
+
+# --- nnx.dot_product_attention -------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  query: tuple[int, ...]   # [batch..., T, N, H]
+  key: tuple[int, ...]     # [batch..., S, K, H]
+  is_causal: bool = False
+  query_lengths: tuple[int, ...] | None = None  # a padding mask, per sequence
+  key_lengths: tuple[int, ...] | None = None
+
+  def __str__(self):
+    return "-".join(f"{f.name}={getattr(self, f.name)}".replace(" ", "")
+                    for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
+
+  def mask(self, make_attention_mask):
+    if self.query_lengths is None:
+      return None
+    return padding_mask(make_attention_mask, self.query_lengths, self.key_lengths,
+                        self.query[-3], self.key[-3])
+
+
+NNX_CASES = [
+    Case((2, 32, 4, 32), (2, 32, 4, 32), is_causal=True),
+    Case((2, 20, 8, 32), (2, 37, 2, 32)),                              # GQA, cross attention
+    Case((2, 9, 4, 64), (2, 40, 1, 64), is_causal=True),                # MQA, T < S
+    Case((2, 32, 4, 32), (2, 32, 2, 32), query_lengths=(32, 5), key_lengths=(32, 11)),
+    Case((3, 24, 4, 32), (3, 24, 4, 32), is_causal=True, query_lengths=(24, 0, 13),
+         key_lengths=(24, 0, 7)),                                      # an empty sequence
+    Case((2, 3, 16, 2, 32), (2, 3, 16, 2, 32), is_causal=True,
+         query_lengths=(16, 4, 9, 1, 16, 2), key_lengths=(16, 4, 9, 1, 16, 2)),  # 2 batch dims
+]
+
+
+def _nnx_mask(case):
+  """The case's padding mask, shaped [batch..., 1, T, S]."""
+  mask = case.mask(nnx.make_attention_mask)
+  return None if mask is None else mask.reshape(*case.query[:-3], *mask.shape[1:])
+
+
+@pytest.mark.parametrize("case", NNX_CASES, ids=str)
+def test_nnx_function_equals_flax(case, normal):
+  """Outputs and gradients, with padding masks, GQA, causal and extra batch dims."""
+  q, k, v, dout = normal(case.query), normal(case.key), normal(case.key), normal(case.query)
+  mask = _nnx_mask(case)
+  ours = functools.partial(jax_fa3.flax.nnx.dot_product_attention, mask_structure="padding",
+                           strict=True)
+
+  def run(attention_fn):
+    attention = lambda q, k, v: attention_fn(q, k, v, mask=mask, is_causal=case.is_causal)
+    return jax.jit(out_and_grads, static_argnums=0)(attention, q, k, v, dout)
+
+  assert_as_close_as_flax(run(ours), run(nnx.dot_product_attention),
+                          run(in_float32(nnx.dot_product_attention)))
+
+
+def test_nnx_function_runs_the_kernels_primitive(normal):
+  q = normal((2, 16, 4, 32))
+  mask = padding_mask(nnx.make_attention_mask, (16, 3), (16, 3), 16, 16)
+  jaxpr = jax.make_jaxpr(lambda q: jax_fa3.flax.nnx.dot_product_attention(
+      q, q, q, mask=mask, is_causal=True, mask_structure="padding"))(q)
+  assert "fa3_fwd" in str(jaxpr)
+
+
+def test_nnx_function_serves_a_causal_mask_declared_padding(normal):
+  """make_causal_mask combined with is_causal=True leaves no padding: served as causal."""
+  q = normal((2, 24, 4, 32))
+  mask = nnx.make_causal_mask(jnp.zeros((2, 24)))
+  ours = jax_fa3.flax.nnx.dot_product_attention(q, q, q, mask=mask, is_causal=True,
+                                                mask_structure="padding", strict=True)
+  flax_f32 = in_float32(nnx.dot_product_attention)(q, q, q, mask=mask)
+  assert_as_close_as_flax(ours, nnx.dot_product_attention(q, q, q, mask=mask), flax_f32)
+
+
+# --- nnx.MultiHeadAttention ------------------------------------------------------------
+
+def _nnx_layers(make_ours, num_kv_heads=None, decode=False):
+  """jax_fa3's MultiHeadAttention, Flax's, and Flax's in float32 attention, with equal weights."""
+  make = lambda: dict(num_heads=4, in_features=64, num_kv_heads=num_kv_heads,
+                      dtype=jnp.bfloat16, decode=decode, rngs=nnx.Rngs(0))
+  return (make_ours(**make()),
+          nnx.MultiHeadAttention(**make()),
+          nnx.MultiHeadAttention(**make(), attention_fn=in_float32(nnx.dot_product_attention)))
+
+
+def _with_options(**options):
+  return lambda **make: nnx.MultiHeadAttention(
+      **make, attention_fn=functools.partial(jax_fa3.flax.nnx.dot_product_attention, **options))
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 2, 1])
+@pytest.mark.parametrize("padded", [False, True])
+def test_nnx_module_equals_flax(num_kv_heads, padded, normal):
+  """jax_fa3.flax.nnx.MultiHeadAttention against nnx.MultiHeadAttention: MHA, GQA, MQA,
+  causal, with and without a padding mask."""
+  module = _with_options(mask_structure="padding", strict=True) if padded else functools.partial(
+      jax_fa3.flax.nnx.MultiHeadAttention, attention_fn=functools.partial(
+          jax_fa3.flax.nnx.dot_product_attention, strict=True))
+  layers = _nnx_layers(module, num_kv_heads)
+  x = normal((2, 24, 64))
+  mask = padding_mask(nnx.make_attention_mask, (24, 10), (24, 10), 24, 24) if padded else None
+  assert_as_close_as_flax(*(layer(x, mask=mask, is_causal=True) for layer in layers))
+
+
+def test_nnx_default_module_uses_the_kernels(normal):
+  layer = jax_fa3.flax.nnx.MultiHeadAttention(num_heads=4, in_features=64, decode=False,
+                                              dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  assert layer.attention_fn is jax_fa3.flax.nnx.dot_product_attention
+  assert "fa3_fwd" in str(jax.make_jaxpr(lambda x: layer(x, is_causal=True))(normal((2, 8, 64))))
+
+
+def test_nnx_decode_with_the_cache_mask(normal):
+  """Token-by-token decoding: the cache's occupancy mask is a key padding mask."""
+  layers = _nnx_layers(_with_options(mask_structure="padding", strict=True), num_kv_heads=2,
+                       decode=True)
+  x = normal((2, 6, 64))
+  for layer in layers:
+    layer.init_cache(x.shape, dtype=jnp.bfloat16)
+  for t in range(x.shape[1]):
+    assert_as_close_as_flax(*(layer(x[:, t:t + 1]) for layer in layers), what=f"step {t}")
+
+
+# --- linen ------------------------------------------------------------------------------
+
+LINEN_MASKS = {
+    "causal": lambda: nn.make_causal_mask(jnp.zeros((2, 24))),
+    "causal_and_padding": lambda: nn.combine_masks(
+        nn.make_causal_mask(jnp.zeros((2, 24))),
+        padding_mask(nn.make_attention_mask, (24, 9), (24, 9), 24, 24)),
+    "padding": lambda: padding_mask(nn.make_attention_mask, (17, 24), (20, 3), 24, 24),
+}
+
+
+@pytest.mark.parametrize("mask_kind", LINEN_MASKS)
+def test_linen_module_equals_flax(mask_kind, normal):
+  """The masks linen users build: causal, and padding alone or combined with causal. linen
+  passes no causal flag, so the causal ones declare it with is_causal=True."""
+  attention_fn = functools.partial(jax_fa3.flax.linen.dot_product_attention,
+                                   is_causal=mask_kind != "padding", mask_structure="padding",
+                                   strict=True)
+  layers = [jax_fa3.flax.linen.MultiHeadDotProductAttention(num_heads=4, dtype=jnp.bfloat16,
+                                                            attention_fn=attention_fn),
+            nn.MultiHeadDotProductAttention(num_heads=4, dtype=jnp.bfloat16),
+            nn.MultiHeadDotProductAttention(num_heads=4, dtype=jnp.bfloat16,
+                                            attention_fn=in_float32(nn.dot_product_attention))]
+  x, mask = normal((2, 24, 64)), LINEN_MASKS[mask_kind]()
+  variables = layers[0].init(jax.random.key(0), x, mask=mask)
+  assert_as_close_as_flax(*(layer.apply(variables, x, mask=mask) for layer in layers))
+
+
+def test_linen_function_gradients_equal_flax(normal):
+  q, k, v, dout = (normal((2, 24, 4, 32)) for _ in range(4))
+  mask = LINEN_MASKS["causal_and_padding"]()
+  ours = functools.partial(jax_fa3.flax.linen.dot_product_attention, is_causal=True,
+                           mask_structure="padding", strict=True)
+
+  def run(attention_fn):
+    attention = lambda q, k, v: attention_fn(q, k, v, mask=mask)
+    return jax.jit(out_and_grads, static_argnums=0)(attention, q, k, v, dout)
+
+  assert_as_close_as_flax(run(ours), run(nn.dot_product_attention),
+                          run(in_float32(nn.dot_product_attention)))
+
+
+def test_linen_default_module_uses_the_kernels(normal):
+  layer = jax_fa3.flax.linen.MultiHeadDotProductAttention(num_heads=4, dtype=jnp.bfloat16)
+  x = normal((2, 8, 64))
+  variables = layer.init(jax.random.key(0), x)
+  assert "fa3_fwd" in str(jax.make_jaxpr(lambda x: layer.apply(variables, x))(x))
