@@ -1,7 +1,9 @@
-"""The forward and backward attention primitives.
+"""The forward and backward attention primitives, on one device's arrays.
 
 Their operands, results and parameters are those of the FFI contract
 (`cuda/ffi/CONTRACT.md`); `reference.py` states their semantics in JAX.
+`sharding.py` lifts them to a device mesh as the `fa3_fwd` and `fa3_bwd` primitives
+that attention.py binds.
 - fwd: (q, k, v, seqused_q, seqused_k) -> (out, lse)
 - bwd: (dout, q, k, v, out, lse, seqused_q, seqused_k) -> (dq, dk, dv)
 An absent `seqused_*` is an int32 array of shape [0].
@@ -66,8 +68,9 @@ def bwd_workspace_bytes(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim,
            4 * batch * heads * sq,         # rowsum(dout * out)
            4 * batch * heads * sq,         # lse * log2(e)
            4 * batch * heads * (sq // 64)]  # dq write-order semaphores
-  if heads != kv_heads:                    # GQA: dk, dv are summed over groups in f32
-    parts += [4 * batch * kv_heads * sk * d, 4 * batch * kv_heads * sk * dv]
+  if heads != kv_heads:                    # GQA: dk, dv are summed over groups in f32,
+    parts += [4 * batch * kv_heads * sk * d, 4 * batch * kv_heads * sk * dv,
+              4 * batch * kv_heads * (sk // 64)]  # in order when deterministic
   return sum(_round_up(p, 256) for p in parts)
 
 
@@ -169,7 +172,7 @@ def _ffi_attributes(*, softmax_scale, softcap, window_left, window_right,
 
 # --- Batching --------------------------------------------------------------------
 
-def _fold_vmap_axis_into_batch(primitive, args, dims, **params):
+def fold_vmap_axis_into_batch(primitive, args, dims, **params):
   """Every operand and result of both primitives leads with the batch axis (or is an
   empty seqused), so a vmapped axis, moved to the front, merges into it."""
   size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
@@ -189,9 +192,9 @@ def _define(name, abstract_eval, reference_rule, cuda_rule):
   mlir.register_lowering(primitive, mlir.lower_fun(cuda_rule, multiple_results=True),
                          platform="cuda")
   batching.primitive_batchers[primitive] = functools.partial(
-      _fold_vmap_axis_into_batch, primitive)
+      fold_vmap_axis_into_batch, primitive)
   return primitive
 
 
-fwd_p = _define("fa3_fwd", _fwd_abstract_eval, reference.attention_fwd, _fwd_cuda)
-bwd_p = _define("fa3_bwd", _bwd_abstract_eval, reference.attention_bwd, _bwd_cuda)
+fwd_p = _define("fa3_fwd_local", _fwd_abstract_eval, reference.attention_fwd, _fwd_cuda)
+bwd_p = _define("fa3_bwd_local", _bwd_abstract_eval, reference.attention_bwd, _bwd_cuda)
