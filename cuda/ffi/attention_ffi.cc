@@ -6,12 +6,15 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
 #include <string>
+#include <tuple>
 
 #include <cuda_runtime_api.h>
 
+#include "common/bwd_params.h"
 #include "common/params.h"
 #include "ffi/registry.h"
 
@@ -119,6 +122,28 @@ ffi::Error check_inputs(ffi::AnyBuffer const& q, ffi::AnyBuffer const& k, ffi::A
   return ffi::Error::Success();
 }
 
+// Dense BTNH: row stride = heads * head_dim, batch stride = seqlen * row stride.
+template <class Params>
+void set_dense_strides(Dims const& d, Params& p) {
+  p.q_head_stride = d.head_dim;
+  p.q_row_stride = d.heads * d.head_dim;
+  p.q_batch_stride = d.seqlen_q * p.q_row_stride;
+  p.k_head_stride = d.head_dim;
+  p.k_row_stride = d.kv_heads * d.head_dim;
+  p.k_batch_stride = d.seqlen_k * p.k_row_stride;
+  p.v_head_stride = d.head_dim_v;
+  p.v_row_stride = d.kv_heads * d.head_dim_v;
+  p.v_batch_stride = d.seqlen_k * p.v_row_stride;
+  p.o_head_stride = d.head_dim_v;
+  p.o_row_stride = d.heads * d.head_dim_v;
+  p.o_batch_stride = d.seqlen_q * p.o_row_stride;
+}
+
+bool same_shape(ffi::AnyBuffer const& a, ffi::AnyBuffer const& b) {
+  auto x = a.dimensions(), y = b.dimensions();
+  return x.size() == y.size() && std::equal(x.begin(), x.end(), y.begin());
+}
+
 // A window wider than any sequence is the same as none; clamping keeps int32 arithmetic safe.
 int clamp_window(int64_t w) { return w < 0 ? -1 : int(std::min<int64_t>(w, 2 * kMaxSeqlen)); }
 
@@ -172,19 +197,7 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   p.kv_heads = int(d.kv_heads);
   p.head_dim = int(d.head_dim);
   p.head_dim_v = int(d.head_dim_v);
-  // Dense BTNH: row stride = heads * head_dim, batch stride = seqlen * row stride.
-  p.q_head_stride = d.head_dim;
-  p.q_row_stride = d.heads * d.head_dim;
-  p.q_batch_stride = d.seqlen_q * p.q_row_stride;
-  p.k_head_stride = d.head_dim;
-  p.k_row_stride = d.kv_heads * d.head_dim;
-  p.k_batch_stride = d.seqlen_k * p.k_row_stride;
-  p.v_head_stride = d.head_dim_v;
-  p.v_row_stride = d.kv_heads * d.head_dim_v;
-  p.v_batch_stride = d.seqlen_k * p.v_row_stride;
-  p.o_head_stride = d.head_dim_v;
-  p.o_row_stride = d.heads * d.head_dim_v;
-  p.o_batch_stride = d.seqlen_q * p.o_row_stride;
+  set_dense_strides(d, p);
   p.softmax_scale = softmax_scale;
   p.softcap = softcap;
   p.window_left = clamp_window(window_left);
@@ -203,8 +216,118 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   return ffi::Error::Success();
 }
 
+ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer dout, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                   ffi::AnyBuffer out, ffi::AnyBuffer lse, ffi::AnyBuffer seqused_q, ffi::AnyBuffer seqused_k,
+                   ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                   ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale, float softcap, int64_t window_left,
+                   int64_t window_right, int64_t diagonal_offset, bool deterministic) {
+  Dims d;
+  if (ffi::Error e = check_inputs(q, k, v, seqused_q, seqused_k, softmax_scale, softcap, window_left, window_right,
+                                  diagonal_offset, d);
+      e.failure()) {
+    return e;
+  }
+  auto od = out.dimensions();
+  if (out.element_type() != q.element_type() || od.size() != 4 || od[0] != d.batch || od[1] != d.seqlen_q ||
+      od[2] != d.heads || od[3] != d.head_dim_v) {
+    return invalid("out must be [batch, seqlen_q, heads, head_dim_v] in q's dtype; got " + shape_str(out));
+  }
+  if (!same_shape(dout, out) || dout.element_type() != q.element_type()) {
+    return invalid("dout must have out's shape and dtype; got " + shape_str(dout));
+  }
+  auto ld = lse.dimensions();
+  if (lse.element_type() != ffi::DataType::F32 || ld.size() != 3 || ld[0] != d.batch || ld[1] != d.heads ||
+      ld[2] != d.seqlen_q) {
+    return invalid("lse must be float32 [batch, heads, seqlen_q]; got " + shape_str(lse));
+  }
+  for (auto [grad, input, name] : {std::tuple{&dq, &q, "dq"}, std::tuple{&dk, &k, "dk"}, std::tuple{&dv, &v, "dv"}}) {
+    if (!same_shape(**grad, *input) || (*grad)->element_type() != q.element_type() ||
+        !aligned16((*grad)->untyped_data())) {
+      return invalid(std::string(name) + " must have its input's shape and dtype; got " + shape_str(**grad));
+    }
+  }
+  if (!aligned16(dout.untyped_data()) || !aligned16(out.untyped_data())) {
+    return invalid("dout and out must be 16-byte aligned");
+  }
+  std::string const dtype = dtype_name(q.element_type());
+  BwdVariant const* variant = find_bwd_variant(dtype, int(d.head_dim), int(d.head_dim_v));
+  if (!variant) {
+    return invalid("no backward kernel for dtype " + dtype + ", head_dim " + std::to_string(d.head_dim) +
+                   ", head_dim_v " + std::to_string(d.head_dim_v) + " (see jax_fa3.kernels_available())");
+  }
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) { return ffi::Error::Internal("jax_fa3: cudaGetDevice failed"); }
+  BwdParams p{};
+  p.dout = dout.untyped_data();
+  p.q = q.untyped_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.out = out.untyped_data();
+  p.lse = static_cast<float const*>(lse.untyped_data());
+  p.seqused_q = seqused_q.dimensions()[0] ? static_cast<int const*>(seqused_q.untyped_data()) : nullptr;
+  p.seqused_k = seqused_k.dimensions()[0] ? static_cast<int const*>(seqused_k.untyped_data()) : nullptr;
+  p.dq = dq->untyped_data();
+  p.dk = dk->untyped_data();
+  p.dv = dv->untyped_data();
+  p.workspace = workspace->untyped_data();
+  p.workspace_bytes = int64_t(workspace->size_bytes());
+  p.batch = int(d.batch);
+  p.seqlen_q = int(d.seqlen_q);
+  p.seqlen_k = int(d.seqlen_k);
+  p.heads = int(d.heads);
+  p.kv_heads = int(d.kv_heads);
+  p.head_dim = int(d.head_dim);
+  p.head_dim_v = int(d.head_dim_v);
+  set_dense_strides(d, p);
+  p.softmax_scale = softmax_scale;
+  p.softcap = softcap;
+  p.window_left = clamp_window(window_left);
+  p.window_right = clamp_window(window_right);
+  p.diagonal_offset = int(diagonal_offset);
+  p.deterministic = deterministic;
+  p.num_sms = sm_count(device);
+  if (p.num_sms <= 0) { return ffi::Error::Internal("jax_fa3: could not read the SM count"); }
+  int64_t const needed = variant->workspace_bytes(p);
+  if (workspace->element_type() != ffi::DataType::U8 || p.workspace_bytes < needed || !aligned16(p.workspace)) {
+    return invalid("workspace must be uint8 of at least " + std::to_string(needed) + " bytes; got " +
+                   std::to_string(p.workspace_bytes));
+  }
+  if (poison_outputs()) {
+    for (auto* grad : {&dq, &dk, &dv}) {
+      if (cudaError_t e = poison(*grad, stream); e != cudaSuccess) { return ffi::Error::Internal(cudaGetErrorString(e)); }
+    }
+  }
+  if (cudaError_t e = variant->run(p, stream); e != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jax_fa3 backward launch failed: ") + cudaGetErrorString(e));
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace jax_fa3
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFa3Bwd, jax_fa3::BwdImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()  // dout
+                                  .Arg<xla::ffi::AnyBuffer>()  // q
+                                  .Arg<xla::ffi::AnyBuffer>()  // k
+                                  .Arg<xla::ffi::AnyBuffer>()  // v
+                                  .Arg<xla::ffi::AnyBuffer>()  // out
+                                  .Arg<xla::ffi::AnyBuffer>()  // lse
+                                  .Arg<xla::ffi::AnyBuffer>()  // seqused_q
+                                  .Arg<xla::ffi::AnyBuffer>()  // seqused_k
+                                  .Ret<xla::ffi::AnyBuffer>()  // dq
+                                  .Ret<xla::ffi::AnyBuffer>()  // dk
+                                  .Ret<xla::ffi::AnyBuffer>()  // dv
+                                  .Ret<xla::ffi::AnyBuffer>()  // workspace
+                                  .Attr<float>("softmax_scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("window_left")
+                                  .Attr<int64_t>("window_right")
+                                  .Attr<int64_t>("diagonal_offset")
+                                  .Attr<bool>("deterministic"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFa3Fwd, jax_fa3::FwdImpl,
                               xla::ffi::Ffi::Bind()

@@ -5,4 +5,5 @@
 
 extern "C" {
 XLA_FFI_Error* JaxFa3Fwd(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxFa3Bwd(XLA_FFI_CallFrame* call_frame);
 }

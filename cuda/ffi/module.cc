@@ -16,12 +16,14 @@ PYBIND11_MODULE(_fa3_cuda, m) {
   m.def("registrations", [] {
     py::dict targets;
     targets["jax_fa3_fwd"] = py::capsule(reinterpret_cast<void*>(&JaxFa3Fwd));
+    targets["jax_fa3_bwd"] = py::capsule(reinterpret_cast<void*>(&JaxFa3Bwd));
     return targets;
   }, "FFI target name -> handler capsule, for jax.ffi.register_ffi_target(..., platform='CUDA').");
 
   m.def("variants", [] {
     py::list out;
     for (auto const& v : jax_fa3::fwd_variants()) { out.append(py::make_tuple("fwd", v.dtype, v.head_dim, v.head_dim_v)); }
+    for (auto const& v : jax_fa3::bwd_variants()) { out.append(py::make_tuple("bwd", v.dtype, v.head_dim, v.head_dim_v)); }
     return out;
   }, "The compiled (direction, dtype, head_dim, head_dim_v) kernel variants.");
 

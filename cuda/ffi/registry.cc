@@ -14,4 +14,16 @@ FwdVariant const* find_fwd_variant(std::string const& dtype, int head_dim, int h
   return nullptr;
 }
 
+std::vector<BwdVariant>& bwd_variants() {
+  static std::vector<BwdVariant> table;
+  return table;
+}
+
+BwdVariant const* find_bwd_variant(std::string const& dtype, int head_dim, int head_dim_v) {
+  for (BwdVariant const& v : bwd_variants()) {
+    if (v.dtype == dtype && v.head_dim == head_dim && v.head_dim_v == head_dim_v) { return &v; }
+  }
+  return nullptr;
+}
+
 }  // namespace jax_fa3

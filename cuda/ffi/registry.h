@@ -8,6 +8,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "common/bwd_params.h"
 #include "common/params.h"
 
 namespace jax_fa3 {
@@ -19,11 +20,26 @@ struct FwdVariant {
   cudaError_t (*run)(FwdParams const&, cudaStream_t);
 };
 
+struct BwdVariant {
+  std::string dtype;
+  int head_dim;
+  int head_dim_v;
+  cudaError_t (*run)(BwdParams const&, cudaStream_t);
+  int64_t (*workspace_bytes)(BwdParams const&);
+};
+
 std::vector<FwdVariant>& fwd_variants();
 FwdVariant const* find_fwd_variant(std::string const& dtype, int head_dim, int head_dim_v);
 
+std::vector<BwdVariant>& bwd_variants();
+BwdVariant const* find_bwd_variant(std::string const& dtype, int head_dim, int head_dim_v);
+
 struct RegisterFwdVariant {
   explicit RegisterFwdVariant(FwdVariant variant) { fwd_variants().push_back(std::move(variant)); }
+};
+
+struct RegisterBwdVariant {
+  explicit RegisterBwdVariant(BwdVariant variant) { bwd_variants().push_back(std::move(variant)); }
 };
 
 }  // namespace jax_fa3

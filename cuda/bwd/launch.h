@@ -1,0 +1,133 @@
+// Host side of the backward pass for one (dtype, head dim): carve the workspace, zero
+// its accumulators, then preprocess -> main kernel -> dQ conversion (-> dK/dV conversion
+// for GQA), all on XLA's stream.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+
+#include <cuda_runtime.h>
+#include <cute/tensor.hpp>
+
+#include "bwd/kernel.h"
+#include "bwd/postprocess.h"
+#include "bwd/preprocess.h"
+#include "bwd/traits.h"
+#include "bwd/workspace.h"
+#include "common/bwd_params.h"
+
+namespace jax_fa3 {
+
+template <class Traits>
+BwdWorkspace bwd_workspace(BwdParams const& b, void* base) {
+  return BwdWorkspace::carve(base, b.batch, b.heads, b.kv_heads, b.seqlen_q, b.seqlen_k, b.head_dim, b.head_dim_v,
+                             Traits::kBlockM, Traits::kBlockN, b.deterministic);
+}
+
+// Opting in to more than 48 KB of shared memory is a per-function, per-device setting.
+template <class Kernel>
+cudaError_t set_shared_memory(Kernel kernel, int bytes) {
+  static std::once_flag configured[64];
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) { return e; }
+  cudaError_t result = cudaSuccess;
+  std::call_once(configured[device % 64], [&] {
+    result = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  });
+  return result;
+}
+
+template <class Element, int kHeadDim>
+int64_t bwd_workspace_bytes(BwdParams const& b) {
+  return bwd_workspace<BwdTraits<Element, kHeadDim>>(b, nullptr).bytes;
+}
+
+template <class Element, int kHeadDim>
+cudaError_t run_bwd(BwdParams const& b, cudaStream_t stream) {
+  using Traits = BwdTraits<Element, kHeadDim>;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  BwdWorkspace const w = bwd_workspace<Traits>(b, b.workspace);
+  if (w.bytes > b.workspace_bytes) { return cudaErrorInvalidValue; }  // the handler checks first
+  int const num_m_blocks = (b.seqlen_q + kBlockM - 1) / kBlockM;
+  int const num_n_blocks = (b.seqlen_k + kBlockN - 1) / kBlockN;
+  int const seqlen_q_rounded = num_m_blocks * kBlockM;
+  bool const gqa = b.heads != b.kv_heads;
+
+  if (cudaError_t e = cudaMemsetAsync(b.workspace, 0, w.zeroed_bytes, stream); e != cudaSuccess) { return e; }
+
+  BwdPreprocessParams pre{b.dout, b.out, b.lse, w.dpsum, w.lse_log2, b.seqused_q, b.o_row_stride, b.o_head_stride,
+                          b.o_batch_stride, b.seqlen_q, seqlen_q_rounded, b.heads};
+  bwd_preprocess_kernel<Element, kHeadDim>
+      <<<dim3(seqlen_q_rounded / kPreprocessRowsPerBlock, b.heads, b.batch), 256, 0, stream>>>(pre);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) { return e; }
+
+  auto gmem = [](void const* ptr, int seqlen, int heads, int64_t row, int64_t head, int64_t batch, int count) {
+    return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)), make_shape(seqlen, kHeadDim, heads, count),
+                       make_stride(row, _1{}, head, batch));
+  };
+  auto const q = gmem(b.q, b.seqlen_q, b.heads, b.q_row_stride, b.q_head_stride, b.q_batch_stride, b.batch);
+  auto const dout = gmem(b.dout, b.seqlen_q, b.heads, b.o_row_stride, b.o_head_stride, b.o_batch_stride, b.batch);
+  auto const k = gmem(b.k, b.seqlen_k, b.kv_heads, b.k_row_stride, b.k_head_stride, b.k_batch_stride, b.batch);
+  auto const v = gmem(b.v, b.seqlen_k, b.kv_heads, b.v_row_stride, b.v_head_stride, b.v_batch_stride, b.batch);
+  typename Traits::Params p{};
+  auto const q_tile = Shape<Int<kBlockM>, Int<kHeadDim>>{};
+  auto const k_tile = Shape<Int<kBlockN>, Int<kHeadDim>>{};
+  p.tma_q = make_tma_atom(SM90_TMA_LOAD{}, q, take<0, 2>(typename Traits::SmemLayoutQ{}), q_tile);
+  p.tma_dout = make_tma_atom(SM90_TMA_LOAD{}, dout, take<0, 2>(typename Traits::SmemLayoutQ{}), q_tile);
+  p.tma_k = make_tma_atom(SM90_TMA_LOAD{}, k, typename Traits::SmemLayoutK{}, k_tile);
+  p.tma_v = make_tma_atom(SM90_TMA_LOAD{}, v, typename Traits::SmemLayoutK{}, k_tile);
+  p.dk = static_cast<Element*>(b.dk);
+  p.dv = static_cast<Element*>(b.dv);
+  p.dk_row_stride = b.k_row_stride;
+  p.dk_head_stride = b.k_head_stride;
+  p.dk_batch_stride = b.k_batch_stride;
+  p.dk_accum = w.dk_accum;
+  p.dv_accum = w.dv_accum;
+  p.dq_accum = w.dq_accum;
+  p.dpsum = w.dpsum;
+  p.lse_log2 = w.lse_log2;
+  p.dq_semaphore = w.dq_semaphore;
+  p.dkv_semaphore = w.dkv_semaphore;
+  p.seqused_q = b.seqused_q;
+  p.seqused_k = b.seqused_k;
+  p.batch = b.batch;
+  p.seqlen_q = b.seqlen_q;
+  p.seqlen_k = b.seqlen_k;
+  p.heads = b.heads;
+  p.kv_heads = b.kv_heads;
+  p.kv_group = b.heads / b.kv_heads;
+  p.seqlen_q_rounded = seqlen_q_rounded;
+  p.num_m_blocks = num_m_blocks;
+  p.num_n_blocks = num_n_blocks;
+  float const log2e = float(M_LOG2E);
+  p.scale_log2 = b.softcap > 0.f ? b.softcap * log2e : b.softmax_scale * log2e;
+  p.softcap_prescale = b.softcap > 0.f ? b.softmax_scale / b.softcap : 0.f;
+  p.softmax_scale = b.softmax_scale;
+  p.window_left = b.window_left;
+  p.window_right = b.window_right;
+  p.diagonal_offset = b.diagonal_offset;
+  p.deterministic = b.deterministic;
+
+  auto kernel = bwd_kernel<Traits>;
+  if (cudaError_t e = set_shared_memory(kernel, Traits::kSharedBytes); e != cudaSuccess) { return e; }
+  kernel<<<dim3(num_n_blocks, b.heads, b.batch), Traits::kThreads, Traits::kSharedBytes, stream>>>(p);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) { return e; }
+
+  BwdPostprocessParams<Traits> post{w.dq_accum, static_cast<Element*>(b.dq), b.q_row_stride, b.q_head_stride,
+                                    b.q_batch_stride, b.softmax_scale, b.seqlen_q, b.heads, num_m_blocks};
+  bwd_convert_dq_kernel<Traits><<<dim3(num_m_blocks, b.heads, b.batch), Traits::kConsumerThreads, 0, stream>>>(post);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) { return e; }
+
+  if (gqa) {
+    int64_t const count = int64_t(b.batch) * b.seqlen_k * b.kv_heads * kHeadDim;
+    int const blocks = int(std::min<int64_t>((count + 255) / 256, 8 * b.num_sms));
+    bwd_convert_kv_kernel<Element><<<blocks, 256, 0, stream>>>(w.dk_accum, static_cast<Element*>(b.dk), count, 1.f);
+    bwd_convert_kv_kernel<Element><<<blocks, 256, 0, stream>>>(w.dv_accum, static_cast<Element*>(b.dv), count, 1.f);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) { return e; }
+  }
+  return cudaSuccess;
+}
+
+}  // namespace jax_fa3

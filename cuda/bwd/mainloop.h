@@ -1,0 +1,192 @@
+// The backward consumer warpgroups. Per query tile m, each warpgroup (64 keys):
+//   S^T = K·Q^T, dP^T = V·dO^T            (SS WGMMA, issued together)
+//   P^T = exp2(S^T·scale_log2 - lse_log2)  (masked on edge tiles; P·V under dP's WGMMA)
+//   dS^T = P^T ∘ (dP^T - dpsum)           (∘ (1 - tanh²) with a softcap)
+//   dV += P^T·dO, dK += dS^T·Q            (RS WGMMA from the same registers)
+//   dS^T -> shared memory; dQ = dS·K      (SS WGMMA across both warpgroups)
+//   dQ -> shared memory for the writer warp's bulk reduce-add.
+#pragma once
+
+#include <type_traits>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "bwd/postprocess.h"
+#include "bwd/query_blocks.h"
+#include "common/barriers.h"
+#include "common/gemm.h"
+#include "common/layouts.h"
+#include "common/mask.h"
+#include "common/softmax.h"
+
+namespace jax_fa3 {
+
+using namespace cute;
+
+template <class Traits>
+struct BwdMainloop {
+  using Element = typename Traits::Element;
+  using Params = typename Traits::Params;
+  using Storage = typename Traits::SharedStorage;
+  using Ring = TmaRing<Traits::kStages>;
+  static constexpr int kBlockM = Traits::kBlockM;
+  static constexpr int kBlockN = Traits::kBlockN;
+  static constexpr int kHeadDim = Traits::kHeadDim;
+  static constexpr int kConsumerThreads = Traits::kConsumerThreads;
+  static constexpr int kRows = 2;  // key rows of the 64-row WGMMA atom held by each thread
+
+  Params const& p;
+  Storage& smem;
+  int const thread_idx;  // among the consumer threads
+  Ring ring{smem.qdo_ring};
+  typename Ring::Position position;
+
+  __device__ bool warpgroup_leader() const { return thread_idx % 128 == 0; }
+
+  template <class AccDK, class AccDV>
+  __device__ void run(int head, int batch, QueryBlocks<kBlockM, kBlockN> const& blocks, AccDK& acc_dk,
+                      AccDV& acc_dv) {
+    typename Traits::TiledMmaSdP mma_sdp;
+    typename Traits::TiledMmaKV mma_kv;
+    typename Traits::TiledMmaDQ mma_dq;
+    auto thread_sdp = mma_sdp.get_thread_slice(thread_idx);
+    auto thread_kv = mma_kv.get_thread_slice(thread_idx);
+    auto thread_dq = mma_dq.get_thread_slice(thread_idx);
+
+    Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutK{});
+    Tensor sKt = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutKt{});
+    Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
+    Tensor sQt = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQt{});
+    Tensor sdO = make_tensor(make_smem_ptr(smem.dout.data()), typename Traits::SmemLayoutQ{});
+    Tensor sdOt = make_tensor(make_smem_ptr(smem.dout.data()), typename Traits::SmemLayoutQt{});
+    Tensor sdS = make_tensor(make_smem_ptr(smem.ds.data()), typename Traits::SmemLayoutDS{});
+    Tensor sdSt = make_tensor(make_smem_ptr(smem.ds.data()), typename Traits::SmemLayoutDSt{});
+
+    Tensor tSrK = thread_sdp.partition_fragment_A(sK);
+    Tensor tSrV = thread_sdp.partition_fragment_A(sV);
+    Tensor tSrQ = thread_sdp.partition_fragment_B(sQ);      // (MMA, N, K, stage)
+    Tensor tSrdO = thread_sdp.partition_fragment_B(sdO);
+    Tensor tKVrQt = thread_kv.partition_fragment_B(sQt);    // dK's B: Q^T
+    Tensor tKVrdOt = thread_kv.partition_fragment_B(sdOt);  // dV's B: dO^T
+    Tensor tDQrdS = thread_dq.partition_fragment_A(sdS);    // (MMA, M, K, buffer)
+    Tensor tDQrKt = thread_dq.partition_fragment_B(sKt);
+    auto ds_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_sdp);
+    auto thread_ds_copy = ds_copy.get_thread_slice(thread_idx);
+    Tensor tDSsdSt = thread_ds_copy.partition_D(sdSt);      // (CPY, CPY_N, CPY_M, buffer)
+
+    auto const tile_coords = make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{});
+    Tensor thread0_coords = mma_sdp.get_thread_slice(_0{}).partition_C(tile_coords);
+    Tensor my_coords = thread_sdp.partition_C(tile_coords);
+    Tensor my_rc = make_tensor(my_coords.data(), acc_rows_cols(my_coords.layout()));
+    Tensor thread0_rc = make_tensor(thread0_coords.data(), acc_rows_cols(thread0_coords.layout()));
+    int rows[kRows];
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) { rows[r] = get<0>(my_rc(r, 0)); }
+    int const column_offset = get<1>(my_rc(0, 0));
+    constexpr int kCols = decltype(size<1>(thread0_rc))::value;
+
+    AttentionMask const mask{blocks.seqlen_k, p.window_left, p.window_right, p.diagonal_offset};
+    int64_t const stats = (int64_t(batch) * p.heads + head) * p.seqlen_q_rounded;
+
+    clear(acc_dk);
+    clear(acc_dv);
+    cutlass::arch::ClusterTransactionBarrier::wait(&smem.kv_full, 0);
+
+    auto step = [&](int m, int step_index, auto masked) {
+      // Row statistics of this thread's query columns (read while the WGMMAs run).
+      float lse_log2[kCols], dpsum[kCols];
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        int64_t const q = stats + m * kBlockM + column_offset + get<1>(thread0_rc(0, c));
+        lse_log2[c] = p.lse_log2[q];
+        dpsum[c] = p.dpsum[q];
+      }
+      ring.wait_full(position);
+      Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
+      Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
+      warpgroup_gemm</*zero_init=*/true, /*wait=*/-1>(mma_sdp, tSrK, tSrQ(_, _, _, position.stage), acc_s);
+      warpgroup_gemm<true, -1>(mma_sdp, tSrV, tSrdO(_, _, _, position.stage), acc_dp);
+      Tensor s = make_tensor(acc_s.data(), acc_rows_cols(acc_s.layout()));
+      Tensor dp = make_tensor(acc_dp.data(), acc_rows_cols(acc_dp.layout()));
+      if (p.softcap_prescale == 0.f) {
+        warpgroup_wait<1>();  // S^T is ready; dP^T still runs under the exponentials
+        if constexpr (decltype(masked)::value) {
+          mask.template apply_transposed<kBlockN, kBlockM>(acc_s, thread0_coords, rows, column_offset,
+                                                           blocks.n_block, m);
+        }
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < kCols; ++c) { s(r, c) = exp2f(s(r, c) * p.scale_log2 - lse_log2[c]); }
+        }
+        warpgroup_wait<0>();
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < kCols; ++c) { dp(r, c) = s(r, c) * (dp(r, c) - dpsum[c]); }
+        }
+      } else {
+        // With a softcap dS also needs tanh's derivative, so both GEMMs are awaited first.
+        warpgroup_wait<0>();
+        apply_softcap(acc_s, p.softcap_prescale);
+        if constexpr (decltype(masked)::value) {
+          mask.template apply_transposed<kBlockN, kBlockM>(acc_s, thread0_coords, rows, column_offset,
+                                                           blocks.n_block, m);
+        }
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < kCols; ++c) {
+            float const t = s(r, c);
+            float const prob = exp2f(t * p.scale_log2 - lse_log2[c]);
+            s(r, c) = prob;
+            dp(r, c) = prob > 0.f ? prob * (dp(r, c) - dpsum[c]) * (1.f - t * t) : 0.f;
+          }
+        }
+      }
+      // P^T and dS^T in 16 bits, viewed as the A operands of dV and dK.
+      Tensor p16 = convert_fragment<Element>(acc_s);
+      Tensor ds16 = convert_fragment<Element>(acc_dp);
+      Tensor tOrP = make_tensor(p16.data(), acc_as_operand_a(p16.layout()));
+      Tensor tOrdS = make_tensor(ds16.data(), acc_as_operand_a(ds16.layout()));
+      warpgroup_gemm<false, -1>(mma_kv, tOrP, tKVrdOt(_, _, _, position.stage), acc_dv);
+      warpgroup_gemm<false, -1>(mma_kv, tOrdS, tKVrQt(_, _, _, position.stage), acc_dk);
+
+      int const buffer = step_index & 1;
+      copy(ds_copy, thread_ds_copy.retile_S(ds16), tDSsdSt(_, _, _, buffer));
+      cutlass::arch::fence_view_async_shared();  // dS is read next by WGMMA (async proxy)
+      barrier_sync(Barrier::kConsumers, kConsumerThreads);
+      Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+      warpgroup_gemm<true, -1>(mma_dq, tDQrdS(_, _, _, buffer), tDQrKt, acc_dq);
+      warpgroup_wait<0>();  // dV, dK and dQ done: the Q/dO stage is free
+      if (warpgroup_leader()) { ring.release(position); }
+      position.advance();
+
+      // Hand dQ to the writer warp once it has read the previous step's.
+      if (step_index > 0) { barrier_sync(Barrier::kDQEmpty, 32 + kConsumerThreads); }
+      static_assert(Traits::kDQValuesPerThread % 4 == 0);
+      CUTLASS_PRAGMA_UNROLL
+      for (int v = 0; v < Traits::kDQValuesPerThread; v += 4) {
+        *reinterpret_cast<float4*>(&smem.dq[dq_index<kConsumerThreads>(thread_idx, v)]) =
+            make_float4(acc_dq(v), acc_dq(v + 1), acc_dq(v + 2), acc_dq(v + 3));
+      }
+      cutlass::arch::fence_view_async_shared();  // the bulk reduce reads through the async proxy
+      barrier_arrive(Barrier::kDQFull, 32 + kConsumerThreads);
+    };
+
+    int step_index = 0;
+    for (int m = blocks.m_begin; m < blocks.m_end; ++m) {
+      if (!blocks.visits(m)) { continue; }
+      if (blocks.needs_mask(m)) {
+        step(m, step_index, std::true_type{});
+      } else {
+        step(m, step_index, std::false_type{});
+      }
+      ++step_index;
+    }
+  }
+};
+
+}  // namespace jax_fa3

@@ -1,0 +1,63 @@
+// Backward postprocess: the float32 accumulators become the output gradients. dQ is
+// accumulated in the dQ MMA's fragment order (see BwdTraits::dq_index), so each thread
+// reads back exactly the values its twin in the main kernel produced.
+#pragma once
+
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+
+namespace jax_fa3 {
+
+using namespace cute;
+
+// Where value v of consumer thread t sits in a step's dQ tile: groups of 4 floats,
+// interleaved across threads so that both the shared-memory stores of the main kernel
+// and these reads are conflict-free and 16-byte wide.
+template <int kThreads>
+__host__ __device__ __forceinline__ int dq_index(int thread, int value) {
+  return (value / 4) * kThreads * 4 + thread * 4 + value % 4;
+}
+
+template <class Traits>
+struct BwdPostprocessParams {
+  float const* dq_accum;
+  typename Traits::Element* dq;
+  int64_t dq_row_stride, dq_head_stride, dq_batch_stride;
+  float scale;
+  int seqlen_q, heads, num_m_blocks;
+};
+
+// grid (m_blocks, heads, batch), one thread per main-kernel consumer thread.
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kConsumerThreads) bwd_convert_dq_kernel(BwdPostprocessParams<Traits> const p) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  int const m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+  int const thread = threadIdx.x;
+  float const* accum = p.dq_accum + ((int64_t(batch) * p.heads + head) * p.num_m_blocks + m_block) * Traits::kDQFloats;
+  typename Traits::TiledMmaDQ mma;
+  Tensor coords = mma.get_thread_slice(thread).partition_C(
+      make_identity_tensor(Shape<Int<kBlockM>, Int<Traits::kHeadDim>>{}));
+  static_assert(decltype(size(coords))::value == Traits::kDQValuesPerThread);
+  Element* dq = p.dq + batch * p.dq_batch_stride + head * p.dq_head_stride;
+  CUTLASS_PRAGMA_UNROLL
+  for (int v = 0; v < Traits::kDQValuesPerThread; ++v) {
+    int const row = m_block * kBlockM + get<0>(coords(v));
+    if (row < p.seqlen_q) {
+      dq[row * p.dq_row_stride + get<1>(coords(v))] =
+          Element(accum[dq_index<Traits::kConsumerThreads>(thread, v)] * p.scale);
+    }
+  }
+}
+
+// GQA: dK and dV were summed over each group of query heads in float32.
+template <class Element>
+__global__ void __launch_bounds__(256) bwd_convert_kv_kernel(float const* accum, Element* out, int64_t count,
+                                                            float scale) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    out[i] = Element(accum[i] * scale);
+  }
+}
+
+}  // namespace jax_fa3

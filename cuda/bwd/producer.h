@@ -1,0 +1,133 @@
+// The backward producer warpgroup: warp 0 loads K and V once and Q, dO per query tile
+// through a stage ring; warp 1 adds each tile's dQ into the float32 accumulator in
+// global memory with one bulk reduce-add (in a fixed order when deterministic).
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "bwd/query_blocks.h"
+#include "common/barriers.h"
+
+namespace jax_fa3 {
+
+using namespace cute;
+
+template <class Traits>
+struct BwdLoader {
+  using Params = typename Traits::Params;
+  using Storage = typename Traits::SharedStorage;
+  static constexpr int kBlockM = Traits::kBlockM;
+  static constexpr int kBlockN = Traits::kBlockN;
+  static constexpr int kHeadDim = Traits::kHeadDim;
+
+  Params const& p;
+  Storage& smem;
+  bool const leader;
+
+  __device__ void run(int head, int batch, QueryBlocks<kBlockM, kBlockN> const& blocks) {
+    int const kv_head = head / p.kv_group;
+    auto kv_shape = make_shape(p.seqlen_k, int(kHeadDim), p.kv_heads, p.batch);
+    auto q_shape = make_shape(p.seqlen_q, int(kHeadDim), p.heads, p.batch);
+    Tensor gK = local_tile(p.tma_k.get_tma_tensor(kv_shape)(_, _, kv_head, batch),
+                           Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(blocks.n_block, _0{}));
+    Tensor gV = local_tile(p.tma_v.get_tma_tensor(kv_shape)(_, _, kv_head, batch),
+                           Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(blocks.n_block, _0{}));
+    Tensor gQ = local_tile(p.tma_q.get_tma_tensor(q_shape)(_, _, head, batch),
+                           Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, _0{}));  // (M, D, m)
+    Tensor gdO = local_tile(p.tma_dout.get_tma_tensor(q_shape)(_, _, head, batch),
+                            Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, _0{}));
+    Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutK{});
+    Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
+    Tensor sdO = make_tensor(make_smem_ptr(smem.dout.data()), typename Traits::SmemLayoutQ{});
+    auto k_parts = tma_partition(p.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+    auto v_parts = tma_partition(p.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+    auto q_parts = tma_partition(p.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+    auto do_parts = tma_partition(p.tma_dout, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
+    Tensor tKg = get<0>(k_parts);
+    Tensor tKs = get<1>(k_parts);
+    Tensor tVg = get<0>(v_parts);
+    Tensor tVs = get<1>(v_parts);
+    Tensor tQg = get<0>(q_parts);
+    Tensor tQs = get<1>(q_parts);
+    Tensor tdOg = get<0>(do_parts);
+    Tensor tdOs = get<1>(do_parts);
+
+    if (leader) {
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.kv_full, 2 * Traits::kBytesK);
+      copy(p.tma_k.with(smem.kv_full, 0, TMA::CacheHintSm90::EVICT_FIRST), tKg, tKs);
+      copy(p.tma_v.with(smem.kv_full, 0, TMA::CacheHintSm90::EVICT_FIRST), tVg, tVs);
+    }
+    TmaRing<Traits::kStages> ring{smem.qdo_ring};
+    typename TmaRing<Traits::kStages>::Position position;
+    for (int m = blocks.m_begin; m < blocks.m_end; ++m) {
+      if (!blocks.visits(m)) { continue; }
+      if (leader) {
+        // Q and dO are re-read by every key block of the head: keep them in L2.
+        uint64_t& full = ring.acquire(position, 2 * Traits::kBytesQ);
+        copy(p.tma_q.with(full, 0, TMA::CacheHintSm90::EVICT_LAST), tQg(_, m), tQs(_, position.stage));
+        copy(p.tma_dout.with(full, 0, TMA::CacheHintSm90::EVICT_LAST), tdOg(_, m), tdOs(_, position.stage));
+      }
+      position.advance();
+    }
+  }
+};
+
+__device__ __forceinline__ void bulk_reduce_add_f32(float* global, float const* shared, int bytes) {
+  uint32_t const shared_address = cute::cast_smem_ptr_to_uint(shared);
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+               "cp.async.bulk.commit_group;" ::"l"(global), "r"(shared_address), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ int load_acquire(int const* address) {
+  int value;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
+  return value;
+}
+
+template <class Traits>
+struct BwdDQWriter {
+  using Params = typename Traits::Params;
+  using Storage = typename Traits::SharedStorage;
+  static constexpr int kBlockM = Traits::kBlockM;
+  static constexpr int kBlockN = Traits::kBlockN;
+  static constexpr int kBarrierThreads = 32 + Traits::kConsumerThreads;
+
+  Params const& p;
+  Storage& smem;
+
+  __device__ void run(int head, int batch, QueryBlocks<kBlockM, kBlockN> const& blocks) {
+    bool const lane0 = threadIdx.x % 32 == 0;
+    int64_t const head_blocks = (int64_t(batch) * p.heads + head) * p.num_m_blocks;
+    int remaining = blocks.count();
+    for (int m = blocks.m_begin; m < blocks.m_end; ++m) {
+      if (!blocks.visits(m)) { continue; }
+      barrier_sync(Barrier::kDQFull, kBarrierThreads);
+      if (lane0) {
+        int* const semaphore = p.dq_semaphore + head_blocks + m;
+        // Deterministic: key blocks add into a query tile in increasing order.
+        int const turn = blocks.n_block - blocks.keys_of(m).n_block_min;
+        if (p.deterministic) {
+          while (load_acquire(semaphore) != turn) {}
+        }
+        bulk_reduce_add_f32(p.dq_accum + (head_blocks + m) * Traits::kDQFloats, smem.dq.data(),
+                            Traits::kDQFloats * sizeof(float));
+        if (p.deterministic) {
+          // The add must have landed in global memory before the next block's turn.
+          asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+          __threadfence();
+          atomicAdd(semaphore, 1);
+        } else {
+          asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // shared memory reusable
+        }
+      }
+      __syncwarp();
+      if (--remaining > 0) { barrier_arrive(Barrier::kDQEmpty, kBarrierThreads); }
+    }
+    if (lane0) { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+  }
+};
+
+}  // namespace jax_fa3

@@ -1,0 +1,126 @@
+// Types of one backward kernel. The consumer warpgroups own keys: with S^T = K·Q^T and
+// dP^T = V·dO^T each thread holds the same (key, query) elements of both, P^T and dS^T
+// feed dV += P^T·dO and dK += dS^T·Q straight from registers, and dS goes through
+// shared memory once for dQ = dS·K.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+
+#include "bwd/config.h"
+#include "common/barriers.h"
+#include "common/layouts.h"
+
+namespace jax_fa3 {
+
+using namespace cute;
+
+template <class Element_, int kHeadDim_>
+struct BwdTraits {
+  using Element = Element_;
+  using Config = BwdTileConfig<kHeadDim_>;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = Config::kBlockM;
+  static constexpr int kBlockN = Config::kBlockN;
+  static constexpr int kStages = Config::kStages;
+
+  static constexpr int kConsumerWarpgroups = kBlockN / 64;
+  static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
+  static constexpr int kThreads = 128 + kConsumerThreads;  // + the producer warpgroup
+  static constexpr int kProducerRegisters = 24;
+  static constexpr int kConsumerRegisters = 240;
+
+  using ConsumerLayout = Layout<Shape<Int<kConsumerWarpgroups>, _1, _1>>;  // split the keys
+  // S^T = K·Q^T and dP^T = V·dO^T: (keys, queries) over the head dim.
+  using TiledMmaSdP = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockN>, Int<kBlockM>, Int<kHeadDim>>>(),
+      ConsumerLayout{}));
+  // dK += dS^T·Q and dV += P^T·dO: (keys, head dim) over the queries, A from registers.
+  using TiledMmaKV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kBlockM>>,
+                           GMMA::Major::K, GMMA::Major::MN>(),
+      ConsumerLayout{}));
+  // dQ = dS·K: (queries, head dim) over the keys; the warpgroups split the head dim.
+  using TiledMmaDQ = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kHeadDim / kConsumerWarpgroups>,
+                                                          Int<kBlockN>>,
+                           GMMA::Major::MN, GMMA::Major::MN>(),
+      Layout<Shape<_1, Int<kConsumerWarpgroups>, _1>>{}));
+
+  // Q and dO: (queries, head dim, stage), head dim contiguous; their transposes are views.
+  using SmemLayoutQ = decltype(tile_to_shape(gmma_smem_atom<GMMA::Major::K, Element, kBlockM, kHeadDim>(),
+                                             Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));
+  using SmemLayoutQt = decltype(composition(
+      SmemLayoutQ{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kStages>>{},
+                                 Stride<Int<kBlockM>, _1, Int<kBlockM * kHeadDim>>{})));
+  // K and V: (keys, head dim); K's transpose is dQ's B operand.
+  using SmemLayoutK = decltype(tile_to_shape(gmma_smem_atom<GMMA::Major::K, Element, kBlockN, kHeadDim>(),
+                                             Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  using SmemLayoutKt = decltype(composition(
+      SmemLayoutK{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, Stride<Int<kBlockN>, _1>{})));
+  // dS: (queries, keys, buffer), queries contiguous (MN-major A of dQ = dS·K), so the
+  // (key, query-pair) fragments of dS^T store as 32-bit words. Double-buffered: one
+  // warpgroup may write step m+1 while the other still reads step m.
+  using SmemLayoutDS = decltype(tile_to_shape(gmma_smem_atom<GMMA::Major::MN, Element, kBlockM, kBlockN>(),
+                                              Shape<Int<kBlockM>, Int<kBlockN>, _2>{}, Step<_2, _1, _3>{}));
+  using SmemLayoutDSt = decltype(composition(
+      SmemLayoutDS{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>, _2>{},
+                                  Stride<Int<kBlockM>, _1, Int<kBlockM * kBlockN>>{})));
+
+  // dQ of one step in float32, in the accumulators' own order (see dq_index), so
+  // stores are conflict-free and one bulk reduce-add sends it to global memory.
+  static constexpr int kDQValuesPerThread = kBlockM * kHeadDim / kConsumerThreads;
+  static constexpr int kDQFloats = kBlockM * kHeadDim;
+
+  struct SharedStorage {
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> k;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> v;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutDS>> ds;
+    alignas(128) cute::array_aligned<float, kDQFloats> dq;
+    typename TmaRing<kStages>::Storage qdo_ring;
+    uint64_t kv_full;
+  };
+  static constexpr int kSharedBytes = sizeof(SharedStorage);
+  static_assert(kSharedBytes <= 227 * 1024, "tile config exceeds shared memory");
+
+  static constexpr uint32_t kBytesQ = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kBytesK = kBlockN * kHeadDim * sizeof(Element);
+
+  using ShapeSDHB = Shape<int32_t, int32_t, int32_t, int32_t>;
+  using StrideSDHB = Stride<int64_t, _1, int64_t, int64_t>;
+  static auto null_tensor() {
+    return make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeSDHB{}, StrideSDHB{});
+  }
+  using TmaLoadQ = decltype(make_tma_atom(SM90_TMA_LOAD{}, null_tensor(), take<0, 2>(SmemLayoutQ{}),
+                                          Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using TmaLoadK = decltype(make_tma_atom(SM90_TMA_LOAD{}, null_tensor(), SmemLayoutK{},
+                                          Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+
+  struct Params {
+    TmaLoadQ tma_q, tma_dout;
+    TmaLoadK tma_k, tma_v;
+    Element* dk;  // [batch, seqlen_k, kv_heads, head_dim] (when not GQA)
+    Element* dv;
+    int64_t dk_row_stride, dk_head_stride, dk_batch_stride;
+    float* dk_accum;  // [batch, seqlen_k, kv_heads, head_dim] float32 (GQA)
+    float* dv_accum;
+    float* dq_accum;  // [batch, heads, m_blocks, kDQFloats]
+    float const* dpsum;     // [batch, heads, seqlen_q_rounded]
+    float const* lse_log2;  // [batch, heads, seqlen_q_rounded]; +inf for empty rows
+    int* dq_semaphore;      // [batch, heads, m_blocks] (deterministic)
+    int* dkv_semaphore;     // [batch, kv_heads, n_blocks] (deterministic GQA)
+    int const* seqused_q;
+    int const* seqused_k;
+    int batch, seqlen_q, seqlen_k, heads, kv_heads, kv_group, seqlen_q_rounded, num_m_blocks, num_n_blocks;
+    float scale_log2;        // log2 units per score unit (after the softcap, when on)
+    float softcap_prescale;  // 0 = no softcap; else scores <- tanh(scores * prescale)
+    float softmax_scale;     // dK's final factor (dQ's is applied by the postprocess)
+    int window_left, window_right, diagonal_offset;
+    bool deterministic;
+  };
+};
+
+}  // namespace jax_fa3
