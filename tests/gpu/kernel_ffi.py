@@ -112,3 +112,33 @@ def oracle_and_baseline(q, k, v, **kwargs):
     ref, ref_lse = attention(q, k, v, **kwargs)
     base, _ = attention(q, k, v, dtype=q.dtype, **kwargs)
     return ref, ref_lse, base
+
+
+def bwd(dout, q, k, v, out, lse, *, softmax_scale, softcap=0.0, window=(-1, -1), diagonal_offset=0,
+        seqused_q=None, seqused_k=None, deterministic=False, workspace_bytes=None):
+    """The backward FFI target; the workspace defaults to the package's own formula."""
+    _registered()
+    from jax_fa3 import primitives
+
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    if workspace_bytes is None:
+        workspace_bytes = primitives.bwd_workspace_bytes(b, sq, sk, h, hk, d, v.shape[-1])
+    out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((workspace_bytes,), jnp.uint8))
+    call = jax.ffi.ffi_call("jax_fa3_bwd", out_types)
+    dq, dk, dv, _ = call(dout, q, k, v, out, lse, _seqused(seqused_q, b), _seqused(seqused_k, b),
+                         softmax_scale=np.float32(softmax_scale), softcap=np.float32(softcap),
+                         window_left=int(window[0]), window_right=int(window[1]),
+                         diagonal_offset=int(diagonal_offset), deterministic=bool(deterministic))
+    return dq, dk, dv
+
+
+@functools.partial(jax.jit, static_argnames=("softmax_scale", "softcap", "window", "diagonal_offset"))
+def gradient_oracle_and_baseline(q, k, v, dout, **kwargs):
+    """Gradients of <attention(q, k, v), dout>: in float32 (the oracle) and in the input dtype."""
+    def grads(dtype):
+        f = lambda q, k, v: attention(q, k, v, dtype=dtype, **kwargs)[0]
+        _, pullback = jax.vjp(f, q, k, v)
+        return pullback(dout.astype(dtype))
+    return grads(jnp.float32), grads(q.dtype)

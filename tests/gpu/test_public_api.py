@@ -64,3 +64,48 @@ def test_gradients_run_on_gpu():
     ref = jax.grad(ref_loss, argnums=(0, 1, 2))(q, k, v)
     for g, r in zip(grads, ref):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r), atol=5e-2, rtol=5e-2)
+
+
+def _loss(q, k, v):
+    return jnp.sum(jax_fa3.flash_attention(q, k, v, causal=True).astype(jnp.float32) ** 2)
+
+
+def _ref_loss(q, k, v):
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    return jnp.sum(jax.nn.dot_product_attention(q, k, v, is_causal=True) ** 2)
+
+
+@pytest.mark.parametrize("transform", ["jit", "vmap", "scan", "checkpoint"])
+def test_gradients_through_transformations(transform):
+    q, k, v = _qkv(21, 2, 200, 200, 4, 2, 128)
+    if transform == "jit":
+        f = jax.jit(jax.grad(_loss, argnums=(0, 1, 2)))
+        grads, ref = f(q, k, v), jax.grad(_ref_loss, argnums=(0, 1, 2))(q, k, v)
+    elif transform == "vmap":  # the batch axis mapped, each call sees batch 1
+        f = jax.jit(jax.vmap(jax.grad(_loss, argnums=(0, 1, 2)), in_axes=(0, 0, 0)))
+        g = jax.vmap(jax.grad(_ref_loss, argnums=(0, 1, 2)), in_axes=(0, 0, 0))
+        grads, ref = f(q[:, None], k[:, None], v[:, None]), g(q[:, None], k[:, None], v[:, None])
+    elif transform == "scan":  # two layers sharing k, v
+        def layers(q, k, v):
+            out, _ = jax.lax.scan(lambda x, _: (jax_fa3.flash_attention(x, k, v, causal=True), None), q, None,
+                                  length=2)
+            return jnp.sum(out.astype(jnp.float32) ** 2)
+        def ref_layers(q, k, v):
+            out, _ = jax.lax.scan(lambda x, _: (jax.nn.dot_product_attention(
+                x, k.astype(jnp.float32), v.astype(jnp.float32), is_causal=True), None), q.astype(jnp.float32),
+                None, length=2)
+            return jnp.sum(out ** 2)
+        grads = jax.jit(jax.grad(layers, argnums=(0, 1, 2)))(q, k, v)
+        ref = jax.grad(ref_layers, argnums=(0, 1, 2))(q, k, v)
+    else:
+        f = jax.jit(jax.grad(jax.checkpoint(_loss), argnums=(0, 1, 2)))
+        grads, ref = f(q, k, v), jax.grad(_ref_loss, argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(grads, ref):
+        g, r = np.asarray(g, np.float32), np.asarray(r)
+        assert np.max(np.abs(g - r)) <= 2e-2 * np.max(np.abs(r)) + 1e-3
+
+
+def test_backward_uses_the_kernel():
+    q, k, v = _qkv(5, 1, 128, 128, 2, 2, 128)
+    text = jax.jit(jax.grad(_loss)).lower(q, k, v).as_text()
+    assert "jax_fa3_bwd" in text
