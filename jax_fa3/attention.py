@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from jax_fa3 import primitives
+from jax_fa3 import sharding
 from jax_fa3.primitives import AttentionParams
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -141,13 +141,13 @@ def _as_jax_nn_gives(out, lse, value, query_seq_lengths):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _attention(q, k, v, seqused_q, seqused_k, params, deterministic):
   del deterministic
-  return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params))
+  return tuple(sharding.attention_fwd(q, k, v, seqused_q, seqused_k, params))
 
 
 def _attention_fwd(q, k, v, seqused_q, seqused_k, params, deterministic):
   del deterministic
   q, k, v, seqused_q, seqused_k = (x.value for x in (q, k, v, seqused_q, seqused_k))
-  out, lse = primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params)
+  out, lse = sharding.attention_fwd(q, k, v, seqused_q, seqused_k, params)
   return (out, lse), (q, k, v, seqused_q, seqused_k, out, lse)
 
 
@@ -164,11 +164,11 @@ def _attention_bwd(params, deterministic, residuals, cotangents):
     ones = jnp.ones((*v.shape[:3], 1), v.dtype)
     dout = jnp.concatenate([dout, jnp.swapaxes(dlse, 1, 2)[..., None].astype(dout.dtype)], -1)
     out = jnp.concatenate([out, jnp.zeros((*out.shape[:3], 1), out.dtype)], -1)
-    dq, dk, dv = primitives.attention_bwd(dout, q, k, jnp.concatenate([v, ones], -1), out,
-                                          lse, seqused_q, seqused_k, params, deterministic)
+    dq, dk, dv = sharding.attention_bwd(dout, q, k, jnp.concatenate([v, ones], -1), out,
+                                        lse, seqused_q, seqused_k, params, deterministic)
     return dq, dk, dv[..., :-1], None, None
-  dq, dk, dv = primitives.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
-                                        params, deterministic)
+  dq, dk, dv = sharding.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
+                                      params, deterministic)
   return dq, dk, dv, None, None
 
 

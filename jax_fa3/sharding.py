@@ -1,0 +1,343 @@
+"""Attention on a device mesh: batch and heads split locally, the sequence as a ring.
+
+`flash_attention` and `dot_product_attention` take sharded arrays under `jax.jit` as they
+are, and `choose_split` decides how each call runs:
+- a split batch or split heads stay split, with no communication; k/v heads follow the
+  grouping of q's heads (GQA), and where there are more head shards than k/v heads each
+  device slices the one k/v head its query heads read;
+- a split sequence runs as ring attention (`ring.py`), striped for causal masks;
+- whatever cannot be split that way (a split head dim, a sequence length the ring cannot
+  divide) is gathered first.
+
+How: the custom VJP in attention.py binds `fwd_p` and `bwd_p` ("fa3_fwd", "fa3_bwd"), which
+are the per-device primitives of primitives.py lifted to a mesh. They have those
+primitives' abstract evaluation and batching rule, so vmap and grad work as before.
+- Mesh axes of type Auto: they lower through `custom_partitioning`. Its Shardy rule
+  propagates shardings (q's heads are the compound factor (kv_heads, group)); its
+  `partition` picks the split from the shardings Shardy chose and runs `local_fwd` or
+  `local_bwd` on each device's shards.
+- Explicit axes: the arrays' types carry their shardings, so the same per-device program
+  runs under `jax.shard_map`, set up at trace time by `attention_fwd` and `attention_bwd`.
+Inside a `shard_map` that makes every mesh axis manual, the arrays are the local shards
+and attention runs on them as on one device.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+from jax import lax
+from jax._src import dispatch
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir, xla
+from jax.interpreters.mlir import ir
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from jax_fa3 import primitives, ring
+from jax_fa3.primitives import AttentionParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """The mesh axes that split each dimension of one attention call.
+
+  q, dout, out: [batch, sequence, heads, -]; k, v: [batch, sequence, heads or -, -] (heads
+  when `kv_heads_split`); lse: [batch, heads, sequence]; seqused: [batch].
+  """
+  batch: tuple[str, ...] = ()
+  sequence: tuple[str, ...] = ()
+  heads: tuple[str, ...] = ()
+  kv_heads_split: bool = True   # else each device slices the k/v head its q heads read
+  striped: bool = False         # the ring's layout (see ring.py)
+
+  @property
+  def axes(self) -> frozenset[str]:
+    return frozenset(self.batch + self.sequence + self.heads)
+
+  def q_spec(self):
+    return PartitionSpec(_entry(self.batch), _entry(self.sequence), _entry(self.heads), None)
+
+  def kv_spec(self):
+    heads = self.heads if self.kv_heads_split else ()
+    return PartitionSpec(_entry(self.batch), _entry(self.sequence), _entry(heads), None)
+
+  def lse_spec(self):
+    return PartitionSpec(_entry(self.batch), _entry(self.heads), _entry(self.sequence))
+
+  def seqused_spec(self, seqused):
+    """Absent seqused arrays (shape [0]) are replicated."""
+    return PartitionSpec(_entry(self.batch) if seqused.shape[0] else None)
+
+
+def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: AttentionParams) -> Split:
+  """How to run attention on q and k sharded as `q_spec` and `k_spec` over a mesh of
+  `axis_sizes` ({axis name: size}).
+
+  Each dimension keeps the mesh axes q is split over, or else those k is split over (q is
+  then sliced, which costs no communication), provided they divide it. The heads stay
+  split if the k/v heads can follow: when their count is a multiple of the shards, or a
+  divisor, in which case each device slices the one k/v head it needs. The sequence is
+  split (as a ring) if both sequence lengths are; a mask that depends on positions also
+  needs both lengths equal, or both multiples of P * P for the striped layout, which
+  balances a causal mask and is used whenever it applies to one.
+  """
+  batch, seqlen_q, heads, _ = q_shape
+  _, seqlen_k, kv_heads, _ = k_shape
+  taken = set()
+
+  def pick(candidates, *sizes):
+    for axes in candidates:
+      shards = math.prod(axis_sizes[a] for a in axes)
+      if shards > 1 and not taken & set(axes) and all(s % shards == 0 for s in sizes):
+        taken.update(axes)
+        return axes
+    return ()
+
+  q_axes, k_axes = [_axes(e) for e in q_spec], [_axes(e) for e in k_spec]
+  split_batch = pick([q_axes[0], k_axes[0]], batch)
+  split_heads = pick([q_axes[2], k_axes[2]], heads)
+  head_shards = math.prod(axis_sizes[a] for a in split_heads)
+  if kv_heads % head_shards and head_shards % kv_heads:
+    taken -= set(split_heads)
+    split_heads = ()
+  sequence = pick([q_axes[1], k_axes[1]], seqlen_q, seqlen_k)
+  ring_size = math.prod(axis_sizes[a] for a in sequence)
+  unbounded = (params.window_left < 0, params.window_right < 0)
+  striped = (unbounded in ((True, False), (False, True))
+             and seqlen_q % ring_size ** 2 == 0 and seqlen_k % ring_size ** 2 == 0)
+  if sequence and unbounded != (True, True) and not striped and seqlen_q != seqlen_k:
+    sequence = ()
+  return Split(batch=split_batch, sequence=sequence, heads=split_heads,
+               kv_heads_split=kv_heads % head_shards == 0,
+               striped=bool(sequence) and striped)
+
+
+def local_fwd(split: Split, axis_sizes, params: AttentionParams, q, k, v, seqused_q,
+              seqused_k):
+  """The forward on one device's shards, split as `split`: returns (out, lse)."""
+  k, v = (_kv_head_of_device(split, axis_sizes, x) for x in (k, v))
+  if split.sequence:
+    return ring.attention_fwd(_ring(split, axis_sizes), q, k, v, seqused_q, seqused_k,
+                              params)
+  return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params))
+
+
+def local_bwd(split: Split, axis_sizes, params: AttentionParams, deterministic, dout, q,
+              k, v, out, lse, seqused_q, seqused_k):
+  """The backward on one device's shards, split as `split`: returns (dq, dk, dv)."""
+  kv_heads = k.shape[2]
+  k, v = (_kv_head_of_device(split, axis_sizes, x) for x in (k, v))
+  if split.sequence:
+    dq, dk, dv = ring.attention_bwd(_ring(split, axis_sizes), dout, q, k, v, out, lse,
+                                    seqused_q, seqused_k, params, deterministic)
+  else:
+    dq, dk, dv = primitives.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
+                                          params, deterministic)
+  if split.heads and not split.kv_heads_split:
+    # Every device holds a part of the gradient of its k/v head: place it, sum over heads.
+    index = _kv_head_index(split, axis_sizes, kv_heads)
+    dk, dv = (lax.psum(lax.dynamic_update_slice_in_dim(
+        lax.full((*g.shape[:2], kv_heads, g.shape[3]), 0, g.dtype), g, index, 2),
+        split.heads) for g in (dk, dv))
+  return dq, dk, dv
+
+
+def _kv_head_of_device(split, axis_sizes, x):
+  """k or v as the device's query heads read it: the one head they share when the
+  k/v heads are fewer than the head shards; else as given."""
+  if not split.heads or split.kv_heads_split:
+    return x
+  return lax.dynamic_slice_in_dim(x, _kv_head_index(split, axis_sizes, x.shape[2]), 1, 2)
+
+
+def _kv_head_index(split, axis_sizes, kv_heads):
+  shards_per_kv_head = math.prod(axis_sizes[a] for a in split.heads) // kv_heads
+  return lax.axis_index(split.heads) // shards_per_kv_head
+
+
+def _ring(split, axis_sizes):
+  return ring.Ring(axes=split.sequence, size=math.prod(axis_sizes[a] for a in split.sequence),
+                   striped=split.striped)
+
+
+def _axes(entry) -> tuple[str, ...]:
+  """A PartitionSpec entry as a tuple of mesh axis names."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _entry(axes: tuple[str, ...]):
+  """A tuple of mesh axis names as a PartitionSpec entry."""
+  if not axes:
+    return None
+  return axes[0] if len(axes) == 1 else axes
+
+
+# --- The primitives attention.py binds --------------------------------------------
+
+def attention_fwd(q, k, v, seqused_q, seqused_k, params: AttentionParams):
+  """The forward on arrays sharded any way: returns (out, lse)."""
+  mesh = _explicit_mesh(q, k, v)
+  if mesh is None:
+    return fwd_p.bind(q, k, v, seqused_q, seqused_k, **dataclasses.asdict(params))
+  split = _split_of(mesh, q, k, params)
+  in_specs = (split.q_spec(), split.kv_spec(), split.kv_spec(),
+              split.seqused_spec(seqused_q), split.seqused_spec(seqused_k))
+  program = functools.partial(local_fwd, split, dict(mesh.shape), params)
+  return _run_explicit(mesh, split, program, (q, k, v, seqused_q, seqused_k), in_specs,
+                       (split.q_spec(), split.lse_spec()))
+
+
+def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, params: AttentionParams,
+                  deterministic: bool):
+  """The backward on arrays sharded any way: returns (dq, dk, dv)."""
+  mesh = _explicit_mesh(q, k, v)
+  if mesh is None:
+    return bwd_p.bind(dout, q, k, v, out, lse, seqused_q, seqused_k,
+                      **dataclasses.asdict(params), deterministic=deterministic)
+  split = _split_of(mesh, q, k, params)
+  q_spec, kv_spec = split.q_spec(), split.kv_spec()
+  in_specs = (q_spec, q_spec, kv_spec, kv_spec, q_spec, split.lse_spec(),
+              split.seqused_spec(seqused_q), split.seqused_spec(seqused_k))
+  program = functools.partial(local_bwd, split, dict(mesh.shape), params, deterministic)
+  return _run_explicit(mesh, split, program, (dout, q, k, v, out, lse, seqused_q, seqused_k),
+                       in_specs, (q_spec, kv_spec, kv_spec))
+
+
+def _explicit_mesh(*arrays):
+  """The mesh whose Explicit axes shard any of the arrays, or None."""
+  for x in arrays:
+    sharding = jax.typeof(x).sharding
+    explicit = {name for name, kind in zip(sharding.mesh.axis_names, sharding.mesh.axis_types)
+                if kind == AxisType.Explicit}
+    if explicit & {a for entry in sharding.spec for a in _axes(entry)}:
+      return sharding.mesh
+  return None
+
+
+def _split_of(mesh, q, k, params):
+  return choose_split(dict(mesh.shape), jax.typeof(q).sharding.spec,
+                      jax.typeof(k).sharding.spec, q.shape, k.shape, params)
+
+
+def _run_explicit(mesh, split, program, args, in_specs, out_specs):
+  """`program` on each device's shards of `args`, resharded to `in_specs` where they differ."""
+  args = [x if jax.typeof(x).sharding.spec == spec else
+          jax.sharding.reshard(x, NamedSharding(mesh, spec)) for x, spec in zip(args, in_specs)]
+  if not split.axes:
+    return program(*args)
+  return jax.shard_map(program, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       axis_names=split.axes)(*args)
+
+
+# --- Automatic partitioning: custom_partitioning with a Shardy rule -----------------
+
+def _fwd_on_one_device(q, k, v, seqused_q, seqused_k, params):
+  return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params))
+
+
+def _bwd_on_one_device(dout, q, k, v, out, lse, seqused_q, seqused_k, params, deterministic):
+  return tuple(primitives.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
+                                        params, deterministic))
+
+
+def _partition_fwd(params, mesh, arg_shapes, result_shape):
+  del result_shape
+  q, k, _, seqused_q, seqused_k = arg_shapes
+  split = choose_split(dict(mesh.shape), q.sharding.spec, k.sharding.spec, q.shape, k.shape,
+                       params)
+  named = functools.partial(NamedSharding, mesh)
+  arg_shardings = (named(split.q_spec()), named(split.kv_spec()), named(split.kv_spec()),
+                   named(split.seqused_spec(seqused_q)), named(split.seqused_spec(seqused_k)))
+  result_shardings = (named(split.q_spec()), named(split.lse_spec()))
+  program = functools.partial(local_fwd, split, dict(mesh.shape), params)
+  return mesh, program, result_shardings, arg_shardings
+
+
+def _partition_bwd(params, deterministic, mesh, arg_shapes, result_shape):
+  del result_shape
+  _, q, k, _, _, _, seqused_q, seqused_k = arg_shapes
+  split = choose_split(dict(mesh.shape), q.sharding.spec, k.sharding.spec, q.shape, k.shape,
+                       params)
+  named = functools.partial(NamedSharding, mesh)
+  q_sharding, kv_sharding = named(split.q_spec()), named(split.kv_spec())
+  arg_shardings = (q_sharding, q_sharding, kv_sharding, kv_sharding, q_sharding,
+                   named(split.lse_spec()), named(split.seqused_spec(seqused_q)),
+                   named(split.seqused_spec(seqused_k)))
+  program = functools.partial(local_bwd, split, dict(mesh.shape), params, deterministic)
+  return mesh, program, (q_sharding, kv_sharding, kv_sharding), arg_shardings
+
+
+def _fwd_rule(params, mesh, operand_types, result_types):
+  del params, mesh, result_types
+  q, k, _, seqused_q, seqused_k = (ir.RankedTensorType(t).shape for t in operand_types)
+  heads, kv_heads, sizes = _head_factors(q[2], k[2])
+  rule = (f"b t {heads} d, b s {kv_heads} d, b s {kv_heads} e, "
+          f"{_seqused_factor(seqused_q, 'uq')}, {_seqused_factor(seqused_k, 'uk')} "
+          f"-> b t {heads} e, b {heads} t")
+  # The head dims are never split; Shardy wants these in order of first appearance.
+  return rule, dict(need_replication_factors=("d", "e"), **sizes)
+
+
+def _bwd_rule(params, deterministic, mesh, operand_types, result_types):
+  del params, deterministic, mesh, result_types
+  _, q, k, _, _, _, seqused_q, seqused_k = (ir.RankedTensorType(t).shape for t in operand_types)
+  heads, kv_heads, sizes = _head_factors(q[2], k[2])
+  rule = (f"b t {heads} e, b t {heads} d, b s {kv_heads} d, b s {kv_heads} e, "
+          f"b t {heads} e, b {heads} t, "
+          f"{_seqused_factor(seqused_q, 'uq')}, {_seqused_factor(seqused_k, 'uk')} "
+          f"-> b t {heads} d, b s {kv_heads} d, b s {kv_heads} e")
+  return rule, dict(need_replication_factors=("e", "d"), **sizes)
+
+
+def _head_factors(heads, kv_heads):
+  """q's heads are (kv head, index in its group), kv head major: factors "(n g)" and "n".
+
+  Shardy refuses a compound factor with a factor of size 1, so MHA and MQA get plain ones.
+  """
+  if heads == kv_heads:
+    return "n", "n", {}
+  if kv_heads == 1:
+    return "g", "n", {}
+  return "(n g)", "n", {"g": heads // kv_heads}
+
+
+def _seqused_factor(shape, absent_factor):
+  return "b" if shape[0] else absent_factor
+
+
+_fwd_partitioned = custom_partitioning(_fwd_on_one_device, static_argnums=(5,))
+_fwd_partitioned.def_partition(_partition_fwd, sharding_rule=_fwd_rule)
+_bwd_partitioned = custom_partitioning(_bwd_on_one_device, static_argnums=(8, 9))
+_bwd_partitioned.def_partition(_partition_bwd, sharding_rule=_bwd_rule)
+
+
+def _lower_fwd(q, k, v, seqused_q, seqused_k, **params):
+  return _fwd_partitioned(q, k, v, seqused_q, seqused_k, AttentionParams(**params))
+
+
+def _lower_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, *, deterministic, **params):
+  return _bwd_partitioned(dout, q, k, v, out, lse, seqused_q, seqused_k,
+                          AttentionParams(**params), deterministic)
+
+
+def _define(name, local_primitive, lowering):
+  primitive = Primitive(name)
+  primitive.multiple_results = True
+  primitive.def_impl(functools.partial(xla.apply_primitive, primitive))
+  # The per-device primitive's abstract eval (with its effects): same shapes, dtypes, shardings.
+  primitive.def_effectful_abstract_eval(local_primitive.abstract_eval)
+  mlir.register_lowering(primitive, mlir.lower_fun(lowering, multiple_results=True))
+  # custom_partitioning needs the devices when it lowers; jit provides them only to
+  # jaxprs holding a primitive from this (private) registry, as jax's cuDNN attention does.
+  dispatch.prim_requires_devices_during_lowering.add(primitive)
+  batching.primitive_batchers[primitive] = functools.partial(
+      primitives.fold_vmap_axis_into_batch, primitive)
+  return primitive
+
+
+fwd_p = _define("fa3_fwd", primitives.fwd_p, _lower_fwd)
+bwd_p = _define("fa3_bwd", primitives.bwd_p, _lower_bwd)
