@@ -44,9 +44,11 @@ struct FwdEpilogue {
     }
 
     Tensor o = convert_fragment<Element>(acc_o);
-    // O takes V's buffers: every warpgroup must have finished its last P·V.
+    // Before O overwrites its buffer: with O in V's buffers every warpgroup must have
+    // finished its last P·V; with its own buffer, the previous tile's store must have read it.
+    if (!Traits::kOAliasesV && is_store_thread()) { tma_store_wait<0>(); }
     barrier_sync(Barrier::kConsumers, kConsumerThreads);
-    Tensor sO = make_tensor(make_smem_ptr(smem.o.data()), typename Traits::SmemLayoutO{});
+    Tensor sO = make_tensor(make_smem_ptr(smem.vo.o.data()), typename Traits::SmemLayoutO{});
     auto smem_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, typename Traits::TiledMmaPV{});
     auto thread_copy = smem_copy.get_thread_slice(thread_idx);
     copy(smem_copy, thread_copy.retile_S(o), thread_copy.partition_D(sO));
@@ -54,9 +56,7 @@ struct FwdEpilogue {
     cutlass::arch::fence_view_async_shared();
     barrier_sync(Barrier::kConsumers, kConsumerThreads);
 
-    // The last warp stores: it is the last in the pingpong order, so its wait for the
-    // store to leave shared memory delays the next tile the least.
-    if (thread_idx == kConsumerThreads - 32) {
+    if (is_store_thread()) {
       Tensor mO = p.tma_o.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDimV), p.heads, p.batch));
       Tensor gO = local_tile(mO(_, _, tile.head, tile.batch), Shape<Int<kBlockM>, Int<kHeadDimV>>{},
                              make_coord(tile.m_block, _0{}));
@@ -65,9 +65,20 @@ struct FwdEpilogue {
       Tensor tOs = get<1>(o_parts);
       copy(p.tma_o, tOs, tOg);  // rows past seqlen_q are clipped by TMA
       tma_store_arrive();
-      tma_store_wait<0>();
-      cutlass::arch::ClusterBarrier::arrive(&smem.o_free);
+      if constexpr (Traits::kOAliasesV) {
+        tma_store_wait<0>();
+        cutlass::arch::ClusterBarrier::arrive(&smem.o_free);
+      }
     }
+  }
+
+  // The last warp stores: it is the last in the pingpong order, so its waits for the
+  // store delay the next tile the least.
+  __device__ bool is_store_thread() const { return thread_idx == kConsumerThreads - 32; }
+
+  // Outstanding stores must finish reading shared memory before the CTA exits.
+  __device__ void finish() const {
+    if (is_store_thread()) { tma_store_wait<0>(); }
   }
 
   // A tile in which no row sees any key: out = 0, lse = -inf.

@@ -81,6 +81,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(CUTE_GRID_CONS
       }
       tile_index = scheduler.consumer_next(tile_index);
     }
+    epilogue.finish();
   }
 }
 

@@ -92,7 +92,7 @@ struct FwdMainloop {
     auto thread_pv = mma_pv.get_thread_slice(thread_idx);
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
-    Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutVt{});
+    Tensor sVt = make_tensor(make_smem_ptr(smem.vo.v.data()), typename Traits::SmemLayoutVt{});
     Tensor tSrQ = thread_qk.partition_fragment_A(sQ);
     Tensor tSrK = thread_qk.partition_fragment_B(sK);
     Tensor tOrVt = thread_pv.partition_fragment_B(sVt);

@@ -46,7 +46,7 @@ struct FwdProducer {
                             make_coord(_0{}, _));  // (Dv, N, n)
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
-    Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutVt{});
+    Tensor sVt = make_tensor(make_smem_ptr(smem.vo.v.data()), typename Traits::SmemLayoutVt{});
     // TMA-partitioned (global, shared) views.
     auto q_parts = tma_partition(p.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
     auto k_parts = tma_partition(p.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
@@ -81,8 +81,10 @@ struct FwdProducer {
       if (loaded_tiles > 0) { cutlass::arch::ClusterBarrier::wait(&smem.q_empty, previous_phase); }
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.q_full, Traits::kBytesQ);
       copy(p.tma_q.with(smem.q_full, 0, TMA::CacheHintSm90::EVICT_FIRST), tQg, tQs);
-      // The previous tile's output occupies V's buffers until its TMA store has read it.
-      if (loaded_tiles > 0) { cutlass::arch::ClusterBarrier::wait(&smem.o_free, previous_phase); }
+      // An aliased output occupies V's buffers until its TMA store has read it.
+      if (Traits::kOAliasesV && loaded_tiles > 0) {
+        cutlass::arch::ClusterBarrier::wait(&smem.o_free, previous_phase);
+      }
     }
     for (; n > range.n_block_min; --n) {
       load_k(n - 1);

@@ -2,6 +2,8 @@
 // storage, TMA descriptors, and the kernel's parameter block.
 #pragma once
 
+#include <type_traits>
+
 #include <cute/tensor.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
@@ -61,20 +63,32 @@ struct FwdTraits {
   using SmemLayoutO = decltype(tile_to_shape(gmma_smem_atom<GMMA::Major::K, Element, kBlockM, kHeadDimV>(),
                                              Shape<Int<kBlockM>, Int<kHeadDimV>>{}));
 
+  using BufferV = cute::array_aligned<Element, cosize_v<SmemLayoutVt>>;
+  using BufferO = cute::array_aligned<Element, cosize_v<SmemLayoutO>>;
+  struct SeparateVO {
+    alignas(1024) BufferV v;
+    alignas(1024) BufferO o;
+  };
+  // Where Q, K, V and O do not all fit, O reuses V's buffers: it is written only after
+  // the last P·V of a tile, and the producer waits for it to leave before loading V again.
+  union AliasedVO {
+    alignas(1024) BufferV v;
+    alignas(1024) BufferO o;
+  };
+  static constexpr int kBytesQKVO = 1024 * 4 + sizeof(Element) * (cosize_v<SmemLayoutQ> + cosize_v<SmemLayoutK> +
+                                                                  cosize_v<SmemLayoutVt> + cosize_v<SmemLayoutO>);
+  static constexpr bool kOAliasesV = kBytesQKVO > 226 * 1024;
+  using BuffersVO = std::conditional_t<kOAliasesV, AliasedVO, SeparateVO>;
+
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> k;
-    // The output tile reuses V's buffers: it is written only after the last P·V of a
-    // tile, and the producer waits for it to leave before loading the next V.
-    union alignas(1024) {
-      cute::array_aligned<Element, cosize_v<SmemLayoutVt>> v;
-      cute::array_aligned<Element, cosize_v<SmemLayoutO>> o;
-    };
+    alignas(1024) BuffersVO vo;
     typename TmaRing<kStages>::Storage k_ring;
     typename TmaRing<kStages>::Storage v_ring;
     uint64_t q_full;   // Q of the current tile landed
     uint64_t q_empty;  // every consumer warpgroup finished its last Q·K^T of the tile
-    uint64_t o_free;   // the previous tile's output left shared memory
+    uint64_t o_free;   // the previous tile's output left shared memory (kOAliasesV)
     int next_tile;     // the dynamic scheduler's hand-off slot
     float unused_sink;  // target of finish_before_next_wait's never-executed store
   };
