@@ -7,6 +7,8 @@ import pytest
 # Every kernel launch first fills its outputs with NaN, so an element a kernel fails to
 # write shows up as NaN in the comparison (read by the FFI handler at its first call).
 os.environ.setdefault("JAX_FA3_DEBUG_POISON", "1")
+# The GPU tests exercise the backward kernels, which are opt-in until verified.
+os.environ.setdefault("JAX_FA3_BWD_KERNELS", "1")
 
 
 def _has_gpu() -> bool:
