@@ -13,8 +13,7 @@ How: the custom VJP in attention.py binds `fwd_p` and `bwd_p` ("fa3_fwd", "fa3_b
 are the per-device primitives of primitives.py lifted to a mesh. They have those
 primitives' abstract evaluation and batching rule, so vmap and grad work as before.
 - Mesh axes of type Auto: they lower through `custom_partitioning`. Its Shardy rule
-  propagates shardings (q's heads are the compound factor (kv_heads, group)); its
-  `partition` picks the split from the shardings Shardy chose and runs `local_fwd` or
+  propagates shardings; its `partition` picks the split from the shardings Shardy chose and runs `local_fwd` or
   `local_bwd` on each device's shards.
 - Explicit axes: the arrays' types carry their shardings, so the same per-device program
   runs under `jax.shard_map`, set up at trace time by `attention_fwd` and `attention_bwd`.
@@ -27,6 +26,7 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax._src import dispatch
 from jax.experimental.custom_partitioning import custom_partitioning
@@ -136,11 +136,16 @@ def local_bwd(split: Split, axis_sizes, params: AttentionParams, deterministic, 
     dq, dk, dv = primitives.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
                                           params, deterministic)
   if split.heads and not split.kv_heads_split:
-    # Every device holds a part of the gradient of its k/v head: place it, sum over heads.
+    # Each device holds a part of the gradient of its k/v head: place it, sum in float32.
     index = _kv_head_index(split, axis_sizes, kv_heads)
-    dk, dv = (lax.psum(lax.dynamic_update_slice_in_dim(
-        lax.full((*g.shape[:2], kv_heads, g.shape[3]), 0, g.dtype), g, index, 2),
-        split.heads) for g in (dk, dv))
+
+    def sum_over_heads(grad):
+      placed = lax.dynamic_update_slice_in_dim(
+          lax.full((*grad.shape[:2], kv_heads, grad.shape[3]), 0, jnp.float32),
+          grad.astype(jnp.float32), index, 2)
+      return lax.psum(placed, split.heads).astype(grad.dtype)
+
+    dk, dv = sum_over_heads(dk), sum_over_heads(dv)
   return dq, dk, dv
 
 
@@ -274,35 +279,36 @@ def _partition_bwd(params, deterministic, mesh, arg_shapes, result_shape):
 def _fwd_rule(params, mesh, operand_types, result_types):
   del params, mesh, result_types
   q, k, _, seqused_q, seqused_k = (ir.RankedTensorType(t).shape for t in operand_types)
-  heads, kv_heads, sizes = _head_factors(q[2], k[2])
+  heads, kv_heads = _head_factors(q[2], k[2])
   rule = (f"b t {heads} d, b s {kv_heads} d, b s {kv_heads} e, "
           f"{_seqused_factor(seqused_q, 'uq')}, {_seqused_factor(seqused_k, 'uk')} "
           f"-> b t {heads} e, b {heads} t")
   # The head dims are never split; Shardy wants these in order of first appearance.
-  return rule, dict(need_replication_factors=("d", "e"), **sizes)
+  return rule, dict(need_replication_factors=("d", "e"))
 
 
 def _bwd_rule(params, deterministic, mesh, operand_types, result_types):
   del params, deterministic, mesh, result_types
   _, q, k, _, _, _, seqused_q, seqused_k = (ir.RankedTensorType(t).shape for t in operand_types)
-  heads, kv_heads, sizes = _head_factors(q[2], k[2])
+  heads, kv_heads = _head_factors(q[2], k[2])
   rule = (f"b t {heads} e, b t {heads} d, b s {kv_heads} d, b s {kv_heads} e, "
           f"b t {heads} e, b {heads} t, "
           f"{_seqused_factor(seqused_q, 'uq')}, {_seqused_factor(seqused_k, 'uk')} "
           f"-> b t {heads} d, b s {kv_heads} d, b s {kv_heads} e")
-  return rule, dict(need_replication_factors=("e", "d"), **sizes)
+  return rule, dict(need_replication_factors=("e", "d"))
 
 
 def _head_factors(heads, kv_heads):
-  """q's heads are (kv head, index in its group), kv head major: factors "(n g)" and "n".
+  """The factors of q's and of k's heads.
 
-  Shardy refuses a compound factor with a factor of size 1, so MHA and MQA get plain ones.
+  MHA shares one factor. Grouped heads get two: `partition` keeps them consistent
+  (`choose_split`). The compound factor (kv head, group) would let Shardy carry a head
+  split from q to k, but with more head shards than k/v heads it splits a mesh axis into
+  sub-axes, which custom_partitioning cannot turn into the NamedShardings `partition` takes.
   """
   if heads == kv_heads:
-    return "n", "n", {}
-  if kv_heads == 1:
-    return "g", "n", {}
-  return "(n g)", "n", {"g": heads // kv_heads}
+    return "n", "n"
+  return "h", "n"
 
 
 def _seqused_factor(shape, absent_factor):
