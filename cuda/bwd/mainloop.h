@@ -88,22 +88,17 @@ struct BwdMainloop {
     constexpr int kCols = decltype(size<1>(thread0_rc))::value;
 
     AttentionMask const mask{blocks.seqlen_k, p.window_left, p.window_right, p.diagonal_offset};
-    int64_t const stats = (int64_t(batch) * p.heads + head) * p.seqlen_q_rounded;
 
     clear(acc_dk);
     clear(acc_dv);
     cutlass::arch::ClusterTransactionBarrier::wait(&smem.kv_full, 0);
 
     auto step = [&](int m, int step_index, auto masked) {
-      // Row statistics of this thread's query columns (read while the WGMMAs run).
-      float lse_log2[kCols], dpsum[kCols];
-      CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < kCols; ++c) {
-        int64_t const q = stats + m * kBlockM + column_offset + get<1>(thread0_rc(0, c));
-        lse_log2[c] = p.lse_log2[q];
-        dpsum[c] = p.dpsum[q];
-      }
       ring.wait_full(position);
+      // Row statistics of the tile's queries, staged with Q and dO.
+      float const* lse_log2 = smem.lse_log2[position.stage] + column_offset;
+      float const* dpsum = smem.dpsum[position.stage] + column_offset;
+      auto column = [&](int c) { return get<1>(thread0_rc(0, c)); };  // compile-time
       Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
       Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
       warpgroup_gemm</*zero_init=*/true, /*wait=*/-1>(mma_sdp, tSrK, tSrQ(_, _, _, position.stage), acc_s);
@@ -119,13 +114,17 @@ struct BwdMainloop {
         CUTLASS_PRAGMA_UNROLL
         for (int r = 0; r < kRows; ++r) {
           CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < kCols; ++c) { s(r, c) = exp2f(s(r, c) * p.scale_log2 - lse_log2[c]); }
+          for (int c = 0; c < kCols; ++c) { s(r, c) = exp2f(s(r, c) * p.scale_log2 - lse_log2[column(c)]); }
         }
+        float probability_sum = 0.f;  // depends on every exponential: keeps them ahead of the wait
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(acc_s); ++i) { probability_sum += acc_s(i); }
+        finish_before_next_wait(probability_sum, p.num_m_blocks < 0, &smem.unused_sink);
         warpgroup_wait<0>();
         CUTLASS_PRAGMA_UNROLL
         for (int r = 0; r < kRows; ++r) {
           CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < kCols; ++c) { dp(r, c) = s(r, c) * (dp(r, c) - dpsum[c]); }
+          for (int c = 0; c < kCols; ++c) { dp(r, c) = s(r, c) * (dp(r, c) - dpsum[column(c)]); }
         }
       } else {
         // With a softcap dS also needs tanh's derivative, so both GEMMs are awaited first.
@@ -140,9 +139,9 @@ struct BwdMainloop {
           CUTLASS_PRAGMA_UNROLL
           for (int c = 0; c < kCols; ++c) {
             float const t = s(r, c);
-            float const prob = exp2f(t * p.scale_log2 - lse_log2[c]);
+            float const prob = exp2f(t * p.scale_log2 - lse_log2[column(c)]);
             s(r, c) = prob;
-            dp(r, c) = prob > 0.f ? prob * (dp(r, c) - dpsum[c]) * (1.f - t * t) : 0.f;
+            dp(r, c) = prob > 0.f ? prob * (dp(r, c) - dpsum[column(c)]) * (1.f - t * t) : 0.f;
           }
         }
       }

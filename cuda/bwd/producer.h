@@ -13,6 +13,28 @@ namespace jax_fa3 {
 
 using namespace cute;
 
+// A 1-D bulk copy global -> shared that completes bytes on the stage's barrier.
+__device__ __forceinline__ void bulk_load(void* shared, void const* global, uint32_t bytes, uint64_t& barrier) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+          cute::cast_smem_ptr_to_uint(shared)),
+      "l"(global), "r"(bytes), "r"(cute::cast_smem_ptr_to_uint(&barrier))
+      : "memory");
+}
+
+__device__ __forceinline__ void bulk_reduce_add_f32(float* global, float const* shared, int bytes) {
+  uint32_t const shared_address = cute::cast_smem_ptr_to_uint(shared);
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+               "cp.async.bulk.commit_group;" ::"l"(global), "r"(shared_address), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ int load_acquire(int const* address) {
+  int value;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
+  return value;
+}
+
 template <class Traits>
 struct BwdLoader {
   using Params = typename Traits::Params;
@@ -59,33 +81,24 @@ struct BwdLoader {
       copy(p.tma_k.with(smem.kv_full, 0, TMA::CacheHintSm90::EVICT_FIRST), tKg, tKs);
       copy(p.tma_v.with(smem.kv_full, 0, TMA::CacheHintSm90::EVICT_FIRST), tVg, tVs);
     }
+    int64_t const stats = (int64_t(batch) * p.heads + head) * p.seqlen_q_rounded;
     TmaRing<Traits::kStages> ring{smem.qdo_ring};
     typename TmaRing<Traits::kStages>::Position position;
     for (int m = blocks.m_begin; m < blocks.m_end; ++m) {
       if (!blocks.visits(m)) { continue; }
       if (leader) {
         // Q and dO are re-read by every key block of the head: keep them in L2.
-        uint64_t& full = ring.acquire(position, 2 * Traits::kBytesQ);
+        uint64_t& full = ring.acquire(position, 2 * Traits::kBytesQ + 2 * Traits::kBytesStats);
         copy(p.tma_q.with(full, 0, TMA::CacheHintSm90::EVICT_LAST), tQg(_, m), tQs(_, position.stage));
         copy(p.tma_dout.with(full, 0, TMA::CacheHintSm90::EVICT_LAST), tdOg(_, m), tdOs(_, position.stage));
+        int64_t const row = stats + m * kBlockM;
+        bulk_load(smem.lse_log2[position.stage], p.lse_log2 + row, Traits::kBytesStats, full);
+        bulk_load(smem.dpsum[position.stage], p.dpsum + row, Traits::kBytesStats, full);
       }
       position.advance();
     }
   }
 };
-
-__device__ __forceinline__ void bulk_reduce_add_f32(float* global, float const* shared, int bytes) {
-  uint32_t const shared_address = cute::cast_smem_ptr_to_uint(shared);
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
-               "cp.async.bulk.commit_group;" ::"l"(global), "r"(shared_address), "r"(bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ int load_acquire(int const* address) {
-  int value;
-  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
-  return value;
-}
 
 template <class Traits>
 struct BwdDQWriter {

@@ -80,14 +80,18 @@ struct BwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutDS>> ds;
     alignas(128) cute::array_aligned<float, kDQFloats> dq;
+    alignas(16) float lse_log2[kStages][kBlockM];  // row statistics of the staged query tile
+    alignas(16) float dpsum[kStages][kBlockM];
     typename TmaRing<kStages>::Storage qdo_ring;
     uint64_t kv_full;
+    float unused_sink;  // target of finish_before_next_wait's never-executed store
   };
   static constexpr int kSharedBytes = sizeof(SharedStorage);
   static_assert(kSharedBytes <= 227 * 1024, "tile config exceeds shared memory");
 
   static constexpr uint32_t kBytesQ = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kBytesK = kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kBytesStats = kBlockM * sizeof(float);
 
   using ShapeSDHB = Shape<int32_t, int32_t, int32_t, int32_t>;
   using StrideSDHB = Stride<int64_t, _1, int64_t, int64_t>;
