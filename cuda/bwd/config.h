@@ -6,6 +6,9 @@
 
 namespace jax_fa3 {
 
+// Head dims are compiled for 64 and 128: the two warpgroups split dQ's head dim in halves,
+// which must align with the shared-memory swizzle atoms (96 would split a 32-wide atom;
+// Python pads 96 to the 128 kernel).
 template <int kHeadDim>
 struct BwdTileConfig {
   static_assert(kHeadDim <= 128, "the key-owning backward layout holds dK and dV for head dims <= 128");
