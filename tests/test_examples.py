@@ -1,0 +1,45 @@
+"""The examples, at a tiny size: the GPT's loss curves match, the drop-in equals Flax."""
+
+import dataclasses
+import importlib.util
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.usefixtures("on_cpu")
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_train_gpt_loss_curves_match_within_bf16_noise():
+  train_gpt = _load("train_gpt")
+  config = dataclasses.replace(train_gpt.TINY, steps=10, warmup_steps=2)
+  runs = train_gpt.compare(config, ["jax_fa3", "xla"])
+  assert train_gpt.matches_within_bf16_noise(runs), train_gpt.summary(config, runs)
+  for run in runs.values():
+    assert run.losses[-1] < run.losses[0] - 0.2, f"{run.attention} did not learn: {run.losses}"
+
+
+def test_train_gpt_batches_are_additions():
+  train_gpt = _load("train_gpt")
+  windows = train_gpt.batches(train_gpt.TINY)
+  assert windows.shape == (30, 8, 65)
+  text = "".join(train_gpt.VOCAB[t] for t in windows[0, 0])
+  for problem in text.split(";")[1:-1]:
+    a, b, total = map(int, problem.replace("=", "+").split("+"))
+    assert a + b == total, text
+
+
+def test_flax_drop_in_equals_flax():
+  flax_out, jax_fa3_out = _load("flax_drop_in").flax_and_jax_fa3_outputs()
+  flax_out, jax_fa3_out = (np.asarray(x, np.float32) for x in (flax_out, jax_fa3_out))
+  one_rounding = float(jnp.finfo(jnp.bfloat16).eps) * np.abs(flax_out).max()
+  assert np.abs(jax_fa3_out - flax_out).max() <= one_rounding
