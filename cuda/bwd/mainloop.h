@@ -93,6 +93,13 @@ struct BwdMainloop {
     clear(acc_dv);
     cutlass::arch::ClusterTransactionBarrier::wait(&smem.kv_full, 0);
 
+    auto apply_mask = [&](auto& scores, int m, auto masked) {
+      if constexpr (decltype(masked)::value) {
+        mask.template apply_transposed<kBlockN, kBlockM>(scores, thread0_coords, rows, column_offset,
+                                                         blocks.n_block, m);
+      }
+    };
+
     auto step = [&](int m, int step_index, auto masked) {
       ring.wait_full(position);
       // Row statistics of the tile's queries, staged with Q and dO.
@@ -107,10 +114,7 @@ struct BwdMainloop {
       Tensor dp = make_tensor(acc_dp.data(), acc_rows_cols(acc_dp.layout()));
       if (p.softcap_prescale == 0.f) {
         warpgroup_wait<1>();  // S^T is ready; dP^T still runs under the exponentials
-        if constexpr (decltype(masked)::value) {
-          mask.template apply_transposed<kBlockN, kBlockM>(acc_s, thread0_coords, rows, column_offset,
-                                                           blocks.n_block, m);
-        }
+        apply_mask(acc_s, m, masked);
         CUTLASS_PRAGMA_UNROLL
         for (int r = 0; r < kRows; ++r) {
           CUTLASS_PRAGMA_UNROLL
@@ -130,10 +134,7 @@ struct BwdMainloop {
         // With a softcap dS also needs tanh's derivative, so both GEMMs are awaited first.
         warpgroup_wait<0>();
         apply_softcap(acc_s, p.softcap_prescale);
-        if constexpr (decltype(masked)::value) {
-          mask.template apply_transposed<kBlockN, kBlockM>(acc_s, thread0_coords, rows, column_offset,
-                                                           blocks.n_block, m);
-        }
+        apply_mask(acc_s, m, masked);
         CUTLASS_PRAGMA_UNROLL
         for (int r = 0; r < kRows; ++r) {
           CUTLASS_PRAGMA_UNROLL

@@ -147,6 +147,43 @@ bool same_shape(ffi::AnyBuffer const& a, ffi::AnyBuffer const& b) {
 // A window wider than any sequence is the same as none; clamping keeps int32 arithmetic safe.
 int clamp_window(int64_t w) { return w < 0 ? -1 : int(std::min<int64_t>(w, 2 * kMaxSeqlen)); }
 
+// The fields both directions share: inputs, shapes, dense strides, mask, device facts.
+template <class Params>
+ffi::Error set_common(Params& p, Dims const& d, ffi::AnyBuffer const& q, ffi::AnyBuffer const& k,
+                      ffi::AnyBuffer const& v, ffi::AnyBuffer const& seqused_q, ffi::AnyBuffer const& seqused_k,
+                      float softmax_scale, float softcap, int64_t window_left, int64_t window_right,
+                      int64_t diagonal_offset) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) { return ffi::Error::Internal("jax_fa3: cudaGetDevice failed"); }
+  p.num_sms = sm_count(device);
+  if (p.num_sms <= 0) { return ffi::Error::Internal("jax_fa3: could not read the SM count"); }
+  p.q = q.untyped_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.seqused_q = seqused_q.dimensions()[0] ? static_cast<int const*>(seqused_q.untyped_data()) : nullptr;
+  p.seqused_k = seqused_k.dimensions()[0] ? static_cast<int const*>(seqused_k.untyped_data()) : nullptr;
+  p.batch = int(d.batch);
+  p.seqlen_q = int(d.seqlen_q);
+  p.seqlen_k = int(d.seqlen_k);
+  p.heads = int(d.heads);
+  p.kv_heads = int(d.kv_heads);
+  p.head_dim = int(d.head_dim);
+  p.head_dim_v = int(d.head_dim_v);
+  set_dense_strides(d, p);
+  p.softmax_scale = softmax_scale;
+  p.softcap = softcap;
+  p.window_left = clamp_window(window_left);
+  p.window_right = clamp_window(window_right);
+  p.diagonal_offset = int(diagonal_offset);
+  return ffi::Error::Success();
+}
+
+std::string no_kernel(char const* direction, std::string const& dtype, Dims const& d) {
+  return std::string("no ") + direction + " kernel for dtype " + dtype + ", head_dim " + std::to_string(d.head_dim) +
+         ", head_dim_v " + std::to_string(d.head_dim_v) + " (see jax_fa3.kernels_available())";
+}
+
+
 ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::AnyBuffer seqused_q, ffi::AnyBuffer seqused_k, ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale,
@@ -174,37 +211,17 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   if (!aligned16(out->untyped_data())) { return invalid("out must be 16-byte aligned"); }
   std::string const dtype = dtype_name(q.element_type());
   FwdVariant const* variant = find_fwd_variant(dtype, int(d.head_dim), int(d.head_dim_v));
-  if (!variant) {
-    return invalid("no forward kernel for dtype " + dtype + ", head_dim " + std::to_string(d.head_dim) +
-                   ", head_dim_v " + std::to_string(d.head_dim_v) + " (see jax_fa3.kernels_available())");
-  }
+  if (!variant) { return invalid(no_kernel("forward", dtype, d)); }
 
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) { return ffi::Error::Internal("jax_fa3: cudaGetDevice failed"); }
   FwdParams p{};
-  p.q = q.untyped_data();
-  p.k = k.untyped_data();
-  p.v = v.untyped_data();
+  if (ffi::Error e = set_common(p, d, q, k, v, seqused_q, seqused_k, softmax_scale, softcap, window_left, window_right,
+                                diagonal_offset);
+      e.failure()) {
+    return e;
+  }
   p.out = out->untyped_data();
   p.lse = static_cast<float*>(lse->untyped_data());
-  p.seqused_q = seqused_q.dimensions()[0] ? static_cast<int const*>(seqused_q.untyped_data()) : nullptr;
-  p.seqused_k = seqused_k.dimensions()[0] ? static_cast<int const*>(seqused_k.untyped_data()) : nullptr;
   p.tile_counter = static_cast<int*>(workspace->untyped_data());
-  p.batch = int(d.batch);
-  p.seqlen_q = int(d.seqlen_q);
-  p.seqlen_k = int(d.seqlen_k);
-  p.heads = int(d.heads);
-  p.kv_heads = int(d.kv_heads);
-  p.head_dim = int(d.head_dim);
-  p.head_dim_v = int(d.head_dim_v);
-  set_dense_strides(d, p);
-  p.softmax_scale = softmax_scale;
-  p.softcap = softcap;
-  p.window_left = clamp_window(window_left);
-  p.window_right = clamp_window(window_right);
-  p.diagonal_offset = int(diagonal_offset);
-  p.num_sms = sm_count(device);
-  if (p.num_sms <= 0) { return ffi::Error::Internal("jax_fa3: could not read the SM count"); }
 
   if (poison_outputs()) {
     if (cudaError_t e = poison(out, stream); e != cudaSuccess) { return ffi::Error::Internal(cudaGetErrorString(e)); }
@@ -251,42 +268,22 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer dout, ffi::AnyBuffer q, f
   }
   std::string const dtype = dtype_name(q.element_type());
   BwdVariant const* variant = find_bwd_variant(dtype, int(d.head_dim), int(d.head_dim_v));
-  if (!variant) {
-    return invalid("no backward kernel for dtype " + dtype + ", head_dim " + std::to_string(d.head_dim) +
-                   ", head_dim_v " + std::to_string(d.head_dim_v) + " (see jax_fa3.kernels_available())");
-  }
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) { return ffi::Error::Internal("jax_fa3: cudaGetDevice failed"); }
+  if (!variant) { return invalid(no_kernel("backward", dtype, d)); }
   BwdParams p{};
+  if (ffi::Error e = set_common(p, d, q, k, v, seqused_q, seqused_k, softmax_scale, softcap, window_left, window_right,
+                                diagonal_offset);
+      e.failure()) {
+    return e;
+  }
   p.dout = dout.untyped_data();
-  p.q = q.untyped_data();
-  p.k = k.untyped_data();
-  p.v = v.untyped_data();
   p.out = out.untyped_data();
   p.lse = static_cast<float const*>(lse.untyped_data());
-  p.seqused_q = seqused_q.dimensions()[0] ? static_cast<int const*>(seqused_q.untyped_data()) : nullptr;
-  p.seqused_k = seqused_k.dimensions()[0] ? static_cast<int const*>(seqused_k.untyped_data()) : nullptr;
   p.dq = dq->untyped_data();
   p.dk = dk->untyped_data();
   p.dv = dv->untyped_data();
   p.workspace = workspace->untyped_data();
   p.workspace_bytes = int64_t(workspace->size_bytes());
-  p.batch = int(d.batch);
-  p.seqlen_q = int(d.seqlen_q);
-  p.seqlen_k = int(d.seqlen_k);
-  p.heads = int(d.heads);
-  p.kv_heads = int(d.kv_heads);
-  p.head_dim = int(d.head_dim);
-  p.head_dim_v = int(d.head_dim_v);
-  set_dense_strides(d, p);
-  p.softmax_scale = softmax_scale;
-  p.softcap = softcap;
-  p.window_left = clamp_window(window_left);
-  p.window_right = clamp_window(window_right);
-  p.diagonal_offset = int(diagonal_offset);
   p.deterministic = deterministic;
-  p.num_sms = sm_count(device);
-  if (p.num_sms <= 0) { return ffi::Error::Internal("jax_fa3: could not read the SM count"); }
   int64_t const needed = variant->workspace_bytes(p);
   if (workspace->element_type() != ffi::DataType::U8 || p.workspace_bytes < needed || !aligned16(p.workspace)) {
     return invalid("workspace must be uint8 of at least " + std::to_string(needed) + " bytes; got " +
