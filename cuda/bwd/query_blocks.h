@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "common/mask.h"
+#include "common/block_ranges.h"
 
 namespace jax_fa3 {
 
@@ -14,7 +14,7 @@ struct QueryBlocks {
   int n_block, m_begin, m_end;
   int seqlen_q, seqlen_k, window_left, window_right, diagonal_offset;
 
-  __device__ QueryBlocks(int n_block_, int seqlen_q_, int seqlen_k_, int window_left_, int window_right_,
+  JAX_FA3_HOST_DEVICE QueryBlocks(int n_block_, int seqlen_q_, int seqlen_k_, int window_left_, int window_right_,
                          int diagonal_offset_)
       : n_block(n_block_), seqlen_q(seqlen_q_), seqlen_k(seqlen_k_), window_left(window_left_),
         window_right(window_right_), diagonal_offset(diagonal_offset_) {
@@ -32,21 +32,21 @@ struct QueryBlocks {
 
   // The forward's key range of query tile m: whether it includes this key block, and
   // this block's place in it (the deterministic order of dQ additions).
-  __device__ KeyBlockRange<kBlockM, kBlockN> keys_of(int m_block) const {
+  JAX_FA3_HOST_DEVICE KeyBlockRange<kBlockM, kBlockN> keys_of(int m_block) const {
     return KeyBlockRange<kBlockM, kBlockN>(m_block, seqlen_q, seqlen_k, window_left, window_right, diagonal_offset);
   }
-  __device__ bool visits(int m_block) const {
+  JAX_FA3_HOST_DEVICE bool visits(int m_block) const {
     auto const keys = keys_of(m_block);
     return n_block >= keys.n_block_min && n_block < keys.n_block_max;
   }
-  __device__ int count() const {
+  JAX_FA3_HOST_DEVICE int count() const {
     int n = 0;
     for (int m = m_begin; m < m_end; ++m) { n += visits(m); }
     return n;
   }
 
   // Whether tile (m, n) crosses a mask edge: the key length, or either window side.
-  __device__ bool needs_mask(int m_block) const {
+  JAX_FA3_HOST_DEVICE bool needs_mask(int m_block) const {
     int64_t const first_key = int64_t(n_block) * kBlockN;
     int64_t const last_key = first_key + kBlockN - 1;
     int64_t const first_query = int64_t(m_block) * kBlockM;

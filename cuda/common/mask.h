@@ -5,55 +5,12 @@
 #include <cstdint>
 #include <cute/tensor.hpp>
 
+#include "common/block_ranges.h"
 #include "common/layouts.h"
 
 namespace jax_fa3 {
 
 using namespace cute;
-
-__host__ __device__ __forceinline__ int64_t floor_div(int64_t a, int64_t b) {
-  return a >= 0 ? a / b : -((-a + b - 1) / b);
-}
-
-// A sequence's used length: seqused[batch] when given (clamped into [0, length], since
-// the handler cannot check device data), else the full length.
-__device__ __forceinline__ int used_length(int const* seqused, int batch, int length) {
-  return seqused ? min(max(seqused[batch], 0), length) : length;
-}
-
-// The key-tile range of one query tile and where masking is needed in it. Keys are
-// visited from n_block_max - 1 down to n_block_min; tiles with n >= n_block_right_masked
-// cross the right edge (window or key length), tiles with n < n_block_left_masked the
-// left edge of the window.
-template <int kBlockM, int kBlockN>
-struct KeyBlockRange {
-  int n_block_min, n_block_max;
-  int n_block_right_masked, n_block_left_masked;
-
-  __device__ bool empty() const { return n_block_min >= n_block_max; }
-
-  __device__ KeyBlockRange(int m_block, int seqlen_q, int seqlen_k, int window_left, int window_right,
-                           int diagonal_offset) {
-    int64_t const first_row = int64_t(m_block) * kBlockM;
-    int64_t const last_row = std::min<int64_t>(first_row + kBlockM, seqlen_q) - 1;
-    int64_t hi = (int64_t(seqlen_k) + kBlockN - 1) / kBlockN;
-    int64_t right_masked = seqlen_k / kBlockN;
-    if (window_right >= 0) {
-      hi = std::min(hi, floor_div(last_row + diagonal_offset + window_right + kBlockN, kBlockN));
-      right_masked = std::min(right_masked, floor_div(first_row + diagonal_offset + window_right + 1, kBlockN));
-    }
-    int64_t lo = 0, left_masked = 0;
-    if (window_left >= 0) {
-      lo = std::max<int64_t>(0, floor_div(first_row + diagonal_offset - window_left, kBlockN));
-      left_masked = floor_div(last_row + diagonal_offset - window_left + kBlockN - 1, kBlockN);
-    }
-    if (last_row < first_row) { hi = lo; }  // no query row in this tile
-    n_block_min = int(lo);
-    n_block_max = int(std::max(lo, hi));
-    n_block_right_masked = int(std::max<int64_t>(right_masked, 0));
-    n_block_left_masked = int(std::max(left_masked, lo));
-  }
-};
 
 // Sets to -inf every score whose column lies outside its row's visible interval
 // [lo[r], hi[r]) (columns relative to the thread's first column). Columns are thread 0's
