@@ -76,6 +76,32 @@ class Problem:
     return [jax.random.normal(key, shape, dtype) for key in keys]
 
 
+def sweep_problems(sweep, dtype, causal=(False, True), head_dims=None, seqlens=None):
+  """The sweep's problems: per head dim, causal or not, per seqlen, batch x seqlen = tokens."""
+  return [Problem(max(1, sweep.tokens // seqlen), seqlen, sweep.hidden // head_dim, head_dim, c,
+                  dtype)
+          for head_dim in head_dims or sweep.head_dims
+          for c in causal
+          for seqlen in seqlens or sweep.seqlens]
+
+
+def card_name():
+  return jax.devices()[0].device_kind if on_gpu() else "cpu"
+
+
+def results_header(card, dtype, iterations):
+  """The line heading a run's results: card, dtype, date, jax version and timing method."""
+  header = (f"{card}, {dtype}, {datetime.date.today().isoformat()}, jax {jax.__version__}; "
+            f"{timing_method(iterations)}")
+  return header if on_gpu() else header + "; NO GPU: float32 reference path"
+
+
+def default_out_dir(card):
+  """benchmarks/results/<YYYY-MM-DD>_<card>."""
+  slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
+  return pathlib.Path(__file__).parent / "results" / f"{datetime.date.today().isoformat()}_{slug}"
+
+
 def attention_fn(impl, problem):
   """`(q, k, v) -> out` for `impl`."""
   if impl == "jax_fa3":
@@ -256,26 +282,20 @@ def main(argv=None):
   sweep = GPU_SWEEP if on_gpu() else CPU_SWEEP
   if not on_gpu():
     print(NO_GPU_BANNER)
-  card = jax.devices()[0].device_kind if on_gpu() else "cpu"
-  hidden, tokens = args.hidden or sweep.hidden, args.tokens or sweep.tokens
+  card = card_name()
+  sweep = dataclasses.replace(sweep, hidden=args.hidden or sweep.hidden,
+                              tokens=args.tokens or sweep.tokens)
   iterations = args.iterations or sweep.iterations
   causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
-  problems = [Problem(max(1, tokens // seqlen), seqlen, hidden // head_dim, head_dim, c, args.dtype)
-              for head_dim in args.head_dims or sweep.head_dims
-              for c in causal
-              for seqlen in args.seqlens or sweep.seqlens]
+  problems = sweep_problems(sweep, args.dtype, causal, args.head_dims, args.seqlens)
   print(jax_fa3.kernels_available())
   print(f"card: {card}; {timing_method(iterations)}; jax {jax.__version__}", flush=True)
 
   records = run(problems, args.modes, args.impls, iterations, card)
 
-  date = datetime.date.today().isoformat()
-  slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
-  out_dir = args.out or pathlib.Path(__file__).parent / "results" / f"{date}_{slug}"
+  out_dir = args.out or default_out_dir(card)
   out_dir.mkdir(parents=True, exist_ok=True)
-  header = f"{card}, {args.dtype}, {date}, jax {jax.__version__}; {timing_method(iterations)}"
-  if not on_gpu():
-    header += "; NO GPU: float32 reference path"
+  header = results_header(card, args.dtype, iterations)
   table = markdown(records, header)
   (out_dir / "results.json").write_text(json.dumps(records, indent=1))
   (out_dir / "results.md").write_text(table)
