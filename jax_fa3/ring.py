@@ -88,15 +88,14 @@ class Ring:
   def layout(self, chunk: int) -> Contiguous | Striped:
     return Striped(self.size) if self.striped else Contiguous(chunk)
 
-  def pass_on(self, *arrays):
-    """Sends the arrays to the next device, in one ppermute of one dtype.
+  def pass_on(self, arrays, wire_dtype):
+    """Sends the arrays to the next device, in one ppermute whose operands all have
+    `wire_dtype`: wider arrays (the float32 accumulators) travel as several words of it.
 
-    XLA refuses a collective-permute that mixes float widths once it combines them
-    (jax#32148, xla#32845), so float32 accumulators travel as pairs of 16-bit words of
-    the first array's dtype.
+    Once XLA combines collective-permutes, one that mixes float widths fails to verify
+    (jax#32148, xla#32845), so every ppermute of the ring carries the input dtype.
     """
-    dtype = arrays[0].dtype
-    words = [lax.bitcast_convert_type(x, dtype) for x in arrays]
+    words = [lax.bitcast_convert_type(x, wire_dtype) for x in arrays]
     perm = [(r, (r + 1) % self.size) for r in range(self.size)]
     moved = lax.ppermute(words, self.axes, perm)
     return [lax.bitcast_convert_type(w, x.dtype) for w, x in zip(moved, arrays)]
@@ -127,7 +126,7 @@ def attention_fwd(ring: Ring, q, k, v, seqused_q, seqused_k, params: AttentionPa
   lse = jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf, jnp.float32)
   for step in range(ring.size):
     if step + 1 < ring.size:
-      next_k, next_v = ring.pass_on(k, v)
+      next_k, next_v = ring.pass_on([k, v], k.dtype)
     block_seqused_k = _local_lengths(layout, seqused_k, (rank - step) % ring.size,
                                      k.shape[1])
 
@@ -166,9 +165,9 @@ def attention_bwd(ring: Ring, dout, q, k, v, out, lse, seqused_q, seqused_k,
     dq, dk, dv = _at_step(ring, layout, params, step, rank, q.shape[1], k.shape[1],
                           differentiate, grads)
     if step + 1 < ring.size:
-      k, v, dk, dv = ring.pass_on(k, v, dk, dv)
+      k, v, dk, dv = ring.pass_on([k, v, dk, dv], k.dtype)
     grads = dq, dk, dv
-  dq, (dk, dv) = grads[0], ring.pass_on(*grads[1:])  # the last hop takes dK/dV home
+  dq, (dk, dv) = grads[0], ring.pass_on(grads[1:], k.dtype)  # the last hop: dK/dV home
   dq, dk, dv = dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
   if ring.striped:
     dq, dk, dv = (ring.unstripe(x, 1) for x in (dq, dk, dv))

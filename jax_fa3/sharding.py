@@ -17,8 +17,8 @@ primitives' abstract evaluation and batching rule, so vmap and grad work as befo
   `local_bwd` on each device's shards.
 - Explicit axes: the arrays' types carry their shardings, so the same per-device program
   runs under `jax.shard_map`, set up at trace time by `attention_fwd` and `attention_bwd`.
-Inside a `shard_map` that makes every mesh axis manual, the arrays are the local shards
-and attention runs on them as on one device.
+Inside `jax.shard_map` the arrays are the local shards along its manual axes, and
+attention runs on them as on one device.
 """
 
 import dataclasses
@@ -95,19 +95,20 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
         return axes
     return ()
 
-  q_axes, k_axes = [_axes(e) for e in q_spec], [_axes(e) for e in k_spec]
+  q_axes, k_axes = _axes_by_dimension(q_spec), _axes_by_dimension(k_spec)
   split_batch = pick([q_axes[0], k_axes[0]], batch)
   split_heads = pick([q_axes[2], k_axes[2]], heads)
   head_shards = math.prod(axis_sizes[a] for a in split_heads)
   if kv_heads % head_shards and head_shards % kv_heads:
     taken -= set(split_heads)
-    split_heads = ()
+    split_heads, head_shards = (), 1
   sequence = pick([q_axes[1], k_axes[1]], seqlen_q, seqlen_k)
   ring_size = math.prod(axis_sizes[a] for a in sequence)
-  unbounded = (params.window_left < 0, params.window_right < 0)
-  striped = (unbounded in ((True, False), (False, True))
+  bounded_sides = (params.window_left >= 0) + (params.window_right >= 0)
+  # A mask bounded on one side (causal) is a triangle, unbalanced unless striped.
+  striped = (bounded_sides == 1
              and seqlen_q % ring_size ** 2 == 0 and seqlen_k % ring_size ** 2 == 0)
-  if sequence and unbounded != (True, True) and not striped and seqlen_q != seqlen_k:
+  if bounded_sides and not striped and seqlen_q != seqlen_k:
     sequence = ()
   return Split(batch=split_batch, sequence=sequence, heads=split_heads,
                kv_heads_split=kv_heads % head_shards == 0,
@@ -167,6 +168,11 @@ def _ring(split, axis_sizes):
                    striped=split.striped)
 
 
+def _axes_by_dimension(spec):
+  """The mesh axes of each of the four dimensions of a (maybe shorter) PartitionSpec."""
+  return [_axes(entry) for entry in spec] + [()] * (4 - len(spec))
+
+
 def _axes(entry) -> tuple[str, ...]:
   """A PartitionSpec entry as a tuple of mesh axis names."""
   if entry is None:
@@ -185,6 +191,8 @@ def _entry(axes: tuple[str, ...]):
 
 def attention_fwd(q, k, v, seqused_q, seqused_k, params: AttentionParams):
   """The forward on arrays sharded any way: returns (out, lse)."""
+  if _in_shard_map():
+    return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params))
   mesh = _explicit_mesh(q, k, v)
   if mesh is None:
     return fwd_p.bind(q, k, v, seqused_q, seqused_k, **dataclasses.asdict(params))
@@ -199,6 +207,9 @@ def attention_fwd(q, k, v, seqused_q, seqused_k, params: AttentionParams):
 def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, params: AttentionParams,
                   deterministic: bool):
   """The backward on arrays sharded any way: returns (dq, dk, dv)."""
+  if _in_shard_map():
+    return tuple(primitives.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
+                                          params, deterministic))
   mesh = _explicit_mesh(q, k, v)
   if mesh is None:
     return bwd_p.bind(dout, q, k, v, out, lse, seqused_q, seqused_k,
@@ -210,6 +221,13 @@ def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, params: Attenti
   program = functools.partial(local_bwd, split, dict(mesh.shape), params, deterministic)
   return _run_explicit(mesh, split, program, (dout, q, k, v, out, lse, seqused_q, seqused_k),
                        in_specs, (q_spec, kv_spec, kv_spec))
+
+
+def _in_shard_map():
+  """Whether this runs inside `jax.shard_map`, where the arrays are per-device shards along
+  the manual axes. Any other axis is left to XLA, which gathers what the per-device call
+  needs: XLA cannot apply custom_partitioning in a partly manual computation (it aborts)."""
+  return AxisType.Manual in jax.sharding.get_abstract_mesh().axis_types
 
 
 def _explicit_mesh(*arrays):

@@ -1,0 +1,121 @@
+"""Multi-device attention: the ring's block masks and the split policy, then tests/sharding/
+(sharded arrays on 8 CPU devices) in a subprocess."""
+
+import itertools
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jax.sharding import PartitionSpec as P
+
+import jax_fa3
+from jax_fa3 import ring
+from jax_fa3.primitives import AttentionParams
+from jax_fa3.sharding import Split, choose_split
+
+WINDOWS = [(-1, -1), (-1, 0), (-1, 3), (5, -1), (4, 0), (6, 2), (0, 0)]
+
+
+def global_positions(layout, device, size, chunk):
+  if isinstance(layout, ring.Striped):
+    return device + size * np.arange(chunk)
+  return device * chunk + np.arange(chunk)
+
+
+def visible(rows, cols, mask: AttentionParams):
+  """CONTRACT.md's mask (without seqused) on the given query and key positions."""
+  diagonal = rows[:, None] + mask.diagonal_offset
+  seen = np.ones((len(rows), len(cols)), bool)
+  if mask.window_left >= 0:
+    seen &= cols[None, :] >= diagonal - mask.window_left
+  if mask.window_right >= 0:
+    seen &= cols[None, :] <= diagonal + mask.window_right
+  return seen
+
+
+@pytest.mark.parametrize("striped", [False, True], ids=["contiguous", "striped"])
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_block_masks_are_the_global_mask(striped, size):
+  """Each block's static mask, applied to local indices, is the global mask applied to the
+  block's global positions, for every pair of devices; an empty block is skipped."""
+  chunk = 6
+  layout = ring.Striped(size) if striped else ring.Contiguous(chunk)
+  for (left, right), offset in itertools.product(WINDOWS, (0, 3, -2)):
+    params = AttentionParams(1.0, window_left=left, window_right=right, diagonal_offset=offset)
+    for rank, owner in itertools.product(range(size), repeat=2):
+      expected = visible(global_positions(layout, rank, size, chunk),
+                         global_positions(layout, owner, size, chunk), params)
+      mask = layout.block_mask(params, rank - owner)
+      local = np.arange(chunk)
+      actual = (np.zeros_like(expected) if mask is None or not ring._sees_any(mask, chunk, chunk)
+                else visible(local, local, mask))
+      np.testing.assert_array_equal(actual, expected, err_msg=f"{params}, {rank=}, {owner=}")
+
+
+@pytest.mark.parametrize("striped", [False, True], ids=["contiguous", "striped"])
+def test_local_lengths_count_the_chunks_positions_below_the_length(striped):
+  size, chunk = 4, 5
+  layout = ring.Striped(size) if striped else ring.Contiguous(chunk)
+  lengths = np.arange(size * chunk + 2)
+  for owner in range(size):
+    positions = global_positions(layout, owner, size, chunk)
+    expected = (positions[None, :] < lengths[:, None]).sum(axis=1)
+    np.testing.assert_array_equal(layout.local_lengths(lengths, owner, chunk), expected)
+
+
+SIZES = {"data": 2, "model": 4, "seq": 4}
+CAUSAL = AttentionParams(1.0, window_right=0)
+FULL = AttentionParams(1.0)
+
+
+@pytest.mark.parametrize("q_spec, k_spec, q_shape, k_shape, params, expected", [
+    # Batch and heads keep q's split, with k/v heads following.
+    (P("data", None, "model"), P("data", None, "model"), (4, 32, 8, 16), (4, 32, 4, 16), FULL,
+     Split(batch=("data",), heads=("model",))),
+    # q's heads unsplit: k's split is taken (q is sliced).
+    (P(), P(None, None, "model"), (4, 32, 8, 16), (4, 32, 4, 16), FULL,
+     Split(heads=("model",))),
+    # More head shards than k/v heads: each device slices its k/v head.
+    (P(None, None, "model"), P(), (4, 32, 8, 16), (4, 32, 2, 16), FULL,
+     Split(heads=("model",), kv_heads_split=False)),
+    # 3 k/v heads cannot follow 4 head shards: heads are gathered.
+    (P(None, None, "model"), P(), (4, 32, 12, 16), (4, 32, 3, 16), FULL, Split()),
+    # A batch the axis does not divide stays whole.
+    (P("model"), P("model"), (2, 32, 8, 16), (2, 32, 8, 16), FULL, Split()),
+    # The sequence: a ring, striped for a causal mask when P * P divides both lengths.
+    (P(None, "seq"), P(None, "seq"), (2, 32, 4, 16), (2, 32, 4, 16), CAUSAL,
+     Split(sequence=("seq",), striped=True)),
+    (P(None, "seq"), P(None, "seq"), (2, 36, 4, 16), (2, 36, 4, 16), CAUSAL,
+     Split(sequence=("seq",))),
+    (P(None, "seq"), P(None, "seq"), (2, 32, 4, 16), (2, 32, 4, 16), FULL,
+     Split(sequence=("seq",))),
+    # Unmasked, the lengths may differ; masked, they must match unless striped.
+    (P(None, "seq"), P(None, "seq"), (2, 32, 4, 16), (2, 48, 4, 16), FULL,
+     Split(sequence=("seq",))),
+    (P(None, "seq"), P(None, "seq"), (2, 32, 4, 16), (2, 40, 4, 16), CAUSAL, Split()),
+    # A query sequence the ring cannot split (decoding) leaves k/v's to be gathered.
+    (P(), P(None, "seq"), (2, 1, 4, 16), (2, 32, 4, 16), CAUSAL, Split()),
+    # One mesh axis splits one dimension: q's batch wins over k's sequence.
+    (P("seq"), P(None, "seq"), (4, 32, 4, 16), (4, 32, 4, 16), FULL, Split(batch=("seq",))),
+])
+def test_choose_split(q_spec, k_spec, q_shape, k_shape, params, expected):
+  assert choose_split(SIZES, q_spec, k_spec, q_shape, k_shape, params) == expected
+
+
+def test_on_eight_cpu_devices():
+  """tests/sharding/ in a subprocess whose CPU backend has 8 devices (see its conftest)."""
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  # The same jax_fa3 as this process's, wherever it was imported from.
+  path = os.pathsep.join([str(pathlib.Path(jax_fa3.__file__).parents[1]),
+                          os.environ.get("PYTHONPATH", "")])
+  env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", PYTHONPATH=path,
+             JAX_FA3_EIGHT_CPU_DEVICES="1")
+  folder = pathlib.Path(__file__).parent / "sharding"
+  result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(folder)], cwd=folder, env=env, capture_output=True, text=True,
+                          check=False)
+  assert result.returncode == 0, f"{result.stdout[-30000:]}\n{result.stderr[-5000:]}"
