@@ -36,7 +36,7 @@ struct FwdTileConfig;
   };
 
 //               head dim  M    N   N (causal/local)  pingpong
-JAX_FA3_FWD_TILE(64,       128, 176, 128,             true)
+JAX_FA3_FWD_TILE(64,       192, 128, 128,             true)
 JAX_FA3_FWD_TILE(96,       128, 144, 128,             true)
 JAX_FA3_FWD_TILE(128,      128, 176, 128,             true)
 JAX_FA3_FWD_TILE(192,      128, 112, 96,              false)
