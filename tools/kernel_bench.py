@@ -30,6 +30,8 @@ def main():
     ap.add_argument("--seqlens", default="512,2048,8192,16384")
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--iterations", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=None, help="default: 16384 // seqlen (the paper sweep)")
+    ap.add_argument("--impls", default="jax_fa3,cudnn")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     card = jax.devices()[0].device_kind
@@ -37,7 +39,7 @@ def main():
     for d in map(int, args.head_dims.split(",")):
         for causal in map(int, args.causal.split(",")):
             for s in map(int, args.seqlens.split(",")):
-                b, h = 16384 // s, 2048 // d
+                b, h = args.batch or max(1, 16384 // s), 2048 // d
                 key = jax.random.key(s + d)
                 q, k, v = (jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in jax.random.split(key, 3))
                 scale = 1 / math.sqrt(d)
@@ -47,6 +49,8 @@ def main():
                     q, k, v, is_causal=bool(causal), implementation="cudnn"))
                 flops = 4 * b * h * s * s * d / (2 if causal else 1)
                 for impl, f in (("jax_fa3", ours), ("cudnn", cudnn)):
+                    if impl not in args.impls.split(","):
+                        continue
                     try:
                         ms = median_ms(f, q, k, v, iterations=args.iterations)
                     except Exception as e:  # report and continue the sweep
