@@ -197,11 +197,14 @@ def attention_fwd(q, k, v, seqused_q, seqused_k, params: AttentionParams):
   if mesh is None:
     return fwd_p.bind(q, k, v, seqused_q, seqused_k, **dataclasses.asdict(params))
   split = _split_of(mesh, q, k, params)
-  in_specs = (split.q_spec(), split.kv_spec(), split.kv_spec(),
-              split.seqused_spec(seqused_q), split.seqused_spec(seqused_k))
-  program = functools.partial(local_fwd, split, dict(mesh.shape), params)
-  return _run_explicit(mesh, split, program, (q, k, v, seqused_q, seqused_k), in_specs,
-                       (split.q_spec(), split.lse_spec()))
+  q_spec = _spec(q)
+  return _run_explicit(
+      mesh, split, functools.partial(local_fwd, split, dict(mesh.shape), params),
+      args=(q, k, v, seqused_q, seqused_k),
+      in_specs=(split.q_spec(), split.kv_spec(), split.kv_spec(),
+                split.seqused_spec(seqused_q), split.seqused_spec(seqused_k)),
+      out_specs=(split.q_spec(), split.lse_spec()),
+      result_specs=(q_spec, PartitionSpec(q_spec[0], q_spec[2], q_spec[1])))
 
 
 def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, params: AttentionParams,
@@ -216,11 +219,13 @@ def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, params: Attenti
                       **dataclasses.asdict(params), deterministic=deterministic)
   split = _split_of(mesh, q, k, params)
   q_spec, kv_spec = split.q_spec(), split.kv_spec()
-  in_specs = (q_spec, q_spec, kv_spec, kv_spec, q_spec, split.lse_spec(),
-              split.seqused_spec(seqused_q), split.seqused_spec(seqused_k))
-  program = functools.partial(local_bwd, split, dict(mesh.shape), params, deterministic)
-  return _run_explicit(mesh, split, program, (dout, q, k, v, out, lse, seqused_q, seqused_k),
-                       in_specs, (q_spec, kv_spec, kv_spec))
+  return _run_explicit(
+      mesh, split, functools.partial(local_bwd, split, dict(mesh.shape), params, deterministic),
+      args=(dout, q, k, v, out, lse, seqused_q, seqused_k),
+      in_specs=(q_spec, q_spec, kv_spec, kv_spec, q_spec, split.lse_spec(),
+                split.seqused_spec(seqused_q), split.seqused_spec(seqused_k)),
+      out_specs=(q_spec, kv_spec, kv_spec),
+      result_specs=(_spec(q), _spec(k), _spec(v)))
 
 
 def _in_shard_map():
@@ -241,19 +246,26 @@ def _explicit_mesh(*arrays):
   return None
 
 
+def _spec(x):
+  return jax.typeof(x).sharding.spec
+
+
 def _split_of(mesh, q, k, params):
-  return choose_split(dict(mesh.shape), jax.typeof(q).sharding.spec,
-                      jax.typeof(k).sharding.spec, q.shape, k.shape, params)
+  return choose_split(dict(mesh.shape), _spec(q), _spec(k), q.shape, k.shape, params)
 
 
-def _run_explicit(mesh, split, program, args, in_specs, out_specs):
-  """`program` on each device's shards of `args`, resharded to `in_specs` where they differ."""
-  args = [x if jax.typeof(x).sharding.spec == spec else
-          jax.sharding.reshard(x, NamedSharding(mesh, spec)) for x, spec in zip(args, in_specs)]
-  if not split.axes:
-    return program(*args)
-  return jax.shard_map(program, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                       axis_names=split.axes)(*args)
+def _run_explicit(mesh, split, program, *, args, in_specs, out_specs, result_specs):
+  """`program` under shard_map on the arguments resharded to `in_specs`; its results
+  resharded to `result_specs`, the types the per-device primitives give (inputs' specs)."""
+  args = [_reshard(x, mesh, spec) for x, spec in zip(args, in_specs)]
+  if split.axes:
+    program = jax.shard_map(program, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                            axis_names=split.axes)
+  return tuple(_reshard(x, mesh, spec) for x, spec in zip(program(*args), result_specs))
+
+
+def _reshard(x, mesh, spec):
+  return x if _spec(x) == spec else jax.sharding.reshard(x, NamedSharding(mesh, spec))
 
 
 # --- Automatic partitioning: custom_partitioning with a Shardy rule -----------------

@@ -58,14 +58,18 @@ def test_more_head_shards_than_kv_heads(explicit, kv_heads, normal, compare):
   assert actual["dk"].sharding.is_fully_replicated
 
 
-def test_split_head_dim_is_gathered(normal, compare):
+@pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
+def test_split_head_dim_is_gathered(explicit, normal, compare):
   """The documented fallback, and a check that `collectives` sees gathers: a split head
-  dim is gathered before the call."""
-  mesh = make_mesh((2, 4), ("data", "model"))
+  dim is gathered before the call. The results keep their inputs' shardings (in Explicit
+  mode they are part of the types, which the cotangent must match)."""
+  mesh = make_mesh((2, 4), ("data", "model"), explicit)
   spec = P("data", None, None, "model")
-  _, hlo = compare(forward_and_vjp(jax_fa3.flash_attention), qkv_dout(normal, 4, 4),
-                   [spec] * 4, mesh)
+  actual, hlo = compare(forward_and_vjp(jax_fa3.flash_attention), qkv_dout(normal, 4, 4),
+                        [spec] * 4, mesh)
   assert "all-gather" in collectives(hlo)
+  for x in actual.values():
+    assert x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim)
 
 
 def test_dot_product_attention_with_lengths(normal, compare):

@@ -1,0 +1,280 @@
+"""Multi-GPU scaling of jax_fa3 on sharded arrays: ring attention, batch and head splits.
+
+Sweeps, on 1, 2, 4, ... of the visible devices (--devices):
+- ring: one long sequence split over the devices (context parallelism), through
+  `flash_attention` under jit: time against seqlen and device count, causal and not;
+- layout: the causal ring striped (load-balanced, what jax_fa3 picks) against contiguous,
+  forward and backward apart: the balancing gain, expected (2P - 1) / P on P devices
+  (ring.py);
+- batch, heads: a fixed problem split over the batch or the heads (data and tensor
+  parallelism), which needs no communication: efficiency t(1) / (P t(P)), ideally 1.
+
+Timing: wall-clock time of the jitted call, median of --iterations (timing.wall_time_ms).
+Not CUPTI kernel time: a sharded call costs what its slowest device takes, plus the
+communication it waits for, which a sum of kernel times does not show.
+FLOPs as in bench.py (fwd 4 B H S^2 D, halved when causal; bwd 2.5x, fwdbwd 3.5x), and
+TFLOP/s are per device.
+
+NVLink multicast stays off: the script sets NCCL_NVLS_ENABLE=0 before JAX starts NCCL,
+whatever the environment says. On shared multi-GPU hosts a program that uses NVLS can
+put the host's GPUs out of service, and this sweep needs none of it.
+
+Writes scaling.json and scaling.md to benchmarks/results/<date>_<card>-x<devices>/ (or
+--out). Without a GPU it runs small sizes on the CPU devices, say
+XLA_FLAGS=--xla_force_host_platform_device_count=8, to check the plumbing.
+
+    python benchmarks/scaling.py --sweeps ring layout --seqlens 32768 131072
+"""
+
+import os
+
+os.environ["NCCL_NVLS_ENABLE"] = "0"  # before JAX loads NCCL; see above
+
+# pylint: disable=wrong-import-position
+import argparse
+import dataclasses
+import functools
+import itertools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import jax_fa3
+from bench import FLOP_FACTOR, NO_GPU_BANNER, Problem, card_name, default_out_dir, timed_call
+from jax_fa3 import sharding
+from jax_fa3.primitives import AttentionParams
+from timing import on_gpu, wall_time_ms
+
+SWEEPS = ("ring", "layout", "batch", "heads")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  seqlens: tuple[int, ...]  # ring and layout: batch 1, `heads` heads of `head_dim`
+  heads: int
+  head_dim: int
+  split_problem: Problem    # batch and heads: the fixed problem to split (its causal is ignored)
+  iterations: int
+
+
+GPU_SIZES = Sizes((8192, 16384, 32768, 65536, 131072), 16, 128,
+                  Problem(16, 4096, 16, 128, False, "bfloat16"), 10)
+CPU_SIZES = Sizes((256, 512), 2, 32, Problem(8, 256, 8, 32, False, "bfloat16"), 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One timed configuration."""
+  sweep: str
+  mode: str
+  split: str        # what is split over the devices ("sequence", "batch", "heads")
+  layout: str       # the ring's layout, or "-"
+  devices: int
+  problem: Problem
+
+
+def ring_points(sizes, device_counts, dtype):
+  for seqlen, causal, devices in itertools.product(sizes.seqlens, (False, True), device_counts):
+    problem = Problem(1, seqlen, sizes.heads, sizes.head_dim, causal, dtype)
+    for mode in ("fwd", "fwdbwd"):
+      yield Point("ring", mode, "sequence", _layout_chosen(problem, devices), devices, problem)
+
+
+def _layout_chosen(problem, devices):
+  """The ring's layout as jax_fa3 chooses it for this problem on `devices` devices."""
+  shape = (problem.batch, problem.seqlen, problem.heads, problem.head_dim)
+  split = sharding.choose_split({"x": devices}, P(None, "x"), P(None, "x"), shape, shape,
+                                _params(problem))
+  return "striped" if split.striped else "contiguous" if split.sequence else "-"
+
+
+def _params(problem):
+  return AttentionParams(softmax_scale=problem.head_dim ** -0.5,
+                         window_right=0 if problem.causal else -1)
+
+
+def layout_points(sizes, device_counts, dtype):
+  for seqlen, devices in itertools.product(sizes.seqlens, device_counts):
+    if devices > 1 and seqlen % devices ** 2 == 0:
+      problem = Problem(1, seqlen, sizes.heads, sizes.head_dim, True, dtype)
+      for mode, layout in itertools.product(("fwd", "bwd"), ("striped", "contiguous")):
+        yield Point("layout", mode, "sequence", layout, devices, problem)
+
+
+def split_points(sweep, sizes, device_counts, dtype):
+  problem = dataclasses.replace(sizes.split_problem, dtype=dtype)
+  size = problem.batch if sweep == "batch" else problem.heads
+  for devices, mode in itertools.product(device_counts, ("fwd", "fwdbwd")):
+    if size % devices == 0:
+      yield Point(sweep, mode, sweep, "-", devices, problem)
+
+
+def timed(point):
+  """The function to time for `point` and its arguments, placed on the devices."""
+  mesh = jax.make_mesh((point.devices,), ("x",), axis_types=(AxisType.Auto,),
+                       devices=jax.devices()[:point.devices])
+  spec = {"sequence": P(None, "x"), "batch": P("x"), "heads": P(None, None, "x")}[point.split]
+  q, k, v, dout = (jax.device_put(x, NamedSharding(mesh, spec))
+                   for x in point.problem.inputs(point.problem.dtype))
+  if point.sweep == "layout":
+    return _ring_program(point, mesh, q, k, v, dout)
+  attention = functools.partial(jax_fa3.flash_attention, causal=point.problem.causal)
+  return timed_call(attention, point.mode, q, k, v, dout)
+
+
+def _ring_program(point, mesh, q, k, v, dout):
+  """The forward or the backward of the causal ring in the point's layout, run directly
+  (jax_fa3 itself always stripes a causal ring that it can)."""
+  split = sharding.Split(sequence=("x",), striped=point.layout == "striped")
+  params, sizes, absent = _params(point.problem), dict(mesh.shape), jnp.zeros((0,), jnp.int32)
+  seq, lse, none = split.q_spec(), split.lse_spec(), P(None)
+
+  def forward(q, k, v, seqused):
+    return sharding.local_fwd(split, sizes, params, q, k, v, seqused, seqused)
+
+  def backward(dout, q, k, v, out, lse, seqused):
+    return sharding.local_bwd(split, sizes, params, False, dout, q, k, v, out, lse, seqused,
+                              seqused)
+
+  forward = jax.shard_map(forward, mesh=mesh, in_specs=(seq, seq, seq, none),
+                          out_specs=(seq, lse))
+  if point.mode == "fwd":
+    return forward, (q, k, v, absent)
+  out, lse_value = jax.jit(forward)(q, k, v, absent)
+  backward = jax.shard_map(backward, mesh=mesh, in_specs=(seq,) * 5 + (lse, none),
+                           out_specs=(seq, seq, seq))
+  return backward, (dout, q, k, v, out, lse_value, absent)
+
+
+def run(points, iterations):
+  records, baseline = [], {}
+  for index, point in enumerate(points, 1):
+    problem = point.problem
+    prefix = (f"[{index:3}/{len(points)}] {point.sweep:6} {point.mode:6} {point.layout:10} "
+              f"P={point.devices} causal={problem.causal!s:5} seqlen={problem.seqlen:<6} "
+              f"batch={problem.batch:<3} heads={problem.heads}")
+    try:
+      fn, args = timed(point)
+      ms = wall_time_ms(fn, *args, iterations=iterations)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"{prefix} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+      continue
+    key = (point.sweep, point.mode, point.layout if point.sweep == "layout" else "",
+           problem)
+    if point.devices == 1:
+      baseline[key] = ms
+    one_device = baseline.get(key)
+    records.append(dict(
+        sweep=point.sweep, mode=point.mode, split=point.split, layout=point.layout,
+        devices=point.devices, batch=problem.batch, seqlen=problem.seqlen,
+        heads=problem.heads, head_dim=problem.head_dim, causal=problem.causal,
+        dtype=problem.dtype, ms=ms,
+        tflops_per_device=problem.flops(point.mode) / ms / 1e9 / point.devices,
+        speedup=one_device / ms if one_device else None,
+        efficiency=one_device / ms / point.devices if one_device else None))
+    print(f"{prefix} {ms:10.3f} ms {records[-1]['tflops_per_device']:8.3g} TFLOP/s/device",
+          flush=True)
+  return records
+
+
+def markdown(records, header):
+  lines = [f"# Scaling: {header}", ""]
+  for sweep in SWEEPS:
+    rows = [r for r in records if r["sweep"] == sweep]
+    if not rows:
+      continue
+    lines += [f"## {sweep}", "",
+              "| mode | layout | causal | seqlen | batch | heads | devices | ms | "
+              "TFLOP/s/device | speed-up | efficiency |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["mode"], r["layout"], r["causal"], r["seqlen"],
+                                         r["devices"])):
+      lines.append(f"| {r['mode']} | {r['layout']} | {'yes' if r['causal'] else 'no'} | "
+                   f"{r['seqlen']} | {r['batch']} | {r['heads']} | {r['devices']} | "
+                   f"{r['ms']:.3f} | {r['tflops_per_device']:.3g} | {_ratio(r['speedup'])} | "
+                   f"{_ratio(r['efficiency'])} |")
+    lines.append("")
+  lines += _striping_gains(records)
+  return "\n".join(lines)
+
+
+def _striping_gains(records):
+  """The layout sweep's contiguous time over its striped time, beside (2P - 1) / P."""
+  ms = {(r["mode"], r["seqlen"], r["devices"], r["layout"]): r["ms"]
+        for r in records if r["sweep"] == "layout"}
+  rows = [f"| {mode} | {seqlen} | {devices} | {ms[mode, seqlen, devices, 'contiguous'] / striped:.2f}"
+          f" | {(2 * devices - 1) / devices:.2f} |"
+          for (mode, seqlen, devices, layout), striped in sorted(ms.items())
+          if layout == "striped" and (mode, seqlen, devices, "contiguous") in ms]
+  if not rows:
+    return []
+  return ["## striping gain (causal): contiguous ms / striped ms", "",
+          "| mode | seqlen | devices | measured | expected (2P - 1) / P |",
+          "|---|---|---|---|---|", *rows, ""]
+
+
+def _ratio(x):
+  return "-" if x is None else f"{x:.2f}"
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--sweeps", nargs="+", choices=SWEEPS, default=SWEEPS)
+  parser.add_argument("--devices", type=int, nargs="+",
+                      help="device counts (default: 1, 2, 4, ... up to all visible)")
+  parser.add_argument("--seqlens", type=int, nargs="+",
+                      help="ring and layout sweeps (default: 8192 ... 131072 on GPUs)")
+  parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+  parser.add_argument("--iterations", type=int, help="timed runs per point (default 10 on GPUs)")
+  parser.add_argument("--out", type=pathlib.Path,
+                      help="output folder (default benchmarks/results/<date>_<card>-x<devices>)")
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if not on_gpu():
+    print(NO_GPU_BANNER)
+  sizes = GPU_SIZES if on_gpu() else CPU_SIZES
+  if args.seqlens:
+    sizes = dataclasses.replace(sizes, seqlens=tuple(args.seqlens))
+  visible = len(jax.devices())
+  device_counts = sorted(args.devices or [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= visible])
+  if max(device_counts) > visible:
+    raise SystemExit(f"--devices asks for {max(device_counts)} devices; {visible} are visible")
+  iterations = args.iterations or sizes.iterations
+  points = []
+  for sweep in args.sweeps:
+    if sweep == "ring":
+      points += ring_points(sizes, device_counts, args.dtype)
+    elif sweep == "layout":
+      points += layout_points(sizes, device_counts, args.dtype)
+    else:
+      points += split_points(sweep, sizes, device_counts, args.dtype)
+
+  card = card_name()
+  header = (f"{card} x{max(device_counts)}, {args.dtype}, jax {jax.__version__}, "
+            f"wall-clock time (median of {iterations} runs), "
+            f"NCCL_NVLS_ENABLE={os.environ['NCCL_NVLS_ENABLE']}")
+  if not on_gpu():
+    header += "; NO GPU: float32 reference path on CPU devices"
+  print(jax_fa3.kernels_available())
+  print(header, flush=True)
+
+  records = run(points, iterations)
+
+  out_dir = args.out or default_out_dir(f"{card} x{max(device_counts)}")
+  out_dir.mkdir(parents=True, exist_ok=True)
+  table = markdown(records, header)
+  (out_dir / "scaling.json").write_text(json.dumps(dict(header=header, records=records),
+                                                   indent=1))
+  (out_dir / "scaling.md").write_text(table)
+  print("\n" + table)
+  print(f"wrote {out_dir / 'scaling.json'}, {out_dir / 'scaling.md'}")
+
+
+if __name__ == "__main__":
+  main()
