@@ -37,10 +37,13 @@ from jax_fa3.primitives import AttentionParams
 
 @dataclasses.dataclass(frozen=True)
 class Contiguous:
-  """Device r holds positions [r * chunk, (r + 1) * chunk) of q's and of k's sequence."""
+  """Device r holds positions [r * chunk, (r + 1) * chunk) of q's and of k's sequence
+  (their chunks may differ in length only where the mask ignores positions)."""
   chunk: int
 
   def block_mask(self, params: AttentionParams, d: int) -> AttentionParams:
+    if params.window_left < 0 and params.window_right < 0:
+      return params
     # Query i' of device r is position r C + i', key j' of device t is t C + j'.
     return dataclasses.replace(params,
                                diagonal_offset=params.diagonal_offset + d * self.chunk)
@@ -157,10 +160,10 @@ def attention_bwd(ring: Ring, dout, q, k, v, out, lse, seqused_q, seqused_k,
     block_seqused_k = _local_lengths(layout, seqused_k, (rank - step) % ring.size,
                                      k.shape[1])
 
-    def differentiate(mask, grads, k=k, v=v, seqused_k=block_seqused_k):
+    def differentiate(mask, sums, k=k, v=v, seqused_k=block_seqused_k):
       block_grads = primitives.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
                                              mask, deterministic)
-      return tuple(g + b.astype(jnp.float32) for g, b in zip(grads, block_grads))
+      return tuple(total + g.astype(jnp.float32) for total, g in zip(sums, block_grads))
 
     dq, dk, dv = _at_step(ring, layout, params, step, rank, q.shape[1], k.shape[1],
                           differentiate, grads)

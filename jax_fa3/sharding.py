@@ -13,8 +13,8 @@ How: the custom VJP in attention.py binds `fwd_p` and `bwd_p` ("fa3_fwd", "fa3_b
 are the per-device primitives of primitives.py lifted to a mesh. They have those
 primitives' abstract evaluation and batching rule, so vmap and grad work as before.
 - Mesh axes of type Auto: they lower through `custom_partitioning`. Its Shardy rule
-  propagates shardings; its `partition` picks the split from the shardings Shardy chose and runs `local_fwd` or
-  `local_bwd` on each device's shards.
+  propagates shardings; its `partition` picks the split from the shardings Shardy chose
+  and runs `local_fwd` or `local_bwd` on each device's shards.
 - Explicit axes: the arrays' types carry their shardings, so the same per-device program
   runs under `jax.shard_map`, set up at trace time by `attention_fwd` and `attention_bwd`.
 Inside `jax.shard_map` the arrays are the local shards along its manual axes, and

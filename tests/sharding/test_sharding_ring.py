@@ -129,13 +129,13 @@ def test_scan_over_layers(normal, compare):
   compare(grads, [x, layers], [P("data", "seq"), P(None, "data", "seq")], mesh)
 
 
-def ring_program(normal):
-  """The forward and backward of causal attention in Explicit mode over 4 devices, where
-  the ring is traced with the arrays (with Auto axes it appears only at compile time)."""
+def ring_program(normal, causal=True):
+  """The forward and backward of attention in Explicit mode over 4 devices, where the
+  ring is traced with the arrays (with Auto axes it appears only at compile time)."""
   mesh = make_mesh((4,), ("seq",), explicit=True)
   arrays = [jax.device_put(x, jax.sharding.NamedSharding(mesh, SEQ))
             for x in qkv_dout(normal, dtype=jnp.bfloat16)]
-  run = forward_and_vjp(functools.partial(jax_fa3.flash_attention, causal=True))
+  run = forward_and_vjp(functools.partial(jax_fa3.flash_attention, causal=causal))
   return jax.jit(run), arrays
 
 
@@ -149,17 +149,21 @@ def test_every_ppermute_carries_one_dtype(normal):
   assert {v.aval.dtype for eqn in ppermutes for v in eqn.invars} == {jnp.dtype(jnp.bfloat16)}
 
 
-def test_the_kernel_path_composes_the_ffi_calls(normal, monkeypatch):
-  """Lowered for CUDA (with a faked kernel table), each ring step calls the FFI targets,
-  with the striped causal masks' two diagonal offsets, 0 and -1."""
+@pytest.mark.parametrize("causal, calls, offsets", [
+    (False, 4, {0}),       # one block a step, the same whatever the device
+    (True, 7, {0, -1}),    # step 0, then two cases a step: t <= r (offset 0) and t > r (-1)
+], ids=["full", "causal"])
+def test_the_kernel_path_composes_the_ffi_calls(causal, calls, offsets, normal, monkeypatch):
+  """Lowered for CUDA (with a faked kernel table), each ring step calls the FFI targets
+  with its static mask."""
   variants = tuple(Variant(d, "bfloat16", 16, 16) for d in ("fwd", "bwd"))
   monkeypatch.setattr(_kernels, "_status", KernelStatus(variants))
-  fn, arrays = ring_program(normal)
+  fn, arrays = ring_program(normal, causal)
   text = jax.jit(lambda *a: fn(*a)).trace(*arrays).lower(lowering_platforms=("cuda",)).as_text()
   for target in ("jax_fa3_fwd", "jax_fa3_bwd"):
-    calls = [line for line in text.splitlines() if f"stablehlo.custom_call @{target}(" in line]
-    offsets = {int(o) for line in calls for o in re.findall(r"diagonal_offset = (-?\d+)", line)}
-    assert len(calls) == 7 and offsets == {0, -1}, target  # step 0, and 2 cases of 3 steps
+    lines = [line for line in text.splitlines() if f"stablehlo.custom_call @{target}(" in line]
+    found = {int(o) for line in lines for o in re.findall(r"diagonal_offset = (-?\d+)", line)}
+    assert (len(lines), found) == (calls, offsets), target
   assert "stablehlo.collective_permute" in text
 
 
