@@ -58,6 +58,16 @@ def test_more_head_shards_than_kv_heads(explicit, kv_heads, normal, compare):
   assert actual["dk"].sharding.is_fully_replicated
 
 
+def test_replicated_on_an_explicit_mesh(normal, compare):
+  """Under an Explicit mesh, replicated arrays run on each device whole (XLA fails to
+  compile custom_partitioning there)."""
+  mesh = make_mesh((2, 4), ("data", "model"), explicit=True)
+  with jax.set_mesh(mesh):
+    _, hlo = compare(forward_and_vjp(jax_fa3.flash_attention), qkv_dout(normal, 4, 2),
+                     [P()] * 4, mesh)
+  assert collectives(hlo) == set()
+
+
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
 def test_split_head_dim_is_gathered(explicit, normal, compare):
   """The documented fallback, and a check that `collectives` sees gathers: a split head
