@@ -71,11 +71,13 @@ class Case:
     return "-".join(f"{f.name}={getattr(self, f.name)}".replace(" ", "")
                     for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
 
-  def mask(self, make_attention_mask):
+  def mask(self):
+    """The padding mask [batch..., 1, T, S], or None."""
     if self.query_lengths is None:
       return None
-    return padding_mask(make_attention_mask, self.query_lengths, self.key_lengths,
+    mask = padding_mask(nnx.make_attention_mask, self.query_lengths, self.key_lengths,
                         self.query[-3], self.key[-3])
+    return mask.reshape(*self.query[:-3], *mask.shape[1:])
 
 
 NNX_CASES = [
@@ -89,17 +91,11 @@ NNX_CASES = [
 ]
 
 
-def _nnx_mask(case):
-  """The case's padding mask, shaped [batch..., 1, T, S]."""
-  mask = case.mask(nnx.make_attention_mask)
-  return None if mask is None else mask.reshape(*case.query[:-3], *mask.shape[1:])
-
-
 @pytest.mark.parametrize("case", NNX_CASES, ids=str)
 def test_nnx_function_equals_flax(case, normal):
   """Outputs and gradients, with padding masks, GQA, causal and extra batch dims."""
   q, k, v, dout = normal(case.query), normal(case.key), normal(case.key), normal(case.query)
-  mask = _nnx_mask(case)
+  mask = case.mask()
   ours = functools.partial(jax_fa3.flax.nnx.dot_product_attention, mask_structure="padding",
                            strict=True)
 
@@ -136,18 +132,16 @@ def test_nnx_function_serves_a_causal_mask_declared_padding(normal):
 
 # --- nnx.MultiHeadAttention ------------------------------------------------------------
 
-def _nnx_layers(make_ours, num_kv_heads=None, decode=False):
-  """jax_fa3's MultiHeadAttention, Flax's, and Flax's in float32 attention, with equal weights."""
+def _nnx_layers(num_kv_heads=None, decode=False):
+  """jax_fa3's MultiHeadAttention (strict, declaring padding masks), Flax's, and Flax's
+  with float32 attention, with equal weights."""
   make = lambda: dict(num_heads=4, in_features=64, num_kv_heads=num_kv_heads,
                       dtype=jnp.bfloat16, decode=decode, rngs=nnx.Rngs(0))
-  return (make_ours(**make()),
+  ours = functools.partial(jax_fa3.flax.nnx.dot_product_attention, mask_structure="padding",
+                           strict=True)
+  return (jax_fa3.flax.nnx.MultiHeadAttention(**make(), attention_fn=ours),
           nnx.MultiHeadAttention(**make()),
           nnx.MultiHeadAttention(**make(), attention_fn=in_float32(nnx.dot_product_attention)))
-
-
-def _with_options(**options):
-  return lambda **make: nnx.MultiHeadAttention(
-      **make, attention_fn=functools.partial(jax_fa3.flax.nnx.dot_product_attention, **options))
 
 
 @pytest.mark.parametrize("num_kv_heads", [None, 2, 1])
@@ -155,12 +149,9 @@ def _with_options(**options):
 def test_nnx_module_equals_flax(num_kv_heads, padded, normal):
   """jax_fa3.flax.nnx.MultiHeadAttention against nnx.MultiHeadAttention: MHA, GQA, MQA,
   causal, with and without a padding mask."""
-  module = _with_options(mask_structure="padding", strict=True) if padded else functools.partial(
-      jax_fa3.flax.nnx.MultiHeadAttention, attention_fn=functools.partial(
-          jax_fa3.flax.nnx.dot_product_attention, strict=True))
-  layers = _nnx_layers(module, num_kv_heads)
   x = normal((2, 24, 64))
   mask = padding_mask(nnx.make_attention_mask, (24, 10), (24, 10), 24, 24) if padded else None
+  layers = _nnx_layers(num_kv_heads)
   assert_as_close_as_flax(*(layer(x, mask=mask, is_causal=True) for layer in layers))
 
 
@@ -173,8 +164,7 @@ def test_nnx_default_module_uses_the_kernels(normal):
 
 def test_nnx_decode_with_the_cache_mask(normal):
   """Token-by-token decoding: the cache's occupancy mask is a key padding mask."""
-  layers = _nnx_layers(_with_options(mask_structure="padding", strict=True), num_kv_heads=2,
-                       decode=True)
+  layers = _nnx_layers(num_kv_heads=2, decode=True)
   x = normal((2, 4, 64))
   for layer in layers:
     layer.init_cache(x.shape, dtype=jnp.bfloat16)

@@ -25,8 +25,9 @@ def fresh_warnings():
 
 
 def _qkv(normal, dtype=jnp.bfloat16, heads=4, kv_heads=4, head_dim=32):
-  return normal((2, 16, heads, head_dim), dtype), *(normal((2, 16, kv_heads, head_dim), dtype)
-                                                    for _ in range(2))
+  q = normal((2, 16, heads, head_dim), dtype)
+  k, v = (normal((2, 16, kv_heads, head_dim), dtype) for _ in range(2))
+  return q, k, v
 
 
 def _unserved(normal):
@@ -39,6 +40,7 @@ def _unserved(normal):
       "dropout_rate": (q, k, v, dict(dropout_rate=0.1, deterministic=False,
                                      dropout_rng=jax.random.key(0))),
       "module": (q, k, v, dict(module=nnx.Module())),
+      # float32, with a padding mask declared as such: not served all the same
       "float32": (*_qkv(normal, jnp.float32), dict(mask=nnx.make_attention_mask(valid, valid))),
       "head dims up to 256": (*_qkv(normal, head_dim=288), {}),
   }
@@ -65,6 +67,7 @@ def test_nnx_falls_back_to_flax_once_and_raises_when_strict(reason, normal):
 
 
 def test_nnx_dropout_while_not_training_is_served(normal):
+  """strict=True: raises if the kernels do not serve it."""
   q, k, v = _qkv(normal)
   jax_fa3.flax.nnx.dot_product_attention(q, k, v, dropout_rate=0.1, deterministic=True,
                                          strict=True)

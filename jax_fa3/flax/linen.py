@@ -31,16 +31,16 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
   serve a call with bfloat16 or float16 inputs (after promotion to `dtype`), no `bias`, no
   dropout while training, no `module` (sow_weights=False), no custom einsums, and a `mask`
   only if `mask_structure="padding"`. They compute the softmax in float32, so `precision`
-  and `force_fp32_for_softmax` need nothing more from them. GQA (fewer key/value heads)
-  is served too.
+  and `force_fp32_for_softmax` need nothing more from them.
 
   Any other call runs `flax.linen.dot_product_attention` instead, after a warning that
   names the argument (once per reason); with `strict=True` it raises that error instead.
 
   Keyword-only arguments, set them with `functools.partial`:
     is_causal: causal attention (query i sees key j <= i), as in `flax.nnx` and `jax.nn`,
-      combined with `mask` by logical and. linen passes no causal flag, only a dense mask,
-      so a causal model sets this to be served without a mask to check.
+      combined with `mask` by logical and. linen passes no causal flag, only a dense
+      mask, so a causal model sets this, and mask_structure="padding" if it still passes
+      the mask of `make_causal_mask`.
     mask_structure: None: `mask` may be any mask, and Flax's attention runs whenever one
       is given. "padding": `mask` only marks right padding: for each sequence it keeps
       the first q_len queries and the first kv_len keys (and is combined with

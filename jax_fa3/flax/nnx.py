@@ -2,8 +2,8 @@
 it as the default.
 
     layer = nnx.MultiHeadAttention(num_heads=8, in_features=512, dtype=jnp.bfloat16,
-                                   attention_fn=jax_fa3.flax.nnx.dot_product_attention,
-                                   rngs=nnx.Rngs(0))
+                                   decode=False, rngs=nnx.Rngs(0),
+                                   attention_fn=jax_fa3.flax.nnx.dot_product_attention)
     y = layer(x, is_causal=True)
 """
 
