@@ -6,13 +6,13 @@
 
 namespace jax_fa3 {
 
-// Head dims are compiled for 64 and 128: the two warpgroups split dQ's head dim in halves,
-// which must align with the shared-memory swizzle atoms (96 would split a 32-wide atom;
-// Python pads 96 to the 128 kernel).
+// Head dims are compiled for 64 and 128. dQ = dS·K is split between the warpgroups along
+// its rows (queries) when there are 64 per warpgroup, else along the head dim; either way
+// each part must be whole 64-element swizzle atoms (so 96 pads to the 128 kernel).
 template <int kHeadDim>
 struct BwdTileConfig {
-  static_assert(kHeadDim <= 128, "the key-owning backward layout holds dK and dV for head dims <= 128");
-  static constexpr int kBlockM = 64;   // query rows per step
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "compiled backward head dims: 64, 128");
+  static constexpr int kBlockM = kHeadDim == 64 ? 128 : 64;  // query rows per step
   static constexpr int kBlockN = 128;  // keys per CTA: 64 per consumer warpgroup
   static constexpr int kStages = 2;    // Q/dO ring depth
 };

@@ -41,12 +41,17 @@ struct BwdTraits {
       GMMA::rs_op_selector<Element, Element, float, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kBlockM>>,
                            GMMA::Major::K, GMMA::Major::MN>(),
       ConsumerLayout{}));
-  // dQ = dS·K: (queries, head dim) over the keys; the warpgroups split the head dim.
+  // dQ = dS·K: (queries, head dim) over the keys; the warpgroups split the queries when
+  // there are 64 per warpgroup, else the head dim.
+  static constexpr bool kDQSplitsQueries = kBlockM == 64 * kConsumerWarpgroups;
+  static constexpr int kDQWarpgroupsM = kDQSplitsQueries ? kConsumerWarpgroups : 1;
+  static constexpr int kDQWarpgroupsN = kDQSplitsQueries ? 1 : kConsumerWarpgroups;
+  static_assert((kHeadDim / kDQWarpgroupsN) % 64 == 0, "dQ's head-dim split must keep whole swizzle atoms");
   using TiledMmaDQ = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kHeadDim / kConsumerWarpgroups>,
-                                                          Int<kBlockN>>,
+      GMMA::ss_op_selector<Element, Element, float,
+                           Shape<Int<kBlockM / kDQWarpgroupsM>, Int<kHeadDim / kDQWarpgroupsN>, Int<kBlockN>>,
                            GMMA::Major::MN, GMMA::Major::MN>(),
-      Layout<Shape<_1, Int<kConsumerWarpgroups>, _1>>{}));
+      Layout<Shape<Int<kDQWarpgroupsM>, Int<kDQWarpgroupsN>, _1>>{}));
 
   // Q and dO: (queries, head dim, stage), head dim contiguous; their transposes are views.
   using SmemLayoutQ = decltype(tile_to_shape(gmma_smem_atom<GMMA::Major::K, Element, kBlockM, kHeadDim>(),
