@@ -116,9 +116,9 @@ def test_workspace_sizes():
   # + semaphores 16 -> 256.
   assert primitives.bwd_workspace_bytes(1, 128, 128, 2, 2, 64, 64) == 65536 + 1024 + 1024 + 256
   # GQA, B=2, H=8, Hk=2, Sq=100->128, Sk=300->384, D=80->128, Dv=64: adds the f32 dk and dv
-  # accumulators, 786432 and 393216.
+  # accumulators, 786432 and 393216, and their semaphores, 96 -> 256.
   assert primitives.bwd_workspace_bytes(2, 100, 300, 8, 2, 80, 64) == (
-      1048576 + 8192 + 8192 + 256 + 786432 + 393216)
+      1048576 + 8192 + 8192 + 256 + 786432 + 393216 + 256)
 
 
 def test_kernels_available_reports_why_not(compiled):
