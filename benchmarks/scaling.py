@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jax_fa3
-from bench import FLOP_FACTOR, NO_GPU_BANNER, Problem, card_name, default_out_dir, timed_call
+from bench import NO_GPU_BANNER, Problem, card_name, default_out_dir, timed_call
 from jax_fa3 import sharding
 from jax_fa3.primitives import AttentionParams
 from timing import on_gpu, wall_time_ms
