@@ -205,8 +205,9 @@ def _striping_gains(records):
   """The layout sweep's contiguous time over its striped time, beside (2P - 1) / P."""
   ms = {(r["mode"], r["seqlen"], r["devices"], r["layout"]): r["ms"]
         for r in records if r["sweep"] == "layout"}
-  rows = [f"| {mode} | {seqlen} | {devices} | {ms[mode, seqlen, devices, 'contiguous'] / striped:.2f}"
-          f" | {(2 * devices - 1) / devices:.2f} |"
+  rows = [f"| {mode} | {seqlen} | {devices} | "
+          f"{ms[mode, seqlen, devices, 'contiguous'] / striped:.2f} | "
+          f"{(2 * devices - 1) / devices:.2f} |"
           for (mode, seqlen, devices, layout), striped in sorted(ms.items())
           if layout == "striped" and (mode, seqlen, devices, "contiguous") in ms]
   if not rows:

@@ -30,16 +30,27 @@ def eight_cpu_devices():
   assert len(jax.devices("cpu")) == 8, "run by tests/test_sharding.py with 8 CPU devices"
 
 
-def make_mesh(shape, names, explicit=False):
-  """A mesh of CPU devices with Auto (or Explicit) axes."""
-  kind = AxisType.Explicit if explicit else AxisType.Auto
-  return jax.make_mesh(shape, names, axis_types=(kind,) * len(names),
-                       devices=jax.devices("cpu")[:int(np.prod(shape))])
+@pytest.fixture
+def make_mesh():
+  """`make_mesh(shape, names, explicit=False)`: CPU devices with Auto (or Explicit) axes."""
+  def make(shape, names, explicit=False):
+    kind = AxisType.Explicit if explicit else AxisType.Auto
+    return jax.make_mesh(shape, names, axis_types=(kind,) * len(names),
+                         devices=jax.devices("cpu")[:int(np.prod(shape))])
+  return make
 
 
-def collectives(hlo_text):
-  """The kinds of collective operations in compiled HLO text."""
-  return {kind for kind in COLLECTIVES if re.search(rf"\s{kind}(-start)?\(", hlo_text)}
+@pytest.fixture
+def collectives():
+  """`collectives(hlo_text)`: the kinds of collective operations in compiled HLO text."""
+  return lambda hlo_text: {kind for kind in COLLECTIVES
+                           if re.search(rf"\s{kind}(-start)?\(", hlo_text)}
+
+
+@pytest.fixture(name="assert_close")
+def assert_close_fixture():
+  """`assert_close(actual, expected, dtype)`: within 2 eps(dtype) of max|expected|."""
+  return assert_close
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, collectives, make_mesh
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_fa3
@@ -31,7 +30,8 @@ def qkv_dout(normal, heads, kv_heads, dtype=jnp.bfloat16, batch=4, seqlen=16, he
 @pytest.mark.parametrize("explicit, spec", [
     (False, P("data")), (False, P(None, None, "model")), (False, P("data", None, "model")),
     (True, P("data", None, "model"))], ids=["batch", "heads", "batch+heads", "explicit"])
-def test_batch_and_heads_run_locally(explicit, spec, causal, normal, compare):
+def test_batch_and_heads_run_locally(explicit, spec, causal, normal, compare, make_mesh,
+                                     collectives):
   """GQA with k/v heads split like q's: no collective at all, outputs and gradients
   sharded like their inputs."""
   mesh = make_mesh((2, 4), ("data", "model"), explicit)
@@ -44,7 +44,8 @@ def test_batch_and_heads_run_locally(explicit, spec, causal, normal, compare):
 
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
-def test_more_head_shards_than_kv_heads(explicit, kv_heads, normal, compare):
+def test_more_head_shards_than_kv_heads(explicit, kv_heads, normal, compare, make_mesh,
+                                        collectives):
   """8 query heads over 4 devices, 2 or 1 k/v heads, replicated: each device slices the
   k/v head its queries read. The k/v gradients are summed over the devices sharing a
   head (an all-reduce); q, k and v are never gathered."""
@@ -58,7 +59,7 @@ def test_more_head_shards_than_kv_heads(explicit, kv_heads, normal, compare):
   assert actual["dk"].sharding.is_fully_replicated
 
 
-def test_replicated_on_an_explicit_mesh(normal, compare):
+def test_replicated_on_an_explicit_mesh(normal, compare, make_mesh, collectives):
   """Under an Explicit mesh, replicated arrays run on each device whole (XLA fails to
   compile custom_partitioning there)."""
   mesh = make_mesh((2, 4), ("data", "model"), explicit=True)
@@ -69,7 +70,7 @@ def test_replicated_on_an_explicit_mesh(normal, compare):
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
-def test_split_head_dim_is_gathered(explicit, normal, compare):
+def test_split_head_dim_is_gathered(explicit, normal, compare, make_mesh, collectives):
   """The documented fallback, and a check that `collectives` sees gathers: a split head
   dim is gathered before the call. The results keep their inputs' shardings (in Explicit
   mode they are part of the types, which the cotangent must match)."""
@@ -82,7 +83,7 @@ def test_split_head_dim_is_gathered(explicit, normal, compare):
     assert x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim)
 
 
-def test_dot_product_attention_with_lengths(normal, compare):
+def test_dot_product_attention_with_lengths(normal, compare, make_mesh, collectives):
   """jax.nn's semantics with per-sequence lengths, split over the batch: the lengths are
   split with it."""
   mesh = make_mesh((4, 2), ("data", "model"))
@@ -100,7 +101,7 @@ def test_dot_product_attention_with_lengths(normal, compare):
   assert collectives(hlo) == set()
 
 
-def test_vmap_of_grad(normal, compare):
+def test_vmap_of_grad(normal, compare, make_mesh):
   """vmap folds into the batch, which stays split."""
   mesh = make_mesh((2, 4), ("data", "model"))
   q, k = normal((3, 4, 16, 8, 16)), normal((4, 16, 4, 16))
@@ -110,7 +111,7 @@ def test_vmap_of_grad(normal, compare):
   compare(grads, [q, k], [P(None, "data", None, "model"), P("data", None, "model")], mesh)
 
 
-def test_inside_shard_map_the_shards_are_the_arrays(normal):
+def test_inside_shard_map_the_shards_are_the_arrays(normal, make_mesh, assert_close):
   """Under shard_map over every axis, attention runs on each device's shard as given;
   over some axes only, the others are gathered as the call needs (XLA cannot
   custom-partition inside a partly manual computation)."""

@@ -6,7 +6,6 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import collectives, make_mesh
 from jax.sharding import PartitionSpec as P
 
 import jax_fa3
@@ -38,7 +37,7 @@ def qkv_dout(normal, seqlen_q=32, seqlen_k=None, heads=4, kv_heads=2, batch=2, h
     (32, (-1, 3), True),    # causal shifted right by 3: striped
     (32, (6, 0), False),    # a band: contiguous, blocks outside it skipped
 ], ids=["full", "causal", "causal-contiguous", "right-window", "band"])
-def test_ring(seqlen, window, striped, normal, compare):
+def test_ring(seqlen, window, striped, normal, compare, make_mesh, collectives):
   """K/V chunks go round the ring (collective-permutes), nothing is gathered; the striped
   layout adds the all-to-alls that restripe the arrays."""
   mesh = make_mesh((4,), ("seq",))
@@ -49,7 +48,7 @@ def test_ring(seqlen, window, striped, normal, compare):
   assert actual["out"].sharding.spec[1] == "seq"
 
 
-def test_ring_of_eight_bfloat16(normal, compare):
+def test_ring_of_eight_bfloat16(normal, compare, make_mesh, collectives):
   mesh = make_mesh((8,), ("seq",))
   attention = functools.partial(jax_fa3.flash_attention, causal=True)
   _, hlo = compare(forward_and_vjp(attention), qkv_dout(normal, 64, dtype=jnp.bfloat16),
@@ -58,7 +57,7 @@ def test_ring_of_eight_bfloat16(normal, compare):
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
-def test_batch_sequence_and_heads_together(explicit, normal, compare):
+def test_batch_sequence_and_heads_together(explicit, normal, compare, make_mesh, collectives):
   mesh = make_mesh((2, 2, 2), ("data", "seq", "model"), explicit)
   attention = functools.partial(jax_fa3.flash_attention, causal=True)
   spec = P("data", "seq", "model")
@@ -67,7 +66,7 @@ def test_batch_sequence_and_heads_together(explicit, normal, compare):
   assert collectives(hlo) == {"collective-permute", "all-to-all"}
 
 
-def test_cross_attention_of_different_lengths(normal, compare):
+def test_cross_attention_of_different_lengths(normal, compare, make_mesh, collectives):
   """Without a mask the chunks of q and of k/v may differ in length."""
   mesh = make_mesh((4,), ("seq",))
   _, hlo = compare(forward_and_vjp(jax_fa3.flash_attention),
@@ -75,7 +74,8 @@ def test_cross_attention_of_different_lengths(normal, compare):
   assert collectives(hlo) == {"collective-permute"}
 
 
-def test_masked_lengths_the_ring_cannot_take_are_gathered(normal, compare):
+def test_masked_lengths_the_ring_cannot_take_are_gathered(normal, compare, make_mesh,
+                                                          collectives):
   """Causal with 32 queries and 40 keys on 4 devices: neither striped (40 % 16) nor
   contiguous (chunks of 8 and 10 keys), so the sequence is gathered, and still right."""
   mesh = make_mesh((4,), ("seq",))
@@ -85,7 +85,7 @@ def test_masked_lengths_the_ring_cannot_take_are_gathered(normal, compare):
   assert "all-gather" in collectives(hlo)
 
 
-def test_dot_product_attention_with_lengths(normal, compare):
+def test_dot_product_attention_with_lengths(normal, compare, make_mesh, collectives):
   """Per-sequence lengths on a striped ring; jax.nn's handling of rows that see no key
   (the mean of the values) reduces over the sequence, hence the all-reduce."""
   mesh = make_mesh((2, 4), ("data", "seq"))
@@ -103,7 +103,7 @@ def test_dot_product_attention_with_lengths(normal, compare):
   assert "all-gather" not in collectives(hlo)
 
 
-def test_lse_and_its_gradient(normal, compare):
+def test_lse_and_its_gradient(normal, compare, make_mesh):
   mesh = make_mesh((4,), ("seq",))
   q, k, v, dout = qkv_dout(normal)
   dlse = normal((2, 4, 32), jnp.float32)
@@ -117,7 +117,7 @@ def test_lse_and_its_gradient(normal, compare):
   compare(run, [q, k, v, dout, dlse], [SEQ] * 4 + [P(None, None, "seq")], mesh)
 
 
-def test_scan_over_layers(normal, compare):
+def test_scan_over_layers(normal, compare, make_mesh):
   mesh = make_mesh((2, 4), ("data", "seq"))
   x, layers = normal((2, 32, 4, 16), jnp.float16), normal((3, 2, 32, 4, 16), jnp.float16)
 
@@ -129,7 +129,7 @@ def test_scan_over_layers(normal, compare):
   compare(grads, [x, layers], [P("data", "seq"), P(None, "data", "seq")], mesh)
 
 
-def ring_program(normal, causal=True):
+def ring_program(normal, make_mesh, causal=True):
   """The forward and backward of attention in Explicit mode over 4 devices, where the
   ring is traced with the arrays (with Auto axes it appears only at compile time)."""
   mesh = make_mesh((4,), ("seq",), explicit=True)
@@ -139,10 +139,10 @@ def ring_program(normal, causal=True):
   return jax.jit(run), arrays
 
 
-def test_every_ppermute_carries_one_dtype(normal):
+def test_every_ppermute_carries_one_dtype(normal, make_mesh):
   """XLA refuses a combined collective-permute of mixed float widths (jax#32148), and may
   combine any of them: the float32 dK/dV accumulators travel as bfloat16 words too."""
-  fn, arrays = ring_program(normal)
+  fn, arrays = ring_program(normal, make_mesh)
   ppermutes = [eqn for eqn in _equations(jax.make_jaxpr(fn)(*arrays).jaxpr)
                if eqn.primitive.name == "ppermute"]
   assert ppermutes
@@ -153,12 +153,13 @@ def test_every_ppermute_carries_one_dtype(normal):
     (False, 4, {0}),       # one block a step, the same whatever the device
     (True, 7, {0, -1}),    # step 0, then two cases a step: t <= r (offset 0) and t > r (-1)
 ], ids=["full", "causal"])
-def test_the_kernel_path_composes_the_ffi_calls(causal, calls, offsets, normal, monkeypatch):
+def test_the_kernel_path_composes_the_ffi_calls(causal, calls, offsets, normal, make_mesh,
+                                                monkeypatch):
   """Lowered for CUDA (with a faked kernel table), each ring step calls the FFI targets
   with its static mask."""
   variants = tuple(Variant(d, "bfloat16", 16, 16) for d in ("fwd", "bwd"))
   monkeypatch.setattr(_kernels, "_status", KernelStatus(variants))
-  fn, arrays = ring_program(normal, causal)
+  fn, arrays = ring_program(normal, make_mesh, causal)
   text = jax.jit(lambda *a: fn(*a)).trace(*arrays).lower(lowering_platforms=("cuda",)).as_text()
   for target in ("jax_fa3_fwd", "jax_fa3_bwd"):
     lines = [line for line in text.splitlines() if f"stablehlo.custom_call @{target}(" in line]
