@@ -47,6 +47,19 @@ def collectives():
                            if re.search(rf"\s{kind}(-start)?\(", hlo_text)}
 
 
+@pytest.fixture
+def forward_and_vjp():
+  """`forward_and_vjp(attention)`: (q, k, v, dout) -> dict of out and the gradients for
+  cotangent dout (sharded like out, so that nothing needs a reduction over devices)."""
+  def wrap(attention):
+    def run(q, k, v, dout):
+      out, pullback = jax.vjp(attention, q, k, v)
+      dq, dk, dv = pullback(dout)
+      return dict(out=out, dq=dq, dk=dk, dv=dv)
+    return run
+  return wrap
+
+
 @pytest.fixture(name="assert_close")
 def assert_close_fixture():
   """`assert_close(actual, expected, dtype)`: within 2 eps(dtype) of max|expected|."""

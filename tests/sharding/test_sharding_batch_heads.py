@@ -11,16 +11,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jax_fa3
 
 
-def forward_and_vjp(attention):
-  """(q, k, v, dout) -> out and the gradients for cotangent dout. A sharded cotangent, not
-  a scalar loss, so the computation itself needs no communication at all."""
-  def run(q, k, v, dout):
-    out, pullback = jax.vjp(attention, q, k, v)
-    dq, dk, dv = pullback(dout)
-    return dict(out=out, dq=dq, dk=dk, dv=dv)
-  return run
-
-
 def qkv_dout(normal, heads, kv_heads, dtype=jnp.bfloat16, batch=4, seqlen=16, head_dim=16):
   q_shape, kv_shape = (batch, seqlen, heads, head_dim), (batch, seqlen, kv_heads, head_dim)
   return [normal(s, dtype) for s in (q_shape, kv_shape, kv_shape, q_shape)]
@@ -31,7 +21,7 @@ def qkv_dout(normal, heads, kv_heads, dtype=jnp.bfloat16, batch=4, seqlen=16, he
     (False, P("data")), (False, P(None, None, "model")), (False, P("data", None, "model")),
     (True, P("data", None, "model"))], ids=["batch", "heads", "batch+heads", "explicit"])
 def test_batch_and_heads_run_locally(explicit, spec, causal, normal, compare, make_mesh,
-                                     collectives):
+                                     collectives, forward_and_vjp):
   """GQA with k/v heads split like q's: no collective at all, outputs and gradients
   sharded like their inputs."""
   mesh = make_mesh((2, 4), ("data", "model"), explicit)
@@ -44,8 +34,8 @@ def test_batch_and_heads_run_locally(explicit, spec, causal, normal, compare, ma
 
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
-def test_more_head_shards_than_kv_heads(explicit, kv_heads, normal, compare, make_mesh,
-                                        collectives):
+def test_more_head_shards_than_kv_heads(explicit, kv_heads, normal, compare, make_mesh, collectives,
+                                        forward_and_vjp):
   """8 query heads over 4 devices, 2 or 1 k/v heads, replicated: each device slices the
   k/v head its queries read. The k/v gradients are summed over the devices sharing a
   head (an all-reduce); q, k and v are never gathered."""
@@ -59,7 +49,7 @@ def test_more_head_shards_than_kv_heads(explicit, kv_heads, normal, compare, mak
   assert actual["dk"].sharding.is_fully_replicated
 
 
-def test_replicated_on_an_explicit_mesh(normal, compare, make_mesh, collectives):
+def test_replicated_on_an_explicit_mesh(normal, compare, make_mesh, collectives, forward_and_vjp):
   """Under an Explicit mesh, replicated arrays run on each device whole (XLA fails to
   compile custom_partitioning there)."""
   mesh = make_mesh((2, 4), ("data", "model"), explicit=True)
@@ -70,7 +60,8 @@ def test_replicated_on_an_explicit_mesh(normal, compare, make_mesh, collectives)
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
-def test_split_head_dim_is_gathered(explicit, normal, compare, make_mesh, collectives):
+def test_split_head_dim_is_gathered(explicit, normal, compare, make_mesh, collectives,
+                                    forward_and_vjp):
   """The documented fallback, and a check that `collectives` sees gathers: a split head
   dim is gathered before the call. The results keep their inputs' shardings (in Explicit
   mode they are part of the types, which the cotangent must match)."""
@@ -83,7 +74,8 @@ def test_split_head_dim_is_gathered(explicit, normal, compare, make_mesh, collec
     assert x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim)
 
 
-def test_dot_product_attention_with_lengths(normal, compare, make_mesh, collectives):
+def test_dot_product_attention_with_lengths(normal, compare, make_mesh, collectives,
+                                            forward_and_vjp):
   """jax.nn's semantics with per-sequence lengths, split over the batch: the lengths are
   split with it."""
   mesh = make_mesh((4, 2), ("data", "model"))

@@ -15,14 +15,6 @@ from jax_fa3._kernels import KernelStatus, Variant
 SEQ = P(None, "seq")
 
 
-def forward_and_vjp(attention):
-  def run(q, k, v, dout):
-    out, pullback = jax.vjp(attention, q, k, v)
-    dq, dk, dv = pullback(dout)
-    return dict(out=out, dq=dq, dk=dk, dv=dv)
-  return run
-
-
 def qkv_dout(normal, seqlen_q=32, seqlen_k=None, heads=4, kv_heads=2, batch=2, head_dim=16,
              dtype=jnp.float16):
   q_shape = (batch, seqlen_q, heads, head_dim)
@@ -37,7 +29,7 @@ def qkv_dout(normal, seqlen_q=32, seqlen_k=None, heads=4, kv_heads=2, batch=2, h
     (32, (-1, 3), True),    # causal shifted right by 3: striped
     (32, (6, 0), False),    # a band: contiguous, blocks outside it skipped
 ], ids=["full", "causal", "causal-contiguous", "right-window", "band"])
-def test_ring(seqlen, window, striped, normal, compare, make_mesh, collectives):
+def test_ring(seqlen, window, striped, normal, compare, make_mesh, collectives, forward_and_vjp):
   """K/V chunks go round the ring (collective-permutes), nothing is gathered; the striped
   layout adds the all-to-alls that restripe the arrays."""
   mesh = make_mesh((4,), ("seq",))
@@ -48,7 +40,7 @@ def test_ring(seqlen, window, striped, normal, compare, make_mesh, collectives):
   assert actual["out"].sharding.spec[1] == "seq"
 
 
-def test_ring_of_eight_bfloat16(normal, compare, make_mesh, collectives):
+def test_ring_of_eight_bfloat16(normal, compare, make_mesh, collectives, forward_and_vjp):
   mesh = make_mesh((8,), ("seq",))
   attention = functools.partial(jax_fa3.flash_attention, causal=True)
   _, hlo = compare(forward_and_vjp(attention), qkv_dout(normal, 64, dtype=jnp.bfloat16),
@@ -57,7 +49,8 @@ def test_ring_of_eight_bfloat16(normal, compare, make_mesh, collectives):
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
-def test_batch_sequence_and_heads_together(explicit, normal, compare, make_mesh, collectives):
+def test_batch_sequence_and_heads_together(explicit, normal, compare, make_mesh, collectives,
+                                           forward_and_vjp):
   mesh = make_mesh((2, 2, 2), ("data", "seq", "model"), explicit)
   attention = functools.partial(jax_fa3.flash_attention, causal=True)
   spec = P("data", "seq", "model")
@@ -66,7 +59,8 @@ def test_batch_sequence_and_heads_together(explicit, normal, compare, make_mesh,
   assert collectives(hlo) == {"collective-permute", "all-to-all"}
 
 
-def test_cross_attention_of_different_lengths(normal, compare, make_mesh, collectives):
+def test_cross_attention_of_different_lengths(normal, compare, make_mesh, collectives,
+                                              forward_and_vjp):
   """Without a mask the chunks of q and of k/v may differ in length."""
   mesh = make_mesh((4,), ("seq",))
   _, hlo = compare(forward_and_vjp(jax_fa3.flash_attention),
@@ -74,8 +68,8 @@ def test_cross_attention_of_different_lengths(normal, compare, make_mesh, collec
   assert collectives(hlo) == {"collective-permute"}
 
 
-def test_masked_lengths_the_ring_cannot_take_are_gathered(normal, compare, make_mesh,
-                                                          collectives):
+def test_masked_lengths_the_ring_cannot_take_are_gathered(normal, compare, make_mesh, collectives,
+                                                          forward_and_vjp):
   """Causal with 32 queries and 40 keys on 4 devices: neither striped (40 % 16) nor
   contiguous (chunks of 8 and 10 keys), so the sequence is gathered, and still right."""
   mesh = make_mesh((4,), ("seq",))
@@ -85,7 +79,8 @@ def test_masked_lengths_the_ring_cannot_take_are_gathered(normal, compare, make_
   assert "all-gather" in collectives(hlo)
 
 
-def test_dot_product_attention_with_lengths(normal, compare, make_mesh, collectives):
+def test_dot_product_attention_with_lengths(normal, compare, make_mesh, collectives,
+                                            forward_and_vjp):
   """Per-sequence lengths on a striped ring; jax.nn's handling of rows that see no key
   (the mean of the values) reduces over the sequence, hence the all-reduce."""
   mesh = make_mesh((2, 4), ("data", "seq"))
@@ -129,7 +124,7 @@ def test_scan_over_layers(normal, compare, make_mesh):
   compare(grads, [x, layers], [P("data", "seq"), P(None, "data", "seq")], mesh)
 
 
-def ring_program(normal, make_mesh, causal=True):
+def ring_program(normal, make_mesh, forward_and_vjp, causal=True):
   """The forward and backward of attention in Explicit mode over 4 devices, where the
   ring is traced with the arrays (with Auto axes it appears only at compile time)."""
   mesh = make_mesh((4,), ("seq",), explicit=True)
@@ -139,10 +134,10 @@ def ring_program(normal, make_mesh, causal=True):
   return jax.jit(run), arrays
 
 
-def test_every_ppermute_carries_one_dtype(normal, make_mesh):
+def test_every_ppermute_carries_one_dtype(normal, make_mesh, forward_and_vjp):
   """XLA refuses a combined collective-permute of mixed float widths (jax#32148), and may
   combine any of them: the float32 dK/dV accumulators travel as bfloat16 words too."""
-  fn, arrays = ring_program(normal, make_mesh)
+  fn, arrays = ring_program(normal, make_mesh, forward_and_vjp)
   ppermutes = [eqn for eqn in _equations(jax.make_jaxpr(fn)(*arrays).jaxpr)
                if eqn.primitive.name == "ppermute"]
   assert ppermutes
@@ -154,12 +149,12 @@ def test_every_ppermute_carries_one_dtype(normal, make_mesh):
     (True, 7, {0, -1}),    # step 0, then two cases a step: t <= r (offset 0) and t > r (-1)
 ], ids=["full", "causal"])
 def test_the_kernel_path_composes_the_ffi_calls(causal, calls, offsets, normal, make_mesh,
-                                                monkeypatch):
+                                                forward_and_vjp, monkeypatch):
   """Lowered for CUDA (with a faked kernel table), each ring step calls the FFI targets
   with its static mask."""
   variants = tuple(Variant(d, "bfloat16", 16, 16) for d in ("fwd", "bwd"))
   monkeypatch.setattr(_kernels, "_status", KernelStatus(variants))
-  fn, arrays = ring_program(normal, make_mesh, causal)
+  fn, arrays = ring_program(normal, make_mesh, forward_and_vjp, causal)
   text = jax.jit(lambda *a: fn(*a)).trace(*arrays).lower(lowering_platforms=("cuda",)).as_text()
   for target in ("jax_fa3_fwd", "jax_fa3_bwd"):
     lines = [line for line in text.splitlines() if f"stablehlo.custom_call @{target}(" in line]
