@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <mutex>
 
 #include <cuda_runtime.h>
 #include <cute/tensor.hpp>
@@ -16,6 +15,7 @@
 #include "bwd/traits.h"
 #include "bwd/workspace.h"
 #include "common/bwd_params.h"
+#include "common/launch.h"
 
 namespace jax_fa3 {
 
@@ -23,19 +23,6 @@ template <class Traits>
 BwdWorkspace bwd_workspace(BwdParams const& b, void* base) {
   return BwdWorkspace::carve(base, b.batch, b.heads, b.kv_heads, b.seqlen_q, b.seqlen_k, b.head_dim, b.head_dim_v,
                              Traits::kBlockM, Traits::kBlockN, b.deterministic);
-}
-
-// Opting in to more than 48 KB of shared memory is a per-function, per-device setting.
-template <class Kernel>
-cudaError_t set_shared_memory(Kernel kernel, int bytes) {
-  static std::once_flag configured[64];
-  int device = 0;
-  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) { return e; }
-  cudaError_t result = cudaSuccess;
-  std::call_once(configured[device % 64], [&] {
-    result = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  });
-  return result;
 }
 
 template <class Element, int kHeadDim>
@@ -111,7 +98,7 @@ cudaError_t run_bwd(BwdParams const& b, cudaStream_t stream) {
   p.deterministic = b.deterministic;
 
   auto kernel = bwd_kernel<Traits>;
-  if (cudaError_t e = set_shared_memory(kernel, Traits::kSharedBytes); e != cudaSuccess) { return e; }
+  if (cudaError_t e = set_shared_memory<bwd_kernel<Traits>>(Traits::kSharedBytes); e != cudaSuccess) { return e; }
   kernel<<<dim3(num_n_blocks, b.heads, b.batch), Traits::kThreads, Traits::kSharedBytes, stream>>>(p);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) { return e; }
 

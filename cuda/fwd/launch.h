@@ -4,11 +4,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <mutex>
 
 #include <cuda_runtime.h>
 #include <cute/tensor.hpp>
 
+#include "common/launch.h"
 #include "common/params.h"
 #include "fwd/kernel.h"
 #include "fwd/traits.h"
@@ -79,16 +79,7 @@ cudaError_t launch_fwd(FwdParams const& fp, cudaStream_t stream) {
   p.diagonal_offset = fp.diagonal_offset;
 
   auto kernel = fwd_kernel<Traits>;
-  // Opting in to more than 48 KB of shared memory is a per-function, per-device setting.
-  static std::once_flag configured[64];
-  int device = 0;
-  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) { return e; }
-  cudaError_t attribute_error = cudaSuccess;
-  std::call_once(configured[device % 64], [&] {
-    attribute_error =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSharedBytes);
-  });
-  if (attribute_error != cudaSuccess) { return attribute_error; }
+  if (cudaError_t e = set_shared_memory<fwd_kernel<Traits>>(Traits::kSharedBytes); e != cudaSuccess) { return e; }
 
   if constexpr (Traits::kHasWindow) {
     if (cudaError_t e = cudaMemsetAsync(fp.tile_counter, 0, sizeof(int), stream); e != cudaSuccess) { return e; }
