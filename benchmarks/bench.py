@@ -18,6 +18,7 @@ benchmarks/results/<YYYY-MM-DD>_<card>/ (or --out).
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import itertools
 import json
 import pathlib
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import jax_fa3
 from timing import on_gpu, time_ms, timing_method
 
-IMPLS = ("jax_fa3", "cudnn", "xla", "pallas")
+IMPLS = ("jax_fa3", "cudnn", "xla", "pallas", "fa3_wheel")
 MODES = ("fwd", "bwd", "fwdbwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 # XLA materializes the float32 scores; past this size it only measures memory traffic (or OOMs).
@@ -109,6 +110,9 @@ def attention_fn(impl, problem):
   if impl in ("cudnn", "xla"):
     return lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=problem.causal, implementation=impl)
+  if impl == "fa3_wheel":  # FlashAttention-3's own kernels, bound by flash-attn3-jax
+    import flash_attn3_jax  # pylint: disable=import-outside-toplevel
+    return lambda q, k, v: flash_attn3_jax.flash_mha(q, k, v, is_causal=problem.causal)
   from jax.experimental.pallas.ops.gpu import attention_mgpu  # pylint: disable=import-outside-toplevel
   # Block sizes from jax's own tests; it has no softmax scale, which does not change the work.
   config = attention_mgpu.TuningConfig(
@@ -120,8 +124,13 @@ def attention_fn(impl, problem):
 
 def why_not(impl, problem, mode):
   """Why `impl` does not apply to this problem, or None."""
-  if impl in ("cudnn", "pallas") and not on_gpu():
+  if impl in ("cudnn", "pallas", "fa3_wheel") and not on_gpu():
     return "needs an NVIDIA GPU"
+  if impl == "fa3_wheel":
+    if importlib.util.find_spec("flash_attn3_jax") is None:
+      return "flash-attn3-jax is not installed (carry its wheel to the GPU machine)"
+    if problem.head_dim != 128:
+      return "the flash-attn3-jax wheel ships head-dim-128 kernels only"
   score_bytes = 4 * problem.batch * problem.heads * problem.seqlen ** 2
   if impl == "xla" and on_gpu() and score_bytes > XLA_MAX_SCORE_BYTES:
     return f"its float32 scores would take {score_bytes / 2**30:.0f} GiB"

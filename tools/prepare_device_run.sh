@@ -2,7 +2,7 @@
 # Everything a device call needs from this machine, built into git-ignored folders that the
 # `run` tool carries: .carry/orig (the extension for the GPU machine's Python 3.12),
 # optionally the ablation builds, and .whl (wheels the GPU image lacks, for the notebook).
-# Usage: tools/prepare_device_run.sh [--ablation] [--notebook-wheels]
+# Usage: tools/prepare_device_run.sh [--ablation] [--notebook-wheels] [--fa3-wheel]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-/work/envs/py312/bin/python}
@@ -17,6 +17,11 @@ for arg in "$@"; do
       python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl nbclient nbformat ipykernel ;;
+    --fa3-wheel)
+      # FlashAttention-3's own kernels for the side-by-side benchmark (head dim 128; einops is
+      # already on the GPU image).
+      python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 -d .whl "flash-attn3-jax==0.2.3" ;;
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac
 done
