@@ -38,6 +38,23 @@ def _cases():
         Case("bfloat16", 128, 1, 640, 2000, 4, 4, window=(100, -1)),
         Case("bfloat16", 64, 2, 2048, 2048, 4, 4, window=CAUSAL, softcap=15.0),
     ]
+    return cases + _random_cases(24, seed=4)
+
+
+def _random_cases(count, seed):
+    """Configs drawn at random (a fixed draw, so test ids are stable): odd lengths either
+    way round, GQA groups up to 8, causal with either alignment, windows, softcap."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(count):
+        heads = int(rng.choice([2, 4, 8]))
+        kv_heads = heads // int(rng.choice([g for g in (1, 2, 4, 8) if heads % g == 0]))
+        window = [(-1, -1), CAUSAL, (int(rng.integers(0, 300)), int(rng.integers(-1, 200)))][rng.integers(3)]
+        cases.append(Case(str(rng.choice(["bfloat16", "float16"])), int(rng.choice([64, 128])),
+                          int(rng.integers(1, 4)), int(rng.integers(1, 1600)), int(rng.integers(1, 1600)),
+                          heads, kv_heads, window=window,
+                          diagonal=str(rng.choice(["bottom_right", "top_left"])),
+                          softcap=float(rng.choice([0.0, 0.0, 0.0, 20.0])), seqused=bool(rng.random() < 0.2)))
     return cases
 
 
