@@ -7,14 +7,12 @@ compiled; this module reads it and keeps no copy of its own.
 
 import dataclasses
 import importlib
-import os
 from typing import Any, Mapping, NamedTuple
 
 import jax
 import numpy as np
 
 FWD_TARGET = "jax_fa3_fwd"
-BWD_OPT_IN = "JAX_FA3_BWD_KERNELS"  # =1 uses the (not yet GPU-verified) backward kernels
 BWD_TARGET = "jax_fa3_bwd"
 
 
@@ -64,10 +62,6 @@ def _load() -> KernelStatus:
   for name, capsule in _fa3_cuda.registrations().items():
     jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
   variants = tuple(Variant(d, t, int(h), int(hv)) for d, t, h, hv in _fa3_cuda.variants())
-  if os.environ.get(BWD_OPT_IN, "0") != "1":
-    # The backward kernels are new and not yet verified on a GPU; until they are, the
-    # float32 reference backward runs unless the user opts in.
-    variants = tuple(v for v in variants if v.direction != "bwd")
   reason = None if variants else "the extension was built with an empty variant list"
   return KernelStatus(variants, reason, dict(_fa3_cuda.build_info()))
 

@@ -12,7 +12,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 # The extension is built on the CPU machine and carried in .carry/ (git-ignored).
 cp .carry/orig/_fa3_cuda*.so jax_fa3/ 2>/dev/null
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PYTHONPATH XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_FA3_BWD_KERNELS=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PYTHONPATH XLA_PYTHON_CLIENT_PREALLOCATE=false
 # Tests compile one small XLA graph per shape: skip GEMM autotuning, use several workers.
 TEST_ENV="XLA_FLAGS=--xla_gpu_autotune_level=0"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
