@@ -20,7 +20,9 @@ whatever the environment says. On shared multi-GPU hosts a program that uses NVL
 put the host's GPUs out of service, and this sweep needs none of it.
 
 Writes scaling.json and scaling.md to benchmarks/results/<date>_<card>-x<devices>/ (or
---out). Without a GPU it runs small sizes on the CPU devices, say
+--out), after every point, so that a run cut short keeps what it measured, and at the end
+scaling.png (with matplotlib; --replot draws it from a scaling.json afterwards). Without a
+GPU it runs small sizes on the CPU devices, say
 XLA_FLAGS=--xla_force_host_platform_device_count=8, to check the plumbing.
 
     python benchmarks/scaling.py --sweeps ring layout --seqlens 32768 131072
@@ -149,7 +151,9 @@ def _ring_program(point, mesh, q, k, v, dout):
   return backward, (dout, q, k, v, out, lse_value, absent)
 
 
-def run(points, iterations):
+def run(points, iterations, on_record=lambda records: None):
+  """Times each point; `on_record(records)` after each, so that a run cut short keeps
+  what it measured."""
   records, baseline = [], {}
   for index, point in enumerate(points, 1):
     problem = point.problem
@@ -177,6 +181,7 @@ def run(points, iterations):
         efficiency=one_device / ms / point.devices if one_device else None))
     print(f"{prefix} {ms:10.3f} ms {records[-1]['tflops_per_device']:8.3g} TFLOP/s/device",
           flush=True)
+    on_record(records)
   return records
 
 
@@ -201,15 +206,20 @@ def markdown(records, header):
   return "\n".join(lines)
 
 
-def _striping_gains(records):
-  """The layout sweep's contiguous time over its striped time, beside (2P - 1) / P."""
+def striping_gains(records):
+  """The layout sweep's contiguous time over its striped time: (mode, seqlen, devices,
+  gain) for each point measured both ways."""
   ms = {(r["mode"], r["seqlen"], r["devices"], r["layout"]): r["ms"]
         for r in records if r["sweep"] == "layout"}
-  rows = [f"| {mode} | {seqlen} | {devices} | "
-          f"{ms[mode, seqlen, devices, 'contiguous'] / striped:.2f} | "
-          f"{(2 * devices - 1) / devices:.2f} |"
+  return [(mode, seqlen, devices, ms[mode, seqlen, devices, "contiguous"] / striped)
           for (mode, seqlen, devices, layout), striped in sorted(ms.items())
           if layout == "striped" and (mode, seqlen, devices, "contiguous") in ms]
+
+
+def _striping_gains(records):
+  """The striping gains as a markdown table, beside (2P - 1) / P."""
+  rows = [f"| {mode} | {seqlen} | {devices} | {gain:.2f} | {(2 * devices - 1) / devices:.2f} |"
+          for mode, seqlen, devices, gain in striping_gains(records)]
   if not rows:
     return []
   return ["## striping gain (causal): contiguous ms / striped ms", "",
@@ -219,6 +229,91 @@ def _striping_gains(records):
 
 def _ratio(x):
   return "-" if x is None else f"{x:.2f}"
+
+
+def plot(records, header, out_dir):
+  """scaling.png: the ring's TFLOP/s per device against seqlen (fwd, fwdbwd), the striping
+  gain against (2P - 1) / P, and the batch/heads efficiency. Needs matplotlib."""
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    print("matplotlib is not installed, so no plot (pip install matplotlib)")
+    return []
+  ring = [r for r in records if r["sweep"] == "ring"]
+  gains = striping_gains(records)
+  splits = [r for r in records if r["sweep"] in ("batch", "heads") and r["efficiency"]]
+  panels = [("ring", mode) for mode in ("fwd", "fwdbwd") if any(r["mode"] == mode for r in ring)]
+  panels += [("layout", None)] * bool(gains) + [("split", None)] * bool(splits)
+  if not panels:
+    return []
+  columns = min(2, len(panels))
+  rows = -(-len(panels) // columns)
+  fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4.2 * rows), squeeze=False)
+  for ax in axes.flat[len(panels):]:
+    ax.set_visible(False)
+  for ax, (panel, mode) in zip(axes.flat, panels):
+    if panel == "ring":
+      for devices, causal in sorted({(r["devices"], r["causal"]) for r in ring}):
+        points = sorted((r["seqlen"], r["tflops_per_device"]) for r in ring if r["mode"] == mode
+                        and r["devices"] == devices and r["causal"] == causal)
+        if points:
+          ax.plot(*zip(*points), marker="o", linestyle="-" if causal else "--",
+                  label=f"{devices} device{'s' * (devices > 1)}, "
+                        f"{'causal' if causal else 'not causal'}")
+      _seqlen_axis(ax, {r["seqlen"] for r in ring})
+      ax.set(title=f"ring: sequence split, {mode}", xlabel="seqlen (batch 1)",
+             ylabel="TFLOP/s per device")
+    elif panel == "layout":
+      colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+      for index, devices in enumerate(sorted({g[2] for g in gains})):
+        color = colors[index % len(colors)]
+        for mode_, style in (("fwd", "-"), ("bwd", "--")):
+          points = sorted((g[1], g[3]) for g in gains if (g[0], g[2]) == (mode_, devices))
+          if points:
+            ax.plot(*zip(*points), marker="o", color=color, linestyle=style,
+                    label=f"{mode_}, {devices} devices")
+        ax.axhline((2 * devices - 1) / devices, color=color, linestyle=":", linewidth=1)
+      _seqlen_axis(ax, {g[1] for g in gains})
+      ax.set(title="causal ring: contiguous ms / striped ms\n(dotted: (2P - 1) / P)",
+             xlabel="seqlen", ylabel="speed-up of striping")
+    else:
+      for sweep, mode_ in sorted({(r["sweep"], r["mode"]) for r in splits}):
+        points = sorted((r["devices"], r["efficiency"]) for r in splits
+                        if (r["sweep"], r["mode"]) == (sweep, mode_))
+        ax.plot(*zip(*points), marker="o", label=f"{sweep} split, {mode_}")
+      ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
+      ax.set_xscale("log", base=2)
+      devices = sorted({r["devices"] for r in splits})
+      ax.set_xticks(devices, [str(d) for d in devices])
+      ax.set(title="batch / heads split: t(1) / (P t(P))", xlabel="devices",
+             ylabel="efficiency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(header, fontsize=8)
+  fig.tight_layout()
+  path = out_dir / "scaling.png"
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return [path]
+
+
+def _seqlen_axis(ax, seqlens):
+  seqlens = sorted(seqlens)
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(seqlens, [f"{s // 1024}k" if s % 1024 == 0 else str(s) for s in seqlens])
+  ax.minorticks_off()
+
+
+def write(out_dir, header, records, with_plot=False):
+  """scaling.json and scaling.md (and scaling.png) in `out_dir`; returns their paths."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / "scaling.json").write_text(json.dumps(dict(header=header, records=records),
+                                                   indent=1))
+  (out_dir / "scaling.md").write_text(markdown(records, header))
+  return ([out_dir / "scaling.json", out_dir / "scaling.md"]
+          + (plot(records, header, out_dir) if with_plot else []))
 
 
 def parse_args(argv=None):
@@ -232,11 +327,20 @@ def parse_args(argv=None):
   parser.add_argument("--iterations", type=int, help="timed runs per point (default 10 on GPUs)")
   parser.add_argument("--out", type=pathlib.Path,
                       help="output folder (default benchmarks/results/<date>_<card>-x<devices>)")
+  parser.add_argument("--replot", type=pathlib.Path, metavar="SCALING_JSON",
+                      help="run nothing: rewrite scaling.md and scaling.png beside this "
+                           "scaling.json (say, of a run cut short)")
   return parser.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.replot:
+    results, out_dir = json.loads(args.replot.read_text()), args.replot.parent
+    (out_dir / "scaling.md").write_text(markdown(results["records"], results["header"]))
+    written = [out_dir / "scaling.md", *plot(results["records"], results["header"], out_dir)]
+    print("wrote " + ", ".join(str(p) for p in written))
+    return
   if not on_gpu():
     print(NO_GPU_BANNER)
   sizes = GPU_SIZES if on_gpu() else CPU_SIZES
@@ -265,16 +369,12 @@ def main(argv=None):
   print(jax_fa3.kernels_available())
   print(header, flush=True)
 
-  records = run(points, iterations)
-
   out_dir = args.out or default_out_dir(f"{card} x{max(device_counts)}")
-  out_dir.mkdir(parents=True, exist_ok=True)
-  table = markdown(records, header)
-  (out_dir / "scaling.json").write_text(json.dumps(dict(header=header, records=records),
-                                                   indent=1))
-  (out_dir / "scaling.md").write_text(table)
-  print("\n" + table)
-  print(f"wrote {out_dir / 'scaling.json'}, {out_dir / 'scaling.md'}")
+  records = run(points, iterations, lambda records: write(out_dir, header, records))
+
+  written = write(out_dir, header, records, with_plot=True)
+  print("\n" + markdown(records, header))
+  print("wrote " + ", ".join(str(p) for p in written))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@ import pytest
 # Every kernel launch first fills its outputs with NaN, so an element a kernel fails to
 # write shows up as NaN in the comparison (read by the FFI handler at its first call).
 os.environ.setdefault("JAX_FA3_DEBUG_POISON", "1")
-# The GPU tests exercise the backward kernels, which are opt-in until verified.
-os.environ.setdefault("JAX_FA3_BWD_KERNELS", "1")
+
+import sharding_checks  # pylint: disable=wrong-import-position
+
+# test_multi_gpu.py's sharded-vs-unsharded differences, tabled at the end of the run.
+_largest_differences = sharding_checks.LargestDifferences()
 
 
 def _has_gpu() -> bool:
@@ -26,5 +29,17 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     here = os.path.dirname(__file__)
     for item in items:
-        if str(item.fspath).startswith(here):
+        # A module that counts its devices itself (test_multi_gpu.py) skips by that count.
+        own_check = getattr(getattr(item, "module", None), "CHECKS_ITS_OWN_DEVICES", False)
+        if str(item.fspath).startswith(here) and not own_check:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def largest_differences():
+    """A sharding_checks.LargestDifferences, written in the terminal summary."""
+    return _largest_differences
+
+
+def pytest_terminal_summary(terminalreporter):
+    _largest_differences.write(terminalreporter)

@@ -3,26 +3,23 @@
 XLA makes 8 CPU devices only if told before JAX creates its CPU backend, and the flag
 would hold for the whole run. So tests/test_sharding.py runs this folder in a subprocess
 with the flag and JAX_FA3_EIGHT_CPU_DEVICES=1, and any other run leaves it uncollected.
+The checks themselves are tests/sharding_checks.py's, shared with tests/gpu/test_multi_gpu.py.
 """
 
-import collections
 import os
-import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
 
+import sharding_checks
+from sharding_checks import assert_close
+
 if os.environ.get("JAX_FA3_EIGHT_CPU_DEVICES") != "1":
   collect_ignore_glob = ["test_*.py"]
 
-COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
-               "reduce-scatter")
-
-# (dtype, quantity) -> the largest |sharded - unsharded| seen, relative to max|unsharded|.
-_largest_differences = collections.defaultdict(lambda: (0.0, 0.0, ""))
+_largest_differences = sharding_checks.LargestDifferences()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -43,21 +40,14 @@ def make_mesh():
 @pytest.fixture
 def collectives():
   """`collectives(hlo_text)`: the kinds of collective operations in compiled HLO text."""
-  return lambda hlo_text: {kind for kind in COLLECTIVES
-                           if re.search(rf"\s{kind}(-start)?\(", hlo_text)}
+  return sharding_checks.collectives
 
 
 @pytest.fixture
 def forward_and_vjp():
   """`forward_and_vjp(attention)`: (q, k, v, dout) -> dict of out and the gradients for
   cotangent dout (sharded like out, so that nothing needs a reduction over devices)."""
-  def wrap(attention):
-    def run(q, k, v, dout):
-      out, pullback = jax.vjp(attention, q, k, v)
-      dq, dk, dv = pullback(dout)
-      return dict(out=out, dq=dq, dk=dk, dv=dv)
-    return run
-  return wrap
+  return sharding_checks.forward_and_vjp
 
 
 @pytest.fixture(name="assert_close")
@@ -81,33 +71,11 @@ def compare(request):
     for name, e in expected.items():
       assert actual[name].shape == e.shape and actual[name].dtype == e.dtype, name
       difference, scale = assert_close(actual[name], e, arrays[0].dtype, name)
-      _record(request.node.name, jnp.dtype(arrays[0].dtype).name, name, difference, scale)
+      _largest_differences.record(request.node.name, arrays[0].dtype, name, difference, scale)
     return actual, compiled.as_text()
 
   return run
 
 
-def assert_close(actual, expected, dtype, name=""):
-  """|actual - expected| <= 2 eps(dtype) max|expected|; returns both sides of that."""
-  difference = float(jnp.max(jnp.abs(jnp.asarray(actual, jnp.float32)
-                                     - jnp.asarray(expected, jnp.float32))))
-  scale = float(jnp.max(jnp.abs(jnp.asarray(expected, jnp.float32))))
-  assert difference <= 2 * float(jnp.finfo(dtype).eps) * scale, (
-      f"{name}: |sharded - unsharded| = {difference}, max |unsharded| = {scale}")
-  return difference, scale
-
-
-def _record(case, dtype, quantity, difference, scale):
-  ratio = difference / scale if scale else 0.0
-  if ratio >= _largest_differences[(dtype, quantity)][0]:
-    _largest_differences[(dtype, quantity)] = (ratio, difference, case)
-
-
 def pytest_terminal_summary(terminalreporter):
-  if not _largest_differences:
-    return
-  terminalreporter.section("largest |sharded - unsharded|")
-  terminalreporter.write_line("dtype     quantity   max|diff|  / max|unsharded|  case")
-  for (dtype, quantity), (ratio, difference, case) in sorted(_largest_differences.items()):
-    terminalreporter.write_line(
-        f"{dtype:9} {quantity:10} {difference:9.3g}  {ratio:9.3g}         {case}")
+  _largest_differences.write(terminalreporter)

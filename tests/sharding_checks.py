@@ -1,0 +1,69 @@
+"""Checks shared by the multi-device tests: tests/sharding/ (8 CPU devices) and
+tests/gpu/test_multi_gpu.py (several GPUs).
+
+Imported by name: pytest puts tests/ on sys.path, as it does for the folder of any
+conftest.py outside a package.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
+               "reduce-scatter")
+
+
+def collectives(hlo_text):
+  """The kinds of collective operations in compiled HLO text (synchronous, or the start of
+  an asynchronous one)."""
+  return {kind for kind in COLLECTIVES if re.search(rf"\s{kind}(-start)?\(", hlo_text)}
+
+
+def forward_and_vjp(attention):
+  """(q, k, v, dout) -> dict of out and the gradients for cotangent dout (sharded like out,
+  so that nothing needs a reduction over devices)."""
+  def run(q, k, v, dout):
+    out, pullback = jax.vjp(attention, q, k, v)
+    dq, dk, dv = pullback(dout)
+    return dict(out=out, dq=dq, dk=dk, dv=dv)
+  return run
+
+
+def assert_close(actual, expected, dtype, name="", eps_factor=2):
+  """|actual - expected| <= eps_factor eps(dtype) max|expected|; returns both sides of that.
+
+  Compares on the host, so the two may live on different devices.
+  """
+  actual, expected = (np.asarray(x).astype(np.float32) for x in (actual, expected))
+  difference = float(np.max(np.abs(actual - expected), initial=0.0))
+  scale = float(np.max(np.abs(expected), initial=0.0))
+  assert difference <= eps_factor * float(jnp.finfo(dtype).eps) * scale, (
+      f"{name}: |sharded - unsharded| = {difference}, max |unsharded| = {scale}")
+  return difference, scale
+
+
+class LargestDifferences:
+  """(dtype, quantity) -> the largest |sharded - unsharded| seen, relative to
+  max|unsharded|, for a table at the end of the run."""
+
+  def __init__(self):
+    self._largest = {}
+
+  def record(self, case, dtype, quantity, difference, scale):
+    ratio = difference / scale if scale else 0.0
+    key = (jnp.dtype(dtype).name, quantity)
+    if ratio >= self._largest.get(key, (0.0,))[0]:
+      self._largest[key] = (ratio, difference, case)
+
+  def write(self, terminalreporter):
+    if not self._largest:
+      return
+    terminalreporter.section("largest |sharded - unsharded|")
+    terminalreporter.write_line("dtype     quantity   max|diff|  / max|unsharded|  "
+                                "/ eps(dtype)  case")
+    for (dtype, quantity), (ratio, difference, case) in sorted(self._largest.items()):
+      in_eps = ratio / float(jnp.finfo(dtype).eps)
+      terminalreporter.write_line(f"{dtype:9} {quantity:10} {difference:9.3g}  {ratio:9.3g}"
+                                  f"         {in_eps:6.2f}       {case}")
