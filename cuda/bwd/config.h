@@ -1,20 +1,30 @@
 // The backward tile table. One CTA owns kBlockN keys of one (query head, batch) and walks
-// the query tiles of kBlockM rows that see them. Each consumer warpgroup owns 64 keys and
-// keeps their dK and dV accumulators in registers for the whole walk, so
-// (head_dim + head_dim_v) / 2 registers per thread go to them.
+// the query tiles of kBlockM rows that see them, keeping dK and dV in registers.
+//
+// Two ways to split that work between the two consumer warpgroups:
+// - by keys (head dims 64, 128): each warpgroup owns 64 keys, so P^T and dS^T stay in its
+//   registers as the A operands of dV += P^T·dO and dK += dS^T·Q; (head_dim + head_dim_v)/2
+//   registers per thread hold dK and dV.
+// - by head dim (256): 64 keys per CTA and each warpgroup owns half of dK's and dV's
+//   columns, 128 registers per thread, as 64 keys of all 256 columns (256) would not fit.
+//   Both warpgroups then need all of P^T and dS^T, which go through shared memory, and dQ
+//   is added to global memory from registers (its 64 KB tile leaves no room in shared
+//   memory next to K, V and two Q/dO stages).
 #pragma once
 
 namespace jax_fa3 {
 
-// Head dims are compiled for 64 and 128. dQ = dS·K is split between the warpgroups along
-// its rows (queries) when there are 64 per warpgroup, else along the head dim; either way
-// each part must be whole 64-element swizzle atoms (so 96 pads to the 128 kernel).
+// Compiled for 64, 128 and 256; 96 pads to 128 and 192 to 256 (dQ's head-dim split must
+// keep whole 64-element swizzle atoms per warpgroup).
 template <int kHeadDim>
 struct BwdTileConfig {
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "compiled backward head dims: 64, 128");
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "compiled backward head dims: 64, 128, 256");
+  static constexpr bool kSplitHeadDim = kHeadDim > 128;
   static constexpr int kBlockM = kHeadDim == 64 ? 128 : 64;  // query rows per step
-  static constexpr int kBlockN = 128;  // keys per CTA: 64 per consumer warpgroup
-  static constexpr int kStages = 2;    // Q/dO ring depth
+  static constexpr int kBlockN = kSplitHeadDim ? 64 : 128;   // keys per CTA
+  static constexpr int kStages = 2;                          // Q/dO ring depth
+  static constexpr int kConsumerWarpgroups = 2;
+  static constexpr bool kDQAtomics = kSplitHeadDim;          // else shared memory + bulk reduce-add
 };
 
 }  // namespace jax_fa3

@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(CUTE_GRID_CONS
     if (warp == 0) {
       BwdLoader<Traits>{p, smem, bool(cute::elect_one_sync())}.run(head, batch, blocks);
     } else if (warp == 1) {
-      BwdDQWriter<Traits>{p, smem}.run(head, batch, blocks);
+      if constexpr (!Traits::kDQAtomics) { BwdDQWriter<Traits>{p, smem}.run(head, batch, blocks); }
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();

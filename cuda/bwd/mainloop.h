@@ -1,10 +1,13 @@
-// The backward consumer warpgroups. Per query tile m, each warpgroup (64 keys):
+// The backward consumer warpgroups. Per query tile m, each warpgroup (its 64 keys, or its
+// half of the queries when split by head dim):
 //   S^T = K·Q^T, dP^T = V·dO^T            (SS WGMMA, issued together)
-//   P^T = exp2(S^T·scale_log2 - lse_log2)  (masked on edge tiles; P·V under dP's WGMMA)
+//   P^T = exp2(S^T·scale_log2 - lse_log2)  (masked on edge tiles; under dP's WGMMA)
 //   dS^T = P^T ∘ (dP^T - dpsum)           (∘ (1 - tanh²) with a softcap)
-//   dV += P^T·dO, dK += dS^T·Q            (RS WGMMA from the same registers)
+//   dV += P^T·dO, dK += dS^T·Q            (RS WGMMA from the same registers; split by
+//                                          head dim: P^T, dS^T via shared memory, SS)
 //   dS^T -> shared memory; dQ = dS·K      (SS WGMMA across both warpgroups)
-//   dQ -> shared memory for the writer warp's bulk reduce-add.
+//   dQ -> shared memory for the writer warp's bulk reduce-add, or (split by head dim)
+//   added to global memory from registers.
 #pragma once
 
 #include <type_traits>
@@ -13,6 +16,7 @@
 #include <cutlass/arch/barrier.h>
 
 #include "bwd/postprocess.h"
+#include "bwd/producer.h"
 #include "bwd/query_blocks.h"
 #include "common/barriers.h"
 #include "common/gemm.h"
@@ -146,34 +150,51 @@ struct BwdMainloop {
           }
         }
       }
-      // P^T and dS^T in 16 bits, viewed as the A operands of dV and dK.
+      int const buffer = step_index & 1;
       Tensor p16 = convert_fragment<Element>(acc_s);
       Tensor ds16 = convert_fragment<Element>(acc_dp);
-      Tensor tOrP = make_tensor(p16.data(), acc_as_operand_a(p16.layout()));
-      Tensor tOrdS = make_tensor(ds16.data(), acc_as_operand_a(ds16.layout()));
-      warpgroup_gemm<false, -1>(mma_kv, tOrP, tKVrdOt(_, _, _, position.stage), acc_dv);
-      warpgroup_gemm<false, -1>(mma_kv, tOrdS, tKVrQt(_, _, _, position.stage), acc_dk);
-
-      int const buffer = step_index & 1;
-      copy(ds_copy, thread_ds_copy.retile_S(ds16), tDSsdSt(_, _, _, buffer));
-      cutlass::arch::fence_view_async_shared();  // dS is read next by WGMMA (async proxy)
-      barrier_sync(Barrier::kConsumers, kConsumerThreads);
       Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+      if constexpr (Traits::kSplitHeadDim) {
+        // Each warpgroup's dV and dK columns need every key's P^T and dS^T.
+        Tensor sPt = make_tensor(make_smem_ptr(smem.p.data.data()), typename Traits::SmemLayoutDSt{});
+        Tensor tPsPt = thread_ds_copy.partition_D(sPt);
+        Tensor tKVsPt = thread_kv.partition_fragment_A(sPt);  // (MMA, N, K, buffer) descriptors
+        Tensor tKVsdSt = thread_kv.partition_fragment_A(sdSt);
+        copy(ds_copy, thread_ds_copy.retile_S(p16), tPsPt(_, _, _, buffer));
+        copy(ds_copy, thread_ds_copy.retile_S(ds16), tDSsdSt(_, _, _, buffer));
+        cutlass::arch::fence_view_async_shared();  // read next by WGMMA (async proxy)
+        barrier_sync(Barrier::kConsumers, kConsumerThreads);
+        warpgroup_gemm<false, -1>(mma_kv, tKVsPt(_, _, _, buffer), tKVrdOt(_, _, _, position.stage), acc_dv);
+        warpgroup_gemm<false, -1>(mma_kv, tKVsdSt(_, _, _, buffer), tKVrQt(_, _, _, position.stage), acc_dk);
+      } else {
+        // P^T and dS^T in 16 bits, viewed as the A operands of dV and dK.
+        Tensor tOrP = make_tensor(p16.data(), acc_as_operand_a(p16.layout()));
+        Tensor tOrdS = make_tensor(ds16.data(), acc_as_operand_a(ds16.layout()));
+        warpgroup_gemm<false, -1>(mma_kv, tOrP, tKVrdOt(_, _, _, position.stage), acc_dv);
+        warpgroup_gemm<false, -1>(mma_kv, tOrdS, tKVrQt(_, _, _, position.stage), acc_dk);
+        copy(ds_copy, thread_ds_copy.retile_S(ds16), tDSsdSt(_, _, _, buffer));
+        cutlass::arch::fence_view_async_shared();  // dS is read next by WGMMA (async proxy)
+        barrier_sync(Barrier::kConsumers, kConsumerThreads);
+      }
       warpgroup_gemm<true, -1>(mma_dq, tDQrdS(_, _, _, buffer), tDQrKt, acc_dq);
       warpgroup_wait<0>();  // dV, dK and dQ done: the Q/dO stage is free
       if (warpgroup_leader()) { ring.release(position); }
       position.advance();
 
-      // Hand dQ to the writer warp once it has read the previous step's.
-      if (step_index > 0) { barrier_sync(Barrier::kDQEmpty, 32 + kConsumerThreads); }
       static_assert(Traits::kDQValuesPerThread % 4 == 0);
-      CUTLASS_PRAGMA_UNROLL
-      for (int v = 0; v < Traits::kDQValuesPerThread; v += 4) {
-        *reinterpret_cast<float4*>(&smem.dq[dq_index<kConsumerThreads>(thread_idx, v)]) =
-            make_float4(acc_dq(v), acc_dq(v + 1), acc_dq(v + 2), acc_dq(v + 3));
+      if constexpr (Traits::kDQAtomics) {
+        add_dq_to_global(acc_dq, head, batch, m, blocks);
+      } else {
+        // Hand dQ to the writer warp once it has read the previous step's.
+        if (step_index > 0) { barrier_sync(Barrier::kDQEmpty, 32 + kConsumerThreads); }
+        CUTLASS_PRAGMA_UNROLL
+        for (int v = 0; v < Traits::kDQValuesPerThread; v += 4) {
+          *reinterpret_cast<float4*>(&smem.dq.data[dq_index<kConsumerThreads>(thread_idx, v)]) =
+              make_float4(acc_dq(v), acc_dq(v + 1), acc_dq(v + 2), acc_dq(v + 3));
+        }
+        cutlass::arch::fence_view_async_shared();  // the bulk reduce reads through the async proxy
+        barrier_arrive(Barrier::kDQFull, 32 + kConsumerThreads);
       }
-      cutlass::arch::fence_view_async_shared();  // the bulk reduce reads through the async proxy
-      barrier_arrive(Barrier::kDQFull, 32 + kConsumerThreads);
     };
 
     int step_index = 0;
@@ -185,6 +206,34 @@ struct BwdMainloop {
         step(m, step_index, std::false_type{});
       }
       ++step_index;
+    }
+  }
+
+  // Adds this step's dQ into the float32 accumulator with 16-byte reductions, in the same
+  // interleaved order as the writer warp's tile (see dq_index). Deterministic: the key
+  // blocks of a query tile take turns, in increasing order, as the writer warp's do.
+  template <class AccDQ>
+  __device__ void add_dq_to_global(AccDQ const& acc_dq, int head, int batch, int m,
+                                   QueryBlocks<kBlockM, kBlockN> const& blocks) {
+    int64_t const tile = (int64_t(batch) * p.heads + head) * p.num_m_blocks + m;
+    int* const semaphore = p.dq_semaphore + tile;
+    if (p.deterministic) {
+      if (thread_idx == 0) {
+        int const turn = blocks.n_block - blocks.keys_of(m).n_block_min;
+        while (load_acquire(semaphore) != turn) {}
+      }
+      barrier_sync(Barrier::kConsumers, kConsumerThreads);
+    }
+    float* const dq = p.dq_accum + tile * Traits::kDQFloats;
+    CUTLASS_PRAGMA_UNROLL
+    for (int v = 0; v < Traits::kDQValuesPerThread; v += 4) {
+      reduce_add_f32x4(dq + dq_index<kConsumerThreads>(thread_idx, v), acc_dq(v), acc_dq(v + 1), acc_dq(v + 2),
+                       acc_dq(v + 3));
+    }
+    if (p.deterministic) {
+      __threadfence();
+      barrier_sync(Barrier::kConsumers, kConsumerThreads);
+      if (thread_idx == 0) { atomicAdd(semaphore, 1); }
     }
   }
 };

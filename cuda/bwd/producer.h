@@ -29,6 +29,12 @@ __device__ __forceinline__ void bulk_reduce_add_f32(float* global, float const* 
                : "memory");
 }
 
+// One 16-byte reduction (no return value) into global memory.
+__device__ __forceinline__ void reduce_add_f32x4(float* global, float a, float b, float c, float d) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(global), "f"(a), "f"(b), "f"(c), "f"(d)
+               : "memory");
+}
+
 __device__ __forceinline__ int load_acquire(int const* address) {
   int value;
   asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
@@ -125,7 +131,7 @@ struct BwdDQWriter {
         if (p.deterministic) {
           while (load_acquire(semaphore) != turn) {}
         }
-        bulk_reduce_add_f32(p.dq_accum + (head_blocks + m) * Traits::kDQFloats, smem.dq.data(),
+        bulk_reduce_add_f32(p.dq_accum + (head_blocks + m) * Traits::kDQFloats, smem.dq.data.data(),
                             Traits::kDQFloats * sizeof(float));
         if (p.deterministic) {
           // The add must have landed in global memory before the next block's turn.

@@ -1,7 +1,8 @@
-// Types of one backward kernel. The consumer warpgroups own keys: with S^T = K·Q^T and
-// dP^T = V·dO^T each thread holds the same (key, query) elements of both, P^T and dS^T
-// feed dV += P^T·dO and dK += dS^T·Q straight from registers, and dS goes through
-// shared memory once for dQ = dS·K.
+// Types of one backward kernel. The consumer warpgroups compute S^T = K·Q^T and
+// dP^T = V·dO^T, so each thread holds the same (key, query) elements of both. Split by
+// keys (see bwd/config.h), P^T and dS^T feed dV += P^T·dO and dK += dS^T·Q straight from
+// registers and dS goes through shared memory once, for dQ = dS·K; split by head dim,
+// P^T and dS^T both go through shared memory and every GEMM after them reads it.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -25,22 +26,38 @@ struct BwdTraits {
   static constexpr int kBlockN = Config::kBlockN;
   static constexpr int kStages = Config::kStages;
 
-  static constexpr int kConsumerWarpgroups = kBlockN / 64;
+  static constexpr bool kSplitHeadDim = Config::kSplitHeadDim;
+  static constexpr bool kDQAtomics = Config::kDQAtomics;
+  static constexpr int kConsumerWarpgroups = Config::kConsumerWarpgroups;
+  static_assert(kSplitHeadDim ? kBlockN == 64 : kBlockN == 64 * kConsumerWarpgroups);
   static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
   static constexpr int kThreads = 128 + kConsumerThreads;  // + the producer warpgroup
   static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters = 240;
 
-  using ConsumerLayout = Layout<Shape<Int<kConsumerWarpgroups>, _1, _1>>;  // split the keys
-  // S^T = K·Q^T and dP^T = V·dO^T: (keys, queries) over the head dim.
+  // How the warpgroups tile an (M, N) product: along M, or along N.
+  using AlongM = Layout<Shape<Int<kConsumerWarpgroups>, _1, _1>>;
+  using AlongN = Layout<Shape<_1, Int<kConsumerWarpgroups>, _1>>;
+  // S^T = K·Q^T and dP^T = V·dO^T: (keys, queries) over the head dim; split by keys, or
+  // by queries when there are only 64 keys.
+  static constexpr int kSdPWarpgroupsN = kSplitHeadDim ? kConsumerWarpgroups : 1;
   using TiledMmaSdP = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockN>, Int<kBlockM>, Int<kHeadDim>>>(),
-      ConsumerLayout{}));
-  // dK += dS^T·Q and dV += P^T·dO: (keys, head dim) over the queries, A from registers.
-  using TiledMmaKV = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kBlockM>>,
-                           GMMA::Major::K, GMMA::Major::MN>(),
-      ConsumerLayout{}));
+      GMMA::ss_op_selector<Element, Element, float,
+                           Shape<Int<kBlockN>, Int<kBlockM / kSdPWarpgroupsN>, Int<kHeadDim>>>(),
+      conditional_t<kSplitHeadDim, AlongN, AlongM>{}));
+  // dK += dS^T·Q and dV += P^T·dO: (keys, head dim) over the queries. Split by keys: A
+  // from registers. Split by head dim: A (P^T, dS^T: K-major views of the shared buffers).
+  using TiledMmaKV = conditional_t<
+      kSplitHeadDim,
+      decltype(make_tiled_mma(
+          GMMA::ss_op_selector<Element, Element, float,
+                               Shape<Int<kBlockN>, Int<kHeadDim / kConsumerWarpgroups>, Int<kBlockM>>,
+                               GMMA::Major::K, GMMA::Major::MN>(),
+          AlongN{})),
+      decltype(make_tiled_mma(
+          GMMA::rs_op_selector<Element, Element, float, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kBlockM>>,
+                               GMMA::Major::K, GMMA::Major::MN>(),
+          AlongM{}))>;
   // dQ = dS·K: (queries, head dim) over the keys; the warpgroups split the queries when
   // there are 64 per warpgroup, else the head dim.
   static constexpr bool kDQSplitsQueries = kBlockM == 64 * kConsumerWarpgroups;
@@ -64,9 +81,10 @@ struct BwdTraits {
                                              Shape<Int<kBlockN>, Int<kHeadDim>>{}));
   using SmemLayoutKt = decltype(composition(
       SmemLayoutK{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, Stride<Int<kBlockN>, _1>{})));
-  // dS: (queries, keys, buffer), queries contiguous (MN-major A of dQ = dS·K), so the
-  // (key, query-pair) fragments of dS^T store as 32-bit words. Double-buffered: one
-  // warpgroup may write step m+1 while the other still reads step m.
+  // dS (and P, split by head dim): (queries, keys, buffer), queries contiguous (MN-major A
+  // of dQ = dS·K; its transpose is the K-major A of dK += dS^T·Q), so the (key,
+  // query-pair) fragments of dS^T store as 32-bit words. Double-buffered: one warpgroup
+  // may write step m+1 while the other still reads step m.
   using SmemLayoutDS = decltype(tile_to_shape(gmma_smem_atom<GMMA::Major::MN, Element, kBlockM, kBlockN>(),
                                               Shape<Int<kBlockM>, Int<kBlockN>, _2>{}, Step<_2, _1, _3>{}));
   using SmemLayoutDSt = decltype(composition(
@@ -78,13 +96,22 @@ struct BwdTraits {
   static constexpr int kDQValuesPerThread = kBlockM * kHeadDim / kConsumerThreads;
   static constexpr int kDQFloats = kBlockM * kHeadDim;
 
+  // A shared-memory array that only some configurations have.
+  template <class T, int kSize, bool kPresent>
+  struct OptionalArray {
+    alignas(1024) cute::array_aligned<T, kSize> data;
+  };
+  template <class T, int kSize>
+  struct OptionalArray<T, kSize, false> {};
+
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> k;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> v;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutDS>> ds;
-    alignas(128) cute::array_aligned<float, kDQFloats> dq;
+    OptionalArray<Element, cosize_v<SmemLayoutDS>, kSplitHeadDim> p;
+    OptionalArray<float, kDQFloats, !kDQAtomics> dq;
     alignas(16) float lse_log2[kStages][kBlockM];  // row statistics of the staged query tile
     alignas(16) float dpsum[kStages][kBlockM];
     typename TmaRing<kStages>::Storage qdo_ring;

@@ -20,7 +20,9 @@ int main() {
   long long b, sq, sk, h, hk, d;
   int deterministic;
   while (std::cin >> b >> sq >> sk >> h >> hk >> d >> deterministic) {
-    long long const n = d == 64 ? bytes<64>(b, sq, sk, h, hk, deterministic) : bytes<128>(b, sq, sk, h, hk, deterministic);
+    long long const n = d == 64    ? bytes<64>(b, sq, sk, h, hk, deterministic)
+                        : d == 128 ? bytes<128>(b, sq, sk, h, hk, deterministic)
+                                   : bytes<256>(b, sq, sk, h, hk, deterministic);
     std::printf("%lld\n", n);
   }
   return 0;

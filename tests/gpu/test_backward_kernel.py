@@ -19,7 +19,7 @@ from test_forward_kernel import CAUSAL, Case, _inputs
 
 def _cases():
     cases = []
-    for d in (64, 128):
+    for d in (64, 128, 256):
         for dtype in ("bfloat16", "float16"):
             cases.append(Case(dtype, d, 2, 1000, 1000, 4, 4))
             cases.append(Case(dtype, d, 1, 333, 777, 8, 2, window=CAUSAL))
@@ -50,7 +50,7 @@ def _random_cases(count, seed):
         heads = int(rng.choice([2, 4, 8]))
         kv_heads = heads // int(rng.choice([g for g in (1, 2, 4, 8) if heads % g == 0]))
         window = [(-1, -1), CAUSAL, (int(rng.integers(0, 300)), int(rng.integers(-1, 200)))][rng.integers(3)]
-        cases.append(Case(str(rng.choice(["bfloat16", "float16"])), int(rng.choice([64, 128])),
+        cases.append(Case(str(rng.choice(["bfloat16", "float16"])), int(rng.choice([64, 128, 256])),
                           int(rng.integers(1, 4)), int(rng.integers(1, 1600)), int(rng.integers(1, 1600)),
                           heads, kv_heads, window=window,
                           diagonal=str(rng.choice(["bottom_right", "top_left"])),
@@ -93,7 +93,8 @@ def test_backward_matches_oracle(index):
 
 
 @pytest.mark.parametrize("case", [Case("bfloat16", 128, 2, 1000, 1000, 4, 4, window=CAUSAL),
-                                  Case("bfloat16", 64, 1, 777, 999, 8, 2)], ids=str)
+                                  Case("bfloat16", 64, 1, 777, 999, 8, 2),
+                                  Case("bfloat16", 256, 1, 555, 1000, 4, 2, window=CAUSAL)], ids=str)
 def test_deterministic_is_bitwise_reproducible(case):
     (q, k, v, dout, kwargs, lengths), first = _run(case, seed=7, deterministic=True)
     first = [np.asarray(g) for g in first]
