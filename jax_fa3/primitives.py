@@ -38,15 +38,28 @@ class AttentionParams:
 
 
 def attention_fwd(q, k, v, seqused_q, seqused_k, params: AttentionParams):
-  """Binds the forward primitive: returns (out, lse)."""
-  return fwd_p.bind(q, k, v, seqused_q, seqused_k, **dataclasses.asdict(params))
+  """Binds the forward primitive: returns (out, lse). A seqused may be None (absent)."""
+  return fwd_p.bind(q, k, v, absent_if_none(seqused_q), absent_if_none(seqused_k),
+                    **dataclasses.asdict(params))
 
 
 def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
                   params: AttentionParams, deterministic: bool):
-  """Binds the backward primitive: returns (dq, dk, dv)."""
-  return bwd_p.bind(dout, q, k, v, out, lse, seqused_q, seqused_k,
-                    **dataclasses.asdict(params), deterministic=deterministic)
+  """Binds the backward primitive: returns (dq, dk, dv). A seqused may be None (absent)."""
+  return bwd_p.bind(dout, q, k, v, out, lse, absent_if_none(seqused_q),
+                    absent_if_none(seqused_k), **dataclasses.asdict(params),
+                    deterministic=deterministic)
+
+
+def absent_if_none(seqused):
+  """An absent seqused is an empty int32 array for the primitives. Sharded programs carry
+  None instead and make the empty array where they bind: XLA's GPU compiler (jax 0.11.2)
+  crashes on a zero-sized operand of a manual computation."""
+  return jnp.zeros((0,), jnp.int32) if seqused is None else seqused
+
+
+def none_if_absent(seqused):
+  return None if seqused is None or seqused.shape[0] == 0 else seqused
 
 
 # --- Workspace sizes ---------------------------------------------------------

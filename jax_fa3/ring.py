@@ -207,8 +207,8 @@ def _sees_any(mask: AttentionParams, q_len: int, k_len: int) -> bool:
 
 
 def _local_lengths(layout, seqused, owner, chunk):
-  """An absent `seqused` (shape [0]) stays absent."""
-  return layout.local_lengths(seqused, owner, chunk) if seqused.shape[0] else seqused
+  """An absent `seqused` (None) stays absent."""
+  return None if seqused is None else layout.local_lengths(seqused, owner, chunk)
 
 
 def _merge(out, lse, block_out, block_lse):

@@ -118,6 +118,7 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
 def local_fwd(split: Split, axis_sizes, params: AttentionParams, q, k, v, seqused_q,
               seqused_k):
   """The forward on one device's shards, split as `split`: returns (out, lse)."""
+  seqused_q, seqused_k = primitives.none_if_absent(seqused_q), primitives.none_if_absent(seqused_k)
   k, v = (_kv_head_of_device(split, axis_sizes, x) for x in (k, v))
   if split.sequence:
     return ring.attention_fwd(_ring(split, axis_sizes), q, k, v, seqused_q, seqused_k,
@@ -128,6 +129,7 @@ def local_fwd(split: Split, axis_sizes, params: AttentionParams, q, k, v, sequse
 def local_bwd(split: Split, axis_sizes, params: AttentionParams, deterministic, dout, q,
               k, v, out, lse, seqused_q, seqused_k):
   """The backward on one device's shards, split as `split`: returns (dq, dk, dv)."""
+  seqused_q, seqused_k = primitives.none_if_absent(seqused_q), primitives.none_if_absent(seqused_k)
   kv_heads = k.shape[2]
   k, v = (_kv_head_of_device(split, axis_sizes, x) for x in (k, v))
   if split.sequence:
@@ -258,8 +260,18 @@ def _run_explicit(mesh, split, program, *, args, in_specs, out_specs, result_spe
   resharded to `result_specs`, the types the per-device primitives give (inputs' specs)."""
   args = [_reshard(x, mesh, spec) for x, spec in zip(args, in_specs)]
   if split.axes:
-    program = jax.shard_map(program, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                            axis_names=split.axes)
+    # An absent seqused (empty) does not enter the manual computation: see
+    # primitives.absent_if_none. The program gets None in its place.
+    present = [x.size > 0 for x in args]
+    per_device = program
+
+    def program(*operands):
+      operands = iter(operands)
+      return per_device(*(next(operands) if p else None for p in present))
+
+    program = jax.shard_map(program, mesh=mesh, axis_names=split.axes, out_specs=out_specs,
+                            in_specs=tuple(s for s, p in zip(in_specs, present) if p))
+    args = [x for x, p in zip(args, present) if p]
   return tuple(_reshard(x, mesh, spec) for x, spec in zip(program(*args), result_specs))
 
 
