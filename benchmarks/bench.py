@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import jax_fa3
 from timing import on_gpu, time_ms, timing_method
 
-IMPLS = ("jax_fa3", "cudnn", "xla", "pallas", "fa3_wheel")
+IMPLS = ("jax_fa3", "jax_fa3_deterministic", "cudnn", "xla", "pallas", "fa3_wheel")
 MODES = ("fwd", "bwd", "fwdbwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 # XLA materializes the float32 scores; past this size it only measures memory traffic (or OOMs).
@@ -105,8 +105,10 @@ def default_out_dir(card):
 
 def attention_fn(impl, problem):
   """`(q, k, v) -> out` for `impl`."""
-  if impl == "jax_fa3":
-    return lambda q, k, v: jax_fa3.flash_attention(q, k, v, causal=problem.causal)
+  if impl in ("jax_fa3", "jax_fa3_deterministic"):
+    deterministic = impl == "jax_fa3_deterministic"
+    return lambda q, k, v: jax_fa3.flash_attention(q, k, v, causal=problem.causal,
+                                                   deterministic=deterministic)
   if impl in ("cudnn", "xla"):
     return lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=problem.causal, implementation=impl)
@@ -124,6 +126,8 @@ def attention_fn(impl, problem):
 
 def why_not(impl, problem, mode):
   """Why `impl` does not apply to this problem, or None."""
+  if impl == "jax_fa3_deterministic" and mode == "fwd":
+    return "the forward is jax_fa3's (deterministic changes the backward only)"
   if impl in ("cudnn", "pallas", "fa3_wheel") and not on_gpu():
     return "needs an NVIDIA GPU"
   if impl == "fa3_wheel":
@@ -161,7 +165,7 @@ def impl_label(impl, problem, mode):
   that runs another dtype than the problem's is labelled with it."""
   if impl_dtype(impl, problem) != problem.dtype:
     return f"{impl} ({impl_dtype(impl, problem)})"
-  if impl != "jax_fa3":
+  if not impl.startswith("jax_fa3"):
     return impl
   directions = ("fwd", "bwd") if mode == "fwdbwd" else (mode,)
   kernels = jax_fa3.kernels_available()
@@ -179,10 +183,10 @@ def run(problems, modes, impls, iterations, card, on_record=lambda records: None
   steps = itertools.product(problems, modes, impls)
   for index, (problem, mode, impl) in enumerate(steps, 1):
     label = impl_label(impl, problem, mode)
-    prefix = (f"[{index:3}/{total}] {label:19} {mode:6} d={problem.head_dim:<3} "
+    prefix = (f"[{index:3}/{total}] {label:24} {mode:6} d={problem.head_dim:<3} "
               f"causal={problem.causal!s:5} seqlen={problem.seqlen:<5} batch={problem.batch:<3}")
     reason = why_not(impl, problem, mode)
-    if not reason and label == "jax_fa3 (reference)" and on_gpu():
+    if not reason and label.endswith("(reference)") and impl.startswith("jax_fa3") and on_gpu():
       reason = "no kernel compiled for this mode and head dim (the float32 reference is not benchmarked)"
     if reason:
       print(f"{prefix} skipped: {reason}", flush=True)
@@ -192,7 +196,7 @@ def run(problems, modes, impls, iterations, card, on_record=lambda records: None
       fn, args = timed_call(attention_fn(impl, problem), mode, *inputs)
       ms = time_ms(fn, *args, iterations=iterations)
     except Exception as e:  # pylint: disable=broad-except
-      if label == "jax_fa3":
+      if label in ("jax_fa3", "jax_fa3_deterministic"):
         raise  # our kernels must run every size; baselines (and our reference) may decline
       print(f"{prefix} skipped: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
       continue
