@@ -23,7 +23,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(CUTE_GRID_CONS
   Storage& smem = *reinterpret_cast<Storage*>(smem_raw);
   int const warp = cutlass::canonical_warp_idx_sync();
   int const warpgroup = cutlass::canonical_warp_group_idx();
-  int const n_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+  int const n_block = p.dq_descending ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // see dq_descending
+  int const head = blockIdx.y, batch = blockIdx.z;
 
   if (warp == 0 && cute::elect_one_sync()) {
     cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());

@@ -96,6 +96,7 @@ cudaError_t run_bwd(BwdParams const& b, cudaStream_t stream) {
   p.window_right = b.window_right;
   p.diagonal_offset = b.diagonal_offset;
   p.deterministic = b.deterministic;
+  p.dq_descending = b.deterministic && b.window_right >= 0;
 
   auto kernel = bwd_kernel<Traits>;
   if (cudaError_t e = set_shared_memory<bwd_kernel<Traits>>(Traits::kSharedBytes); e != cudaSuccess) { return e; }

@@ -211,7 +211,7 @@ struct BwdMainloop {
 
   // Adds this step's dQ into the float32 accumulator with 16-byte reductions, in the same
   // interleaved order as the writer warp's tile (see dq_index). Deterministic: the key
-  // blocks of a query tile take turns, in increasing order, as the writer warp's do.
+  // blocks of a query tile take turns, in the writer warp's order.
   template <class AccDQ>
   __device__ void add_dq_to_global(AccDQ const& acc_dq, int head, int batch, int m,
                                    QueryBlocks<kBlockM, kBlockN> const& blocks) {
@@ -219,7 +219,7 @@ struct BwdMainloop {
     int* const semaphore = p.dq_semaphore + tile;
     if (p.deterministic) {
       if (thread_idx == 0) {
-        int const turn = blocks.n_block - blocks.keys_of(m).n_block_min;
+        int const turn = blocks.dq_turn(m, p.dq_descending);
         while (load_acquire(semaphore) != turn) {}
       }
       barrier_sync(Barrier::kConsumers, kConsumerThreads);

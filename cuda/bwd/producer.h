@@ -126,8 +126,8 @@ struct BwdDQWriter {
       barrier_sync(Barrier::kDQFull, kBarrierThreads);
       if (lane0) {
         int* const semaphore = p.dq_semaphore + head_blocks + m;
-        // Deterministic: key blocks add into a query tile in increasing order.
-        int const turn = blocks.n_block - blocks.keys_of(m).n_block_min;
+        // Deterministic: key blocks add into a query tile in a fixed order.
+        int const turn = blocks.dq_turn(m, p.dq_descending);
         if (p.deterministic) {
           while (load_acquire(semaphore) != turn) {}
         }

@@ -35,6 +35,12 @@ struct QueryBlocks {
   JAX_FA3_HOST_DEVICE KeyBlockRange<kBlockM, kBlockN> keys_of(int m_block) const {
     return KeyBlockRange<kBlockM, kBlockN>(m_block, seqlen_q, seqlen_k, window_left, window_right, diagonal_offset);
   }
+  // This key block's turn among those adding into query tile m's dQ (deterministic mode):
+  // in increasing key-block order, or decreasing (see BwdTraits::Params::dq_descending).
+  JAX_FA3_HOST_DEVICE int dq_turn(int m_block, bool descending) const {
+    auto const keys = keys_of(m_block);
+    return descending ? keys.n_block_max - 1 - n_block : n_block - keys.n_block_min;
+  }
   JAX_FA3_HOST_DEVICE bool visits(int m_block) const {
     auto const keys = keys_of(m_block);
     return n_block >= keys.n_block_min && n_block < keys.n_block_max;

@@ -156,6 +156,11 @@ struct BwdTraits {
     float softmax_scale;     // dK's final factor (dQ's is applied by the postprocess)
     int window_left, window_right, diagonal_offset;
     bool deterministic;
+    // Deterministic with a right window edge (causal): key block n's first query tile is
+    // about n, so if the key blocks add into a tile from the last down, each arrives one
+    // step after the one before it and none waits (FA3's shortest-first order). CTAs then
+    // launch from the last key block down, so that none spins on one not yet launched.
+    bool dq_descending;
   };
 };
 

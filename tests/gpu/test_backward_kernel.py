@@ -84,6 +84,10 @@ def test_backward_matches_oracle(index):
     if (case.dtype, case.head_dim) not in kernel_ffi.compiled("bwd"):
         pytest.fail(f"backward variant {case.dtype} d{case.head_dim} not compiled")
     (q, k, v, dout, kwargs, lengths), grads = _run(case, seed=2000 + index)
+    _assert_accurate(q, k, v, dout, kwargs, lengths, grads)
+
+
+def _assert_accurate(q, k, v, dout, kwargs, lengths, grads):
     ref, base = kernel_ffi.gradient_oracle_and_baseline(q, k, v, dout, **kwargs, **lengths)
     for name, ours, r, b in zip(("dq", "dk", "dv"), grads, ref, base):
         ours, r, b = (np.asarray(x, np.float32) for x in (ours, r, b))
@@ -94,9 +98,13 @@ def test_backward_matches_oracle(index):
 
 @pytest.mark.parametrize("case", [Case("bfloat16", 128, 2, 1000, 1000, 4, 4, window=CAUSAL),
                                   Case("bfloat16", 64, 1, 777, 999, 8, 2),
-                                  Case("bfloat16", 256, 1, 555, 1000, 4, 2, window=CAUSAL)], ids=str)
+                                  Case("bfloat16", 256, 1, 555, 1000, 4, 2, window=CAUSAL),
+                                  Case("float16", 64, 2, 1200, 700, 8, 2, window=(200, 30)),
+                                  Case("bfloat16", 128, 1, 1500, 1500, 4, 4, window=CAUSAL, diagonal="top_left")],
+                         ids=str)
 def test_deterministic_is_bitwise_reproducible(case):
     (q, k, v, dout, kwargs, lengths), first = _run(case, seed=7, deterministic=True)
+    _assert_accurate(q, k, v, dout, kwargs, lengths, first)
     first = [np.asarray(g) for g in first]
     for _ in range(9):
         _, again = _run(case, seed=7, deterministic=True)
