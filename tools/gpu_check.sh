@@ -3,16 +3,7 @@
 # Usage (on the GPU machine, from the repo root): tools/gpu_check.sh [quick|full|sanitize]
 set -o pipefail
 MODE=${1:-full}
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-# Carried wheels (.whl, git-ignored) the GPU image lacks: installed into /tmp/site.
-if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
-# The extension is built on the CPU machine and carried in .carry/ (git-ignored).
-cp .carry/orig/_fa3_cuda*.so jax_fa3/ 2>/dev/null
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PYTHONPATH XLA_PYTHON_CLIENT_PREALLOCATE=false
+source "$(dirname "$0")/device_env.sh"
 # Tests compile one small XLA graph per shape: skip GEMM autotuning, use several workers.
 TEST_ENV="XLA_FLAGS=--xla_gpu_autotune_level=0"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"

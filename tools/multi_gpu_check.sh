@@ -9,16 +9,7 @@
 # Knobs: TEST_TIMEOUT (200 s), BENCH_TIMEOUT (300 s), SEQLENS ("8192 32768 131072"),
 # ITERATIONS (10), SWEEPS ("batch heads layout ring": the quick ones first).
 set -o pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-# Carried wheels (.whl, git-ignored) the GPU image lacks: installed into /tmp/site.
-if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
-# The extension is built on the CPU machine and carried in .carry/ (git-ignored).
-cp .carry/orig/_fa3_cuda*.so jax_fa3/ 2>/dev/null
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PYTHONPATH XLA_PYTHON_CLIENT_PREALLOCATE=false
+source "$(dirname "$0")/device_env.sh"
 # NVLink multicast stays off (a program that uses it can put the host's shared GPUs out of
 # service): in NCCL, which XLA's collectives use, and in NVSHMEM and PyTorch for good measure.
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
