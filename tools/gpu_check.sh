@@ -13,7 +13,7 @@ e = kernel_ffi.extension(); print('variants:', sorted(e.variants())); print('bui
 " 2>&1 | tee "$OUT/import.log" || exit 1
 if [ "$MODE" = sanitize ]; then
   for tool in memcheck racecheck; do
-    timeout ${SANITIZE_TIMEOUT:-280} compute-sanitizer --tool $tool --error-exitcode 3 python3 tools/sanitize_cases.py 2>&1 \
+    timeout ${SANITIZE_TIMEOUT:-280} compute-sanitizer --tool $tool --error-exitcode 3 python3 tools/sanitize_cases.py $SANITIZE_HEAD_DIMS 2>&1 \
       | tee "$OUT/$tool.log" | grep -E "ERROR SUMMARY|========= [A-Z]|NaN|done" | tail -12
   done
   exit 0

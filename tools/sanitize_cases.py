@@ -24,10 +24,14 @@ CASES = [  # (dtype, head_dim, batch, seqlen_q, seqlen_k, heads, kv_heads, windo
 
 
 def main():
+    # Optional: only these head dims (e.g. `python tools/sanitize_cases.py 256`).
+    head_dims = {int(a) for a in sys.argv[1:]}
     rng = np.random.default_rng(0)
     compiled_bwd = kernel_ffi.compiled("bwd")
     bad = 0
     for dtype, d, b, sq, sk, h, hk, window, seqused in CASES:
+        if head_dims and d not in head_dims:
+            continue
         q, k, v = (jnp.asarray(rng.standard_normal(s, np.float32), dtype)
                    for s in ((b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d)))
         lengths = {}
