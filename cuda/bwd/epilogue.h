@@ -47,24 +47,14 @@ struct BwdEpilogue {
     }
     // GQA: sum over the query heads of the group.
     int* const semaphore = p.dkv_semaphore + (int64_t(batch) * p.kv_heads + kv_head) * p.num_n_blocks + n_block;
-    int const turn = head % p.kv_group;
-    if (p.deterministic) {
-      if (thread_idx == 0) {
-        while (load_acquire(semaphore) != turn) {}
-      }
-      barrier_sync(Barrier::kConsumers, Traits::kConsumerThreads);
-    }
-    for_each_value([&](int i, int64_t offset) {
-      atomicAdd(&p.dk_accum[offset], acc_dk(i));
-      atomicAdd(&p.dk_accum[offset + 1], acc_dk(i + 1));
-      atomicAdd(&p.dv_accum[offset], acc_dv(i));
-      atomicAdd(&p.dv_accum[offset + 1], acc_dv(i + 1));
+    consumers_add_in_turn<Traits::kConsumerThreads>(p.deterministic, semaphore, head % p.kv_group, thread_idx, [&] {
+      for_each_value([&](int i, int64_t offset) {
+        atomicAdd(&p.dk_accum[offset], acc_dk(i));
+        atomicAdd(&p.dk_accum[offset + 1], acc_dk(i + 1));
+        atomicAdd(&p.dv_accum[offset], acc_dv(i));
+        atomicAdd(&p.dv_accum[offset + 1], acc_dv(i + 1));
+      });
     });
-    if (p.deterministic) {
-      __threadfence();
-      barrier_sync(Barrier::kConsumers, Traits::kConsumerThreads);
-      if (thread_idx == 0) { atomicAdd(semaphore, 1); }
-    }
   }
 
   // Two adjacent output elements in one 4-byte store (the column is even).

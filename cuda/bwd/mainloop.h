@@ -216,25 +216,15 @@ struct BwdMainloop {
   __device__ void add_dq_to_global(AccDQ const& acc_dq, int head, int batch, int m,
                                    QueryBlocks<kBlockM, kBlockN> const& blocks) {
     int64_t const tile = (int64_t(batch) * p.heads + head) * p.num_m_blocks + m;
-    int* const semaphore = p.dq_semaphore + tile;
-    if (p.deterministic) {
-      if (thread_idx == 0) {
-        int const turn = blocks.dq_turn(m, p.dq_descending);
-        while (load_acquire(semaphore) != turn) {}
-      }
-      barrier_sync(Barrier::kConsumers, kConsumerThreads);
-    }
     float* const dq = p.dq_accum + tile * Traits::kDQFloats;
-    CUTLASS_PRAGMA_UNROLL
-    for (int v = 0; v < Traits::kDQValuesPerThread; v += 4) {
-      reduce_add_f32x4(dq + dq_index<kConsumerThreads>(thread_idx, v), acc_dq(v), acc_dq(v + 1), acc_dq(v + 2),
-                       acc_dq(v + 3));
-    }
-    if (p.deterministic) {
-      __threadfence();
-      barrier_sync(Barrier::kConsumers, kConsumerThreads);
-      if (thread_idx == 0) { atomicAdd(semaphore, 1); }
-    }
+    int const turn = p.deterministic ? blocks.dq_turn(m, p.dq_descending) : 0;
+    consumers_add_in_turn<kConsumerThreads>(p.deterministic, p.dq_semaphore + tile, turn, thread_idx, [&] {
+      CUTLASS_PRAGMA_UNROLL
+      for (int v = 0; v < Traits::kDQValuesPerThread; v += 4) {
+        reduce_add_f32x4(dq + dq_index<kConsumerThreads>(thread_idx, v), acc_dq(v), acc_dq(v + 1), acc_dq(v + 2),
+                         acc_dq(v + 3));
+      }
+    });
   }
 };
 

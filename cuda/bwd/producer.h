@@ -41,6 +41,26 @@ __device__ __forceinline__ int load_acquire(int const* address) {
   return value;
 }
 
+// `add()` on every consumer thread; when `ordered` (deterministic mode), in this CTA's turn
+// on `semaphore`: thread 0 waits for the count to reach `turn`, all threads add, and the
+// count moves on once every thread's additions are visible to the next CTA.
+template <int kConsumerThreads, class Add>
+__device__ __forceinline__ void consumers_add_in_turn(bool ordered, int* semaphore, int turn, int thread_idx,
+                                                      Add&& add) {
+  if (ordered) {
+    if (thread_idx == 0) {
+      while (load_acquire(semaphore) != turn) {}
+    }
+    barrier_sync(Barrier::kConsumers, kConsumerThreads);
+  }
+  add();
+  if (ordered) {
+    __threadfence();
+    barrier_sync(Barrier::kConsumers, kConsumerThreads);
+    if (thread_idx == 0) { atomicAdd(semaphore, 1); }
+  }
+}
+
 template <class Traits>
 struct BwdLoader {
   using Params = typename Traits::Params;
