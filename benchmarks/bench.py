@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import jax_fa3
 from timing import on_gpu, time_ms, timing_method
 
-IMPLS = ("jax_fa3", "jax_fa3_deterministic", "cudnn", "xla", "pallas", "fa3_wheel")
+OURS = ("jax_fa3", "jax_fa3_deterministic")  # the second runs the deterministic backward
+IMPLS = (*OURS, "cudnn", "xla", "pallas", "fa3_wheel")
 MODES = ("fwd", "bwd", "fwdbwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 # XLA materializes the float32 scores; past this size it only measures memory traffic (or OOMs).
@@ -105,7 +106,7 @@ def default_out_dir(card):
 
 def attention_fn(impl, problem):
   """`(q, k, v) -> out` for `impl`."""
-  if impl in ("jax_fa3", "jax_fa3_deterministic"):
+  if impl in OURS:
     deterministic = impl == "jax_fa3_deterministic"
     return lambda q, k, v: jax_fa3.flash_attention(q, k, v, causal=problem.causal,
                                                    deterministic=deterministic)
@@ -165,7 +166,7 @@ def impl_label(impl, problem, mode):
   that runs another dtype than the problem's is labelled with it."""
   if impl_dtype(impl, problem) != problem.dtype:
     return f"{impl} ({impl_dtype(impl, problem)})"
-  if not impl.startswith("jax_fa3"):
+  if impl not in OURS:
     return impl
   directions = ("fwd", "bwd") if mode == "fwdbwd" else (mode,)
   kernels = jax_fa3.kernels_available()
@@ -186,7 +187,7 @@ def run(problems, modes, impls, iterations, card, on_record=lambda records: None
     prefix = (f"[{index:3}/{total}] {label:24} {mode:6} d={problem.head_dim:<3} "
               f"causal={problem.causal!s:5} seqlen={problem.seqlen:<5} batch={problem.batch:<3}")
     reason = why_not(impl, problem, mode)
-    if not reason and label.endswith("(reference)") and impl.startswith("jax_fa3") and on_gpu():
+    if not reason and impl in OURS and label.endswith("(reference)") and on_gpu():
       reason = "no kernel compiled for this mode and head dim (the float32 reference is not benchmarked)"
     if reason:
       print(f"{prefix} skipped: {reason}", flush=True)
@@ -196,7 +197,7 @@ def run(problems, modes, impls, iterations, card, on_record=lambda records: None
       fn, args = timed_call(attention_fn(impl, problem), mode, *inputs)
       ms = time_ms(fn, *args, iterations=iterations)
     except Exception as e:  # pylint: disable=broad-except
-      if label in ("jax_fa3", "jax_fa3_deterministic"):
+      if label in OURS:
         raise  # our kernels must run every size; baselines (and our reference) may decline
       print(f"{prefix} skipped: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
       continue
@@ -237,14 +238,22 @@ def _format(tflops):
   return f"{tflops:.0f}" if tflops >= 10 else f"{tflops:.2g}"
 
 
-def plot(records, header, out_dir):
-  """One PNG per mode: TFLOP/s against seqlen, a row per head dim, causal or not side by side."""
+def pyplot():
+  """matplotlib.pyplot on the file-only Agg backend, or None (with a note) if it is missing."""
   try:
     import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   except ImportError:
     print("matplotlib is not installed, so no plots (pip install matplotlib)")
+    return None
+  return plt
+
+
+def plot(records, header, out_dir):
+  """One PNG per mode: TFLOP/s against seqlen, a row per head dim, causal or not side by side."""
+  plt = pyplot()
+  if plt is None:
     return []
   paths = []
   for mode in MODES:

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jax_fa3
-from bench import NO_GPU_BANNER, Problem, card_name, default_out_dir, timed_call
+from bench import NO_GPU_BANNER, Problem, card_name, default_out_dir, pyplot, timed_call
 from jax_fa3 import sharding
 from jax_fa3.primitives import AttentionParams
 from timing import on_gpu, wall_time_ms
@@ -234,12 +234,8 @@ def _ratio(x):
 def plot(records, header, out_dir):
   """scaling.png: the ring's TFLOP/s per device against seqlen (fwd, fwdbwd), the striping
   gain against (2P - 1) / P, and the batch/heads efficiency. Needs matplotlib."""
-  try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    print("matplotlib is not installed, so no plot (pip install matplotlib)")
+  plt = pyplot()
+  if plt is None:
     return []
   ring = [r for r in records if r["sweep"] == "ring"]
   gains = striping_gains(records)
@@ -336,9 +332,8 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   if args.replot:
-    results, out_dir = json.loads(args.replot.read_text()), args.replot.parent
-    (out_dir / "scaling.md").write_text(markdown(results["records"], results["header"]))
-    written = [out_dir / "scaling.md", *plot(results["records"], results["header"], out_dir)]
+    results = json.loads(args.replot.read_text())
+    written = write(args.replot.parent, results["header"], results["records"], with_plot=True)
     print("wrote " + ", ".join(str(p) for p in written))
     return
   if not on_gpu():

@@ -263,13 +263,12 @@ def _run_explicit(mesh, split, program, *, args, in_specs, out_specs, result_spe
     # An absent seqused (empty) does not enter the manual computation: see
     # primitives.absent_if_none. The program gets None in its place.
     present = [x.size > 0 for x in args]
-    per_device = program
 
-    def program(*operands):
+    def on_present(*operands, per_device=program):
       operands = iter(operands)
       return per_device(*(next(operands) if p else None for p in present))
 
-    program = jax.shard_map(program, mesh=mesh, axis_names=split.axes, out_specs=out_specs,
+    program = jax.shard_map(on_present, mesh=mesh, axis_names=split.axes, out_specs=out_specs,
                             in_specs=tuple(s for s, p in zip(in_specs, present) if p))
     args = [x for x, p in zip(args, present) if p]
   return tuple(_reshard(x, mesh, spec) for x, spec in zip(program(*args), result_specs))
