@@ -22,9 +22,15 @@ struct BwdTileConfig {
   static constexpr bool kSplitHeadDim = kHeadDim > 128;
   static constexpr int kBlockM = kHeadDim == 64 ? 128 : 64;  // query rows per step
   static constexpr int kBlockN = kSplitHeadDim ? 64 : 128;   // keys per CTA
-  static constexpr int kStages = 2;                          // Q/dO ring depth
+  // Q/dO ring depth: a third stage fits at head dim 128 only. With two, a stage is
+  // refilled one step ahead of its use, and Q/dO arrive late under the dQ reduce traffic.
+  static constexpr int kStages = kHeadDim == 128 ? 3 : 2;
   static constexpr int kConsumerWarpgroups = 2;
+#if defined(JAX_FA3_BWD_DQ_ATOMICS_EXPERIMENT)
+  static constexpr bool kDQAtomics = true;
+#else
   static constexpr bool kDQAtomics = kSplitHeadDim;          // else shared memory + bulk reduce-add
+#endif
 };
 
 }  // namespace jax_fa3

@@ -1,5 +1,5 @@
 // The backward main kernel: one CTA per (key block, query head, batch), with a producer
-// warpgroup (TMA loads; the dQ writer) and two consumer warpgroups that keep dK and dV in
+// warpgroup (TMA loads; the dQ writers) and two consumer warpgroups that keep dK and dV in
 // registers while walking the query tiles.
 #pragma once
 
@@ -45,8 +45,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(CUTE_GRID_CONS
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
     if (warp == 0) {
       BwdLoader<Traits>{p, smem, bool(cute::elect_one_sync())}.run(head, batch, blocks);
-    } else if (warp == 1) {
-      if constexpr (!Traits::kDQAtomics) { BwdDQWriter<Traits>{p, smem}.run(head, batch, blocks); }
+    } else if (warp <= Traits::kConsumerWarpgroups) {
+      if constexpr (!Traits::kDQAtomics) { BwdDQWriter<Traits>{p, smem, warp - 1}.run(head, batch, blocks); }
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();

@@ -2,12 +2,13 @@
 // half of the queries when split by head dim):
 //   S^T = K·Q^T, dP^T = V·dO^T            (SS WGMMA, issued together)
 //   P^T = exp2(S^T·scale_log2 - lse_log2)  (masked on edge tiles; under dP's WGMMA)
+//   dV += P^T·dO                          (RS WGMMA, P^T from registers; under dS below)
 //   dS^T = P^T ∘ (dP^T - dpsum)           (∘ (1 - tanh²) with a softcap)
-//   dV += P^T·dO, dK += dS^T·Q            (RS WGMMA from the same registers; split by
-//                                          head dim: P^T, dS^T via shared memory, SS)
 //   dS^T -> shared memory; dQ = dS·K      (SS WGMMA across both warpgroups)
-//   dQ -> shared memory for the writer warp's bulk reduce-add, or (split by head dim)
-//   added to global memory from registers.
+//   dK += dS^T·Q                          (RS WGMMA; under dQ's hand-off)
+//   dQ -> shared memory for the warpgroup's writer warp and its bulk reduce-add.
+// Split by head dim, P^T and dS^T both go through shared memory (every GEMM after them is
+// SS) and dQ is added to global memory from registers.
 #pragma once
 
 #include <type_traits>
@@ -104,38 +105,58 @@ struct BwdMainloop {
       }
     };
 
+    // The tile's row statistics, staged with Q and dO, by this thread's columns. At head dim
+    // 128 the lse goes to registers before the S/dP GEMMs are issued: loaded after, its
+    // shared-memory reads queue behind the GEMMs' operand reads and stall the exponentials.
+    // Elsewhere, and dP's sum everywhere, they are read at their use, as registers held
+    // longer spill.
+    static constexpr bool kPreloadLse = kHeadDim == 128;
+    auto column_of = [&](int c) { return column_offset + get<1>(thread0_rc(0, c)); };
+
     auto step = [&](int m, int step_index, auto masked) {
       ring.wait_full(position);
-      // Row statistics of the tile's queries, staged with Q and dO.
-      float const* lse_log2 = smem.lse_log2[position.stage] + column_offset;
-      float const* dpsum = smem.dpsum[position.stage] + column_offset;
-      auto column = [&](int c) { return get<1>(thread0_rc(0, c)); };  // compile-time
+      int const stage = position.stage;
+      int const buffer = step_index & 1;  // of the dS (and P) shared-memory tiles
+      Tensor lse_log2 = make_tensor<float>(Int<kPreloadLse ? kCols : 1>{});
+      if constexpr (kPreloadLse) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kCols; ++c) { lse_log2(c) = smem.lse_log2[stage][column_of(c)]; }
+        warpgroup_fence_operand(lse_log2);  // loaded before the GEMMs below are issued
+      }
+      auto lse_at = [&](int c) {
+        if constexpr (kPreloadLse) {
+          return lse_log2(c);
+        } else {
+          return smem.lse_log2[stage][column_of(c)];
+        }
+      };
+      auto dpsum_at = [&](int c) { return smem.dpsum[stage][column_of(c)]; };
       Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
       Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
-      warpgroup_gemm</*zero_init=*/true, /*wait=*/-1>(mma_sdp, tSrK, tSrQ(_, _, _, position.stage), acc_s);
-      warpgroup_gemm<true, -1>(mma_sdp, tSrV, tSrdO(_, _, _, position.stage), acc_dp);
+      warpgroup_gemm</*zero_init=*/true, /*wait=*/-1>(mma_sdp, tSrK, tSrQ(_, _, _, stage), acc_s);
+      warpgroup_gemm<true, -1>(mma_sdp, tSrV, tSrdO(_, _, _, stage), acc_dp);
       Tensor s = make_tensor(acc_s.data(), acc_rows_cols(acc_s.layout()));
       Tensor dp = make_tensor(acc_dp.data(), acc_rows_cols(acc_dp.layout()));
-      if (p.softcap_prescale == 0.f) {
-        warpgroup_wait<1>();  // S^T is ready; dP^T still runs under the exponentials
+      // Without a softcap: P^T = exp2(S^T·scale_log2 - lse_log2), once S^T is ready (dP^T
+      // still runs), then dS^T = P^T ∘ (dP^T - dpsum) in place of dP^T once dP^T is.
+      auto probabilities = [&] {
+        warpgroup_wait<1>();
         apply_mask(acc_s, m, masked);
         CUTLASS_PRAGMA_UNROLL
         for (int r = 0; r < kRows; ++r) {
           CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < kCols; ++c) { s(r, c) = exp2f(s(r, c) * p.scale_log2 - lse_log2[column(c)]); }
+          for (int c = 0; c < kCols; ++c) { s(r, c) = exp2f(s(r, c) * p.scale_log2 - lse_at(c)); }
         }
-        float probability_sum = 0.f;  // depends on every exponential: keeps them ahead of the wait
-        CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < size(acc_s); ++i) { probability_sum += acc_s(i); }
-        finish_before_next_wait(probability_sum, p.num_m_blocks < 0, &smem.unused_sink);
-        warpgroup_wait<0>();
+      };
+      auto compute_ds = [&] {
         CUTLASS_PRAGMA_UNROLL
         for (int r = 0; r < kRows; ++r) {
           CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < kCols; ++c) { dp(r, c) = s(r, c) * (dp(r, c) - dpsum[column(c)]); }
+          for (int c = 0; c < kCols; ++c) { dp(r, c) = s(r, c) * (dp(r, c) - dpsum_at(c)); }
         }
-      } else {
-        // With a softcap dS also needs tanh's derivative, so both GEMMs are awaited first.
+      };
+      // With a softcap dS also needs tanh's derivative: both GEMMs are awaited first.
+      auto softcapped_probabilities_and_ds = [&] {
         warpgroup_wait<0>();
         apply_softcap(acc_s, p.softcap_prescale);
         apply_mask(acc_s, m, masked);
@@ -144,17 +165,31 @@ struct BwdMainloop {
           CUTLASS_PRAGMA_UNROLL
           for (int c = 0; c < kCols; ++c) {
             float const t = s(r, c);
-            float const prob = exp2f(t * p.scale_log2 - lse_log2[column(c)]);
+            float const prob = exp2f(t * p.scale_log2 - lse_at(c));
             s(r, c) = prob;
-            dp(r, c) = prob > 0.f ? prob * (dp(r, c) - dpsum[column(c)]) * (1.f - t * t) : 0.f;
+            dp(r, c) = prob > 0.f ? prob * (dp(r, c) - dpsum_at(c)) * (1.f - t * t) : 0.f;
           }
         }
-      }
-      int const buffer = step_index & 1;
-      Tensor p16 = convert_fragment<Element>(acc_s);
-      Tensor ds16 = convert_fragment<Element>(acc_dp);
+      };
+      // Each branch below ends with the same WGMMA batches in flight, so that ptxas, which
+      // does not correlate branches, sees no accumulator read under a running WGMMA.
+      bool const softcap = p.softcap_prescale != 0.f;
       Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+
       if constexpr (Traits::kSplitHeadDim) {
+        if (!softcap) {
+          probabilities();
+          float probability_sum = 0.f;  // depends on every exponential: keeps them ahead of the wait
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size(acc_s); ++i) { probability_sum += acc_s(i); }
+          finish_before_next_wait(probability_sum, p.num_m_blocks < 0, &smem.unused_sink);
+          warpgroup_wait<0>();
+          compute_ds();
+        } else {
+          softcapped_probabilities_and_ds();
+        }
+        Tensor p16 = convert_fragment<Element>(acc_s);
+        Tensor ds16 = convert_fragment<Element>(acc_dp);
         // Each warpgroup's dV and dK columns need every key's P^T and dS^T.
         Tensor sPt = make_tensor(make_smem_ptr(smem.p.data.data()), typename Traits::SmemLayoutDSt{});
         Tensor tPsPt = thread_ds_copy.partition_D(sPt);
@@ -164,36 +199,47 @@ struct BwdMainloop {
         copy(ds_copy, thread_ds_copy.retile_S(ds16), tDSsdSt(_, _, _, buffer));
         cutlass::arch::fence_view_async_shared();  // read next by WGMMA (async proxy)
         barrier_sync(Barrier::kConsumers, kConsumerThreads);
-        warpgroup_gemm<false, -1>(mma_kv, tKVsPt(_, _, _, buffer), tKVrdOt(_, _, _, position.stage), acc_dv);
-        warpgroup_gemm<false, -1>(mma_kv, tKVsdSt(_, _, _, buffer), tKVrQt(_, _, _, position.stage), acc_dk);
+        warpgroup_gemm<false, -1>(mma_kv, tKVsPt(_, _, _, buffer), tKVrdOt(_, _, _, stage), acc_dv);
+        warpgroup_gemm<false, -1>(mma_kv, tKVsdSt(_, _, _, buffer), tKVrQt(_, _, _, stage), acc_dk);
+        warpgroup_gemm<true, -1>(mma_dq, tDQrdS(_, _, _, buffer), tDQrKt, acc_dq);
+        warpgroup_wait<0>();  // dV, dK and dQ done: the Q/dO stage is free
+        if (warpgroup_leader()) { ring.release(position); }
+        position.advance();
+        add_dq_to_global(acc_dq, head, batch, m, blocks);
       } else {
-        // P^T and dS^T in 16 bits, viewed as the A operands of dV and dK.
+        // Split by keys. The GEMMs go to the tensor cores in the order dV, dQ, dK, so that
+        // each waits on the next: dV (P^T from registers) runs under the dS arithmetic and
+        // the dS hand-off, and dK under dQ's hand-off to the writer warp.
+        if (!softcap) {
+          probabilities();
+          float probability_sum = 0.f;  // depends on every exponential: keeps them ahead of the wait
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size(acc_s); ++i) { probability_sum += acc_s(i); }
+          finish_before_next_wait(probability_sum, p.num_m_blocks < 0, &smem.unused_sink);
+          warpgroup_wait<0>();
+          compute_ds();
+        } else {
+          softcapped_probabilities_and_ds();
+        }
+        Tensor p16 = convert_fragment<Element>(acc_s);
         Tensor tOrP = make_tensor(p16.data(), acc_as_operand_a(p16.layout()));
-        Tensor tOrdS = make_tensor(ds16.data(), acc_as_operand_a(ds16.layout()));
-        warpgroup_gemm<false, -1>(mma_kv, tOrP, tKVrdOt(_, _, _, position.stage), acc_dv);
-        warpgroup_gemm<false, -1>(mma_kv, tOrdS, tKVrQt(_, _, _, position.stage), acc_dk);
+        warpgroup_gemm<false, -1>(mma_kv, tOrP, tKVrdOt(_, _, _, stage), acc_dv);
+        Tensor ds16 = convert_fragment<Element>(acc_dp);
         copy(ds_copy, thread_ds_copy.retile_S(ds16), tDSsdSt(_, _, _, buffer));
         cutlass::arch::fence_view_async_shared();  // dS is read next by WGMMA (async proxy)
         barrier_sync(Barrier::kConsumers, kConsumerThreads);
-      }
-      warpgroup_gemm<true, -1>(mma_dq, tDQrdS(_, _, _, buffer), tDQrKt, acc_dq);
-      warpgroup_wait<0>();  // dV, dK and dQ done: the Q/dO stage is free
-      if (warpgroup_leader()) { ring.release(position); }
-      position.advance();
-
-      static_assert(Traits::kDQValuesPerThread % 4 == 0);
-      if constexpr (Traits::kDQAtomics) {
-        add_dq_to_global(acc_dq, head, batch, m, blocks);
-      } else {
-        // Hand dQ to the writer warp once it has read the previous step's.
-        if (step_index > 0) { barrier_sync(Barrier::kDQEmpty, 32 + kConsumerThreads); }
-        CUTLASS_PRAGMA_UNROLL
-        for (int v = 0; v < Traits::kDQValuesPerThread; v += 4) {
-          *reinterpret_cast<float4*>(&smem.dq.data[dq_index<kConsumerThreads>(thread_idx, v)]) =
-              make_float4(acc_dq(v), acc_dq(v + 1), acc_dq(v + 2), acc_dq(v + 3));
+        warpgroup_gemm<true, -1>(mma_dq, tDQrdS(_, _, _, buffer), tDQrKt, acc_dq);
+        Tensor tOrdS = make_tensor(ds16.data(), acc_as_operand_a(ds16.layout()));
+        warpgroup_gemm<false, -1>(mma_kv, tOrdS, tKVrQt(_, _, _, stage), acc_dk);
+        warpgroup_wait<1>();  // dV and dQ done; dK runs on
+        if constexpr (Traits::kDQAtomics) {
+          add_dq_to_global(acc_dq, head, batch, m, blocks);
+        } else {
+          hand_dq_to_writer(acc_dq, step_index);
         }
-        cutlass::arch::fence_view_async_shared();  // the bulk reduce reads through the async proxy
-        barrier_arrive(Barrier::kDQFull, 32 + kConsumerThreads);
+        warpgroup_wait<0>();  // dK done too: the Q/dO stage is free
+        if (warpgroup_leader()) { ring.release(position); }
+        position.advance();
       }
     };
 
@@ -209,6 +255,23 @@ struct BwdMainloop {
     }
   }
 
+  // Gives this warpgroup's part of the step's dQ to its writer warp (see BwdDQWriter), once
+  // the writer has read the previous step's.
+  template <class AccDQ>
+  __device__ void hand_dq_to_writer(AccDQ const& acc_dq, int step_index) {
+    static_assert(Traits::kDQValuesPerThread % 4 == 0);
+    constexpr int kWriterThreads = 32 + 128;
+    int const warpgroup = thread_idx / 128;
+    if (step_index > 0) { barrier_sync(Barrier::kDQEmpty, kWriterThreads, warpgroup); }
+    CUTLASS_PRAGMA_UNROLL
+    for (int v = 0; v < Traits::kDQValuesPerThread; v += 4) {
+      *reinterpret_cast<float4*>(&smem.dq.data[dq_index<Traits::kDQValuesPerThread>(thread_idx, v)]) =
+          make_float4(acc_dq(v), acc_dq(v + 1), acc_dq(v + 2), acc_dq(v + 3));
+    }
+    cutlass::arch::fence_view_async_shared();  // the bulk reduce reads through the async proxy
+    barrier_arrive(Barrier::kDQFull, kWriterThreads, warpgroup);
+  }
+
   // Adds this step's dQ into the float32 accumulator with 16-byte reductions, in the same
   // interleaved order as the writer warp's tile (see dq_index). Deterministic: the key
   // blocks of a query tile take turns, in the writer warp's order.
@@ -221,7 +284,7 @@ struct BwdMainloop {
     consumers_add_in_turn<kConsumerThreads>(p.deterministic, p.dq_semaphore + tile, turn, thread_idx, [&] {
       CUTLASS_PRAGMA_UNROLL
       for (int v = 0; v < Traits::kDQValuesPerThread; v += 4) {
-        reduce_add_f32x4(dq + dq_index<kConsumerThreads>(thread_idx, v), acc_dq(v), acc_dq(v + 1), acc_dq(v + 2),
+        reduce_add_f32x4(dq + dq_index<Traits::kDQValuesPerThread>(thread_idx, v), acc_dq(v), acc_dq(v + 1), acc_dq(v + 2),
                          acc_dq(v + 3));
       }
     });

@@ -11,12 +11,14 @@ namespace jax_fa3 {
 
 using namespace cute;
 
-// Where value v of consumer thread t sits in a step's dQ tile: groups of 4 floats,
-// interleaved across threads so that both the shared-memory stores of the main kernel
-// and these reads are conflict-free and 16-byte wide.
-template <int kThreads>
+// Where value v of consumer thread t sits in a step's dQ tile: each warpgroup's values
+// are one contiguous part (its writer warp adds that part alone), in groups of 4 floats
+// interleaved across the warpgroup's threads, so that both the shared-memory stores of the
+// main kernel and these reads are conflict-free and 16-byte wide.
+template <int kValuesPerThread>
 __host__ __device__ __forceinline__ int dq_index(int thread, int value) {
-  return (value / 4) * kThreads * 4 + thread * 4 + value % 4;
+  int const warpgroup = thread / 128, lane = thread % 128;
+  return warpgroup * 128 * kValuesPerThread + (value / 4) * 128 * 4 + lane * 4 + value % 4;
 }
 
 template <class Traits>
@@ -46,7 +48,7 @@ __global__ void __launch_bounds__(Traits::kConsumerThreads) bwd_convert_dq_kerne
     int const row = m_block * kBlockM + get<0>(coords(v));
     if (row < p.seqlen_q) {
       dq[row * p.dq_row_stride + get<1>(coords(v))] =
-          Element(accum[dq_index<Traits::kConsumerThreads>(thread, v)] * p.scale);
+          Element(accum[dq_index<Traits::kDQValuesPerThread>(thread, v)] * p.scale);
     }
   }
 }

@@ -1,6 +1,7 @@
 // The backward producer warpgroup: warp 0 loads K and V once and Q, dO per query tile
-// through a stage ring; warp 1 adds each tile's dQ into the float32 accumulator in
-// global memory with one bulk reduce-add (in a fixed order when deterministic).
+// through a stage ring; warps 1 and 2 add each tile's dQ into the float32 accumulator in
+// global memory with bulk reduce-adds, one warp per consumer warpgroup (in a fixed order
+// when deterministic).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -126,33 +127,40 @@ struct BwdLoader {
   }
 };
 
+// One writer warp per consumer warpgroup: it adds that warpgroup's part of each step's dQ
+// (see dq_index), so neither warpgroup waits for the other's dQ.
 template <class Traits>
 struct BwdDQWriter {
   using Params = typename Traits::Params;
   using Storage = typename Traits::SharedStorage;
   static constexpr int kBlockM = Traits::kBlockM;
   static constexpr int kBlockN = Traits::kBlockN;
-  static constexpr int kBarrierThreads = 32 + Traits::kConsumerThreads;
+  static constexpr int kBarrierThreads = 32 + 128;
+  static constexpr int kPartFloats = Traits::kDQFloats / Traits::kConsumerWarpgroups;
 
   Params const& p;
   Storage& smem;
+  int const warpgroup;  // the consumer warpgroup this warp serves
 
   __device__ void run(int head, int batch, QueryBlocks<kBlockM, kBlockN> const& blocks) {
     bool const lane0 = threadIdx.x % 32 == 0;
     int64_t const head_blocks = (int64_t(batch) * p.heads + head) * p.num_m_blocks;
+    float const* const part = smem.dq.data.data() + warpgroup * kPartFloats;
     int remaining = blocks.count();
     for (int m = blocks.m_begin; m < blocks.m_end; ++m) {
       if (!blocks.visits(m)) { continue; }
-      barrier_sync(Barrier::kDQFull, kBarrierThreads);
+      barrier_sync(Barrier::kDQFull, kBarrierThreads, warpgroup);
       if (lane0) {
         int* const semaphore = p.dq_semaphore + head_blocks + m;
-        // Deterministic: key blocks add into a query tile in a fixed order.
+        // Deterministic: key blocks add into a query tile in a fixed order. Each adds one
+        // part per writer, so block `turn` goes once the count reaches turn * writers: every
+        // earlier block has then added all its parts (and no later block any).
         int const turn = blocks.dq_turn(m, p.dq_descending);
         if (p.deterministic) {
-          while (load_acquire(semaphore) != turn) {}
+          while (load_acquire(semaphore) < turn * Traits::kConsumerWarpgroups) {}
         }
-        bulk_reduce_add_f32(p.dq_accum + (head_blocks + m) * Traits::kDQFloats, smem.dq.data.data(),
-                            Traits::kDQFloats * sizeof(float));
+        bulk_reduce_add_f32(p.dq_accum + (head_blocks + m) * Traits::kDQFloats + warpgroup * kPartFloats, part,
+                            kPartFloats * sizeof(float));
         if (p.deterministic) {
           // The add must have landed in global memory before the next block's turn.
           asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
@@ -163,7 +171,7 @@ struct BwdDQWriter {
         }
       }
       __syncwarp();
-      if (--remaining > 0) { barrier_arrive(Barrier::kDQEmpty, kBarrierThreads); }
+      if (--remaining > 0) { barrier_arrive(Barrier::kDQEmpty, kBarrierThreads, warpgroup); }
     }
     if (lane0) { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
   }

@@ -12,8 +12,9 @@ enum class Barrier : int {
   kConsumers = 4,         // every consumer thread (epilogue)
   kSchedulerFull = 5,     // producer -> consumers: the next tile index is published
   kSchedulerEmpty = 6,    // consumers -> producer: the published index was read
-  kDQFull = 7,            // backward: consumers -> dQ writer, the step's dQ is in shared memory
-  kDQEmpty = 8,           // backward: dQ writer -> consumers, the bulk reduce has read it
+  kDQFull = 7,            // backward, 7..8: one per consumer warpgroup -> its dQ writer warp,
+                          // the warpgroup's part of the step's dQ is in shared memory
+  kDQEmpty = 9,           // backward, 9..10: dQ writer -> its warpgroup, the bulk reduce has read it
 };
 
 __device__ __forceinline__ void barrier_sync(Barrier id, int num_threads, int offset = 0) {
