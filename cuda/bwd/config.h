@@ -26,11 +26,9 @@ struct BwdTileConfig {
   // refilled one step ahead of its use, and Q/dO arrive late under the dQ reduce traffic.
   static constexpr int kStages = kHeadDim == 128 ? 3 : 2;
   static constexpr int kConsumerWarpgroups = 2;
-#if defined(JAX_FA3_BWD_DQ_ATOMICS_EXPERIMENT)
-  static constexpr bool kDQAtomics = true;
-#else
-  static constexpr bool kDQAtomics = kSplitHeadDim;          // else shared memory + bulk reduce-add
-#endif
+  // dQ from registers with 16-byte atomic adds at head dim 256; else through shared memory
+  // and a writer warp's bulk reduce-add (atomics measured 17% slower at d128: NOTES.md).
+  static constexpr bool kDQAtomics = kSplitHeadDim;
 };
 
 }  // namespace jax_fa3
