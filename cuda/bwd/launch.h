@@ -46,8 +46,10 @@ cudaError_t run_bwd(BwdParams const& b, cudaStream_t stream) {
 
   BwdPreprocessParams pre{b.dout, b.out, b.lse, w.dpsum, w.lse_log2, b.seqused_q, b.o_row_stride, b.o_head_stride,
                           b.o_batch_stride, b.seqlen_q, seqlen_q_rounded, b.heads};
+  using Pre = PreprocessShape<kHeadDim>;
+  static_assert(kBlockM % Pre::kRowsPerBlock == 0);
   bwd_preprocess_kernel<Element, kHeadDim>
-      <<<dim3(seqlen_q_rounded / kPreprocessRowsPerBlock, b.heads, b.batch), 256, 0, stream>>>(pre);
+      <<<dim3(seqlen_q_rounded / Pre::kRowsPerBlock, b.heads, b.batch), Pre::kThreads, 0, stream>>>(pre);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) { return e; }
 
   auto gmem = [](void const* ptr, int seqlen, int heads, int64_t row, int64_t head, int64_t batch, int count) {

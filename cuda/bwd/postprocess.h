@@ -43,12 +43,29 @@ __global__ void __launch_bounds__(Traits::kConsumerThreads) bwd_convert_dq_kerne
       make_identity_tensor(Shape<Int<kBlockM>, Int<Traits::kHeadDim>>{}));
   static_assert(decltype(size(coords))::value == Traits::kDQValuesPerThread);
   Element* dq = p.dq + batch * p.dq_batch_stride + head * p.dq_head_stride;
+  // A thread's values come in fours (dq_index): one 16-byte load each, written back as
+  // two pairs of adjacent columns, rows r and r + 8 of the MMA fragment.
+  static_assert(Traits::kDQValuesPerThread % 4 == 0);
   CUTLASS_PRAGMA_UNROLL
-  for (int v = 0; v < Traits::kDQValuesPerThread; ++v) {
-    int const row = m_block * kBlockM + get<0>(coords(v));
-    if (row < p.seqlen_q) {
-      dq[row * p.dq_row_stride + get<1>(coords(v))] =
-          Element(accum[dq_index<Traits::kDQValuesPerThread>(thread, v)] * p.scale);
+  for (int v = 0; v < Traits::kDQValuesPerThread; v += 4) {
+    float4 const four = *reinterpret_cast<float4 const*>(&accum[dq_index<Traits::kDQValuesPerThread>(thread, v)]);
+    float const values[4] = {four.x, four.y, four.z, four.w};
+    CUTLASS_PRAGMA_UNROLL
+    for (int pair = 0; pair < 4; pair += 2) {
+      int const row = m_block * kBlockM + get<0>(coords(v + pair));
+      int const col = get<1>(coords(v + pair));
+      if (row >= p.seqlen_q) { continue; }
+      Element* destination = &dq[row * p.dq_row_stride + col];
+      if (get<1>(coords(v + pair + 1)) == col + 1 && get<0>(coords(v + pair + 1)) == get<0>(coords(v + pair))) {
+        struct alignas(4) Pair {
+          Element x, y;
+        };
+        *reinterpret_cast<Pair*>(destination) = Pair{Element(values[pair] * p.scale), Element(values[pair + 1] * p.scale)};
+      } else {  // not the fragment layout this was written for: element by element
+        destination[0] = Element(values[pair] * p.scale);
+        int const row1 = m_block * kBlockM + get<0>(coords(v + pair + 1));
+        if (row1 < p.seqlen_q) { dq[row1 * p.dq_row_stride + get<1>(coords(v + pair + 1))] = Element(values[pair + 1] * p.scale); }
+      }
     }
   }
 }
