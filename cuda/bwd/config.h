@@ -29,6 +29,9 @@ struct BwdTileConfig {
   // dQ from registers with 16-byte atomic adds at head dim 256; else through shared memory
   // and a writer warp's bulk reduce-add (atomics measured 17% slower at d128: NOTES.md).
   static constexpr bool kDQAtomics = kSplitHeadDim;
+  // Persistent CTAs (see KeyTileOrder) where the tile loop's registers fit: at head dim 64
+  // they make the mainloop spill (300 B, measured 3% slower), so there one CTA per tile.
+  static constexpr bool kPersistent = kHeadDim != 64;
 };
 
 }  // namespace jax_fa3

@@ -45,13 +45,15 @@ struct BwdMainloop {
   Storage& smem;
   int const thread_idx;  // among the consumer threads
   Ring ring{smem.qdo_ring};
-  typename Ring::Position position;
+  typename Ring::Position position;  // both carry over from tile to tile
+  int steps_done = 0;                // over all of the CTA's tiles: picks the dS buffer
 
   __device__ bool warpgroup_leader() const { return thread_idx % 128 == 0; }
 
   template <class AccDK, class AccDV>
+  // The CTA's tile_index-th tile (see KeyTileOrder).
   __device__ void run(int head, int batch, QueryBlocks<kBlockM, kBlockN> const& blocks, AccDK& acc_dk,
-                      AccDV& acc_dv) {
+                      AccDV& acc_dv, int tile_index) {
     typename Traits::TiledMmaSdP mma_sdp;
     typename Traits::TiledMmaKV mma_kv;
     typename Traits::TiledMmaDQ mma_dq;
@@ -96,7 +98,7 @@ struct BwdMainloop {
 
     clear(acc_dk);
     clear(acc_dv);
-    cutlass::arch::ClusterTransactionBarrier::wait(&smem.kv_full, 0);
+    cutlass::arch::ClusterTransactionBarrier::wait(&smem.kv_full, tile_index & 1);
 
     auto apply_mask = [&](auto& scores, int m, auto masked) {
       if constexpr (decltype(masked)::value) {
@@ -243,15 +245,28 @@ struct BwdMainloop {
       }
     };
 
-    int step_index = 0;
+    int const steps_before = steps_done;
     for (int m = blocks.m_begin; m < blocks.m_end; ++m) {
       if (!blocks.visits(m)) { continue; }
       if (blocks.needs_mask(m)) {
-        step(m, step_index, std::true_type{});
+        step(m, steps_done, std::true_type{});
       } else {
-        step(m, step_index, std::false_type{});
+        step(m, steps_done, std::false_type{});
       }
-      ++step_index;
+      ++steps_done;
+    }
+    // Every GEMM on K and V has completed (each step ends with warpgroup_wait<0>), and
+    // every thread has passed the kv_full wait above: the GEMMs are warpgroup-wide, and a
+    // tile without steps syncs here, lest the next tile's load complete kv_full's next
+    // phase before a lagging thread checked this one.
+    if (steps_done == steps_before) { barrier_sync(Barrier::kConsumers, kConsumerThreads); }
+    if (warpgroup_leader()) { cutlass::arch::ClusterBarrier::arrive(&smem.kv_empty); }
+  }
+
+  // After the last tile: takes the writer's arrival for the last hand-off.
+  __device__ void finish() {
+    if constexpr (!Traits::kDQAtomics) {
+      if (steps_done > 0) { barrier_sync(Barrier::kDQEmpty, 32 + 128, thread_idx / 128); }
     }
   }
 

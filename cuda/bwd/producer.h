@@ -73,8 +73,11 @@ struct BwdLoader {
   Params const& p;
   Storage& smem;
   bool const leader;
+  TmaRing<Traits::kStages> ring{smem.qdo_ring};
+  typename TmaRing<Traits::kStages>::Position position;  // carries over from tile to tile
 
-  __device__ void run(int head, int batch, QueryBlocks<kBlockM, kBlockN> const& blocks) {
+  // The CTA's tile_index-th tile (see KeyTileOrder).
+  __device__ void run(int head, int batch, QueryBlocks<kBlockM, kBlockN> const& blocks, int tile_index) {
     int const kv_head = head / p.kv_group;
     auto kv_shape = make_shape(p.seqlen_k, int(kHeadDim), p.kv_heads, p.batch);
     auto q_shape = make_shape(p.seqlen_q, int(kHeadDim), p.heads, p.batch);
@@ -104,13 +107,13 @@ struct BwdLoader {
     Tensor tdOs = get<1>(do_parts);
 
     if (leader) {
+      // The previous tile's K and V stay until both consumer warpgroups finished with them.
+      if (tile_index > 0) { cutlass::arch::ClusterBarrier::wait(&smem.kv_empty, (tile_index - 1) & 1); }
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.kv_full, 2 * Traits::kBytesK);
       copy(p.tma_k.with(smem.kv_full, 0, TMA::CacheHintSm90::EVICT_FIRST), tKg, tKs);
       copy(p.tma_v.with(smem.kv_full, 0, TMA::CacheHintSm90::EVICT_FIRST), tVg, tVs);
     }
     int64_t const stats = (int64_t(batch) * p.heads + head) * p.seqlen_q_rounded;
-    TmaRing<Traits::kStages> ring{smem.qdo_ring};
-    typename TmaRing<Traits::kStages>::Position position;
     for (int m = blocks.m_begin; m < blocks.m_end; ++m) {
       if (!blocks.visits(m)) { continue; }
       if (leader) {
@@ -146,7 +149,6 @@ struct BwdDQWriter {
     bool const lane0 = threadIdx.x % 32 == 0;
     int64_t const head_blocks = (int64_t(batch) * p.heads + head) * p.num_m_blocks;
     float const* const part = smem.dq.data.data() + warpgroup * kPartFloats;
-    int remaining = blocks.count();
     for (int m = blocks.m_begin; m < blocks.m_end; ++m) {
       if (!blocks.visits(m)) { continue; }
       barrier_sync(Barrier::kDQFull, kBarrierThreads, warpgroup);
@@ -171,9 +173,13 @@ struct BwdDQWriter {
         }
       }
       __syncwarp();
-      if (--remaining > 0) { barrier_arrive(Barrier::kDQEmpty, kBarrierThreads, warpgroup); }
+      // Matched by the warpgroup's wait before its next hand-off, or at its finish().
+      barrier_arrive(Barrier::kDQEmpty, kBarrierThreads, warpgroup);
     }
-    if (lane0) { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+  }
+
+  __device__ void finish() {
+    if (threadIdx.x % 32 == 0) { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
   }
 };
 

@@ -45,11 +45,6 @@ struct QueryBlocks {
     auto const keys = keys_of(m_block);
     return n_block >= keys.n_block_min && n_block < keys.n_block_max;
   }
-  JAX_FA3_HOST_DEVICE int count() const {
-    int n = 0;
-    for (int m = m_begin; m < m_end; ++m) { n += visits(m); }
-    return n;
-  }
 
   // Whether tile (m, n) crosses a mask edge: the key length, or either window side.
   JAX_FA3_HOST_DEVICE bool needs_mask(int m_block) const {

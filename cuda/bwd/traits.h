@@ -28,6 +28,7 @@ struct BwdTraits {
 
   static constexpr bool kSplitHeadDim = Config::kSplitHeadDim;
   static constexpr bool kDQAtomics = Config::kDQAtomics;
+  static constexpr bool kPersistent = Config::kPersistent;
   static constexpr int kConsumerWarpgroups = Config::kConsumerWarpgroups;
   static_assert(kSplitHeadDim ? kBlockN == 64 : kBlockN == 64 * kConsumerWarpgroups);
   static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
@@ -115,7 +116,8 @@ struct BwdTraits {
     alignas(16) float lse_log2[kStages][kBlockM];  // row statistics of the staged query tile
     alignas(16) float dpsum[kStages][kBlockM];
     typename TmaRing<kStages>::Storage qdo_ring;
-    uint64_t kv_full;
+    uint64_t kv_full;   // K and V of the CTA's current tile landed
+    uint64_t kv_empty;  // both consumer warpgroups are done with them
     float unused_sink;  // target of finish_before_next_wait's never-executed store
   };
   static constexpr int kSharedBytes = sizeof(SharedStorage);
@@ -151,6 +153,7 @@ struct BwdTraits {
     int const* seqused_q;
     int const* seqused_k;
     int batch, seqlen_q, seqlen_k, heads, kv_heads, kv_group, seqlen_q_rounded, num_m_blocks, num_n_blocks;
+    int num_tiles;  // num_n_blocks x heads x batch (see KeyTileOrder)
     float scale_log2;        // log2 units per score unit (after the softcap, when on)
     float softcap_prescale;  // 0 = no softcap; else scores <- tanh(scores * prescale)
     float softmax_scale;     // dK's final factor (dQ's is applied by the postprocess)

@@ -37,6 +37,12 @@ def _cases():
         Case("bfloat16", 64, 2, 1, 300, 4, 4),
         Case("bfloat16", 128, 1, 640, 2000, 4, 4, window=(100, -1)),
         Case("bfloat16", 64, 2, 2048, 2048, 4, 4, window=CAUSAL, softcap=15.0),
+        # More (key block, head, batch) tiles than an H100 has SMs: the persistent CTAs of
+        # unmasked runs take several tiles each (K/V reloads, the Q/dO ring and the dQ
+        # hand-offs carried over from tile to tile).
+        Case("bfloat16", 128, 2, 1000, 1000, 16, 16),
+        Case("bfloat16", 256, 2, 777, 1000, 16, 4),
+        Case("float16", 128, 3, 300, 1500, 12, 3, softcap=20.0),
     ]
     return cases + _random_cases(24, seed=4)
 
