@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(CUTE_GRID_CONS
       Tensor acc_dv = partition_fragment_C(typename Traits::TiledMmaKV{},
                                            Shape<Int<Traits::kBlockN>, Int<Traits::kHeadDim>>{});
       mainloop.run(tile.head, tile.batch, blocks, acc_dk, acc_dv, i);
-      BwdEpilogue<Traits>{p, thread_idx}.store(tile.n_block, tile.head, tile.batch, acc_dk, acc_dv);
+      BwdEpilogue<Traits>{p, smem, thread_idx}.store(tile.n_block, tile.head, tile.batch, acc_dk, acc_dv);
     });
     mainloop.finish();
   }
