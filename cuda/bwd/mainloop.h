@@ -296,11 +296,15 @@ struct BwdMainloop {
     int64_t const tile = (int64_t(batch) * p.heads + head) * p.num_m_blocks + m;
     float* const dq = p.dq_accum + tile * Traits::kDQFloats;
     int const turn = p.deterministic ? blocks.dq_turn(m, p.dq_descending) : 0;
+    // One base address, then compile-time offsets: each reduction's address is an immediate
+    // on it, not a register of its own that the next reduction must wait to reuse.
+    constexpr int kV = Traits::kDQValuesPerThread;
+    static_assert(dq_index<kV>(0, 4) - dq_index<kV>(0, 0) == 4 * 128, "fours are 128 threads apart");
+    float* const base = dq + dq_index<kV>(thread_idx, 0);
     consumers_add_in_turn<kConsumerThreads>(p.deterministic, p.dq_semaphore + tile, turn, thread_idx, [&] {
       CUTLASS_PRAGMA_UNROLL
-      for (int v = 0; v < Traits::kDQValuesPerThread; v += 4) {
-        reduce_add_f32x4(dq + dq_index<Traits::kDQValuesPerThread>(thread_idx, v), acc_dq(v), acc_dq(v + 1), acc_dq(v + 2),
-                         acc_dq(v + 3));
+      for (int v = 0; v < kV; v += 4) {
+        reduce_add_f32x4(base + v * 128, acc_dq(v), acc_dq(v + 1), acc_dq(v + 2), acc_dq(v + 3));
       }
     });
   }

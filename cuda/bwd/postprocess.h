@@ -16,7 +16,7 @@ using namespace cute;
 // interleaved across the warpgroup's threads, so that both the shared-memory stores of the
 // main kernel and these reads are conflict-free and 16-byte wide.
 template <int kValuesPerThread>
-__host__ __device__ __forceinline__ int dq_index(int thread, int value) {
+__host__ __device__ __forceinline__ constexpr int dq_index(int thread, int value) {
   int const warpgroup = thread / 128, lane = thread % 128;
   return warpgroup * 128 * kValuesPerThread + (value / 4) * 128 * 4 + lane * 4 + value % 4;
 }
