@@ -176,9 +176,8 @@ struct BwdMainloop {
       // Each branch below ends with the same WGMMA batches in flight, so that ptxas, which
       // does not correlate branches, sees no accumulator read under a running WGMMA.
       bool const softcap = p.softcap_prescale != 0.f;
-      Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
-
-      if constexpr (Traits::kSplitHeadDim) {
+      // P^T and dS^T in place of S^T and dP^T, with both GEMMs awaited on either branch.
+      auto probabilities_and_ds = [&] {
         if (!softcap) {
           probabilities();
           float probability_sum = 0.f;  // depends on every exponential: keeps them ahead of the wait
@@ -190,6 +189,11 @@ struct BwdMainloop {
         } else {
           softcapped_probabilities_and_ds();
         }
+      };
+      Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+
+      if constexpr (Traits::kSplitHeadDim) {
+        probabilities_and_ds();
         Tensor p16 = convert_fragment<Element>(acc_s);
         Tensor ds16 = convert_fragment<Element>(acc_dp);
         // Each warpgroup's dV and dK columns need every key's P^T and dS^T.
@@ -212,17 +216,7 @@ struct BwdMainloop {
         // Split by keys. The GEMMs go to the tensor cores in the order dV, dQ, dK, so that
         // each waits on the next: dV (P^T from registers) runs under the dS arithmetic and
         // the dS hand-off, and dK under dQ's hand-off to the writer warp.
-        if (!softcap) {
-          probabilities();
-          float probability_sum = 0.f;  // depends on every exponential: keeps them ahead of the wait
-          CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < size(acc_s); ++i) { probability_sum += acc_s(i); }
-          finish_before_next_wait(probability_sum, p.num_m_blocks < 0, &smem.unused_sink);
-          warpgroup_wait<0>();
-          compute_ds();
-        } else {
-          softcapped_probabilities_and_ds();
-        }
+        probabilities_and_ds();
         Tensor p16 = convert_fragment<Element>(acc_s);
         Tensor tOrP = make_tensor(p16.data(), acc_as_operand_a(p16.layout()));
         warpgroup_gemm<false, -1>(mma_kv, tOrP, tKVrdOt(_, _, _, stage), acc_dv);
