@@ -1,7 +1,6 @@
 // Writing dK and dV from the consumer warpgroups' registers: to the outputs through a
-// shared-memory tile (or, split by head dim, where no tile is free, straight from the
-// fragments), or (GQA) added in float32 into the group's accumulators, in head order when
-// deterministic.
+// shared-memory tile, or (GQA) added in float32 into the group's accumulators, in head
+// order when deterministic.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -23,9 +22,10 @@ struct BwdEpilogue {
 
   using Storage = typename Traits::SharedStorage;
   static constexpr int kConsumerThreads = Traits::kConsumerThreads;
-  // The dS tiles are free between tiles and hold one of dK, dV in 16 bits.
-  static constexpr bool kStaged =
-      !Traits::kSplitHeadDim && sizeof(Storage::ds) >= kBlockN * kHeadDim * sizeof(Element);
+  // The dS tiles (split by head dim, with the P tiles that follow them) are free between
+  // tiles and hold one of dK, dV in 16 bits.
+  static constexpr size_t kStagingBytes = Traits::kStagingBytes;
+  static constexpr bool kStaged = kStagingBytes >= kBlockN * kHeadDim * sizeof(Element);
   static constexpr int kVector = 16 / sizeof(Element);  // elements per 16-byte piece
   static constexpr int kPiecesPerRow = kHeadDim / kVector;
   static_assert(kPiecesPerRow % 8 == 0, "the swizzle permutes 8 pieces per row");

@@ -5,6 +5,8 @@
 // P^T and dS^T both go through shared memory and every GEMM after them reads it.
 #pragma once
 
+#include <cstddef>
+
 #include <cute/tensor.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
@@ -121,6 +123,12 @@ struct BwdTraits {
     float unused_sink;  // target of finish_before_next_wait's never-executed store
   };
   static constexpr int kSharedBytes = sizeof(SharedStorage);
+  // Between tiles the dS tiles, and the P tiles laid out right after them, are free: the
+  // epilogue stages dK and dV there (see BwdEpilogue).
+  static constexpr size_t kStagingBytes =
+      sizeof(SharedStorage::ds) + (kSplitHeadDim ? sizeof(SharedStorage::p) : 0);
+  static_assert(!kSplitHeadDim || offsetof(SharedStorage, p) == offsetof(SharedStorage, ds) + sizeof(SharedStorage::ds),
+                "the P tiles must follow the dS tiles");
   static_assert(kSharedBytes <= 227 * 1024, "tile config exceeds shared memory");
 
   static constexpr uint32_t kBytesQ = kBlockM * kHeadDim * sizeof(Element);

@@ -42,6 +42,7 @@ def _cases():
         # hand-offs carried over from tile to tile).
         Case("bfloat16", 128, 2, 1000, 1000, 16, 16),
         Case("bfloat16", 256, 2, 777, 1000, 16, 4),
+        Case("bfloat16", 256, 2, 1000, 1000, 16, 16),
         Case("float16", 128, 3, 300, 1500, 12, 3, softcap=20.0),
     ]
     return cases + _random_cases(24, seed=4)
