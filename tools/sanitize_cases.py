@@ -21,6 +21,7 @@ CASES = [  # (dtype, head_dim, batch, seqlen_q, seqlen_k, heads, kv_heads, windo
     ("bfloat16", 96, 1, 65, 257, 2, 1, (16, 8), False),
     ("bfloat16", 192, 1, 1, 90, 2, 2, (-1, -1), False),
     ("bfloat16", 128, 2, 200, 1000, 16, 16, (-1, -1), False),  # 256 tiles: persistent CTAs take 2
+    ("bfloat16", 128, 2, 1000, 1000, 16, 16, (-1, 0), False),  # the same, claimed dynamically
 ]
 
 

@@ -43,6 +43,9 @@ def _cases():
         Case("bfloat16", 128, 2, 1000, 1000, 16, 16),
         Case("bfloat16", 256, 2, 777, 1000, 16, 4),
         Case("bfloat16", 256, 2, 1000, 1000, 16, 16),
+        # Masked runs with more tiles than SMs: the persistent CTAs claim tiles dynamically.
+        Case("bfloat16", 128, 2, 1000, 1500, 16, 16, window=CAUSAL),
+        Case("float16", 256, 2, 700, 900, 8, 8, window=(100, 50)),
         Case("float16", 128, 3, 300, 1500, 12, 3, softcap=20.0),
     ]
     return cases + _random_cases(24, seed=4)
