@@ -110,35 +110,37 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   seqused_q = _seqused(query_seq_lengths, seqlen_q)
   seqused_k = _seqused(key_value_seq_lengths, seqlen_k)
   out, lse = _attention(query, key, value, seqused_q, seqused_k, params, False)
-  if query_seq_lengths is None and key_value_seq_lengths is None and local_window_size is None:
-    # Every query row sees key 0 (the causal mask is top-left aligned here), so no row
-    # needs jax.nn's averaging; skipping it saves a float32 pass over out and value, and
-    # its gradient, in every call.
-    residual = jax.lax.stop_gradient(jnp.swapaxes(lse, 1, 2).astype(out.dtype))
-  else:
-    out, residual = _as_jax_nn_gives(out, lse, value, query_seq_lengths)
+  # Without lengths or a window every query row sees key 0 (the causal mask is top-left
+  # aligned here): no row is key-less.
+  keyless_rows = not (query_seq_lengths is None and key_value_seq_lengths is None
+                      and local_window_size is None)
+  out, residual = _as_jax_nn_gives(out, lse, value, query_seq_lengths, keyless_rows)
   if return_residual:
     return out.reshape(output_shape), residual.reshape(output_shape[:-1])
   return out.reshape(output_shape)
 
 
-def _as_jax_nn_gives(out, lse, value, query_seq_lengths):
+def _as_jax_nn_gives(out, lse, value, query_seq_lengths, keyless_rows):
   """Our (out, lse) turned into jax.nn's (out, residual), gradients included.
 
   jax.nn masks with a finite logit, so a row that sees no key averages all values
   uniformly (unless it is a padded query row, which it zeroes) and reports that logit
   as its lse. The residual is the lse as [B, T, N] in the input dtype, without gradient.
+  Where no row can be key-less (`keyless_rows` false) out is returned as it is, which
+  saves a float32 pass over out and value, and its gradient, in every call.
   """
-  _, seqlen_q, heads, _ = out.shape
-  sees_nothing = jnp.swapaxes(lse == -jnp.inf, 1, 2)
-  averaged = sees_nothing
-  if query_seq_lengths is not None:
-    averaged &= jnp.arange(seqlen_q)[None, :, None] < query_seq_lengths[:, None, None]
-  # In float32, so that the gradient's sum over the averaged rows is float32 too.
-  mean_value = jnp.mean(value.astype(jnp.float32), axis=1)
-  mean_value = jnp.repeat(mean_value, heads // value.shape[2], axis=1)[:, None]
-  out = jnp.where(averaged[..., None], mean_value, out.astype(jnp.float32)).astype(out.dtype)
-  residual = jnp.where(sees_nothing, _JAX_NN_MASKED_LSE, jnp.swapaxes(lse, 1, 2))
+  residual = jnp.swapaxes(lse, 1, 2)
+  if keyless_rows:
+    _, seqlen_q, heads, _ = out.shape
+    sees_nothing = residual == -jnp.inf
+    averaged = sees_nothing
+    if query_seq_lengths is not None:
+      averaged &= jnp.arange(seqlen_q)[None, :, None] < query_seq_lengths[:, None, None]
+    # In float32, so that the gradient's sum over the averaged rows is float32 too.
+    mean_value = jnp.mean(value.astype(jnp.float32), axis=1)
+    mean_value = jnp.repeat(mean_value, heads // value.shape[2], axis=1)[:, None]
+    out = jnp.where(averaged[..., None], mean_value, out.astype(jnp.float32)).astype(out.dtype)
+    residual = jnp.where(sees_nothing, _JAX_NN_MASKED_LSE, residual)
   return out, jax.lax.stop_gradient(residual.astype(out.dtype))
 
 

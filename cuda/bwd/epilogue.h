@@ -4,9 +4,9 @@
 #pragma once
 
 #include <cute/tensor.hpp>
-#include <cutlass/numeric_conversion.h>
 
 #include "common/barriers.h"
+#include "common/layouts.h"
 #include "bwd/producer.h"
 
 namespace jax_fa3 {
@@ -24,8 +24,7 @@ struct BwdEpilogue {
   static constexpr int kConsumerThreads = Traits::kConsumerThreads;
   // The dS tiles (split by head dim, with the P tiles that follow them) are free between
   // tiles and hold one of dK, dV in 16 bits.
-  static constexpr size_t kStagingBytes = Traits::kStagingBytes;
-  static constexpr bool kStaged = kStagingBytes >= kBlockN * kHeadDim * sizeof(Element);
+  static_assert(Traits::kStagingBytes >= kBlockN * kHeadDim * sizeof(Element), "dK/dV must fit the staging tiles");
   static constexpr int kVector = 16 / sizeof(Element);  // elements per 16-byte piece
   static constexpr int kPiecesPerRow = kHeadDim / kVector;
   static_assert(kPiecesPerRow % 8 == 0, "the swizzle permutes 8 pieces per row");
@@ -44,6 +43,16 @@ struct BwdEpilogue {
 
     int const kv_head = head / p.kv_group;
     int64_t const base = batch * p.dk_batch_stride + kv_head * p.dk_head_stride;
+    if (p.kv_group == 1) {
+      Element* const dk = p.dk + base + int64_t(n_block) * kBlockN * p.dk_row_stride;
+      Element* const dv = p.dv + base + int64_t(n_block) * kBlockN * p.dk_row_stride;
+      int const rows = min(kBlockN, p.seqlen_k - n_block * kBlockN);
+      store_through_shared(acc_dk, coords, dk, rows);
+      store_through_shared(acc_dv, coords, dv, rows);
+      barrier_sync(Barrier::kConsumers, kConsumerThreads);  // read out before the next tile's dS
+      return;
+    }
+    // GQA: sum over the query heads of the group.
     auto for_each_value = [&](auto&& f) {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(acc_dk); i += 2) {  // pairs of adjacent columns
@@ -51,23 +60,6 @@ struct BwdEpilogue {
         if (key < p.seqlen_k) { f(i, base + key * p.dk_row_stride + get<1>(coords(i))); }
       }
     };
-    if (p.kv_group == 1) {
-      if constexpr (kStaged) {
-        Element* const dk = p.dk + base + int64_t(n_block) * kBlockN * p.dk_row_stride;
-        Element* const dv = p.dv + base + int64_t(n_block) * kBlockN * p.dk_row_stride;
-        int const rows = min(kBlockN, p.seqlen_k - n_block * kBlockN);
-        store_through_shared(acc_dk, coords, dk, rows);
-        store_through_shared(acc_dv, coords, dv, rows);
-        barrier_sync(Barrier::kConsumers, kConsumerThreads);  // read out before the next tile's dS
-        return;
-      }
-      for_each_value([&](int i, int64_t offset) {
-        store_pair(&p.dk[offset], acc_dk(i), acc_dk(i + 1));
-        store_pair(&p.dv[offset], acc_dv(i), acc_dv(i + 1));
-      });
-      return;
-    }
-    // GQA: sum over the query heads of the group.
     int* const semaphore = p.dkv_semaphore + (int64_t(batch) * p.kv_heads + kv_head) * p.num_n_blocks + n_block;
     consumers_add_in_turn<Traits::kConsumerThreads>(p.deterministic, semaphore, head % p.kv_group, thread_idx, [&] {
       for_each_value([&](int i, int64_t offset) {
@@ -94,12 +86,10 @@ struct BwdEpilogue {
     barrier_sync(Barrier::kConsumers, kConsumerThreads);
     // A thread's rows in an accumulator fragment are 8 apart: one swizzle key for all.
     int const row_mod_8 = get<0>(coords(0)) % 8;
-    cutlass::NumericArrayConverter<Element, float, 2> convert;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(acc); i += 2) {  // an accumulator fragment's values pair up along a row
       int const row = get<0>(coords(i)), col = get<1>(coords(i));
-      cutlass::Array<Element, 2> const pair = convert(cutlass::Array<float, 2>{acc(i), acc(i + 1)});
-      *reinterpret_cast<uint32_t*>(&tile[at(row, col, row_mod_8)]) = reinterpret_cast<uint32_t const&>(pair);
+      *reinterpret_cast<uint32_t*>(&tile[at(row, col, row_mod_8)]) = pack_pair<Element>(acc(i), acc(i + 1));
     }
     barrier_sync(Barrier::kConsumers, kConsumerThreads);
     CUTLASS_PRAGMA_UNROLL
@@ -110,15 +100,6 @@ struct BwdEpilogue {
             *reinterpret_cast<uint4 const*>(&tile[at(row, col, row % 8)]);
       }
     }
-  }
-
-  struct alignas(4) Pair {
-    Element x, y;
-  };
-
-  // Two adjacent output elements in one 4-byte store (the column is even).
-  __device__ static void store_pair(Element* destination, float a, float b) {
-    *reinterpret_cast<Pair*>(destination) = Pair{Element(a), Element(b)};
   }
 };
 

@@ -50,8 +50,8 @@ struct BwdMainloop {
 
   __device__ bool warpgroup_leader() const { return thread_idx % 128 == 0; }
 
-  template <class AccDK, class AccDV>
   // The CTA's tile_index-th tile (see KeyTileOrder).
+  template <class AccDK, class AccDV>
   __device__ void run(int head, int batch, QueryBlocks<kBlockM, kBlockN> const& blocks, AccDK& acc_dk,
                       AccDV& acc_dv, int tile_index) {
     typename Traits::TiledMmaSdP mma_sdp;
@@ -260,7 +260,7 @@ struct BwdMainloop {
   // After the last tile: takes the writer's arrival for the last hand-off.
   __device__ void finish() {
     if constexpr (!Traits::kDQAtomics) {
-      if (steps_done > 0) { barrier_sync(Barrier::kDQEmpty, 32 + 128, thread_idx / 128); }
+      if (steps_done > 0) { barrier_sync(Barrier::kDQEmpty, Traits::kDQWriterBarrierThreads, thread_idx / 128); }
     }
   }
 
@@ -269,7 +269,7 @@ struct BwdMainloop {
   template <class AccDQ>
   __device__ void hand_dq_to_writer(AccDQ const& acc_dq, int step_index) {
     static_assert(Traits::kDQValuesPerThread % 4 == 0);
-    constexpr int kWriterThreads = 32 + 128;
+    constexpr int kWriterThreads = Traits::kDQWriterBarrierThreads;
     int const warpgroup = thread_idx / 128;
     if (step_index > 0) { barrier_sync(Barrier::kDQEmpty, kWriterThreads, warpgroup); }
     CUTLASS_PRAGMA_UNROLL

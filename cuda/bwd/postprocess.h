@@ -7,6 +7,8 @@
 
 #include <cute/tensor.hpp>
 
+#include "common/layouts.h"
+
 namespace jax_fa3 {
 
 using namespace cute;
@@ -52,9 +54,6 @@ __global__ void __launch_bounds__(Traits::kConsumerThreads) bwd_convert_dq_kerne
   Tensor coords = mma.get_thread_slice(thread).partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   static_assert(decltype(size(coords))::value == Traits::kDQValuesPerThread);
   static_assert(Traits::kDQValuesPerThread % 4 == 0);
-  struct alignas(4) Pair {
-    Element x, y;
-  };
   CUTLASS_PRAGMA_UNROLL
   for (int v = 0; v < Traits::kDQValuesPerThread; v += 4) {
     float4 const four = *reinterpret_cast<float4 const*>(&accum[dq_index<Traits::kDQValuesPerThread>(thread, v)]);
@@ -62,7 +61,7 @@ __global__ void __launch_bounds__(Traits::kConsumerThreads) bwd_convert_dq_kerne
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < 4; i += 2) {  // an accumulator fragment's values pair up along a row
       int const row = get<0>(coords(v + i)), col = get<1>(coords(v + i));
-      *reinterpret_cast<Pair*>(&tile[row * kPitch + col]) = Pair{Element(values[i] * p.scale), Element(values[i + 1] * p.scale)};
+      *reinterpret_cast<uint32_t*>(&tile[row * kPitch + col]) = pack_pair<Element>(values[i] * p.scale, values[i + 1] * p.scale);
     }
   }
   __syncthreads();

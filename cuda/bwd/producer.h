@@ -138,7 +138,7 @@ struct BwdDQWriter {
   using Storage = typename Traits::SharedStorage;
   static constexpr int kBlockM = Traits::kBlockM;
   static constexpr int kBlockN = Traits::kBlockN;
-  static constexpr int kBarrierThreads = 32 + 128;
+  static constexpr int kBarrierThreads = Traits::kDQWriterBarrierThreads;
   static constexpr int kPartFloats = Traits::kDQFloats / Traits::kConsumerWarpgroups;
 
   Params const& p;

@@ -34,6 +34,8 @@ struct BwdTraits {
   static constexpr int kConsumerWarpgroups = Config::kConsumerWarpgroups;
   static_assert(kSplitHeadDim ? kBlockN == 64 : kBlockN == 64 * kConsumerWarpgroups);
   static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
+  // A dQ writer warp and the consumer warpgroup it serves (barriers kDQFull, kDQEmpty).
+  static constexpr int kDQWriterBarrierThreads = 32 + 128;
   static constexpr int kThreads = 128 + kConsumerThreads;  // + the producer warpgroup
   static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters = 240;

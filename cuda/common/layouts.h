@@ -73,4 +73,13 @@ CUTE_DEVICE auto convert_fragment(Tensor<Engine, Layout> const& src) {
   return dst;
 }
 
+// Two adjacent values of an accumulator row as one 32-bit word of 16-bit elements, for a
+// single 4-byte store. (Built as two converted halves, ptxas stored them as two 16-bit
+// stores plus one.)
+template <class Element>
+CUTE_DEVICE uint32_t pack_pair(float a, float b) {
+  cutlass::Array<Element, 2> const pair = cutlass::NumericArrayConverter<Element, float, 2>{}(cutlass::Array<float, 2>{a, b});
+  return reinterpret_cast<uint32_t const&>(pair);
+}
+
 }  // namespace jax_fa3
