@@ -30,6 +30,10 @@ class KernelStatus:
   variants: tuple[Variant, ...]
   unavailable_reason: str | None = None
   build_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # (direction, dtype name, head_dim) -> (block_m, block_n) of the packed-sequence kernels,
+  # whose tile plans are made in JAX (segments.py).
+  segment_tiles: Mapping[tuple[str, str, int], tuple[int, int]] = dataclasses.field(
+      default_factory=dict)
 
   def __bool__(self):
     return bool(self.variants)
@@ -52,6 +56,10 @@ class KernelStatus:
             and v.head_dim >= head_dim and v.head_dim_v >= head_dim_v]
     return min(fits, key=lambda dims: (dims[0] + dims[1], dims[0]), default=None)
 
+  def segment_tile(self, direction: str, dtype, head_dim: int) -> tuple[int, int]:
+    """The (block_m, block_n) tile of a compiled packed-sequence kernel."""
+    return self.segment_tiles[(direction, np.dtype(dtype).name, head_dim)]
+
 
 def _load() -> KernelStatus:
   try:
@@ -63,7 +71,8 @@ def _load() -> KernelStatus:
     jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
   variants = tuple(Variant(d, t, int(h), int(hv)) for d, t, h, hv in _fa3_cuda.variants())
   reason = None if variants else "the extension was built with an empty variant list"
-  return KernelStatus(variants, reason, dict(_fa3_cuda.build_info()))
+  segment_tiles = {(d, t, int(h)): (int(m), int(n)) for d, t, h, m, n in _fa3_cuda.segment_tiles()}
+  return KernelStatus(variants, reason, dict(_fa3_cuda.build_info()), segment_tiles)
 
 
 _status = _load()

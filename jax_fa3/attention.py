@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from jax_fa3 import sharding
+from jax_fa3 import segments, sharding
 from jax_fa3.primitives import AttentionParams
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -17,8 +17,9 @@ _MAX_HEAD_DIM = 256
 _JAX_NN_MASKED_LSE = np.float32(-0.7 * np.finfo(np.float32).max)
 
 
-def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    softcap=0.0, return_lse=False, deterministic=False):
+def flash_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, softmax_scale=None,
+                    causal=False, window_size=(-1, -1), softcap=0.0, return_lse=False,
+                    deterministic=False):
   """FlashAttention-3: softmax(q kᵀ · softmax_scale) v, on Hopper kernels where compiled.
 
   Args:
@@ -28,6 +29,13 @@ def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-
     k: keys, `[batch, seqlen_k, kv_heads, head_dim]`; `heads % kv_heads == 0`
       (grouped-query and multi-query attention).
     v: values, `[batch, seqlen_k, kv_heads, head_dim_v]`.
+    segment_ids: packed sequences: integer `[batch, seqlen_q]`, the document of each
+      query. Query `i` sees key `j` only if `segment_ids[i] == kv_segment_ids[j]` (and the
+      causal/window rule below allows it, by positions within the row). A negative id is
+      padding: its rows get output 0, lse -inf and no gradient, and its keys are seen by
+      no one. Any ids work; contiguous documents are the fast case.
+    kv_segment_ids: integer `[batch, seqlen_k]`, the keys' documents; defaults to
+      `segment_ids` (then seqlen_q must equal seqlen_k).
     softmax_scale: multiplies q kᵀ; defaults to `1 / sqrt(head_dim)`.
     causal: query `i` sees key `j` iff `j <= i + seqlen_k - seqlen_q`, i.e. the
       mask's diagonal is aligned bottom-right, as in FlashAttention. Same as
@@ -56,7 +64,80 @@ def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-
       window_right=0 if causal else window_right,
       diagonal_offset=k.shape[1] - q.shape[1])
   absent = jnp.zeros((0,), jnp.int32)
-  out, lse = _attention(q, k, v, absent, absent, params, bool(deterministic))
+  q_rows, kv_rows = absent, absent
+  if segment_ids is not None or kv_segment_ids is not None:
+    q_ids, kv_ids = _check_segment_ids(segment_ids, kv_segment_ids, q, k)
+    q_rows, kv_rows = segments.rows(
+        q_ids, kv_ids, window_left=params.window_left, window_right=params.window_right,
+        q_offsets=jnp.full(q_ids.shape, params.diagonal_offset, jnp.int32),
+        kv_offsets=jnp.full(kv_ids.shape, params.diagonal_offset, jnp.int32))
+  out, lse = _attention(q, k, v, absent, absent, q_rows, kv_rows, params, bool(deterministic))
+  return (out, lse) if return_lse else out
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
+                           max_seqlen_k=None, seqused_q=None, seqused_k=None,
+                           softmax_scale=None, causal=False, window_size=(-1, -1),
+                           softcap=0.0, return_lse=False, deterministic=False):
+  """FlashAttention's variable-length form: sequences concatenated along one token axis.
+
+  Args:
+    q: `[total_q, heads, head_dim]`, the queries of every sequence, one after another.
+    k, v: `[total_k, kv_heads, head_dim]` and `[total_k, kv_heads, head_dim_v]`.
+    cu_seqlens_q, cu_seqlens_k: int32 `[num_seqs + 1]`: sequence `s` holds tokens
+      `[cu_seqlens[s], cu_seqlens[s + 1])`. Empty sequences are allowed. A sequence whose
+      bounds decrease or pass the end of the array gets NaN outputs (checked on the
+      device; nothing is read out of bounds); tokens after `cu_seqlens[-1]` get 0.
+    max_seqlen_q, max_seqlen_k: accepted for FlashAttention compatibility; jax_fa3 plans
+      its tiles from the cu_seqlens themselves and does not need them.
+    seqused_q, seqused_k: optional int32 `[num_seqs]`: only the first `seqused[s]` tokens
+      of sequence `s` take part (the rest get output 0).
+    causal, window_size: as in `flash_attention`, within each sequence, aligned
+      bottom-right on its (used) lengths.
+    The other arguments are `flash_attention`'s.
+
+  Returns:
+    `out [total_q, heads, head_dim_v]`, or `(out, lse)` with `lse [heads, total_q]`.
+  """
+  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.ndim != 3:
+      raise ValueError(f"flash_attention_varlen: {name} must have rank 3 [total_tokens, heads, "
+                       f"head_dim], got shape {x.shape}")
+  for name, bound in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+    if bound is not None and not (_is_int(bound) and bound >= 0):
+      raise ValueError(f"flash_attention_varlen: {name} must be an int >= 0, got {bound!r}")
+  cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q)
+  cu_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k)
+  if cu_q.shape != cu_k.shape:
+    raise ValueError(f"flash_attention_varlen: cu_seqlens_q {list(cu_q.shape)} and cu_seqlens_k "
+                     f"{list(cu_k.shape)} must describe the same number of sequences")
+  num_seqs = cu_q.shape[0] - 1
+  used_q = _check_seq_lengths("seqused_q", seqused_q, num_seqs)
+  used_k = _check_seq_lengths("seqused_k", seqused_k, num_seqs)
+  q4, k4, v4 = q[None], k[None], v[None]
+  _check_qkv(q4, k4, v4)
+  window_left, window_right = _check_window("window_size", window_size)
+  params = AttentionParams(
+      softmax_scale=_softmax_scale(softmax_scale, q.shape[2]),
+      softcap=_check_softcap(softcap),
+      window_left=window_left,
+      window_right=0 if causal else window_right,
+      diagonal_offset=0)
+  q_ids, q_start, q_length, bad_q = _sequence_of_tokens(cu_q, used_q, q.shape[0])
+  kv_ids, k_start, k_length, bad_k = _sequence_of_tokens(cu_k, used_k, k.shape[0])
+  # Bottom-right alignment in each sequence: query a of s sits on key a + Lk - Lq of s.
+  offset = (k_start + k_length) - (q_start + q_length)
+  q_rows, kv_rows = segments.rows(
+      q_ids[None], kv_ids[None], window_left=params.window_left,
+      window_right=params.window_right, q_offsets=offset[jnp.maximum(q_ids, 0)][None],
+      kv_offsets=offset[jnp.maximum(kv_ids, 0)][None])
+  absent = jnp.zeros((0,), jnp.int32)
+  out, lse = _attention(q4, k4, v4, absent, absent, q_rows, kv_rows, params, bool(deterministic))
+  # Tokens of a malformed sequence (of q's or k's bounds): NaN, never a silent number.
+  bad_tokens = _tokens_of(bad_q | bad_k, cu_q, q.shape[0])
+  out = jnp.where(bad_tokens[:, None, None], jnp.nan, out[0]).astype(q.dtype)
+  lse = jnp.where(bad_tokens[None], jnp.nan, lse[0])
   return (out, lse) if return_lse else out
 
 
@@ -109,7 +190,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
       diagonal_offset=0)  # jax.nn aligns the causal mask top-left.
   seqused_q = _seqused(query_seq_lengths, seqlen_q)
   seqused_k = _seqused(key_value_seq_lengths, seqlen_k)
-  out, lse = _attention(query, key, value, seqused_q, seqused_k, params, False)
+  absent = jnp.zeros((0,), jnp.int32)
+  out, lse = _attention(query, key, value, seqused_q, seqused_k, absent, absent, params, False)
   # Without lengths or a window every query row sees key 0 (the causal mask is top-left
   # aligned here): no row is key-less.
   keyless_rows = not (query_seq_lengths is None and key_value_seq_lengths is None
@@ -146,21 +228,22 @@ def _as_jax_nn_gives(out, lse, value, query_seq_lengths, keyless_rows):
 
 # --- The custom VJP --------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attention(q, k, v, seqused_q, seqused_k, params, deterministic):
+# The mask operands (lengths, packed-sequence rows) are int32 and get no cotangent.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _attention(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, params, deterministic):
   del deterministic
-  return tuple(sharding.attention_fwd(q, k, v, seqused_q, seqused_k, params))
+  return tuple(sharding.attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, params))
 
 
-def _attention_fwd(q, k, v, seqused_q, seqused_k, params, deterministic):
+def _attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, params, deterministic):
   del deterministic
-  q, k, v, seqused_q, seqused_k = (x.value for x in (q, k, v, seqused_q, seqused_k))
-  out, lse = sharding.attention_fwd(q, k, v, seqused_q, seqused_k, params)
-  return (out, lse), (q, k, v, seqused_q, seqused_k, out, lse)
+  q, k, v, *mask = (x.value for x in (q, k, v, seqused_q, seqused_k, q_rows, kv_rows))
+  out, lse = sharding.attention_fwd(q, k, v, *mask, params)
+  return (out, lse), (q, k, v, mask, out, lse)
 
 
 def _attention_bwd(params, deterministic, residuals, cotangents):
-  q, k, v, seqused_q, seqused_k, out, lse = residuals
+  q, k, v, mask, out, lse = residuals
   dout, dlse = cotangents
   if isinstance(dout, SymbolicZero):
     dout = jnp.zeros_like(out)
@@ -173,11 +256,10 @@ def _attention_bwd(params, deterministic, residuals, cotangents):
     dout = jnp.concatenate([dout, jnp.swapaxes(dlse, 1, 2)[..., None].astype(dout.dtype)], -1)
     out = jnp.concatenate([out, jnp.zeros((*out.shape[:3], 1), out.dtype)], -1)
     dq, dk, dv = sharding.attention_bwd(dout, q, k, jnp.concatenate([v, ones], -1), out,
-                                        lse, seqused_q, seqused_k, params, deterministic)
-    return dq, dk, dv[..., :-1], None, None
-  dq, dk, dv = sharding.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
-                                      params, deterministic)
-  return dq, dk, dv, None, None
+                                        lse, *mask, params, deterministic)
+    return dq, dk, dv[..., :-1], None, None, None, None
+  dq, dk, dv = sharding.attention_bwd(dout, q, k, v, out, lse, *mask, params, deterministic)
+  return dq, dk, dv, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
@@ -211,6 +293,64 @@ def _check_qkv(q, k, v):
                      f"k/v's heads ({k.shape[2]}): {shapes}")
   if max(q.shape[3], v.shape[3]) > _MAX_HEAD_DIM:
     raise ValueError(f"flash_attention: head dims must be at most {_MAX_HEAD_DIM}: {shapes}")
+
+
+def _check_segment_ids(segment_ids, kv_segment_ids, q, k):
+  """The ids as int32 `[batch, seqlen_q]` and `[batch, seqlen_k]`, or a clear error."""
+  if segment_ids is None:
+    raise ValueError("flash_attention: kv_segment_ids needs segment_ids (the queries' "
+                     "documents) too")
+  if kv_segment_ids is None:
+    if q.shape[1] != k.shape[1]:
+      raise ValueError(f"flash_attention: kv_segment_ids is needed when seqlen_q "
+                       f"({q.shape[1]}) != seqlen_k ({k.shape[1]}); segment_ids alone "
+                       "serves both only for equal lengths")
+    kv_segment_ids = segment_ids
+  checked = []
+  for name, ids, shape in (("segment_ids", segment_ids, q.shape[:2]),
+                           ("kv_segment_ids", kv_segment_ids, k.shape[:2])):
+    ids = jnp.asarray(ids)
+    if ids.shape != shape or not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise ValueError(f"flash_attention: {name} must be integers of shape [batch, seqlen] = "
+                       f"{list(shape)}, got {ids.dtype}{list(ids.shape)}")
+    checked.append(ids.astype(jnp.int32))
+  return tuple(checked)
+
+
+def _check_cu_seqlens(name, cu_seqlens):
+  cu_seqlens = jnp.asarray(cu_seqlens)
+  if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 1 or cu_seqlens.dtype != np.int32:
+    raise ValueError(f"flash_attention_varlen: {name} must be int32 of shape [num_seqs + 1], "
+                     f"got {cu_seqlens.dtype}{list(cu_seqlens.shape)}")
+  return cu_seqlens
+
+
+def _sequence_of_tokens(cu_seqlens, seqused, total):
+  """Each token's sequence (-1 outside every used part), each sequence's start and used
+  length, and which sequences are malformed (bounds that decrease or pass `total`)."""
+  start, stop = cu_seqlens[:-1], cu_seqlens[1:]
+  bad = (stop < start) | (start < 0) | (stop > total)
+  length = jnp.maximum(stop - start, 0)
+  if seqused is not None:
+    length = jnp.clip(seqused, 0, length)
+  tokens = jnp.arange(total, dtype=jnp.int32)
+  # Well-formed bounds are sorted; searchsorted on others still gives an index in range.
+  sequence = jnp.clip(jnp.searchsorted(stop, tokens, side="right"), 0, start.shape[0] - 1)
+  sequence = sequence.astype(jnp.int32)
+  inside = (tokens >= start[sequence]) & (tokens < start[sequence] + length[sequence])
+  ids = jnp.where(inside & ~bad[sequence], sequence, -1)
+  return ids, start, length, bad
+
+
+def _tokens_of(flagged, cu_seqlens, total):
+  """Tokens in [cu[s], cu[s+1]) (either order, clipped to the array) of the flagged s."""
+  lo = jnp.clip(jnp.minimum(cu_seqlens[:-1], cu_seqlens[1:]), 0, total)
+  hi = jnp.clip(jnp.maximum(cu_seqlens[:-1], cu_seqlens[1:]), 0, total)
+  # Zero-length flagged sequences flag nothing here; the whole-array case below covers
+  # a bound past the end.
+  edges = jnp.zeros((total + 1,), jnp.int32)
+  edges = edges.at[lo].add(flagged.astype(jnp.int32)).at[hi].add(-flagged.astype(jnp.int32))
+  return jnp.cumsum(edges)[:total] > 0
 
 
 def _check_window(name, window):

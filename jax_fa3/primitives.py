@@ -4,9 +4,10 @@ Their operands, results and parameters are those of the FFI contract
 (`cuda/ffi/CONTRACT.md`); `reference.py` states their semantics in JAX.
 `sharding.py` lifts them to a device mesh as the `fa3_fwd` and `fa3_bwd` primitives
 that attention.py binds.
-- fwd: (q, k, v, seqused_q, seqused_k) -> (out, lse)
-- bwd: (dout, q, k, v, out, lse, seqused_q, seqused_k) -> (dq, dk, dv)
-An absent `seqused_*` is an int32 array of shape [0].
+- fwd: (q, k, v, seqused_q, seqused_k, q_rows, kv_rows) -> (out, lse)
+- bwd: (dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows) -> (dq, dk, dv)
+An absent `seqused_*` or rows (packed sequences, `segments.py`) is an int32 array of
+shape [0]. With rows, the CUDA lowering adds their tile plans to the FFI call.
 
 On CUDA they lower to the FFI targets where a kernel is compiled for the
 dtype and head dims, padding head dims up to the next compiled ones; anywhere
@@ -24,7 +25,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir, xla
 
-from jax_fa3 import _kernels, reference
+from jax_fa3 import _kernels, reference, segments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,29 +38,30 @@ class AttentionParams:
   diagonal_offset: int = 0
 
 
-def attention_fwd(q, k, v, seqused_q, seqused_k, params: AttentionParams):
-  """Binds the forward primitive: returns (out, lse). A seqused may be None (absent)."""
-  return fwd_p.bind(q, k, v, absent_if_none(seqused_q), absent_if_none(seqused_k),
+def attention_fwd(q, k, v, seqused_q, seqused_k, params: AttentionParams, q_rows=None,
+                  kv_rows=None):
+  """Binds the forward primitive: returns (out, lse). A seqused or rows may be None (absent)."""
+  return fwd_p.bind(q, k, v, *map(absent_if_none, (seqused_q, seqused_k, q_rows, kv_rows)),
                     **dataclasses.asdict(params))
 
 
 def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
-                  params: AttentionParams, deterministic: bool):
-  """Binds the backward primitive: returns (dq, dk, dv). A seqused may be None (absent)."""
-  return bwd_p.bind(dout, q, k, v, out, lse, absent_if_none(seqused_q),
-                    absent_if_none(seqused_k), **dataclasses.asdict(params),
-                    deterministic=deterministic)
+                  params: AttentionParams, deterministic: bool, q_rows=None, kv_rows=None):
+  """Binds the backward primitive: returns (dq, dk, dv). A seqused or rows may be None (absent)."""
+  return bwd_p.bind(dout, q, k, v, out, lse,
+                    *map(absent_if_none, (seqused_q, seqused_k, q_rows, kv_rows)),
+                    **dataclasses.asdict(params), deterministic=deterministic)
 
 
-def absent_if_none(seqused):
-  """An absent seqused is an empty int32 array for the primitives. Sharded programs carry
-  None instead and make the empty array where they bind: XLA's GPU compiler (jax 0.11.2)
-  crashes on a zero-sized operand of a manual computation."""
-  return jnp.zeros((0,), jnp.int32) if seqused is None else seqused
+def absent_if_none(operand):
+  """An absent seqused or rows is an empty int32 array for the primitives. Sharded programs
+  carry None instead and make the empty array where they bind: XLA's GPU compiler (jax
+  0.11.2) crashes on a zero-sized operand of a manual computation."""
+  return jnp.zeros((0,), jnp.int32) if operand is None else operand
 
 
-def none_if_absent(seqused):
-  return None if seqused is None or seqused.shape[0] == 0 else seqused
+def none_if_absent(operand):
+  return None if operand is None or operand.shape[0] == 0 else operand
 
 
 # --- Workspace sizes ---------------------------------------------------------
@@ -94,8 +96,8 @@ def _round_up(x, multiple):
 # --- Abstract evaluation ------------------------------------------------------
 # `aval.update` keeps the operands' sharding and varying manual axes.
 
-def _fwd_abstract_eval(q, k, v, seqused_q, seqused_k, **params):
-  del k, seqused_q, seqused_k, params
+def _fwd_abstract_eval(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, **params):
+  del k, seqused_q, seqused_k, q_rows, kv_rows, params
   batch, seqlen_q, heads, _ = q.shape
   spec_b, spec_t, spec_n, _ = q.sharding.spec
   lse_sharding = q.sharding.update(spec=jax.sharding.PartitionSpec(spec_b, spec_n, spec_t))
@@ -103,33 +105,43 @@ def _fwd_abstract_eval(q, k, v, seqused_q, seqused_k, **params):
           q.update(shape=(batch, heads, seqlen_q), dtype=jnp.float32, sharding=lse_sharding))
 
 
-def _bwd_abstract_eval(dout, q, k, v, out, lse, seqused_q, seqused_k, **params):
-  del dout, out, lse, seqused_q, seqused_k, params
+def _bwd_abstract_eval(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows,
+                       **params):
+  del dout, out, lse, seqused_q, seqused_k, q_rows, kv_rows, params
   return q.update(), k.update(), v.update()
 
 
 # --- CUDA lowering -------------------------------------------------------------
 
-def _fwd_cuda(q, k, v, seqused_q, seqused_k, **params):
+def _fwd_cuda(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, **params):
   dims = _kernel_head_dims("fwd", q, v)
   if dims is None:
-    return reference.attention_fwd(q, k, v, seqused_q, seqused_k, **params)
+    return reference.attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, **params)
   head_dim, head_dim_v = dims
   batch, seqlen_q, heads, _ = q.shape
+  tile_plan = _ABSENT
+  if q_rows.size:
+    tile_plan = segments.forward_plan(q_rows, *_segment_tile("fwd", q.dtype, head_dim))
   out, lse, _ = jax.ffi.ffi_call(_kernels.FWD_TARGET, (
       jax.ShapeDtypeStruct((batch, seqlen_q, heads, head_dim_v), q.dtype),
       jax.ShapeDtypeStruct((batch, heads, seqlen_q), jnp.float32),
       jax.ShapeDtypeStruct((fwd_workspace_bytes(),), jnp.uint8),
   ))(_pad_head_dim(q, head_dim), _pad_head_dim(k, head_dim),
-     _pad_head_dim(v, head_dim_v), seqused_q, seqused_k, **_ffi_attributes(**params))
+     _pad_head_dim(v, head_dim_v), seqused_q, seqused_k, q_rows, kv_rows, tile_plan,
+     **_ffi_attributes(**params))
   return out[..., :v.shape[3]], lse
 
 
-def _bwd_cuda(dout, q, k, v, out, lse, seqused_q, seqused_k, **params):
+def _bwd_cuda(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, **params):
   dims = _kernel_head_dims("bwd", q, v)
   if dims is None:
-    return reference.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, **params)
+    return reference.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows,
+                                   kv_rows, **params)
   head_dim, head_dim_v = dims
+  query_tile_plan = key_block_plan = _ABSENT
+  if q_rows.size:
+    query_tile_plan, key_block_plan = segments.backward_plans(
+        q_rows, k.shape[1], *_segment_tile("bwd", q.dtype, head_dim))
   batch, seqlen_q, heads, _ = q.shape
   _, seqlen_k, kv_heads, _ = k.shape
   workspace = bwd_workspace_bytes(batch, seqlen_q, seqlen_k, heads, kv_heads,
@@ -141,9 +153,17 @@ def _bwd_cuda(dout, q, k, v, out, lse, seqused_q, seqused_k, **params):
       jax.ShapeDtypeStruct((workspace,), jnp.uint8),
   ))(_pad_head_dim(dout, head_dim_v), _pad_head_dim(q, head_dim),
      _pad_head_dim(k, head_dim), _pad_head_dim(v, head_dim_v),
-     _pad_head_dim(out, head_dim_v), lse, seqused_q, seqused_k,
-     **_ffi_attributes(**params))
+     _pad_head_dim(out, head_dim_v), lse, seqused_q, seqused_k, q_rows, kv_rows,
+     query_tile_plan, key_block_plan, **_ffi_attributes(**params))
   return dq[..., :q.shape[3]], dk[..., :k.shape[3]], dv[..., :v.shape[3]]
+
+
+_ABSENT = np.zeros((0,), np.int32)
+
+
+def _segment_tile(direction, dtype, head_dim):
+  """(block_m, block_n) of the packed-sequence kernel whose plan is made in JAX."""
+  return _kernels.kernels_available().segment_tile(direction, dtype, head_dim)
 
 
 def _kernel_head_dims(direction, q, v):

@@ -2,11 +2,12 @@
 
 Both functions implement exactly the semantics of the FFI contract
 (`cuda/ffi/CONTRACT.md`): query row `i` of batch `b` sees key `j` iff
-`i < seqused_q[b]`, `j < seqused_k[b]` and `j` lies in the window
+`i < seqused_q[b]`, `j < seqused_k[b]`, `j` lies in the window
 `[i + diagonal_offset - window_left, i + diagonal_offset + window_right]`
-(a negative bound is unbounded). A row that sees no key has output 0 and
-lse -inf, and contributes nothing to any gradient. Absent `seqused_*` arrays
-have shape `[0]`.
+(a negative bound is unbounded). For packed sequences the rows `q_rows`/`kv_rows`
+(`segments.py`) replace that rule: they hold the window and lengths already. A row
+that sees no key has output 0 and lse -inf, and contributes nothing to any
+gradient. Absent `seqused_*` and rows have shape `[0]`.
 
 Heads are grouped as in `jax.nn.dot_product_attention`: query head `h` reads
 key/value head `h // (heads // kv_heads)`.
@@ -15,13 +16,15 @@ key/value head `h // (heads // kv_heads)`.
 import jax
 import jax.numpy as jnp
 
+from jax_fa3 import segments
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def attention_fwd(q, k, v, seqused_q, seqused_k, *, softmax_scale, softcap,
-                  window_left, window_right, diagonal_offset):
+def attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, *, softmax_scale,
+                  softcap, window_left, window_right, diagonal_offset):
   """Returns `(out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] float32)`."""
-  visible = _visible(q.shape[1], k.shape[1], seqused_q, seqused_k,
+  visible = _visible(q.shape[1], k.shape[1], seqused_q, seqused_k, q_rows, kv_rows,
                      window_left, window_right, diagonal_offset)
   scores, _ = _scores(q, k, softmax_scale, softcap)
   scores = jnp.where(visible, scores, -jnp.inf)
@@ -39,12 +42,12 @@ def attention_fwd(q, k, v, seqused_q, seqused_k, *, softmax_scale, softcap,
   return out.astype(q.dtype), lse.reshape(batch, heads, seqlen_q)
 
 
-def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, *,
+def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, *,
                   softmax_scale, softcap, window_left, window_right,
                   diagonal_offset, deterministic):
   """Returns `(dq, dk, dv)`, recomputing the probabilities from `lse`."""
   del deterministic  # This path is always deterministic.
-  visible = _visible(q.shape[1], k.shape[1], seqused_q, seqused_k,
+  visible = _visible(q.shape[1], k.shape[1], seqused_q, seqused_k, q_rows, kv_rows,
                      window_left, window_right, diagonal_offset)
   scores, tanh = _scores(q, k, softmax_scale, softcap)
   probs = jnp.where(visible, jnp.exp(scores - _group(lse[..., None], k)), 0.0)
@@ -77,9 +80,11 @@ def _scores(q, k, softmax_scale, softcap):
   return softcap * tanh, tanh
 
 
-def _visible(seqlen_q, seqlen_k, seqused_q, seqused_k, window_left,
+def _visible(seqlen_q, seqlen_k, seqused_q, seqused_k, q_rows, kv_rows, window_left,
              window_right, diagonal_offset):
   """Which key each query row sees: bool, broadcastable to `[B, Hk, G, Sq, Sk]`."""
+  if q_rows.size:
+    return segments.visible(q_rows, kv_rows)[:, None, None]
   row = jnp.arange(seqlen_q)[:, None]
   col = jnp.arange(seqlen_k)[None, :]
   diagonal = row + diagonal_offset

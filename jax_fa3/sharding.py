@@ -44,7 +44,8 @@ class Split:
   """The mesh axes that split each dimension of one attention call.
 
   q, dout, out: [batch, sequence, heads, -]; k, v: [batch, sequence, heads or -, -] (heads
-  when `kv_heads_split`); lse: [batch, heads, sequence]; seqused: [batch].
+  when `kv_heads_split`); lse: [batch, heads, sequence]; seqused: [batch]; the packed
+  sequences' rows: [batch, sequence, -] (never a split sequence: their spans are positions).
   """
   batch: tuple[str, ...] = ()
   sequence: tuple[str, ...] = ()
@@ -70,8 +71,13 @@ class Split:
     """Absent seqused arrays (shape [0]) are replicated."""
     return PartitionSpec(_entry(self.batch) if seqused.shape[0] else None)
 
+  def rows_spec(self, rows):
+    """Absent rows (shape [0]) are replicated."""
+    return PartitionSpec(_entry(self.batch), None, None) if rows.ndim == 3 else PartitionSpec(None)
 
-def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: AttentionParams) -> Split:
+
+def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: AttentionParams,
+                 packed: bool = False) -> Split:
   """How to run attention on q and k sharded as `q_spec` and `k_spec` over a mesh of
   `axis_sizes` ({axis name: size}).
 
@@ -81,7 +87,8 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
   divisor, in which case each device slices the one k/v head it needs. The sequence is
   split (as a ring) if both sequence lengths are; a mask that depends on positions also
   needs both lengths equal, or both multiples of P * P for the striped layout, which
-  balances a causal mask and is used whenever it applies to one.
+  balances a causal mask and is used whenever it applies to one. Packed sequences
+  (`packed`: segment ids) keep the sequence whole: their rows hold absolute positions.
   """
   batch, seqlen_q, heads, _ = q_shape
   _, seqlen_k, kv_heads, _ = k_shape
@@ -108,7 +115,8 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
   # A mask bounded on one side (causal) is a triangle, unbalanced unless striped.
   striped = (bounded_sides == 1
              and seqlen_q % ring_size ** 2 == 0 and seqlen_k % ring_size ** 2 == 0)
-  if bounded_sides and not striped and seqlen_q != seqlen_k:
+  if (bounded_sides and not striped and seqlen_q != seqlen_k) or packed:
+    taken -= set(sequence)
     sequence = ()
   return Split(batch=split_batch, sequence=sequence, heads=split_heads,
                kv_heads_split=kv_heads % head_shards == 0,
@@ -116,18 +124,19 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
 
 
 def local_fwd(split: Split, axis_sizes, params: AttentionParams, q, k, v, seqused_q,
-              seqused_k):
+              seqused_k, q_rows=None, kv_rows=None):
   """The forward on one device's shards, split as `split`: returns (out, lse)."""
   seqused_q, seqused_k = primitives.none_if_absent(seqused_q), primitives.none_if_absent(seqused_k)
   k, v = (_kv_head_of_device(split, axis_sizes, x) for x in (k, v))
   if split.sequence:
     return ring.attention_fwd(_ring(split, axis_sizes), q, k, v, seqused_q, seqused_k,
                               params)
-  return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params))
+  return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params,
+                                        *_present(q_rows, kv_rows)))
 
 
 def local_bwd(split: Split, axis_sizes, params: AttentionParams, deterministic, dout, q,
-              k, v, out, lse, seqused_q, seqused_k):
+              k, v, out, lse, seqused_q, seqused_k, q_rows=None, kv_rows=None):
   """The backward on one device's shards, split as `split`: returns (dq, dk, dv)."""
   seqused_q, seqused_k = primitives.none_if_absent(seqused_q), primitives.none_if_absent(seqused_k)
   kv_heads = k.shape[2]
@@ -137,7 +146,7 @@ def local_bwd(split: Split, axis_sizes, params: AttentionParams, deterministic, 
                                     seqused_q, seqused_k, params, deterministic)
   else:
     dq, dk, dv = primitives.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
-                                          params, deterministic)
+                                          params, deterministic, *_present(q_rows, kv_rows))
   if split.heads and not split.kv_heads_split:
     # Each device holds a part of the gradient of its k/v head: place it, sum in float32.
     index = _kv_head_index(split, axis_sizes, kv_heads)
@@ -150,6 +159,10 @@ def local_bwd(split: Split, axis_sizes, params: AttentionParams, deterministic, 
 
     dk, dv = sum_over_heads(dk), sum_over_heads(dv)
   return dq, dk, dv
+
+
+def _present(*operands):
+  return tuple(primitives.none_if_absent(x) for x in operands)
 
 
 def _kv_head_of_device(split, axis_sizes, x):
@@ -191,41 +204,46 @@ def _entry(axes: tuple[str, ...]):
 
 # --- The primitives attention.py binds --------------------------------------------
 
-def attention_fwd(q, k, v, seqused_q, seqused_k, params: AttentionParams):
-  """The forward on arrays sharded any way: returns (out, lse)."""
+def attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, params: AttentionParams):
+  """The forward on arrays sharded any way: returns (out, lse). Absent seqused and rows
+  are int32 arrays of shape [0]."""
   if _in_shard_map():
-    return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params))
+    return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params, q_rows,
+                                          kv_rows))
   mesh = _explicit_mesh(q, k, v)
   if mesh is None:
-    return fwd_p.bind(q, k, v, seqused_q, seqused_k, **dataclasses.asdict(params))
-  split = _split_of(mesh, q, k, params)
+    return fwd_p.bind(q, k, v, seqused_q, seqused_k, q_rows, kv_rows,
+                      **dataclasses.asdict(params))
+  split = _split_of(mesh, q, k, params, q_rows)
   q_spec = _spec(q)
   return _run_explicit(
       mesh, split, functools.partial(local_fwd, split, dict(mesh.shape), params),
-      args=(q, k, v, seqused_q, seqused_k),
+      args=(q, k, v, seqused_q, seqused_k, q_rows, kv_rows),
       in_specs=(split.q_spec(), split.kv_spec(), split.kv_spec(),
-                split.seqused_spec(seqused_q), split.seqused_spec(seqused_k)),
+                split.seqused_spec(seqused_q), split.seqused_spec(seqused_k),
+                split.rows_spec(q_rows), split.rows_spec(kv_rows)),
       out_specs=(split.q_spec(), split.lse_spec()),
       result_specs=(q_spec, PartitionSpec(q_spec[0], q_spec[2], q_spec[1])))
 
 
-def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, params: AttentionParams,
-                  deterministic: bool):
+def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows,
+                  params: AttentionParams, deterministic: bool):
   """The backward on arrays sharded any way: returns (dq, dk, dv)."""
   if _in_shard_map():
     return tuple(primitives.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
-                                          params, deterministic))
+                                          params, deterministic, q_rows, kv_rows))
   mesh = _explicit_mesh(q, k, v)
   if mesh is None:
-    return bwd_p.bind(dout, q, k, v, out, lse, seqused_q, seqused_k,
+    return bwd_p.bind(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows,
                       **dataclasses.asdict(params), deterministic=deterministic)
-  split = _split_of(mesh, q, k, params)
+  split = _split_of(mesh, q, k, params, q_rows)
   q_spec, kv_spec = split.q_spec(), split.kv_spec()
   return _run_explicit(
       mesh, split, functools.partial(local_bwd, split, dict(mesh.shape), params, deterministic),
-      args=(dout, q, k, v, out, lse, seqused_q, seqused_k),
+      args=(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows),
       in_specs=(q_spec, q_spec, kv_spec, kv_spec, q_spec, split.lse_spec(),
-                split.seqused_spec(seqused_q), split.seqused_spec(seqused_k)),
+                split.seqused_spec(seqused_q), split.seqused_spec(seqused_k),
+                split.rows_spec(q_rows), split.rows_spec(kv_rows)),
       out_specs=(q_spec, kv_spec, kv_spec),
       result_specs=(_spec(q), _spec(k), _spec(v)))
 
@@ -251,8 +269,9 @@ def _spec(x):
   return jax.typeof(x).sharding.spec
 
 
-def _split_of(mesh, q, k, params):
-  return choose_split(dict(mesh.shape), _spec(q), _spec(k), q.shape, k.shape, params)
+def _split_of(mesh, q, k, params, q_rows):
+  return choose_split(dict(mesh.shape), _spec(q), _spec(k), q.shape, k.shape, params,
+                      packed=q_rows.ndim == 3)
 
 
 def _run_explicit(mesh, split, program, *, args, in_specs, out_specs, result_specs):
@@ -280,23 +299,26 @@ def _reshard(x, mesh, spec):
 
 # --- Automatic partitioning: custom_partitioning with a Shardy rule -----------------
 
-def _fwd_on_one_device(q, k, v, seqused_q, seqused_k, params):
-  return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params))
+def _fwd_on_one_device(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, params):
+  return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params, q_rows,
+                                        kv_rows))
 
 
-def _bwd_on_one_device(dout, q, k, v, out, lse, seqused_q, seqused_k, params, deterministic):
+def _bwd_on_one_device(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows,
+                       params, deterministic):
   return tuple(primitives.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
-                                        params, deterministic))
+                                        params, deterministic, q_rows, kv_rows))
 
 
 def _partition_fwd(params, mesh, arg_shapes, result_shape):
   del result_shape
-  q, k, _, seqused_q, seqused_k = arg_shapes
+  q, k, _, seqused_q, seqused_k, q_rows, kv_rows = arg_shapes
   split = choose_split(dict(mesh.shape), q.sharding.spec, k.sharding.spec, q.shape, k.shape,
-                       params)
+                       params, packed=len(q_rows.shape) == 3)
   named = functools.partial(NamedSharding, mesh)
   arg_shardings = (named(split.q_spec()), named(split.kv_spec()), named(split.kv_spec()),
-                   named(split.seqused_spec(seqused_q)), named(split.seqused_spec(seqused_k)))
+                   named(split.seqused_spec(seqused_q)), named(split.seqused_spec(seqused_k)),
+                   named(split.rows_spec(q_rows)), named(split.rows_spec(kv_rows)))
   result_shardings = (named(split.q_spec()), named(split.lse_spec()))
   program = functools.partial(local_fwd, split, dict(mesh.shape), params)
   return mesh, program, result_shardings, arg_shardings
@@ -304,24 +326,27 @@ def _partition_fwd(params, mesh, arg_shapes, result_shape):
 
 def _partition_bwd(params, deterministic, mesh, arg_shapes, result_shape):
   del result_shape
-  _, q, k, _, _, _, seqused_q, seqused_k = arg_shapes
+  _, q, k, _, _, _, seqused_q, seqused_k, q_rows, kv_rows = arg_shapes
   split = choose_split(dict(mesh.shape), q.sharding.spec, k.sharding.spec, q.shape, k.shape,
-                       params)
+                       params, packed=len(q_rows.shape) == 3)
   named = functools.partial(NamedSharding, mesh)
   q_sharding, kv_sharding = named(split.q_spec()), named(split.kv_spec())
   arg_shardings = (q_sharding, q_sharding, kv_sharding, kv_sharding, q_sharding,
                    named(split.lse_spec()), named(split.seqused_spec(seqused_q)),
-                   named(split.seqused_spec(seqused_k)))
+                   named(split.seqused_spec(seqused_k)), named(split.rows_spec(q_rows)),
+                   named(split.rows_spec(kv_rows)))
   program = functools.partial(local_bwd, split, dict(mesh.shape), params, deterministic)
   return mesh, program, (q_sharding, kv_sharding, kv_sharding), arg_shardings
 
 
 def _fwd_rule(params, mesh, operand_types, result_types):
   del params, mesh, result_types
-  q, k, _, seqused_q, seqused_k = (ir.RankedTensorType(t).shape for t in operand_types)
+  q, k, _, seqused_q, seqused_k, q_rows, kv_rows = (ir.RankedTensorType(t).shape
+                                                    for t in operand_types)
   heads, kv_heads = _head_factors(q[2], k[2])
   rule = (f"b t {heads} d, b s {kv_heads} d, b s {kv_heads} e, "
-          f"{_seqused_factor(seqused_q, 'uq')}, {_seqused_factor(seqused_k, 'uk')} "
+          f"{_seqused_factor(seqused_q, 'uq')}, {_seqused_factor(seqused_k, 'uk')}, "
+          f"{_rows_factors(q_rows, 't', 'rq')}, {_rows_factors(kv_rows, 's', 'rk')} "
           f"-> b t {heads} e, b {heads} t")
   # The head dims are never split; Shardy wants these in order of first appearance.
   return rule, dict(need_replication_factors=("d", "e"))
@@ -329,11 +354,13 @@ def _fwd_rule(params, mesh, operand_types, result_types):
 
 def _bwd_rule(params, deterministic, mesh, operand_types, result_types):
   del params, deterministic, mesh, result_types
-  _, q, k, _, _, _, seqused_q, seqused_k = (ir.RankedTensorType(t).shape for t in operand_types)
+  _, q, k, _, _, _, seqused_q, seqused_k, q_rows, kv_rows = (ir.RankedTensorType(t).shape
+                                                              for t in operand_types)
   heads, kv_heads = _head_factors(q[2], k[2])
   rule = (f"b t {heads} e, b t {heads} d, b s {kv_heads} d, b s {kv_heads} e, "
           f"b t {heads} e, b {heads} t, "
-          f"{_seqused_factor(seqused_q, 'uq')}, {_seqused_factor(seqused_k, 'uk')} "
+          f"{_seqused_factor(seqused_q, 'uq')}, {_seqused_factor(seqused_k, 'uk')}, "
+          f"{_rows_factors(q_rows, 't', 'rq')}, {_rows_factors(kv_rows, 's', 'rk')} "
           f"-> b t {heads} d, b s {kv_heads} d, b s {kv_heads} e")
   return rule, dict(need_replication_factors=("e", "d"))
 
@@ -355,18 +382,25 @@ def _seqused_factor(shape, absent_factor):
   return "b" if shape[0] else absent_factor
 
 
-_fwd_partitioned = custom_partitioning(_fwd_on_one_device, static_argnums=(5,))
+def _rows_factors(shape, sequence, absent_factor):
+  """Rows share the batch and the sequence of their side; their last axis is a field."""
+  return f"b {sequence} {absent_factor}" if len(shape) == 3 else absent_factor
+
+
+_fwd_partitioned = custom_partitioning(_fwd_on_one_device, static_argnums=(7,))
 _fwd_partitioned.def_partition(_partition_fwd, sharding_rule=_fwd_rule)
-_bwd_partitioned = custom_partitioning(_bwd_on_one_device, static_argnums=(8, 9))
+_bwd_partitioned = custom_partitioning(_bwd_on_one_device, static_argnums=(10, 11))
 _bwd_partitioned.def_partition(_partition_bwd, sharding_rule=_bwd_rule)
 
 
-def _lower_fwd(q, k, v, seqused_q, seqused_k, **params):
-  return _fwd_partitioned(q, k, v, seqused_q, seqused_k, AttentionParams(**params))
+def _lower_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, **params):
+  return _fwd_partitioned(q, k, v, seqused_q, seqused_k, q_rows, kv_rows,
+                          AttentionParams(**params))
 
 
-def _lower_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, *, deterministic, **params):
-  return _bwd_partitioned(dout, q, k, v, out, lse, seqused_q, seqused_k,
+def _lower_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, *,
+               deterministic, **params):
+  return _bwd_partitioned(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows,
                           AttentionParams(**params), deterministic)
 
 

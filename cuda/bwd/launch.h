@@ -15,6 +15,7 @@
 #include "bwd/traits.h"
 #include "bwd/workspace.h"
 #include "common/bwd_params.h"
+#include "common/params.h"
 #include "common/launch.h"
 
 namespace jax_fa3 {
@@ -30,9 +31,10 @@ int64_t bwd_workspace_bytes(BwdParams const& b) {
   return bwd_workspace<BwdTraits<Element, kHeadDim>>(b, nullptr).bytes;
 }
 
-template <class Element, int kHeadDim>
-cudaError_t run_bwd(BwdParams const& b, cudaStream_t stream) {
-  using Traits = BwdTraits<Element, kHeadDim>;
+template <class Traits>
+cudaError_t launch_bwd(BwdParams const& b, cudaStream_t stream) {
+  using Element = typename Traits::Element;
+  constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   BwdWorkspace const w = bwd_workspace<Traits>(b, b.workspace);
@@ -53,7 +55,8 @@ cudaError_t run_bwd(BwdParams const& b, cudaStream_t stream) {
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) { return e; }
 
   auto gmem = [](void const* ptr, int seqlen, int heads, int64_t row, int64_t head, int64_t batch, int count) {
-    return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)), make_shape(seqlen, kHeadDim, heads, count),
+    auto const shape = make_shape(seqlen, int(Traits::kHeadDim), heads, count);
+    return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)), shape,
                        make_stride(row, _1{}, head, batch));
   };
   auto const q = gmem(b.q, b.seqlen_q, b.heads, b.q_row_stride, b.q_head_stride, b.q_batch_stride, b.batch);
@@ -81,6 +84,10 @@ cudaError_t run_bwd(BwdParams const& b, cudaStream_t stream) {
   p.dkv_semaphore = w.dkv_semaphore;
   p.seqused_q = b.seqused_q;
   p.seqused_k = b.seqused_k;
+  p.q_rows = reinterpret_cast<int4 const*>(b.q_rows);
+  p.kv_rows = reinterpret_cast<int4 const*>(b.kv_rows);
+  p.query_tile_plan = reinterpret_cast<int4 const*>(b.query_tile_plan);
+  p.key_block_plan = reinterpret_cast<int2 const*>(b.key_block_plan);
   p.batch = b.batch;
   p.seqlen_q = b.seqlen_q;
   p.seqlen_k = b.seqlen_k;
@@ -107,7 +114,8 @@ cudaError_t run_bwd(BwdParams const& b, cudaStream_t stream) {
   // statically assigned CTAs drift apart over many heads, whose Q, dO and dQ then no longer
   // share L2 (measured at d128 causal 16k: 322 TFLOP/s against 536 with one CTA per tile);
   // deterministic runs wait on each other's dQ turns, and measured slower persistent too.
-  bool const uniform_tiles = b.window_left < 0 && b.window_right < 0 && !b.seqused_q && !b.seqused_k;
+  bool const uniform_tiles =
+      b.window_left < 0 && b.window_right < 0 && !b.seqused_q && !b.seqused_k && !Traits::kHasSegments;
   bool const persistent = Traits::kPersistent && uniform_tiles && !b.deterministic;
   kernel<<<persistent ? std::min(p.num_tiles, b.num_sms) : p.num_tiles, Traits::kThreads, Traits::kSharedBytes,
            stream>>>(p);
@@ -126,6 +134,19 @@ cudaError_t run_bwd(BwdParams const& b, cudaStream_t stream) {
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) { return e; }
   }
   return cudaSuccess;
+}
+
+// The variant entry point: the kernel for packed sequences, or the one for everything else.
+template <class Element, int kHeadDim>
+cudaError_t run_bwd(BwdParams const& b, cudaStream_t stream) {
+  return b.q_rows ? launch_bwd<BwdTraits<Element, kHeadDim, true>>(b, stream)
+                  : launch_bwd<BwdTraits<Element, kHeadDim>>(b, stream);
+}
+
+// The backward's tile for packed sequences, (kBlockM, kBlockN): its plans are made in JAX.
+template <int kHeadDim>
+constexpr TileShape bwd_segment_tile() {
+  return {BwdTileConfig<kHeadDim>::kBlockM, BwdTileConfig<kHeadDim>::kBlockN};
 }
 
 }  // namespace jax_fa3

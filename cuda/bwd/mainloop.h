@@ -23,6 +23,7 @@
 #include "common/gemm.h"
 #include "common/layouts.h"
 #include "common/mask.h"
+#include "common/segments.h"
 #include "common/softmax.h"
 
 namespace jax_fa3 {
@@ -52,7 +53,7 @@ struct BwdMainloop {
 
   // The CTA's tile_index-th tile (see KeyTileOrder).
   template <class AccDK, class AccDV>
-  __device__ void run(int head, int batch, QueryBlocks<kBlockM, kBlockN> const& blocks, AccDK& acc_dk,
+  __device__ void run(int head, int batch, typename Traits::Blocks const& blocks, AccDK& acc_dk,
                       AccDV& acc_dv, int tile_index) {
     typename Traits::TiledMmaSdP mma_sdp;
     typename Traits::TiledMmaKV mma_kv;
@@ -94,7 +95,16 @@ struct BwdMainloop {
     int const column_offset = get<1>(my_rc(0, 0));
     constexpr int kCols = decltype(size<1>(thread0_rc))::value;
 
-    AttentionMask const mask{blocks.seqlen_k, p.window_left, p.window_right, p.diagonal_offset};
+    // Packed sequences: each key row's visible queries; else the window rule.
+    auto const mask = [&] {
+      if constexpr (Traits::kHasSegments) {
+        RowSpans<kRows> spans;
+        spans.load(p.kv_rows + int64_t(batch) * p.seqlen_k, p.seqlen_k, int64_t(blocks.n_block) * kBlockN, rows);
+        return spans;
+      } else {
+        return AttentionMask{blocks.seqlen_k, p.window_left, p.window_right, p.diagonal_offset};
+      }
+    }();
 
     clear(acc_dk);
     clear(acc_dv);
@@ -102,8 +112,13 @@ struct BwdMainloop {
 
     auto apply_mask = [&](auto& scores, int m, auto masked) {
       if constexpr (decltype(masked)::value) {
-        mask.template apply_transposed<kBlockN, kBlockM>(scores, thread0_coords, rows, column_offset,
-                                                         blocks.n_block, m);
+        if constexpr (Traits::kHasSegments) {
+          mask.template apply<kBlockM>(scores, thread0_coords, int64_t(m) * kBlockM + column_offset,
+                                       p.q_rows + int64_t(batch) * p.seqlen_q, p.seqlen_q);
+        } else {
+          mask.template apply_transposed<kBlockN, kBlockM>(scores, thread0_coords, rows, column_offset,
+                                                           blocks.n_block, m);
+        }
       }
     };
 
@@ -286,7 +301,7 @@ struct BwdMainloop {
   // blocks of a query tile take turns, in the writer warp's order.
   template <class AccDQ>
   __device__ void add_dq_to_global(AccDQ const& acc_dq, int head, int batch, int m,
-                                   QueryBlocks<kBlockM, kBlockN> const& blocks) {
+                                   typename Traits::Blocks const& blocks) {
     int64_t const tile = (int64_t(batch) * p.heads + head) * p.num_m_blocks + m;
     float* const dq = p.dq_accum + tile * Traits::kDQFloats;
     int const turn = p.deterministic ? blocks.dq_turn(m, p.dq_descending) : 0;

@@ -77,7 +77,7 @@ struct BwdLoader {
   typename TmaRing<Traits::kStages>::Position position;  // carries over from tile to tile
 
   // The CTA's tile_index-th tile (see KeyTileOrder).
-  __device__ void run(int head, int batch, QueryBlocks<kBlockM, kBlockN> const& blocks, int tile_index) {
+  __device__ void run(int head, int batch, typename Traits::Blocks const& blocks, int tile_index) {
     int const kv_head = head / p.kv_group;
     auto kv_shape = make_shape(p.seqlen_k, int(kHeadDim), p.kv_heads, p.batch);
     auto q_shape = make_shape(p.seqlen_q, int(kHeadDim), p.heads, p.batch);
@@ -145,7 +145,7 @@ struct BwdDQWriter {
   Storage& smem;
   int const warpgroup;  // the consumer warpgroup this warp serves
 
-  __device__ void run(int head, int batch, QueryBlocks<kBlockM, kBlockN> const& blocks) {
+  __device__ void run(int head, int batch, typename Traits::Blocks const& blocks) {
     bool const lane0 = threadIdx.x % 32 == 0;
     int64_t const head_blocks = (int64_t(batch) * p.heads + head) * p.num_m_blocks;
     float const* const part = smem.dq.data.data() + warpgroup * kPartFloats;

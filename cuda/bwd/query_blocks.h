@@ -58,4 +58,27 @@ struct QueryBlocks {
   }
 };
 
+// The same questions for packed sequences, answered from the plans made in JAX
+// (jax_fa3/segments.py): this key block's query-tile bounds, and per query tile the forward's
+// KeyBlockRange in the backward's tiles, {n_min, n_max, right_masked, left_masked}.
+template <int kBlockM, int kBlockN>
+struct PlannedQueryBlocks {
+  int n_block, m_begin, m_end;
+  int4 const* query_tiles;  // the batch row's plans
+
+  __device__ __forceinline__ int4 plan(int m_block) const { return __ldg(query_tiles + m_block); }
+  __device__ __forceinline__ int dq_turn(int m_block, bool descending) const {
+    int4 const keys = plan(m_block);
+    return descending ? keys.y - 1 - n_block : n_block - keys.x;
+  }
+  __device__ __forceinline__ bool visits(int m_block) const {
+    int4 const keys = plan(m_block);
+    return n_block >= keys.x && n_block < keys.y;
+  }
+  __device__ __forceinline__ bool needs_mask(int m_block) const {
+    int4 const keys = plan(m_block);
+    return !(n_block >= keys.w && n_block < keys.z);
+  }
+};
+
 }  // namespace jax_fa3

@@ -6,12 +6,14 @@
 #pragma once
 
 #include <cstddef>
+#include <type_traits>
 
 #include <cute/tensor.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 
 #include "bwd/config.h"
+#include "bwd/query_blocks.h"
 #include "common/barriers.h"
 #include "common/layouts.h"
 
@@ -19,13 +21,17 @@ namespace jax_fa3 {
 
 using namespace cute;
 
-template <class Element_, int kHeadDim_>
+// kHasSegments: the mask comes row by row (packed sequences, common/segments.h), and the
+// query tiles each key block visits from a plan.
+template <class Element_, int kHeadDim_, bool kHasSegments_ = false>
 struct BwdTraits {
   using Element = Element_;
   using Config = BwdTileConfig<kHeadDim_>;
   static constexpr int kHeadDim = kHeadDim_;
+  static constexpr bool kHasSegments = kHasSegments_;
   static constexpr int kBlockM = Config::kBlockM;
   static constexpr int kBlockN = Config::kBlockN;
+  using Blocks = std::conditional_t<kHasSegments, PlannedQueryBlocks<kBlockM, kBlockN>, QueryBlocks<kBlockM, kBlockN>>;
   static constexpr int kStages = Config::kStages;
 
   static constexpr bool kSplitHeadDim = Config::kSplitHeadDim;
@@ -162,6 +168,10 @@ struct BwdTraits {
     int* dkv_semaphore;     // [batch, kv_heads, n_blocks] (deterministic GQA)
     int const* seqused_q;
     int const* seqused_k;
+    int4 const* q_rows;            // [batch, seqlen_q] (kHasSegments)
+    int4 const* kv_rows;           // [batch, seqlen_k] (kHasSegments)
+    int4 const* query_tile_plan;   // [batch, num_m_blocks] (kHasSegments)
+    int2 const* key_block_plan;    // [batch, num_n_blocks]: {m_begin, m_end} (kHasSegments)
     int batch, seqlen_q, seqlen_k, heads, kv_heads, kv_group, seqlen_q_rounded, num_m_blocks, num_n_blocks;
     int num_tiles;  // num_n_blocks x heads x batch (see KeyTileOrder)
     float scale_log2;        // log2 units per score unit (after the softcap, when on)

@@ -35,6 +35,11 @@ struct KeyBlockRange {
 
   JAX_FA3_HOST_DEVICE bool empty() const { return n_block_min >= n_block_max; }
 
+  // A range planned ahead of the launch (packed sequences: jax_fa3/segments.py), with the
+  // fully visible blocks [left_masked, right_masked).
+  JAX_FA3_HOST_DEVICE KeyBlockRange(int min, int max, int right_masked, int left_masked)
+      : n_block_min(min), n_block_max(max), n_block_right_masked(right_masked), n_block_left_masked(left_masked) {}
+
   JAX_FA3_HOST_DEVICE KeyBlockRange(int m_block, int seqlen_q, int seqlen_k, int window_left, int window_right,
                                     int diagonal_offset) {
     // The rows' visible keys form one interval (each row's shifts the previous by one).

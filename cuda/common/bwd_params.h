@@ -14,6 +14,13 @@ struct BwdParams {
   float const* lse;           // [batch, heads, seqlen_q], natural log
   int const* seqused_q;       // [batch] or nullptr
   int const* seqused_k;       // [batch] or nullptr
+  // Packed sequences (common/segments.h), all present or all nullptr: the rows
+  // [batch, seqlen_q, 4] and [batch, seqlen_k, 4]; per query tile the forward's key range in
+  // the backward's tiles [batch, m_blocks, 4]; per key block {m_begin, m_end} [batch, n_blocks, 2].
+  int const* q_rows;
+  int const* kv_rows;
+  int const* query_tile_plan;
+  int const* key_block_plan;
   void* dq;
   void* dk;
   void* dv;

@@ -13,6 +13,11 @@ struct FwdParams {
   float* lse;                 // [batch, heads, seqlen_q], natural log
   int const* seqused_q;       // [batch] or nullptr: rows past it are empty
   int const* seqused_k;       // [batch] or nullptr: keys past it are invisible
+  // Packed sequences (common/segments.h), all present or all nullptr: the rows
+  // [batch, seqlen_q, 4] and [batch, seqlen_k, 4], the plan [batch, m_blocks, 4].
+  int const* q_rows;
+  int const* kv_rows;
+  int const* tile_plan;
   int* tile_counter;          // the dynamic scheduler's counter, zeroed on-stream per launch
 
   int batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, head_dim_v;
@@ -31,6 +36,11 @@ struct FwdParams {
   int window_left, window_right, diagonal_offset;
 
   int num_sms;
+};
+
+// A kernel's (query rows, keys) tile, for the plans made in JAX.
+struct TileShape {
+  int block_m, block_n;
 };
 
 }  // namespace jax_fa3

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstdlib>
+#include <initializer_list>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -178,6 +179,48 @@ ffi::Error set_common(Params& p, Dims const& d, ffi::AnyBuffer const& q, ffi::An
   return ffi::Error::Success();
 }
 
+// Packed sequences: the rows and plans of common/segments.h, all absent (shape [0]) or all
+// present. `plans` pairs each plan with its expected [batch, blocks, width]. The plans come
+// from jax_fa3/segments.py; the kernels clamp what they index memory with.
+struct Plan {
+  ffi::AnyBuffer const* buffer;
+  int64_t blocks, width;
+  char const* name;
+};
+
+ffi::Error check_segments(Dims const& d, ffi::AnyBuffer const& q_rows, ffi::AnyBuffer const& kv_rows,
+                          std::initializer_list<Plan> plans, bool has_seqused, bool& present) {
+  present = q_rows.size_bytes() > 0;
+  auto is_absent = [](ffi::AnyBuffer const& b) { return b.dimensions().size() == 1 && b.dimensions()[0] == 0; };
+  if (!present) {
+    bool all_absent = is_absent(q_rows) && is_absent(kv_rows);
+    for (Plan const& plan : plans) { all_absent = all_absent && is_absent(*plan.buffer); }
+    return all_absent ? ffi::Error::Success()
+                      : invalid("q_rows, kv_rows and the tile plans must all be absent (shape [0]) or all present");
+  }
+  if (has_seqused) { return invalid("seqused_q/seqused_k must be absent with q_rows (fold the lengths into the rows)"); }
+  auto has_shape = [](ffi::AnyBuffer const& b, int64_t batch, int64_t length, int64_t width) {
+    auto s = b.dimensions();
+    return b.element_type() == ffi::DataType::S32 && s.size() == 3 && s[0] == batch && s[1] == length &&
+           s[2] == width && aligned16(b.untyped_data());
+  };
+  if (!has_shape(q_rows, d.batch, d.seqlen_q, 4)) {
+    return invalid("q_rows must be int32 [batch, seqlen_q, 4]; got " + shape_str(q_rows));
+  }
+  if (!has_shape(kv_rows, d.batch, d.seqlen_k, 4)) {
+    return invalid("kv_rows must be int32 [batch, seqlen_k, 4]; got " + shape_str(kv_rows));
+  }
+  for (Plan const& plan : plans) {
+    if (!has_shape(*plan.buffer, d.batch, plan.blocks, plan.width)) {
+      return invalid(std::string(plan.name) + " must be int32 [batch, " + std::to_string(plan.blocks) + ", " +
+                     std::to_string(plan.width) + "]; got " + shape_str(*plan.buffer));
+    }
+  }
+  return ffi::Error::Success();
+}
+
+int64_t blocks_of(int64_t length, int block) { return (length + block - 1) / block; }
+
 std::string no_kernel(char const* direction, std::string const& dtype, Dims const& d) {
   return std::string("no ") + direction + " kernel for dtype " + dtype + ", head_dim " + std::to_string(d.head_dim) +
          ", head_dim_v " + std::to_string(d.head_dim_v) + " (see jax_fa3.kernels_available())";
@@ -185,7 +228,8 @@ std::string no_kernel(char const* direction, std::string const& dtype, Dims cons
 
 
 ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                   ffi::AnyBuffer seqused_q, ffi::AnyBuffer seqused_k, ffi::Result<ffi::AnyBuffer> out,
+                   ffi::AnyBuffer seqused_q, ffi::AnyBuffer seqused_k, ffi::AnyBuffer q_rows, ffi::AnyBuffer kv_rows,
+                   ffi::AnyBuffer tile_plan, ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale,
                    float softcap, int64_t window_left, int64_t window_right, int64_t diagonal_offset) {
   Dims d;
@@ -212,6 +256,13 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   std::string const dtype = dtype_name(q.element_type());
   FwdVariant const* variant = find_fwd_variant(dtype, int(d.head_dim), int(d.head_dim_v));
   if (!variant) { return invalid(no_kernel("forward", dtype, d)); }
+  bool segments = false;
+  if (ffi::Error e = check_segments(
+          d, q_rows, kv_rows, {{&tile_plan, blocks_of(d.seqlen_q, variant->segment_tile.block_m), 4, "tile_plan"}},
+          seqused_q.size_bytes() || seqused_k.size_bytes(), segments);
+      e.failure()) {
+    return e;
+  }
 
   FwdParams p{};
   if (ffi::Error e = set_common(p, d, q, k, v, seqused_q, seqused_k, softmax_scale, softcap, window_left, window_right,
@@ -222,6 +273,11 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   p.out = out->untyped_data();
   p.lse = static_cast<float*>(lse->untyped_data());
   p.tile_counter = static_cast<int*>(workspace->untyped_data());
+  if (segments) {
+    p.q_rows = static_cast<int const*>(q_rows.untyped_data());
+    p.kv_rows = static_cast<int const*>(kv_rows.untyped_data());
+    p.tile_plan = static_cast<int const*>(tile_plan.untyped_data());
+  }
 
   if (poison_outputs()) {
     if (cudaError_t e = poison(out, stream); e != cudaSuccess) { return ffi::Error::Internal(cudaGetErrorString(e)); }
@@ -235,7 +291,8 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
 
 ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer dout, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::AnyBuffer out, ffi::AnyBuffer lse, ffi::AnyBuffer seqused_q, ffi::AnyBuffer seqused_k,
-                   ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                   ffi::AnyBuffer q_rows, ffi::AnyBuffer kv_rows, ffi::AnyBuffer query_tile_plan,
+                   ffi::AnyBuffer key_block_plan, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                    ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale, float softcap, int64_t window_left,
                    int64_t window_right, int64_t diagonal_offset, bool deterministic) {
   Dims d;
@@ -269,6 +326,16 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer dout, ffi::AnyBuffer q, f
   std::string const dtype = dtype_name(q.element_type());
   BwdVariant const* variant = find_bwd_variant(dtype, int(d.head_dim), int(d.head_dim_v));
   if (!variant) { return invalid(no_kernel("backward", dtype, d)); }
+  bool segments = false;
+  TileShape const tile = variant->segment_tile;
+  if (ffi::Error e = check_segments(
+          d, q_rows, kv_rows,
+          {{&query_tile_plan, blocks_of(d.seqlen_q, tile.block_m), 4, "query_tile_plan"},
+           {&key_block_plan, blocks_of(d.seqlen_k, tile.block_n), 2, "key_block_plan"}},
+          seqused_q.size_bytes() || seqused_k.size_bytes(), segments);
+      e.failure()) {
+    return e;
+  }
   BwdParams p{};
   if (ffi::Error e = set_common(p, d, q, k, v, seqused_q, seqused_k, softmax_scale, softcap, window_left, window_right,
                                 diagonal_offset);
@@ -284,6 +351,12 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer dout, ffi::AnyBuffer q, f
   p.workspace = workspace->untyped_data();
   p.workspace_bytes = int64_t(workspace->size_bytes());
   p.deterministic = deterministic;
+  if (segments) {
+    p.q_rows = static_cast<int const*>(q_rows.untyped_data());
+    p.kv_rows = static_cast<int const*>(kv_rows.untyped_data());
+    p.query_tile_plan = static_cast<int const*>(query_tile_plan.untyped_data());
+    p.key_block_plan = static_cast<int const*>(key_block_plan.untyped_data());
+  }
   int64_t const needed = variant->workspace_bytes(p);
   if (workspace->element_type() != ffi::DataType::U8 || p.workspace_bytes < needed || !aligned16(p.workspace)) {
     return invalid("workspace must be uint8 of at least " + std::to_string(needed) + " bytes; got " +
@@ -314,6 +387,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFa3Bwd, jax_fa3::BwdImpl,
                                   .Arg<xla::ffi::AnyBuffer>()  // lse
                                   .Arg<xla::ffi::AnyBuffer>()  // seqused_q
                                   .Arg<xla::ffi::AnyBuffer>()  // seqused_k
+                                  .Arg<xla::ffi::AnyBuffer>()  // q_rows
+                                  .Arg<xla::ffi::AnyBuffer>()  // kv_rows
+                                  .Arg<xla::ffi::AnyBuffer>()  // query_tile_plan
+                                  .Arg<xla::ffi::AnyBuffer>()  // key_block_plan
                                   .Ret<xla::ffi::AnyBuffer>()  // dq
                                   .Ret<xla::ffi::AnyBuffer>()  // dk
                                   .Ret<xla::ffi::AnyBuffer>()  // dv
@@ -334,6 +411,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFa3Fwd, jax_fa3::FwdImpl,
                                   .Arg<xla::ffi::AnyBuffer>()  // v
                                   .Arg<xla::ffi::AnyBuffer>()  // seqused_q
                                   .Arg<xla::ffi::AnyBuffer>()  // seqused_k
+                                  .Arg<xla::ffi::AnyBuffer>()  // q_rows
+                                  .Arg<xla::ffi::AnyBuffer>()  // kv_rows
+                                  .Arg<xla::ffi::AnyBuffer>()  // tile_plan
                                   .Ret<xla::ffi::AnyBuffer>()  // out
                                   .Ret<xla::ffi::AnyBuffer>()  // lse
                                   .Ret<xla::ffi::AnyBuffer>()  // workspace

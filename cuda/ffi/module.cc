@@ -27,6 +27,17 @@ PYBIND11_MODULE(_fa3_cuda, m) {
     return out;
   }, "The compiled (direction, dtype, head_dim, head_dim_v) kernel variants.");
 
+  m.def("segment_tiles", [] {
+    py::list out;
+    for (auto const& v : jax_fa3::fwd_variants()) {
+      out.append(py::make_tuple("fwd", v.dtype, v.head_dim, v.segment_tile.block_m, v.segment_tile.block_n));
+    }
+    for (auto const& v : jax_fa3::bwd_variants()) {
+      out.append(py::make_tuple("bwd", v.dtype, v.head_dim, v.segment_tile.block_m, v.segment_tile.block_n));
+    }
+    return out;
+  }, "(direction, dtype, head_dim, block_m, block_n): the packed-sequence kernels' tiles, for their plans.");
+
   m.def("build_info", [] {
     py::dict info;
     info["cuda_runtime"] = CUDART_VERSION;

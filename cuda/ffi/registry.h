@@ -18,6 +18,7 @@ struct FwdVariant {
   int head_dim;
   int head_dim_v;
   cudaError_t (*run)(FwdParams const&, cudaStream_t);
+  TileShape segment_tile;  // the packed-sequence kernel's tile
 };
 
 struct BwdVariant {
@@ -26,6 +27,7 @@ struct BwdVariant {
   int head_dim_v;
   cudaError_t (*run)(BwdParams const&, cudaStream_t);
   int64_t (*workspace_bytes)(BwdParams const&);
+  TileShape segment_tile;
 };
 
 std::vector<FwdVariant>& fwd_variants();

@@ -12,6 +12,7 @@
 #include "common/barriers.h"
 #include "common/tile_scheduler.h"
 #include "fwd/epilogue.h"
+#include "fwd/key_blocks.h"
 #include "fwd/mainloop.h"
 #include "fwd/producer.h"
 
@@ -68,8 +69,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(CUTE_GRID_CONS
       QueryTile const tile = scheduler.decode(tile_index);
       int const seqlen_q = used_length(p.seqused_q, tile.batch, p.seqlen_q);
       int const seqlen_k = used_length(p.seqused_k, tile.batch, p.seqlen_k);
-      KeyBlockRange<Traits::kBlockM, Traits::kBlockN> const range(tile.m_block, seqlen_q, seqlen_k, p.window_left,
-                                                                  p.window_right, p.diagonal_offset);
+      auto const range = key_blocks<Traits>(p, tile, seqlen_q, seqlen_k);
       if (range.empty()) {
         epilogue.store_empty(tile);
       } else {

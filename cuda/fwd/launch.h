@@ -56,6 +56,9 @@ cudaError_t launch_fwd(FwdParams const& fp, cudaStream_t stream) {
   p.lse = fp.lse;
   p.seqused_q = fp.seqused_q;
   p.seqused_k = fp.seqused_k;
+  p.q_rows = reinterpret_cast<int4 const*>(fp.q_rows);
+  p.kv_rows = reinterpret_cast<int4 const*>(fp.kv_rows);
+  p.tile_plan = reinterpret_cast<int4 const*>(fp.tile_plan);
   p.tile_counter = fp.tile_counter;
   p.batch = fp.batch;
   p.seqlen_q = fp.seqlen_q;
@@ -89,12 +92,20 @@ cudaError_t launch_fwd(FwdParams const& fp, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The variant entry point: picks the kernel with or without a mask window.
+// The variant entry point: picks the kernel for packed sequences, a mask window, or none.
 template <class Element, int kHeadDim>
 cudaError_t run_fwd(FwdParams const& fp, cudaStream_t stream) {
+  if (fp.q_rows) { return launch_fwd<FwdTraits<Element, kHeadDim, kHeadDim, true, true>>(fp, stream); }
   bool const has_window = fp.window_left >= 0 || fp.window_right >= 0;
   return has_window ? launch_fwd<FwdTraits<Element, kHeadDim, kHeadDim, true>>(fp, stream)
                     : launch_fwd<FwdTraits<Element, kHeadDim, kHeadDim, false>>(fp, stream);
+}
+
+// The forward's tile for packed sequences, (kBlockM, kBlockN): its plan is made in JAX.
+template <int kHeadDim>
+constexpr TileShape fwd_segment_tile() {
+  using Traits = FwdTraits<cutlass::bfloat16_t, kHeadDim, kHeadDim, true, true>;
+  return {Traits::kBlockM, Traits::kBlockN};
 }
 
 }  // namespace jax_fa3

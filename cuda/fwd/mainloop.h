@@ -15,6 +15,7 @@
 #include "common/gemm.h"
 #include "common/layouts.h"
 #include "common/mask.h"
+#include "common/segments.h"
 #include "common/softmax.h"
 #include "common/tile_scheduler.h"
 
@@ -100,13 +101,27 @@ struct FwdMainloop {
     Tensor thread0_coords = mma_qk.get_thread_slice(_0{}).partition_C(tile_coords);
     int const column_offset = get<1>(thread_qk.partition_C(tile_coords)(0));
 
-    AttentionMask const mask{seqlen_k, p.window_left, p.window_right, p.diagonal_offset};
+    // Packed sequences: each row's visible keys; else the window rule.
+    auto const mask = [&] {
+      if constexpr (Traits::kHasSegments) {
+        RowSpans<kRows> spans;
+        spans.load(p.q_rows + int64_t(tile.batch) * p.seqlen_q, p.seqlen_q, int64_t(tile.m_block) * kBlockM, rows);
+        return spans;
+      } else {
+        return AttentionMask{seqlen_k, p.window_left, p.window_right, p.diagonal_offset};
+      }
+    }();
     OnlineSoftmax<kRows> softmax;
     softmax.scale_log2 = p.scale_log2;
     auto prepare_scores = [&](auto& scores, int n_block, auto masked) {
       if (p.softcap_prescale != 0.f) { apply_softcap(scores, p.softcap_prescale); }
       if constexpr (decltype(masked)::value) {
-        mask.template apply<kBlockM, kBlockN>(scores, thread0_coords, rows, column_offset, tile.m_block, n_block);
+        if constexpr (Traits::kHasSegments) {
+          mask.template apply<kBlockN>(scores, thread0_coords, int64_t(n_block) * kBlockN + column_offset,
+                                       p.kv_rows + int64_t(tile.batch) * p.seqlen_k, p.seqlen_k);
+        } else {
+          mask.template apply<kBlockM, kBlockN>(scores, thread0_coords, rows, column_offset, tile.m_block, n_block);
+        }
       }
     };
     auto new_scores = [&] { return partition_fragment_C(mma_qk, select<0, 1>(typename Traits::TileShapeQK{})); };

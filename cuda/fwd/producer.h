@@ -8,6 +8,7 @@
 #include "common/barriers.h"
 #include "common/mask.h"
 #include "common/tile_scheduler.h"
+#include "fwd/key_blocks.h"
 
 namespace jax_fa3 {
 
@@ -100,8 +101,7 @@ struct FwdProducer {
       QueryTile const tile = scheduler.decode(tile_index);
       int const seqlen_q = used_length(p.seqused_q, tile.batch, p.seqlen_q);
       int const seqlen_k = used_length(p.seqused_k, tile.batch, p.seqlen_k);
-      KeyBlockRange<kBlockM, kBlockN> const range(tile.m_block, seqlen_q, seqlen_k, p.window_left, p.window_right,
-                                                  p.diagonal_offset);
+      auto const range = key_blocks<Traits>(p, tile, seqlen_q, seqlen_k);
       if (!range.empty()) { load_tile(tile, range); }
       tile_index = scheduler.producer_next(tile_index);
     }

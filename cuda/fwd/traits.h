@@ -17,13 +17,16 @@ namespace jax_fa3 {
 
 using namespace cute;
 
-template <class Element_, int kHeadDim_, int kHeadDimV_, bool kHasWindow_>
+// kHasSegments: the mask comes row by row (packed sequences, common/segments.h); it takes
+// the masked kernel's tiles and its dynamic scheduler, as documents differ in cost.
+template <class Element_, int kHeadDim_, int kHeadDimV_, bool kHasWindow_, bool kHasSegments_ = false>
 struct FwdTraits {
   using Element = Element_;
-  using Config = FwdTileConfig<kHeadDim_, kHasWindow_>;
+  using Config = FwdTileConfig<kHeadDim_, kHasWindow_ || kHasSegments_>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kHeadDimV = kHeadDimV_;
-  static constexpr bool kHasWindow = kHasWindow_;
+  static constexpr bool kHasSegments = kHasSegments_;
+  static constexpr bool kHasWindow = kHasWindow_ || kHasSegments_;
   static constexpr int kBlockM = Config::kBlockM;
   static constexpr int kBlockN = Config::kBlockN;
   static constexpr int kStages = Config::kStages;
@@ -130,6 +133,9 @@ struct FwdTraits {
     float* lse;
     int const* seqused_q;
     int const* seqused_k;
+    int4 const* q_rows;     // [batch, seqlen_q] (kHasSegments)
+    int4 const* kv_rows;    // [batch, seqlen_k] (kHasSegments)
+    int4 const* tile_plan;  // [batch, num_m_blocks]: a KeyBlockRange each (kHasSegments)
     int* tile_counter;
     int batch, seqlen_q, seqlen_k, heads, kv_heads, kv_group;  // kv_group = heads / kv_heads
     int num_m_blocks, num_tiles, heads_per_l2_section;

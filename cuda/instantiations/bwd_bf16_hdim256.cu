@@ -2,4 +2,5 @@
 #include "ffi/registry.h"
 
 static jax_fa3::RegisterBwdVariant const registered{
-    {"bfloat16", 256, 256, &jax_fa3::run_bwd<cutlass::bfloat16_t, 256>, &jax_fa3::bwd_workspace_bytes<cutlass::bfloat16_t, 256>}};
+    {"bfloat16", 256, 256, &jax_fa3::run_bwd<cutlass::bfloat16_t, 256>, &jax_fa3::bwd_workspace_bytes<cutlass::bfloat16_t, 256>,
+     jax_fa3::bwd_segment_tile<256>()}};

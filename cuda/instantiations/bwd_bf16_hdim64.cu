@@ -2,4 +2,5 @@
 #include "ffi/registry.h"
 
 static jax_fa3::RegisterBwdVariant const registered{
-    {"bfloat16", 64, 64, &jax_fa3::run_bwd<cutlass::bfloat16_t, 64>, &jax_fa3::bwd_workspace_bytes<cutlass::bfloat16_t, 64>}};
+    {"bfloat16", 64, 64, &jax_fa3::run_bwd<cutlass::bfloat16_t, 64>, &jax_fa3::bwd_workspace_bytes<cutlass::bfloat16_t, 64>,
+     jax_fa3::bwd_segment_tile<64>()}};

@@ -1,4 +1,5 @@
 #include "ffi/registry.h"
 #include "fwd/launch.h"
 
-static jax_fa3::RegisterFwdVariant const registered{{"float16", 192, 192, &jax_fa3::run_fwd<cutlass::half_t, 192>}};
+static jax_fa3::RegisterFwdVariant const registered{{"float16", 192, 192, &jax_fa3::run_fwd<cutlass::half_t, 192>,
+     jax_fa3::fwd_segment_tile<192>()}};

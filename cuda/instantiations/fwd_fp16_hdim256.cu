@@ -1,4 +1,5 @@
 #include "ffi/registry.h"
 #include "fwd/launch.h"
 
-static jax_fa3::RegisterFwdVariant const registered{{"float16", 256, 256, &jax_fa3::run_fwd<cutlass::half_t, 256>}};
+static jax_fa3::RegisterFwdVariant const registered{{"float16", 256, 256, &jax_fa3::run_fwd<cutlass::half_t, 256>,
+     jax_fa3::fwd_segment_tile<256>()}};

@@ -45,6 +45,11 @@ def compiled(direction):
     return {(d, int(hd)) for (dr, d, hd, _) in extension().variants() if dr == direction}
 
 
+# The packed-sequence operands (rows and tile plans), absent: tested through the public API
+# (test_segments.py), since their plans are made in JAX.
+_NO_SEGMENTS = (np.zeros((0,), np.int32),) * 4
+
+
 def _seqused(x, batch):
     return jnp.zeros((0,), jnp.int32) if x is None else jnp.asarray(x, jnp.int32).reshape(batch)
 
@@ -59,7 +64,7 @@ def fwd(q, k, v, *, softmax_scale, softcap=0.0, window=(-1, -1), diagonal_offset
         jax.ShapeDtypeStruct((256,), jnp.uint8),
     )
     call = jax.ffi.ffi_call("jax_fa3_fwd", out_types)
-    out, lse, _ = call(q, k, v, _seqused(seqused_q, b), _seqused(seqused_k, b),
+    out, lse, _ = call(q, k, v, _seqused(seqused_q, b), _seqused(seqused_k, b), *_NO_SEGMENTS[:3],
                        softmax_scale=np.float32(softmax_scale), softcap=np.float32(softcap),
                        window_left=int(window[0]), window_right=int(window[1]),
                        diagonal_offset=int(diagonal_offset))
@@ -128,7 +133,7 @@ def bwd(dout, q, k, v, out, lse, *, softmax_scale, softcap=0.0, window=(-1, -1),
                  jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((workspace_bytes,), jnp.uint8))
     call = jax.ffi.ffi_call("jax_fa3_bwd", out_types)
     dq, dk, dv, _ = call(dout, q, k, v, out, lse, _seqused(seqused_q, b), _seqused(seqused_k, b),
-                         softmax_scale=np.float32(softmax_scale), softcap=np.float32(softcap),
+                         *_NO_SEGMENTS, softmax_scale=np.float32(softmax_scale), softcap=np.float32(softcap),
                          window_left=int(window[0]), window_right=int(window[1]),
                          diagonal_offset=int(diagonal_offset), deterministic=bool(deterministic))
     return dq, dk, dv

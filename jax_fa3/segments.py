@@ -1,0 +1,131 @@
+"""Packed sequences: the attention mask given row by row (segment ids, varlen).
+
+`flash_attention(segment_ids=...)` and `flash_attention_varlen` both become one
+descriptor, which the kernels read (`cuda/common/segments.h`) and the reference path
+applies as it is:
+- `q_rows [B, Sq, 4]` int32, per query `{id, first key, end key, interleaved}`: query i
+  sees key j iff `first <= j < end` and, where `interleaved`, key j has the same id;
+- `kv_rows [B, Sk, 4]` int32, per key `{id, first query, end query, interleaved}`: the
+  same rule seen from the key (the backward walks keys).
+The window (causal included) and the padding (negative ids, lengths) are folded into the
+intervals, so they are the whole mask. `interleaved` marks a row whose id recurs
+non-contiguously on the other side, where the interval alone would over-include: the
+usual packed documents never need the id comparison.
+
+The tile plans (`forward_plan`, `backward_plans`) say which key blocks each query tile
+visits and which of them it sees fully (those run without the mask). They are computed
+from the rows in O(seqlen log seqlen) for the kernels' tile shapes.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Beyond every position (sequences are at most 2^30 long): the bound of an empty row.
+_FAR = 2 ** 30
+
+
+def rows(q_ids, kv_ids, *, window_left, window_right, q_offsets, kv_offsets):
+  """The descriptor: `(q_rows [B, Sq, 4], kv_rows [B, Sk, 4])`, int32.
+
+  q_ids `[B, Sq]`, kv_ids `[B, Sk]`: int32 segment ids, negative for padding.
+  q_offsets `[B, Sq]`: query i's diagonal is key `i + q_offsets[i]`; kv_offsets `[B, Sk]`:
+  the offset of key j's own sequence (the same rule seen from the key). The window is
+  `[diagonal - window_left, diagonal + window_right]`, -1 unbounded.
+  """
+  seqlen_q, seqlen_k = q_ids.shape[1], kv_ids.shape[1]
+  # A window wider than both sequences is none; bounding it keeps the sums in int32.
+  window_left = min(window_left, seqlen_q + seqlen_k)
+  window_right = min(window_right, seqlen_q + seqlen_k)
+
+  def one_row(q_ids, kv_ids, q_offsets, kv_offsets):
+    queries = jnp.arange(seqlen_q, dtype=jnp.int32)
+    keys = jnp.arange(seqlen_k, dtype=jnp.int32)
+    diagonal = queries + q_offsets
+    q_side = _row_spans(q_ids, kv_ids,
+                        low=diagonal - window_left if window_left >= 0 else None,
+                        high=diagonal + window_right + 1 if window_right >= 0 else None)
+    # Query i sees key j iff j - offset - window_right <= i <= j - offset + window_left.
+    kv_side = _row_spans(kv_ids, q_ids,
+                         low=keys - kv_offsets - window_right if window_right >= 0 else None,
+                         high=keys - kv_offsets + window_left + 1 if window_left >= 0 else None)
+    return q_side, kv_side
+
+  return jax.vmap(one_row)(q_ids, kv_ids, q_offsets, kv_offsets)
+
+
+def _row_spans(ids, other_ids, *, low, high):
+  """Each row's `{id, first, end, interleaved}` over the other side's positions: the span of
+  its id there, cut to `[low, high)`."""
+  order = jnp.argsort(other_ids, stable=True).astype(jnp.int32)
+  sorted_ids = other_ids[order]
+  start = jnp.searchsorted(sorted_ids, ids, side="left").astype(jnp.int32)
+  stop = jnp.searchsorted(sorted_ids, ids, side="right").astype(jnp.int32)
+  last_index = other_ids.shape[0] - 1
+  span_first = order[jnp.minimum(start, last_index)]
+  span_end = order[jnp.clip(stop - 1, 0, last_index)] + 1
+  count = stop - start
+  first = span_first if low is None else jnp.maximum(span_first, low)
+  end = span_end if high is None else jnp.minimum(span_end, high)
+  sees = (ids >= 0) & (count > 0) & (first < end)
+  # The id's positions over there are contiguous iff they fill its span.
+  interleaved = sees & (span_end - span_first != count)
+  zero = jnp.zeros_like(first)
+  return jnp.stack([ids, jnp.where(sees, first, zero), jnp.where(sees, end, zero),
+                    interleaved.astype(jnp.int32)], axis=-1)
+
+
+def visible(q_rows, kv_rows):
+  """The dense mask `[B, Sq, Sk]` the rows describe (the reference path's)."""
+  keys = jnp.arange(kv_rows.shape[1])[None, None, :]
+  in_span = (keys >= q_rows[..., 1:2]) & (keys < q_rows[..., 2:3])
+  same_id = q_rows[..., 0:1] == kv_rows[:, None, :, 0]
+  return in_span & ((q_rows[..., 3:4] == 0) | same_id)
+
+
+# --- Tile plans ------------------------------------------------------------------
+
+def forward_plan(q_rows, block_m, block_n):
+  """Per tile of `block_m` queries, `{n_min, n_max, right_masked, left_masked}` `[B, tiles, 4]`:
+  the key blocks it visits, `[n_min, n_max)`, and of those the ones every query of the tile
+  sees whole, `[left_masked, right_masked)` (a KeyBlockRange, cuda/common/block_ranges.h)."""
+  tiles = -(-q_rows.shape[1] // block_m)
+
+  def per_tile(x, fill):
+    padded = jnp.pad(x, [(0, 0), (0, tiles * block_m - x.shape[1])], constant_values=fill)
+    return padded.reshape(x.shape[0], tiles, block_m)
+
+  first, end, interleaved = q_rows[..., 1], q_rows[..., 2], q_rows[..., 3]
+  sees = first < end
+  lowest = jnp.min(per_tile(jnp.where(sees, first, _FAR), _FAR), axis=-1)
+  highest = jnp.max(per_tile(jnp.where(sees, end, 0), 0), axis=-1)
+  empty = highest == 0
+  n_min = jnp.where(empty, 0, lowest // block_n)
+  n_max = jnp.where(empty, 0, (highest - 1) // block_n + 1)
+  # Keys every row of the tile sees (padding rows past the end do not count).
+  whole = sees & (interleaved == 0)
+  common_first = jnp.max(per_tile(jnp.where(whole, first, _FAR), 0), axis=-1)
+  common_end = jnp.min(per_tile(jnp.where(whole, end, 0), _FAR), axis=-1)
+  left = jnp.clip(-(-common_first // block_n), n_min, n_max)
+  right = jnp.clip(common_end // block_n, left, n_max)
+  none_whole = right <= left
+  right = jnp.where(none_whole, n_min, right)
+  left = jnp.where(none_whole, n_min, left)
+  return jnp.stack([n_min, n_max, right, left], axis=-1).astype(jnp.int32)
+
+
+def backward_plans(q_rows, seqlen_k, block_m, block_n):
+  """The backward's plans: per query tile its `forward_plan` in the backward's tiles, and per
+  key block `{m_begin, m_end}` `[B, blocks, 2]`, bounds of the query tiles whose plan holds the
+  block (the kernel checks each one: the deterministic dQ order needs exactly those)."""
+  query_tiles = forward_plan(q_rows, block_m, block_n)
+  n_min, n_max = query_tiles[..., 0], query_tiles[..., 1]
+  empty = n_max <= n_min
+  # m_begin: the first tile whose range could reach block n from below, i.e. the first m
+  # with max(n_max[:m+1]) > n; m_end: one past the last m with min(n_min[m:]) <= n.
+  reach = lax.cummax(jnp.where(empty, 0, n_max), axis=1)
+  start = lax.cummin(jnp.where(empty, _FAR, n_min), axis=1, reverse=True)
+  blocks = jnp.arange(-(-seqlen_k // block_n), dtype=jnp.int32)
+  search = jax.vmap(lambda sorted_values: jnp.searchsorted(sorted_values, blocks, side="right"))
+  key_blocks = jnp.stack([search(reach), search(start)], axis=-1).astype(jnp.int32)
+  return query_tiles, key_blocks
