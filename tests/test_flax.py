@@ -219,3 +219,70 @@ def test_linen_default_module_uses_the_kernels(normal):
   x = normal((2, 8, 64))
   variables = layer.init(jax.random.key(0), x)
   assert "fa3_fwd" in str(jax.make_jaxpr(lambda x: layer.apply(variables, x))(x))
+
+
+# --- Packed documents ---------------------------------------------------------------
+
+def _document_ids():
+  """Two rows of packed documents, the second padded at the end."""
+  return jnp.array([[0] * 5 + [1] * 9 + [2] * 10, [0] * 12 + [1] * 7 + [-1] * 5], jnp.int32)
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 2])
+def test_nnx_module_takes_segment_ids(num_kv_heads, normal):
+  """segment_ids in the module call: equal to Flax's modules given the document mask."""
+  x = normal((2, 24, 64))
+  ids = _document_ids()
+  documents = nnx.make_attention_mask(ids, ids, jnp.equal, dtype=bool) & (ids >= 0)[:, None, :, None]
+  ours, *flax_layers = _nnx_layers(num_kv_heads)
+  assert "fa3_fwd" in str(jax.make_jaxpr(lambda x: ours(x, segment_ids=ids, is_causal=True))(x))
+  assert_as_close_as_flax(ours(x, segment_ids=ids, is_causal=True),
+                          *(layer(x, mask=documents, is_causal=True) for layer in flax_layers))
+
+
+def test_linen_module_takes_segment_ids(normal):
+  x = normal((2, 24, 64))
+  ids = _document_ids()
+  documents = nn.make_attention_mask(ids, ids, jnp.equal, dtype=bool) & (ids >= 0)[:, None, :, None]
+  strict = functools.partial(jax_fa3.flax.linen.dot_product_attention, is_causal=True, strict=True)
+  ours = jax_fa3.flax.linen.MultiHeadDotProductAttention(num_heads=4, dtype=jnp.bfloat16,
+                                                         attention_fn=strict)
+  theirs = nn.MultiHeadDotProductAttention(num_heads=4, dtype=jnp.bfloat16)
+  in_f32 = nn.MultiHeadDotProductAttention(num_heads=4, dtype=jnp.bfloat16,
+                                           attention_fn=in_float32(nn.dot_product_attention))
+  variables = theirs.init(jax.random.key(0), x)
+  mask = nn.combine_masks(documents, nn.make_causal_mask(ids))
+  assert_as_close_as_flax(ours.apply(variables, x, segment_ids=ids),
+                          theirs.apply(variables, x, mask=mask), in_f32.apply(variables, x, mask=mask))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_document_mask_declared_segments(causal, normal):
+  q, k, v = normal((2, 24, 4, 16)), normal((2, 24, 2, 16)), normal((2, 24, 2, 16))
+  ids = _document_ids()
+  documents = nnx.make_attention_mask(ids, ids, jnp.equal, dtype=bool) & (ids >= 0)[:, None, :, None]
+  ours = jax_fa3.flax.nnx.dot_product_attention(q, k, v, mask=documents, is_causal=causal,
+                                                 mask_structure="segments", strict=True)
+  low, f32 = (jax.jit(lambda q, k, v: in_float32(nnx.dot_product_attention)(
+      q, k, v, mask=documents, is_causal=causal))(q, k, v) if dtype == "f32"
+      else nnx.dot_product_attention(q, k, v, mask=documents, is_causal=causal)
+      for dtype in ("low", "f32"))
+  assert_as_close_as_flax(ours, low, f32)
+
+
+def test_a_mask_that_is_not_of_documents_gives_nan(normal):
+  q = normal((1, 8, 2, 16))
+  mask = jnp.ones((1, 1, 8, 8), bool).at[0, 0, 3, 5].set(False)
+  out = jax_fa3.flax.nnx.dot_product_attention(q, q, q, mask=mask, mask_structure="segments",
+                                                strict=True)
+  assert np.isnan(np.asarray(out, np.float32)).all()
+
+
+def test_segment_ids_fall_back_to_flax_with_their_mask(normal):
+  """Where the kernels can't serve (float32), Flax's attention runs with the documents."""
+  q, k, v = (normal((2, 24, 4, 16)).astype(jnp.float32) for _ in range(3))
+  ids = _document_ids()
+  documents = nnx.make_attention_mask(ids, ids, jnp.equal, dtype=bool) & (ids >= 0)[:, None, :, None]
+  with pytest.warns(UserWarning, match="Running Flax's attention instead"):
+    ours = jax_fa3.flax.nnx.dot_product_attention(q, k, v, segment_ids=ids)
+  np.testing.assert_allclose(ours, nnx.dot_product_attention(q, k, v, mask=documents), atol=1e-6)

@@ -6,6 +6,8 @@ turns that error into a one-time warning (or re-raises it in strict mode), after
 the caller runs Flax's own computation.
 """
 
+import contextlib
+import contextvars
 import functools
 import warnings
 
@@ -13,7 +15,32 @@ import jax.numpy as jnp
 
 import jax_fa3
 
-MASK_STRUCTURES = (None, "padding")
+MASK_STRUCTURES = (None, "padding", "segments")
+# The segment ids a module's __call__ received, for the attention_fn it calls (Flax's
+# modules pass their attention_fn a fixed set of arguments).
+_call_segment_ids = contextvars.ContextVar("jax_fa3_segment_ids", default=None)
+
+
+@contextlib.contextmanager
+def segment_ids_of_call(segment_ids):
+  """Makes `segment_ids` the packed-sequence ids of the attention calls made inside."""
+  token = _call_segment_ids.set(segment_ids)
+  try:
+    yield
+  finally:
+    _call_segment_ids.reset(token)
+
+
+def segment_ids_or_call(segment_ids):
+  """The explicit ids, else those of the module call in progress (or None)."""
+  return _call_segment_ids.get() if segment_ids is None else segment_ids
+
+
+def segment_mask(segment_ids):
+  """Flax's dense mask [batch..., 1, T, T] for packed documents: same id, id >= 0."""
+  ids = jnp.asarray(segment_ids)
+  same = ids[..., :, None] == ids[..., None, :]
+  return (same & (ids >= 0)[..., :, None])[..., None, :, :]
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -23,7 +50,7 @@ def check_mask_structure(mask_structure):
 
 
 def attention(query, key, value, *, bias, mask, is_causal, mask_structure, dropout_rate,
-              deterministic, module):
+              deterministic, module, segment_ids=None):
   """Flax's dot-product attention on the kernels: the same result, up to rounding.
 
   Shapes as in Flax: `query [batch..., T, N, H]`, `key` and `value [batch..., S, K, H]`
@@ -34,6 +61,12 @@ def attention(query, key, value, *, bias, mask, is_causal, mask_structure, dropo
   With mask_structure="padding", `mask` must keep a prefix of the queries and a prefix
   of the keys of each sequence (within the causal triangle when `is_causal`). That is
   checked on the device: a mask of any other shape turns the whole output into NaN.
+
+  `segment_ids [batch..., T]` (self-attention, T == S): packed documents, a query sees
+  the keys of its own document (negative ids: padding). With mask_structure="segments",
+  `mask` is such a document mask (`make_attention_mask(ids, ids, jnp.equal)`, maybe
+  combined with padding and `make_causal_mask`); the documents are read from it and the
+  mask checked on the device, all NaN if it is not one.
   """
   if bias is not None:
     raise ValueError("jax_fa3.flax: `bias` must be None on the kernels, which add no bias "
@@ -47,17 +80,22 @@ def attention(query, key, value, *, bias, mask, is_causal, mask_structure, dropo
   if query.dtype not in _KERNEL_DTYPES:
     raise TypeError(f"jax_fa3.flax: query, key and value must be bfloat16 or float16 on the "
                     f"kernels, got {query.dtype}; set the module's dtype=jnp.bfloat16")
-  if mask is not None and mask_structure != "padding":
-    raise ValueError("jax_fa3.flax: a `mask` needs mask_structure='padding' on the kernels, "
-                     "which then check that it only marks right padding (valid tokens first); "
-                     "express causality with is_causal=True")
+  if segment_ids is not None and mask is not None:
+    raise ValueError("jax_fa3.flax: `segment_ids` and a `mask` together are not served by the "
+                     "kernels; pass the documents as one or the other")
+  if mask is not None and mask_structure not in ("padding", "segments"):
+    raise ValueError("jax_fa3.flax: a `mask` needs mask_structure='padding' or 'segments' on "
+                     "the kernels, which then check that it only marks right padding (valid "
+                     "tokens first) or documents; express causality with is_causal=True")
   batch_dims = query.shape[:-3]
   if query.ndim < 3 or key.shape[:-3] != batch_dims or value.shape[:-3] != batch_dims:
     raise ValueError(f"jax_fa3.flax: query, key and value must be [batch..., length, heads, "
                      f"head_dim] with equal batch dims, got {query.shape}, {key.shape}, "
                      f"{value.shape}")
   q, k, v = (x.reshape(-1, *x.shape[-3:]) for x in (query, key, value))
-  if mask is None:
+  if segment_ids is not None or mask_structure == "segments" and mask is not None:
+    out = _segment_attention(q, k, v, segment_ids, mask, batch_dims, is_causal)
+  elif mask is None:
     out = jax_fa3.dot_product_attention(q, k, v, is_causal=is_causal, implementation="fa3")
   else:
     query_lengths, key_lengths, matches = _padding_lengths(
@@ -68,6 +106,57 @@ def attention(query, key, value, *, bias, mask, is_causal, mask_structure, dropo
     out = _mean_value_in_padded_rows(out, v, query_lengths)
     out = jnp.where(matches, out, jnp.nan)
   return out.reshape(*batch_dims, *out.shape[1:])
+
+
+def _segment_attention(q, k, v, segment_ids, mask, batch_dims, is_causal):
+  """Packed documents on the kernels, with Flax's mean of values in rows that see no key.
+  Given a mask instead of ids, the ids are read from it and the mask checked."""
+  seqlen = q.shape[1]
+  if k.shape[1] != seqlen:
+    raise ValueError(f"jax_fa3.flax: packed documents need self-attention (equal query and "
+                     f"key lengths), got {seqlen} and {k.shape[1]}")
+  matches = True
+  if segment_ids is None:
+    segment_ids, matches = _documents_of_mask(mask, batch_dims, seqlen, is_causal)
+  else:
+    segment_ids = jnp.asarray(segment_ids)
+    if segment_ids.shape != (*batch_dims, seqlen):
+      raise ValueError(f"jax_fa3.flax: segment_ids must have shape [batch..., length] = "
+                       f"{[*batch_dims, seqlen]}, got {list(segment_ids.shape)}")
+    segment_ids = segment_ids.reshape(-1, seqlen)
+  out, lse = jax_fa3.flash_attention(q, k, v, segment_ids=segment_ids, causal=is_causal,
+                                     return_lse=True)
+  keyless = jnp.swapaxes(lse, 1, 2)[..., None] == -jnp.inf
+  mean_value = jnp.mean(v.astype(jnp.float32), axis=1, keepdims=True)
+  mean_value = jnp.repeat(mean_value, q.shape[2] // v.shape[2], axis=2)
+  out = jnp.where(keyless, mean_value.astype(out.dtype), out)
+  return jnp.where(matches, out, jnp.nan)
+
+
+def _documents_of_mask(mask, batch_dims, seqlen, is_causal):
+  """A document mask as ids, and whether it is exactly one (a traced bool).
+
+  A query's id is the first key it sees (-1 if none); in self-attention a key shares its
+  own query's id. The mask is a document mask iff rebuilding it from these ids gives it
+  back, in every head.
+  """
+  mask = jnp.asarray(mask)
+  rank = len(batch_dims) + 3
+  if mask.ndim > rank:
+    raise ValueError(f"jax_fa3.flax: `mask` must broadcast to [batch..., heads, {seqlen}, "
+                     f"{seqlen}], got shape {mask.shape}")
+  mask = mask.reshape((1,) * (rank - mask.ndim) + mask.shape)
+  keep = jnp.broadcast_to(mask != 0, (*batch_dims, mask.shape[-3], seqlen, seqlen))
+  keep = keep.reshape(-1, *keep.shape[-3:])  # [batch, heads or 1, T, T]
+  causal = jnp.tril(jnp.ones((seqlen, seqlen), bool))
+  if is_causal:
+    keep &= causal
+  sees = jnp.any(keep[:, 0], axis=-1)
+  ids = jnp.where(sees, jnp.argmax(keep[:, 0], axis=-1), -1).astype(jnp.int32)
+  rebuilt = (ids[:, :, None] == ids[:, None, :]) & (ids >= 0)[:, :, None]
+  if is_causal:
+    rebuilt &= causal
+  return ids, jnp.all(keep == rebuilt[:, None])
 
 
 def _padding_lengths(mask, batch_dims, seqlen_q, seqlen_k, is_causal):

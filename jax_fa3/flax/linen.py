@@ -23,7 +23,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
                           precision=None, module=None, force_fp32_for_softmax=False,
                           einsum_dot_general=None, qk_attn_weights_einsum=None,
                           attn_weights_value_einsum=None, *, is_causal=False,
-                          mask_structure=None, strict=False):
+                          segment_ids=None, mask_structure=None, strict=False):
   """`flax.linen.dot_product_attention` on jax_fa3's kernels, where they can serve the call.
 
   Takes every argument of `flax.linen.dot_product_attention`, by name, since
@@ -48,9 +48,16 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
       combined with `make_causal_mask` by `combine_masks`. The kernels then take those
       lengths, and check on the device that the mask is exactly that: if it is not, the
       output is all NaN, never a wrong number.
+      "segments": `mask` is a packed-document mask, as `make_attention_mask(ids, ids,
+      jnp.equal)` (maybe combined with padding and causal masks): the kernels read the
+      documents from it and check on the device that it is exactly that (else all NaN).
+    segment_ids: `[batch..., length]` packed documents (self-attention): a query sees the
+      keys of its own document; negative ids are padding. The module's `__call__` takes
+      it too (`MultiHeadAttention(...)(x, segment_ids=ids)`) and passes it here.
     strict: raise instead of falling back to Flax's attention.
   """
   _adapter.check_mask_structure(mask_structure)
+  segment_ids = _adapter.segment_ids_or_call(segment_ids)
   query, key, value = dtypes.promote_dtype(query, key, value, dtype=dtype)
   try:
     if einsum_dot_general or qk_attn_weights_einsum or attn_weights_value_einsum:
@@ -59,9 +66,13 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
                        "their own matrix products")
     return _adapter.attention(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
                               mask_structure=mask_structure, dropout_rate=dropout_rate,
-                              deterministic=deterministic, module=module)
+                              deterministic=deterministic, module=module,
+                              segment_ids=segment_ids)
   except (TypeError, ValueError) as unsupported:
     _adapter.fall_back(unsupported, strict)
+  if segment_ids is not None:
+    documents = _adapter.segment_mask(segment_ids)
+    mask = documents if mask is None else jnp.logical_and(mask, documents)
   if is_causal:
     causal = jnp.tril(jnp.ones((query.shape[-3], key.shape[-3]), bool))
     mask = causal if mask is None else jnp.logical_and(mask, causal)
@@ -77,3 +88,9 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
   its default `attention_fn`. For a causal or padding mask, pass
   `attention_fn=functools.partial(dot_product_attention, is_causal=True, ...)`."""
   attention_fn: Callable[..., jax.Array] = dot_product_attention
+
+  def __call__(self, *args, segment_ids=None, **kwargs):
+    """Flax's call; `segment_ids` (packed documents, `[batch..., length]`) goes to the
+    attention function."""
+    with _adapter.segment_ids_of_call(segment_ids):
+      return super().__call__(*args, **kwargs)

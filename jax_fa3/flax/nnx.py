@@ -7,6 +7,7 @@ it as the default.
     y = layer(x, is_causal=True)
 """
 
+import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes
 
@@ -16,7 +17,7 @@ from jax_fa3.flax import _adapter
 def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dropout=True,
                           dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
                           precision=None, module=None, promote_dtype=dtypes.promote_dtype,
-                          is_causal=False, *, mask_structure=None, strict=False):
+                          is_causal=False, *, segment_ids=None, mask_structure=None, strict=False):
   """`flax.nnx.dot_product_attention` on jax_fa3's kernels, where they can serve the call.
 
   Takes the arguments of `flax.nnx.dot_product_attention`. The kernels serve a call with
@@ -35,16 +36,27 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
       `is_causal`), as `make_attention_mask(tokens != pad, tokens != pad)` and the decode
       cache's mask do. The kernels then take those lengths, and check on the device that
       the mask is exactly that: if it is not, the output is all NaN, never a wrong number.
+      "segments": `mask` is a packed-document mask, as `make_attention_mask(ids, ids,
+      jnp.equal)` (maybe combined with padding and causal masks): the kernels read the
+      documents from it and check on the device that it is exactly that (else all NaN).
+    segment_ids: `[batch..., length]` packed documents (self-attention): a query sees the
+      keys of its own document; negative ids are padding. The module's `__call__` takes
+      it too (`MultiHeadAttention(...)(x, segment_ids=ids)`) and passes it here.
     strict: raise instead of falling back to Flax's attention.
   """
   _adapter.check_mask_structure(mask_structure)
+  segment_ids = _adapter.segment_ids_or_call(segment_ids)
   query, key, value = promote_dtype((query, key, value), dtype=dtype)
   try:
     return _adapter.attention(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
                               mask_structure=mask_structure, dropout_rate=dropout_rate,
-                              deterministic=deterministic, module=module)
+                              deterministic=deterministic, module=module,
+                              segment_ids=segment_ids)
   except (TypeError, ValueError) as unsupported:
     _adapter.fall_back(unsupported, strict)
+  if segment_ids is not None:
+    documents = _adapter.segment_mask(segment_ids)
+    mask = documents if mask is None else jnp.logical_and(mask, documents)
   return nnx.dot_product_attention(
       query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
       deterministic, dtype, precision, module, promote_dtype, is_causal)
@@ -52,7 +64,12 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
 
 class MultiHeadAttention(nnx.MultiHeadAttention):
   """`flax.nnx.MultiHeadAttention` with jax_fa3's `dot_product_attention` as its default
-  `attention_fn`; it takes the same arguments."""
+  `attention_fn`; it takes the same arguments, and its call also takes `segment_ids`
+  (packed documents, `[batch..., length]`), which it passes to the attention function."""
 
   def __init__(self, *args, attention_fn=dot_product_attention, **kwargs):
     super().__init__(*args, attention_fn=attention_fn, **kwargs)
+
+  def __call__(self, *args, segment_ids=None, **kwargs):
+    with _adapter.segment_ids_of_call(segment_ids):
+      return super().__call__(*args, **kwargs)
