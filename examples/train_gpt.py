@@ -11,6 +11,7 @@ larger than twice the bfloat16 XLA run's. It prints the step time of each choice
 
     python examples/train_gpt.py                                # every choice this machine has
     python examples/train_gpt.py --attention jax_fa3 cudnn --steps 200
+    python examples/train_gpt.py --packed    # documents packed in rows: segment ids vs dense masks
 """
 
 import argparse
@@ -41,6 +42,7 @@ class Config:
   learning_rate: float
   warmup_steps: int
   seed: int = 0
+  packed: bool = False  # rows of several documents, attention within each
 
 
 TINY = Config(seqlen=64, batch=8, layers=2, d_model=64, heads=4, steps=30,
@@ -67,6 +69,8 @@ def jax_nn_attention(implementation, compute_dtype=None):
   return attention
 
 
+# The choice that takes packed documents as segment ids; the others get the dense mask.
+TAKES_SEGMENT_IDS = ("jax_fa3",)
 ATTENTION = {
     # strict: a call the kernels can't serve is an error here, not a silent slowdown.
     "jax_fa3": functools.partial(jax_fa3.flax.nnx.dot_product_attention, strict=True),
@@ -95,22 +99,54 @@ def batches(config):
   return tokens[starts[..., None] + np.arange(config.seqlen + 1)]
 
 
+def packed_batches(config):
+  """Rows of documents of random length (1/16 to 1/2 of a row), each cut from the text:
+  tokens and their document ids, both [steps, batch, seqlen + 1]."""
+  windows = batches(config)
+  rng = np.random.default_rng(config.seed + 1)
+  ids = np.zeros_like(windows)
+  for step, row in np.ndindex(windows.shape[:2]):
+    start, doc = 0, 0
+    while start < windows.shape[2]:
+      length = int(rng.integers(config.seqlen // 16, config.seqlen // 2 + 1))
+      ids[step, row, start:start + length] = doc
+      start, doc = start + length, doc + 1
+  return windows, ids
+
+
+def positions_in_documents(segment_ids):
+  """Each token's position within its own document."""
+  index = jnp.arange(segment_ids.shape[-1])
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[..., :1], bool),
+                            segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+  return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
+
+
 # --- Model -----------------------------------------------------------------------------
 
 class Block(nnx.Module):
   """Pre-norm transformer block: causal self-attention, then a GELU MLP."""
 
-  def __init__(self, config, attention_fn, rngs):
+  def __init__(self, config, attention_fn, rngs, takes_segment_ids=False):
     d, dtype = config.d_model, jnp.bfloat16
+    self.takes_segment_ids = takes_segment_ids
     self.attention_norm = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
-    self.attention = nnx.MultiHeadAttention(config.heads, d, dtype=dtype, decode=False,
-                                            attention_fn=attention_fn, rngs=rngs)
+    # Flax's module with a call that also takes segment_ids (any attention_fn works in it).
+    self.attention = jax_fa3.flax.nnx.MultiHeadAttention(
+        config.heads, d, dtype=dtype, decode=False, attention_fn=attention_fn, rngs=rngs)
     self.mlp_norm = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
     self.mlp_in = nnx.Linear(d, 4 * d, dtype=dtype, rngs=rngs)
     self.mlp_out = nnx.Linear(4 * d, d, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x):
-    x = x + self.attention(self.attention_norm(x), is_causal=True)
+  def __call__(self, x, segment_ids=None):
+    h = self.attention_norm(x)
+    if segment_ids is None:
+      x = x + self.attention(h, is_causal=True)
+    elif self.takes_segment_ids:
+      x = x + self.attention(h, is_causal=True, segment_ids=segment_ids)
+    else:  # the dense document mask
+      documents = segment_ids[..., None, :, None] == segment_ids[..., None, None, :]
+      x = x + self.attention(h, is_causal=True, mask=documents)
     return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
 
 
@@ -118,18 +154,21 @@ class GPT(nnx.Module):
   """Token and learned position embeddings, `layers` blocks, a final norm and a head.
   Parameters are float32, computation bfloat16."""
 
-  def __init__(self, config, attention_fn, rngs):
+  def __init__(self, config, attention_fn, rngs, takes_segment_ids=False):
     d, dtype = config.d_model, jnp.bfloat16
     self.token_embedding = nnx.Embed(len(VOCAB), d, dtype=dtype, rngs=rngs)
     self.position_embedding = nnx.Embed(config.seqlen, d, dtype=dtype, rngs=rngs)
-    self.blocks = nnx.List([Block(config, attention_fn, rngs) for _ in range(config.layers)])
+    self.blocks = nnx.List([Block(config, attention_fn, rngs, takes_segment_ids)
+                            for _ in range(config.layers)])
     self.final_norm = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
     self.head = nnx.Linear(d, len(VOCAB), dtype=dtype, rngs=rngs)
 
-  def __call__(self, tokens):
-    x = self.token_embedding(tokens) + self.position_embedding(jnp.arange(tokens.shape[-1]))
+  def __call__(self, tokens, segment_ids=None):
+    """Packed rows pass `segment_ids`: positions then restart in each document."""
+    positions = jnp.arange(tokens.shape[-1]) if segment_ids is None else positions_in_documents(segment_ids)
+    x = self.token_embedding(tokens) + self.position_embedding(positions)
     for block in self.blocks:
-      x = block(x)
+      x = block(x, segment_ids)
     return self.head(self.final_norm(x))
 
 
@@ -145,28 +184,39 @@ class Run:
 
 def train(config, attention, attention_fn=None):
   """Trains a fresh GPT with `config` and the attention named `attention`."""
-  model = GPT(config, attention_fn or ATTENTION[attention], nnx.Rngs(config.seed))
+  model = GPT(config, attention_fn or ATTENTION[attention], nnx.Rngs(config.seed),
+              takes_segment_ids=attention in TAKES_SEGMENT_IDS)
   graphdef, params = nnx.split(model, nnx.Param)
   schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate,
                                                 config.warmup_steps, config.steps)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule))
   opt_state = optimizer.init(params)
 
-  def loss_fn(params, tokens):
-    logits = nnx.merge(graphdef, params)(tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), tokens[:, 1:]).mean()
+  def loss_fn(params, tokens, segment_ids):
+    if segment_ids is None:
+      logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits.astype(jnp.float32), tokens[:, 1:]).mean()
+    # Packed: predict the next token within a document only.
+    logits = nnx.merge(graphdef, params)(tokens[:, :-1], segment_ids[:, :-1])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
+    inside = segment_ids[:, 1:] == segment_ids[:, :-1]
+    return jnp.sum(jnp.where(inside, losses, 0)) / jnp.sum(inside)
 
   @jax.jit
-  def train_step(params, opt_state, tokens):
-    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+  def train_step(params, opt_state, tokens, segment_ids):
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens, segment_ids)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   losses, seconds = [], []
-  for tokens in jnp.asarray(batches(config)):
+  if config.packed:
+    data = zip(*map(jnp.asarray, packed_batches(config)))
+  else:
+    data = ((tokens, None) for tokens in jnp.asarray(batches(config)))
+  for tokens, segment_ids in data:
     start = time.perf_counter()
-    params, opt_state, loss = train_step(params, opt_state, tokens)
+    params, opt_state, loss = train_step(params, opt_state, tokens, segment_ids)
     losses.append(float(loss))  # waits for the step
     seconds.append(time.perf_counter() - start)
   return Run(attention, np.array(losses), 1e3 * statistics.median(seconds[1:]), seconds[0])
@@ -220,6 +270,9 @@ def parse_args(argv=None):
   parser.add_argument("--batch", type=int)
   parser.add_argument("--seed", type=int)
   parser.add_argument("--tiny", action="store_true", help="the CPU size, also on a GPU")
+  parser.add_argument("--packed", action="store_true",
+                      help="rows of packed documents: segment ids for jax_fa3, the dense document "
+                           "mask for the others")
   return parser.parse_args(argv)
 
 
@@ -227,6 +280,7 @@ def config_from(args):
   config = TINY if args.tiny or not on_gpu() else GPU
   overrides = {name: getattr(args, name) for name in ("steps", "seqlen", "batch", "seed")
                if getattr(args, name) is not None}
+  overrides["packed"] = args.packed
   return dataclasses.replace(config, **overrides)
 
 

@@ -43,3 +43,15 @@ def test_flax_drop_in_equals_flax():
   flax_out, jax_fa3_out = (np.asarray(x, np.float32) for x in (flax_out, jax_fa3_out))
   one_rounding = float(jnp.finfo(jnp.bfloat16).eps) * np.abs(flax_out).max()
   assert np.abs(jax_fa3_out - flax_out).max() <= one_rounding
+
+
+def test_train_gpt_packed_loss_curves_match_within_bf16_noise():
+  """Packed documents: jax_fa3 takes segment ids, XLA the dense document mask."""
+  train_gpt = _load("train_gpt")
+  config = dataclasses.replace(train_gpt.TINY, steps=10, warmup_steps=2, packed=True)
+  runs = train_gpt.compare(config, ["jax_fa3", "xla"])
+  assert train_gpt.matches_within_bf16_noise(runs), train_gpt.summary(config, runs)
+  tokens, ids = train_gpt.packed_batches(config)
+  assert ids.shape == tokens.shape and (np.diff(ids, axis=-1) >= 0).all() and ids[..., -1].min() > 0
+  positions = np.asarray(train_gpt.positions_in_documents(jnp.asarray(ids[0, 0])))
+  assert positions[0] == 0 and (positions[1:] == np.where(np.diff(ids[0, 0]) > 0, 0, positions[:-1] + 1)).all()
