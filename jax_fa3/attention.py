@@ -56,13 +56,8 @@ def flash_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, softmax_s
   """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   _check_qkv(q, k, v)
-  window_left, window_right = _check_window("window_size", window_size)
-  params = AttentionParams(
-      softmax_scale=_softmax_scale(softmax_scale, q.shape[3]),
-      softcap=_check_softcap(softcap),
-      window_left=window_left,
-      window_right=0 if causal else window_right,
-      diagonal_offset=k.shape[1] - q.shape[1])
+  params = _flash_params(q.shape[3], softmax_scale, causal, window_size, softcap,
+                         diagonal_offset=k.shape[1] - q.shape[1])
   absent = jnp.zeros((0,), jnp.int32)
   q_rows, kv_rows = absent, absent
   if segment_ids is not None or kv_segment_ids is not None:
@@ -117,13 +112,9 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=
   used_k = _check_seq_lengths("seqused_k", seqused_k, num_seqs)
   q4, k4, v4 = q[None], k[None], v[None]
   _check_qkv(q4, k4, v4)
-  window_left, window_right = _check_window("window_size", window_size)
-  params = AttentionParams(
-      softmax_scale=_softmax_scale(softmax_scale, q.shape[2]),
-      softcap=_check_softcap(softcap),
-      window_left=window_left,
-      window_right=0 if causal else window_right,
-      diagonal_offset=0)
+  # The diagonals are per sequence, in the rows below; the params' offset is unused.
+  params = _flash_params(q.shape[2], softmax_scale, causal, window_size, softcap,
+                         diagonal_offset=0)
   q_ids, q_start, q_length, bad_q = _sequence_of_tokens(cu_q, used_q, q.shape[0])
   kv_ids, k_start, k_length, bad_k = _sequence_of_tokens(cu_k, used_k, k.shape[0])
   # Bottom-right alignment in each sequence: query a of s sits on key a + Lk - Lq of s.
@@ -293,6 +284,17 @@ def _check_qkv(q, k, v):
                      f"k/v's heads ({k.shape[2]}): {shapes}")
   if max(q.shape[3], v.shape[3]) > _MAX_HEAD_DIM:
     raise ValueError(f"flash_attention: head dims must be at most {_MAX_HEAD_DIM}: {shapes}")
+
+
+def _flash_params(head_dim, softmax_scale, causal, window_size, softcap, diagonal_offset):
+  """flash_attention's static arguments, checked, as the primitives' parameters."""
+  window_left, window_right = _check_window("window_size", window_size)
+  return AttentionParams(
+      softmax_scale=_softmax_scale(softmax_scale, head_dim),
+      softcap=_check_softcap(softcap),
+      window_left=window_left,
+      window_right=0 if causal else window_right,
+      diagonal_offset=diagonal_offset)
 
 
 def _check_segment_ids(segment_ids, kv_segment_ids, q, k):

@@ -140,23 +140,30 @@ def _documents_of_mask(mask, batch_dims, seqlen, is_causal):
   own query's id. The mask is a document mask iff rebuilding it from these ids gives it
   back, in every head.
   """
-  mask = jnp.asarray(mask)
-  rank = len(batch_dims) + 3
-  if mask.ndim > rank:
-    raise ValueError(f"jax_fa3.flax: `mask` must broadcast to [batch..., heads, {seqlen}, "
-                     f"{seqlen}], got shape {mask.shape}")
-  mask = mask.reshape((1,) * (rank - mask.ndim) + mask.shape)
-  keep = jnp.broadcast_to(mask != 0, (*batch_dims, mask.shape[-3], seqlen, seqlen))
-  keep = keep.reshape(-1, *keep.shape[-3:])  # [batch, heads or 1, T, T]
-  causal = jnp.tril(jnp.ones((seqlen, seqlen), bool))
-  if is_causal:
-    keep &= causal
+  keep, causal = _kept_pairs(mask, batch_dims, seqlen, seqlen, is_causal)
   sees = jnp.any(keep[:, 0], axis=-1)
   ids = jnp.where(sees, jnp.argmax(keep[:, 0], axis=-1), -1).astype(jnp.int32)
   rebuilt = (ids[:, :, None] == ids[:, None, :]) & (ids >= 0)[:, :, None]
   if is_causal:
     rebuilt &= causal
   return ids, jnp.all(keep == rebuilt[:, None])
+
+
+def _kept_pairs(mask, batch_dims, seqlen_q, seqlen_k, is_causal):
+  """The (query, key) pairs a Flax mask keeps, [batch, heads or 1, T, S] bool, within the
+  causal triangle with `is_causal`; and that triangle."""
+  mask = jnp.asarray(mask)
+  rank = len(batch_dims) + 3
+  if mask.ndim > rank:
+    raise ValueError(f"jax_fa3.flax: `mask` must broadcast to [batch..., heads, {seqlen_q}, "
+                     f"{seqlen_k}], got shape {mask.shape}")
+  mask = mask.reshape((1,) * (rank - mask.ndim) + mask.shape)
+  keep = jnp.broadcast_to(mask != 0, (*batch_dims, mask.shape[-3], seqlen_q, seqlen_k))
+  keep = keep.reshape(-1, *keep.shape[-3:])
+  causal = jnp.tril(jnp.ones((seqlen_q, seqlen_k), bool))
+  if is_causal:
+    keep &= causal
+  return keep, causal
 
 
 def _padding_lengths(mask, batch_dims, seqlen_q, seqlen_k, is_causal):
@@ -167,17 +174,7 @@ def _padding_lengths(mask, batch_dims, seqlen_q, seqlen_k, is_causal):
   the queries below the query length and the keys below the key length, in every head,
   which is when attention with these lengths equals attention with the mask.
   """
-  mask = jnp.asarray(mask)
-  rank = len(batch_dims) + 3
-  if mask.ndim > rank:
-    raise ValueError(f"jax_fa3.flax: `mask` must broadcast to [batch..., heads, {seqlen_q}, "
-                     f"{seqlen_k}], got shape {mask.shape}")
-  mask = mask.reshape((1,) * (rank - mask.ndim) + mask.shape)
-  keep = jnp.broadcast_to(mask != 0, (*batch_dims, mask.shape[-3], seqlen_q, seqlen_k))
-  keep = keep.reshape(-1, *keep.shape[-3:])  # [batch, heads or 1, T, S]
-  causal = jnp.tril(jnp.ones((seqlen_q, seqlen_k), bool))
-  if is_causal:
-    keep &= causal
+  keep, causal = _kept_pairs(mask, batch_dims, seqlen_q, seqlen_k, is_causal)
   query_lengths = jnp.sum(jnp.any(keep, axis=(1, 3)), axis=-1, dtype=jnp.int32)
   key_lengths = jnp.sum(jnp.any(keep, axis=(1, 2)), axis=-1, dtype=jnp.int32)
   rebuilt = ((jnp.arange(seqlen_q)[:, None] < query_lengths[:, None, None])
