@@ -161,8 +161,9 @@ def plot(records, header, out_dir):
   plt = pyplot()
   if plt is None:
     return []
-  fig, axes = plt.subplots(1, len(MODES), figsize=(13, 4.5), squeeze=False)
-  for ax, mode in zip(axes[0], MODES):
+  cells_per_mode = len({(r["head_dim"], r["causal"], r["seqlen_q"], round(r["mean_doc_len"])) for r in records})
+  fig, axes = plt.subplots(len(MODES), 1, figsize=(max(10, 0.55 * cells_per_mode), 9), squeeze=False)
+  for ax, mode in zip(axes[:, 0], MODES):
     rows = [r for r in records if r["mode"] == mode]
     cells = sorted({(r["head_dim"], r["causal"], r["seqlen_q"], round(r["mean_doc_len"])) for r in rows})
     width = 0.8 / len(IMPLS)
@@ -172,7 +173,7 @@ def plot(records, header, out_dir):
       ax.bar([c + i * width for c in range(len(cells))], [values.get(cell, 0) for cell in cells],
              width, label=impl)
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cells))],
-                  [f"d{d}{' c' if c else ''}\n{row // 1024}k/{doc}" for d, c, row, doc in cells],
+                  [f"d{d}\n{'causal' if c else 'full'}\nrow {row // 1024}k\ndoc {doc}" for d, c, row, doc in cells],
                   fontsize=7)
     ax.set_ylabel("useful TFLOP/s")
     ax.set_title(mode)

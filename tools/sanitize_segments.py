@@ -17,8 +17,7 @@ import jax_fa3  # noqa: E402
 def main():
   rng = np.random.default_rng(0)
   bad = 0
-  for head_dim, seqlen, causal, deterministic in ((128, 700, True, False), (64, 513, False, True),
-                                                  (256, 300, True, True)):
+  for head_dim, seqlen, causal, deterministic in ((128, 300, True, True),):
     ids = np.sort(rng.integers(0, 6, (2, seqlen)), axis=1).astype(np.int32)
     ids[0, -50:] = -1        # padding
     ids[1, ::9] = 2          # an id that recurs
