@@ -1,4 +1,4 @@
-"""The safeguards of the GPU tests and the benchmarks, checked on the CPU: each must fail
+"""The safeguards of the GPU tests, the benchmarks and CI, checked on the CPU: each must fail
 loudly rather than let a run pass that checked less than it says."""
 
 import dataclasses
@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
+import subprocess
 import sys
 
 import jax
@@ -88,3 +90,18 @@ def test_scaling_reports_the_points_that_fail(scaling, monkeypatch, tmp_path):
   with pytest.raises(SystemExit, match="2 of 4 points failed"):
     scaling.main(["--sweeps", "ring", "--devices", "1", "--seqlens", "256",
                   "--out", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_ci_fails_the_cuda_compile_check_without_nvcc(ci, tmp_path):
+  """.ci/run's cuda_compile_check: under CI=true a machine without nvcc fails the check
+  (CI promises nvcc); elsewhere it is skipped with a note."""
+  script = (ROOT / ".ci" / "run").read_text()
+  function = script[script.index("cuda_compile_check() {"):]
+  function = function[:function.index("\n}\n") + 3]
+  result = subprocess.run([shutil.which("bash"), "-c", function + "cuda_compile_check"], capture_output=True,
+                          text=True, env=dict(PATH=str(tmp_path), CI=ci))  # no nvcc on PATH
+  if ci:
+    assert result.returncode == 1 and "cannot run" in result.stderr, result
+  else:
+    assert result.returncode == 0 and "skipping" in result.stdout, result
