@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call: import check, GPU tests, optional sanitizer, kernel benchmark.
-# Usage (on the GPU machine, from the repo root): tools/gpu_check.sh [quick|full|sanitize]
+# Usage (on the GPU machine, from the repo root): tools/device/gpu_check.sh [quick|full|sanitize]
 set -o pipefail
 MODE=${1:-full}
 source "$(dirname "$0")/device_env.sh"

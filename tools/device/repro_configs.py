@@ -1,7 +1,7 @@
 """Runs single forward-kernel configs in subprocesses with a timeout, to tell a hang
 from an error from a pass without losing the whole device call. Prints one line each.
 
-Usage: python3 tools/repro_configs.py EXT_DIR "dtype,d,b,sq,sk,h,hk,wl,wr,softcap,diag" ..."""
+Usage: python3 tools/device/repro_configs.py EXT_DIR "dtype,d,b,sq,sk,h,hk,wl,wr,softcap,diag" ..."""
 
 import os
 import subprocess

@@ -3,7 +3,7 @@
 # multi-GPU tests (sharded against unsharded, forward and backward), then the scaling
 # benchmark on all visible GPUs (issue 7).
 # Usage (on the GPU machine, from the repo root, carrying .carry and, if any, .whl):
-#   tools/multi_gpu_check.sh
+#   tools/device/multi_gpu_check.sh
 # Writes to $OUT: gpu.txt, topology.txt, import.log, multi_gpu_tests.log, scaling.log and
 # scaling/scaling.{json,md,png} (the json and md rewritten after every point).
 # Knobs: TEST_TIMEOUT (200 s), BENCH_TIMEOUT (300 s), SEQLENS ("8192 32768 131072"),

@@ -1,6 +1,7 @@
-# Sourced by the device-call scripts (tools/gpu_check.sh, multi_gpu_check.sh, profile.sh)
-# on the GPU machine, from the repo root: the carried wheels and extension, and the
-# environment every run there uses.
+# Sourced on the GPU machine, from the repo root, by the device-call scripts
+# (tools/device/gpu_check.sh, multi_gpu_check.sh) and the profilers (tools/profile.sh,
+# profile_source.sh): the carried wheels and extension, and the environment every run
+# there uses. Elsewhere it only sets OUT (default /tmp/out) and PYTHONPATH.
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 # Carried wheels (.whl, git-ignored) the GPU image lacks: installed into /tmp/site.

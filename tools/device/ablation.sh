@@ -1,6 +1,6 @@
 #!/bin/bash
 # On the GPU machine: the paper's Table 2 setting (batch 4, seqlen 8448, 16 heads, head dim
-# 128, non-causal) for each extension built by tools/build_ablation.sh.
+# 128, non-causal) for each extension built by tools/device/build_ablation.sh.
 set -o pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 for name in full no_pingpong no_intra_wg_overlap; do

@@ -3,7 +3,7 @@
 # .carry/<name>/ (git-ignored, carried to the GPU machine): the real kernel, no pingpong,
 # no intra-warpgroup overlap. Python 3.12 headers: the GPU machine's interpreter.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-/work/envs/py312/bin/python}
 for ablation in "" no_pingpong no_intra_wg_overlap; do
   name=${ablation:-full}
