@@ -387,18 +387,15 @@ def _check_like_jax_nn(query, key, value, bias, mask, scale, query_seq_lengths,
                      f"got query {query.shape}, key {key.shape}")
 
   logits_shape = (batch, heads, seqlen_q, seqlen_k)
-  arrays = {}
+  bias, mask = (None if x is None else jnp.asarray(x) for x in (bias, mask))
   for name, x in (("bias", bias), ("mask", mask)):
-    x = arrays[name] = None if x is None else jnp.asarray(x)
-    if x is None:
-      continue
-    padded = (1,) * (4 - x.ndim) + x.shape
-    if x.ndim > 4 or any(d not in (1, n) for d, n in zip(padded, logits_shape)):
+    if x is not None and not (x.ndim <= 4 and all(
+        d in (1, n) for d, n in zip((1,) * (4 - x.ndim) + x.shape, logits_shape))):
       raise ValueError(f"{name} must broadcast to [batch, heads, T, S] = {list(logits_shape)} "
                        f"(each axis that size or 1), got shape {x.shape}")
-  if mask is not None and arrays["mask"].dtype != np.bool_:
+  if mask is not None and mask.dtype != np.bool_:
     raise TypeError(f"mask must be boolean (True where a query attends to a key), got dtype "
-                    f"{arrays['mask'].dtype}")
+                    f"{mask.dtype}")
 
   if scale is not None:
     if not _is_real_scalar(scale):
@@ -410,7 +407,7 @@ def _check_like_jax_nn(query, key, value, bias, mask, scale, query_seq_lengths,
       and all(_is_int(w) or _is_scalar_array(w, jnp.integer) for w in local_window_size)):
     raise ValueError("local_window_size must be an int or a pair (left, right) of ints, got "
                      f"{local_window_size!r}")
-  return (arrays["bias"], arrays["mask"],
+  return (bias, mask,
           _check_seq_lengths("query_seq_lengths", query_seq_lengths, batch),
           _check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, batch))
 
