@@ -19,6 +19,9 @@ NVLink multicast stays off: the script sets NCCL_NVLS_ENABLE=0 before JAX starts
 whatever the environment says. On shared multi-GPU hosts a program that uses NVLS can
 put the host's GPUs out of service, and this sweep needs none of it.
 
+A point that fails is reported, not dropped: its error is printed, listed in scaling.json
+("failures") and at the top of scaling.md, and the script exits with status 1 at the end.
+
 Writes scaling.json and scaling.md to benchmarks/results/<date>_<card>-x<devices>/ (or
 --out), after every point, so that a run cut short keeps what it measured, and at the end
 scaling.png (with matplotlib; --replot draws it from a scaling.json afterwards). Without a
@@ -151,10 +154,11 @@ def _ring_program(point, mesh, q, k, v, dout):
   return backward, (dout, q, k, v, out, lse_value, absent)
 
 
-def run(points, iterations, on_record=lambda records: None):
-  """Times each point; `on_record(records)` after each, so that a run cut short keeps
-  what it measured."""
-  records, baseline = [], {}
+def run(points, iterations, on_record=lambda records, failures: None):
+  """Times each point; returns (records, failures). A point that fails is not dropped: it
+  goes into `failures` with its error, and the run goes on. `on_record(records, failures)`
+  runs after each point, so that a run cut short keeps what it measured."""
+  records, failures, baseline = [], [], {}
   for index, point in enumerate(points, 1):
     problem = point.problem
     prefix = (f"[{index:3}/{len(points)}] {point.sweep:6} {point.mode:6} {point.layout:10} "
@@ -164,7 +168,10 @@ def run(points, iterations, on_record=lambda records: None):
       fn, args = timed(point)
       ms = wall_time_ms(fn, *args, iterations=iterations)
     except Exception as e:  # pylint: disable=broad-except
-      print(f"{prefix} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+      error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+      print(f"{prefix} FAILED: {error}", flush=True)
+      failures.append(dict(_fields(point), error=error))
+      on_record(records, failures)
       continue
     key = (point.sweep, point.mode, point.layout if point.sweep == "layout" else "",
            problem)
@@ -172,21 +179,34 @@ def run(points, iterations, on_record=lambda records: None):
       baseline[key] = ms
     one_device = baseline.get(key)
     records.append(dict(
-        sweep=point.sweep, mode=point.mode, split=point.split, layout=point.layout,
-        devices=point.devices, batch=problem.batch, seqlen=problem.seqlen,
-        heads=problem.heads, head_dim=problem.head_dim, causal=problem.causal,
-        dtype=problem.dtype, ms=ms,
+        _fields(point), ms=ms,
         tflops_per_device=problem.flops(point.mode) / ms / 1e9 / point.devices,
         speedup=one_device / ms if one_device else None,
         efficiency=one_device / ms / point.devices if one_device else None))
     print(f"{prefix} {ms:10.3f} ms {records[-1]['tflops_per_device']:8.3g} TFLOP/s/device",
           flush=True)
-    on_record(records)
-  return records
+    on_record(records, failures)
+  return records, failures
 
 
-def markdown(records, header):
+def _fields(point):
+  problem = point.problem
+  return dict(sweep=point.sweep, mode=point.mode, split=point.split, layout=point.layout,
+              devices=point.devices, batch=problem.batch, seqlen=problem.seqlen,
+              heads=problem.heads, head_dim=problem.head_dim, causal=problem.causal,
+              dtype=problem.dtype)
+
+
+def markdown(records, header, failures=()):
   lines = [f"# Scaling: {header}", ""]
+  if failures:
+    lines += [f"## FAILED: {len(failures)} points, not measured", "",
+              "| sweep | mode | layout | causal | seqlen | batch | heads | devices | error |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {f['sweep']} | {f['mode']} | {f['layout']} | {'yes' if f['causal'] else 'no'} | "
+              f"{f['seqlen']} | {f['batch']} | {f['heads']} | {f['devices']} | "
+              f"{f['error'].replace('|', '/')} |" for f in failures]
+    lines.append("")
   for sweep in SWEEPS:
     rows = [r for r in records if r["sweep"] == sweep]
     if not rows:
@@ -302,12 +322,13 @@ def _seqlen_axis(ax, seqlens):
   ax.minorticks_off()
 
 
-def write(out_dir, header, records, with_plot=False):
-  """scaling.json and scaling.md (and scaling.png) in `out_dir`; returns their paths."""
+def write(out_dir, header, records, failures=(), with_plot=False):
+  """scaling.json and scaling.md (and scaling.png) in `out_dir`, failed points included;
+  returns their paths."""
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "scaling.json").write_text(json.dumps(dict(header=header, records=records),
-                                                   indent=1))
-  (out_dir / "scaling.md").write_text(markdown(records, header))
+  (out_dir / "scaling.json").write_text(json.dumps(
+      dict(header=header, records=records, failures=list(failures)), indent=1))
+  (out_dir / "scaling.md").write_text(markdown(records, header, failures))
   return ([out_dir / "scaling.json", out_dir / "scaling.md"]
           + (plot(records, header, out_dir) if with_plot else []))
 
@@ -333,7 +354,8 @@ def main(argv=None):
   args = parse_args(argv)
   if args.replot:
     results = json.loads(args.replot.read_text())
-    written = write(args.replot.parent, results["header"], results["records"], with_plot=True)
+    written = write(args.replot.parent, results["header"], results["records"],
+                    results.get("failures", ()), with_plot=True)
     print("wrote " + ", ".join(str(p) for p in written))
     return
   if not on_gpu():
@@ -365,11 +387,15 @@ def main(argv=None):
   print(header, flush=True)
 
   out_dir = args.out or default_out_dir(f"{card} x{max(device_counts)}")
-  records = run(points, iterations, lambda records: write(out_dir, header, records))
+  records, failures = run(points, iterations,
+                          lambda records, failures: write(out_dir, header, records, failures))
 
-  written = write(out_dir, header, records, with_plot=True)
-  print("\n" + markdown(records, header))
+  written = write(out_dir, header, records, failures, with_plot=True)
+  print("\n" + markdown(records, header, failures))
   print("wrote " + ", ".join(str(p) for p in written))
+  if failures:
+    raise SystemExit(f"scaling: {len(failures)} of {len(points)} points failed (listed above "
+                     "and in scaling.md)")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,13 @@ from jax.custom_derivatives import SymbolicZero
 from jax_fa3 import segments, sharding
 from jax_fa3.primitives import AttentionParams
 
-_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# The one list of the dtypes jax_fa3 takes (the Flax adapters read it too).
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _MAX_HEAD_DIM = 256
+# The largest softmax_scale taken. Scores q·k·scale are float32: up to this bound they stay
+# finite for any |q·k| < 3.4e34. A larger scale is far outside any model's use and is refused
+# rather than risk scores that overflow to inf and an output of zeros or NaN.
+_MAX_SOFTMAX_SCALE = 1e4
 # jax.nn's masked logit (-0.7 * float32 max): what it reports as the lse of a row that sees no key.
 _JAX_NN_MASKED_LSE = np.float32(-0.7 * np.finfo(np.float32).max)
 
@@ -36,7 +41,9 @@ def flash_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, softmax_s
       no one. Any ids work; contiguous documents are the fast case.
     kv_segment_ids: integer `[batch, seqlen_k]`, the keys' documents; defaults to
       `segment_ids` (then seqlen_q must equal seqlen_k).
-    softmax_scale: multiplies q kᵀ; defaults to `1 / sqrt(head_dim)`.
+    softmax_scale: multiplies q kᵀ; defaults to `1 / sqrt(head_dim)`. A static number
+      in (0, 1e4]: the scaled scores are float32, and up to 1e4 they stay finite for any
+      |q kᵀ| < 3.4e34; a larger scale (or a non-finite one) raises a ValueError.
     causal: query `i` sees key `j` iff `j <= i + seqlen_k - seqlen_q`, i.e. the
       mask's diagonal is aligned bottom-right, as in FlashAttention. Same as
       `window_size=(left, 0)`.
@@ -45,6 +52,10 @@ def flash_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, softmax_s
     softcap: if positive, scores become `softcap * tanh(scores / softcap)`.
     return_lse: also return the log-sum-exp of the scores (differentiable).
     deterministic: make the backward pass bitwise reproducible (slower).
+
+  `causal`, `return_lse` and `deterministic` are static Python (or NumPy) bools, and
+  `softmax_scale`, `softcap` and `window_size` static numbers: they select the kernel
+  and the outputs, so a traced value raises a TypeError that says so.
 
   Head dims up to 256 are supported; sizes without a compiled kernel are padded
   up to the next one. A query row that sees no key gets output 0 and lse -inf,
@@ -56,6 +67,8 @@ def flash_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, softmax_s
   """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   _check_qkv(q, k, v)
+  causal, return_lse, deterministic = _check_flags(
+      causal=causal, return_lse=return_lse, deterministic=deterministic)
   params = _flash_params(q.shape[3], softmax_scale, causal, window_size, softcap,
                          diagonal_offset=k.shape[1] - q.shape[1])
   absent = jnp.zeros((0,), jnp.int32)
@@ -112,6 +125,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=
   used_k = _check_seq_lengths("seqused_k", seqused_k, num_seqs)
   q4, k4, v4 = q[None], k[None], v[None]
   _check_qkv(q4, k4, v4)
+  causal, return_lse, deterministic = _check_flags(
+      causal=causal, return_lse=return_lse, deterministic=deterministic)
   # The diagonals are per sequence, in the rows below; the params' offset is unused.
   params = _flash_params(q.shape[2], softmax_scale, causal, window_size, softcap,
                          diagonal_offset=0)
@@ -147,6 +162,13 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
       no dense mask, a static scale, non-negative windows), `jax.nn` otherwise.
     "fa3": jax_fa3, or a ValueError/TypeError naming what it does not support.
     "xla", "cudnn": passed through to `jax.nn.dot_product_attention`.
+
+  With None and "fa3", arguments that break jax.nn's own rules raise a ValueError or
+  TypeError naming the argument, whichever implementation would run: ranks other than
+  3 or 4, non-floating inputs, a `bias` or `mask` that does not broadcast to
+  [batch, heads, T, S], a window that is not an int or a pair of ints, a non-finite
+  `scale`, flags that are not static bools. Empty sequences and head dims run on jax.nn,
+  which returns an empty (or all-zero) result.
   """
   if implementation in ("xla", "cudnn"):
     return _jax_nn(query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
@@ -155,8 +177,13 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     raise ValueError(f"Unsupported implementation option: {implementation!r}; "
                      "choose None, 'fa3', 'xla' or 'cudnn'")
   query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-  if isinstance(local_window_size, numbers.Integral):
+  is_causal, return_residual = _check_flags(is_causal=is_causal,
+                                            return_residual=return_residual)
+  if _is_int(local_window_size):
     local_window_size = (local_window_size, local_window_size)
+  bias, mask, query_seq_lengths, key_value_seq_lengths = _check_like_jax_nn(
+      query, key, value, bias, mask, scale, query_seq_lengths, key_value_seq_lengths,
+      local_window_size)
   unsupported = _unsupported_by_fa3(query, key, value, bias, mask, scale, local_window_size)
   if unsupported:
     if implementation == "fa3":
@@ -167,12 +194,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   output_shape = query.shape
   if query.ndim == 3:
     query, key, value = query[None], key[None], value[None]
-  batch, seqlen_q, _, head_dim = query.shape
+  _, seqlen_q, _, head_dim = query.shape
   seqlen_k = key.shape[1]
-  query_seq_lengths = _check_seq_lengths("query_seq_lengths", query_seq_lengths, batch)
-  key_value_seq_lengths = _check_seq_lengths("key_value_seq_lengths",
-                                             key_value_seq_lengths, batch)
-  _check_like_jax_nn(query, key, value)
   window_left, window_right = local_window_size or (-1, -1)
   params = AttentionParams(
       softmax_scale=head_dim ** -0.5 if scale is None else float(scale),
@@ -263,7 +286,7 @@ def _check_qkv(q, k, v):
     if x.ndim != 4:
       raise ValueError(f"flash_attention: {name} must have rank 4 "
                        f"[batch, seqlen, heads, head_dim], got shape {x.shape}")
-    if x.dtype not in _DTYPES:
+    if x.dtype not in DTYPES:
       raise TypeError(f"flash_attention: {name} has dtype {x.dtype}; it takes bfloat16 or "
                       "float16. Cast float32 inputs with .astype(jnp.bfloat16), or use "
                       "jax_fa3.dot_product_attention, which hands float32 to jax.nn.")
@@ -372,19 +395,62 @@ def _check_softcap(softcap):
 
 def _softmax_scale(softmax_scale, head_dim):
   scale = _static_float("softmax_scale", softmax_scale, head_dim ** -0.5)
-  if not (scale > 0 and np.isfinite(scale)):
-    raise ValueError(f"softmax_scale must be a finite number > 0, got {softmax_scale!r}")
+  if not 0 < scale <= _MAX_SOFTMAX_SCALE:  # NaN fails too
+    raise ValueError(f"softmax_scale must be a finite number > 0 and at most "
+                     f"{_MAX_SOFTMAX_SCALE:g} (beyond it the float32 scores may overflow), "
+                     f"got {softmax_scale!r}")
   return scale
 
 
 def _static_float(name, value, default):
   if value is None:
     return float(default)
-  try:
-    return float(value)
-  except (TypeError, ValueError) as e:
-    raise TypeError(f"{name} must be a static Python number (it is a kernel "
-                    f"attribute), got {value!r}") from e
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(f"{name} must be a static Python number (it is a kernel attribute, "
+                    f"fixed when the call is traced), got the traced value {value}; pass it "
+                    "as a constant, e.g. through functools.partial or jit's static_argnames")
+  if not _is_real_scalar(value):
+    raise TypeError(f"{name} must be a static Python number (it is a kernel attribute), "
+                    f"got {value!r} of type {type(value).__name__}")
+  return float(value)
+
+
+def _is_real_scalar(x):
+  """A real number (not a bool or a string), or a 0-d integer or floating array."""
+  if isinstance(x, (bool, np.bool_)):
+    return False
+  return isinstance(x, numbers.Real) or _is_scalar_array(x, jnp.floating, jnp.integer)
+
+
+def _is_scalar_array(x, *kinds):
+  """A 0-d array (traced or not) whose dtype is one of `kinds`."""
+  dtype = getattr(x, "dtype", None)
+  return (getattr(x, "shape", None) == () and dtype is not None
+          and any(jnp.issubdtype(dtype, kind) for kind in kinds))
+
+
+# Why each flag must be static: what it selects when the call is traced.
+_FLAG_ROLES = {
+    "causal": "it selects the kernel's mask",
+    "is_causal": "it selects the attention mask",
+    "deterministic": "it selects the backward kernel's mode",
+    "return_lse": "it sets how many arrays the call returns",
+    "return_residual": "it sets how many arrays the call returns",
+}
+
+
+def _check_flags(**flags):
+  """The flags as Python bools; a TypeError naming the first that is not a static bool
+  (a Python or NumPy bool: not a string, a number or a traced value)."""
+  for name, value in flags.items():
+    if isinstance(value, jax.core.Tracer):
+      raise TypeError(f"{name} must be static, a Python bool, not a traced value: "
+                      f"{_FLAG_ROLES[name]} when the call is traced. Pass it as a constant, "
+                      "e.g. through functools.partial or jit's static_argnames")
+    if not isinstance(value, (bool, np.bool_)):
+      raise TypeError(f"{name} must be a bool (True or False), got {value!r} of type "
+                      f"{type(value).__name__}")
+  return tuple(bool(value) for value in flags.values())
 
 
 def _is_int(x):
@@ -405,20 +471,23 @@ def _unsupported_by_fa3(query, key, value, bias, mask, scale, local_window_size)
     return ValueError(f"implementation='fa3' takes query, key and value all of rank 4 (BTNH) "
                       f"or all of rank 3 (TNH), got ranks {ranks}")
   for name, x in (("query", query), ("key", key), ("value", value)):
-    if x.dtype not in _DTYPES:
+    if x.dtype not in DTYPES:
       return TypeError(f"implementation='fa3' takes bfloat16 or float16, got {name} of dtype "
                        f"{x.dtype}; cast it, or use implementation=None to fall back to jax.nn")
   if max(query.shape[-1], value.shape[-1]) > _MAX_HEAD_DIM:
     return ValueError(f"implementation='fa3' supports head dims up to {_MAX_HEAD_DIM}, got "
                       f"query {query.shape}, value {value.shape}")
+  if 0 in query.shape or 0 in key.shape:
+    return ValueError(f"implementation='fa3' needs query and key without an empty "
+                      f"dimension, got query {query.shape}, key {key.shape}; use "
+                      "implementation=None to get jax.nn's empty result")
   if scale is not None:
-    try:
-      static_scale = float(scale)
-    except TypeError:
+    if isinstance(scale, jax.core.Tracer):
       return TypeError("implementation='fa3' needs a static `scale` (a kernel attribute), "
                        f"got {scale!r}")
-    if not (static_scale > 0 and np.isfinite(static_scale)):
-      return ValueError(f"implementation='fa3' needs a finite `scale` > 0, got {scale!r}")
+    if not 0 < float(scale) <= _MAX_SOFTMAX_SCALE:
+      return ValueError(f"implementation='fa3' needs a `scale` > 0 and at most "
+                        f"{_MAX_SOFTMAX_SCALE:g}, got {scale!r}")
   if local_window_size is not None and not (
       isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2
       and all(_is_int(w) and w >= 0 for w in local_window_size)):
@@ -427,22 +496,64 @@ def _unsupported_by_fa3(query, key, value, bias, mask, scale, local_window_size)
   return None
 
 
-def _check_like_jax_nn(query, key, value):
-  """jax.nn.dot_product_attention's shape rules, on rank-4 arrays."""
-  if value.shape != key.shape:
-    raise ValueError(f"value shape {value.shape} must equal key shape {key.shape} "
-                     "[batch, kv_seqlen, kv_heads, head_dim]")
-  if query.shape[0] != key.shape[0] or query.shape[3] != key.shape[3]:
-    raise ValueError(f"query shape {query.shape} must match key shape {key.shape} in "
-                     "batch and head_dim")
+def _check_like_jax_nn(query, key, value, bias, mask, scale, query_seq_lengths,
+                       key_value_seq_lengths, local_window_size):
+  """jax.nn.dot_product_attention's rules, with errors that name the argument.
+
+  What breaks them is refused whichever implementation would run, rather than left to
+  fail inside jax.nn or, worse, to return a result there (integer inputs, a float window,
+  a NaN scale). Returns bias, mask and the lengths as arrays.
+  """
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if x.ndim not in (3, 4):
+      raise ValueError(f"{name} must have rank 4 [batch, seqlen, heads, head_dim] or rank 3 "
+                       f"[seqlen, heads, head_dim], got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
   if query.dtype != key.dtype or value.dtype != key.dtype:
     raise ValueError(f"query, key and value must share one dtype, got {query.dtype}, "
                      f"{key.dtype}, {value.dtype}")
-  if 0 in query.shape or 0 in key.shape:
-    raise ValueError(f"query {query.shape} and key {key.shape} must have no empty dimension")
-  if query.shape[2] % key.shape[2]:
+  # Like jax.nn, a rank-3 array is one batch element.
+  q_shape, k_shape, v_shape = ((1,) * (4 - x.ndim) + x.shape for x in (query, key, value))
+  if v_shape != k_shape:
+    raise ValueError(f"value shape {value.shape} must equal key shape {key.shape} "
+                     "[batch, kv_seqlen, kv_heads, head_dim]")
+  if q_shape[0] != k_shape[0]:
+    raise ValueError(f"query and key must have the same batch size (a rank-3 array has "
+                     f"batch 1), got query {query.shape}, key {key.shape}")
+  if q_shape[3] != k_shape[3]:
+    raise ValueError(f"query and key must have the same head_dim (last axis), got query "
+                     f"{query.shape}, key {key.shape}")
+  batch, seqlen_q, heads, _ = q_shape
+  seqlen_k, kv_heads = k_shape[1:3]
+  if kv_heads == 0 or heads % kv_heads:
     raise ValueError(f"The number of query heads must be a multiple of key/value heads, "
                      f"got query {query.shape}, key {key.shape}")
+
+  logits_shape = (batch, heads, seqlen_q, seqlen_k)
+  bias, mask = (None if x is None else jnp.asarray(x) for x in (bias, mask))
+  for name, x in (("bias", bias), ("mask", mask)):
+    if x is not None and not (x.ndim <= 4 and all(
+        d in (1, n) for d, n in zip((1,) * (4 - x.ndim) + x.shape, logits_shape))):
+      raise ValueError(f"{name} must broadcast to [batch, heads, T, S] = {list(logits_shape)} "
+                       f"(each axis that size or 1), got shape {x.shape}")
+  if mask is not None and mask.dtype != np.bool_:
+    raise TypeError(f"mask must be boolean (True where a query attends to a key), got dtype "
+                    f"{mask.dtype}")
+
+  if scale is not None:
+    if not _is_real_scalar(scale):
+      raise TypeError(f"scale must be a real number or a scalar array, got {scale!r}")
+    if not isinstance(scale, jax.core.Tracer) and not np.isfinite(float(scale)):
+      raise ValueError(f"scale must be finite, got {scale!r}")
+  if local_window_size is not None and not (
+      isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2
+      and all(_is_int(w) or _is_scalar_array(w, jnp.integer) for w in local_window_size)):
+    raise ValueError("local_window_size must be an int or a pair (left, right) of ints, got "
+                     f"{local_window_size!r}")
+  return (bias, mask,
+          _check_seq_lengths("query_seq_lengths", query_seq_lengths, batch),
+          _check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, batch))
 
 
 def _check_seq_lengths(name, lengths, batch):

@@ -125,6 +125,42 @@ def test_falls_back_to_jax_nn(unsupported, normal):
     jax.jit(lambda s: call(jax_fa3.dot_product_attention, s, implementation="fa3"))(scale)
 
 
+FA3_ONLY_REFUSES = {
+    # name: (query, key shapes, keyword arguments); each valid for jax.nn.
+    "negative_scale": ((2, 16, 4, 32), (2, 16, 2, 32), dict(scale=-0.5)),
+    "scale_above_1e4": ((2, 16, 4, 32), (2, 16, 2, 32), dict(scale=2e4)),
+    "mixed_ranks": ((16, 4, 32), (1, 16, 2, 32), {}),  # rank 3 and a batch of 1
+    "mask_2d": ((2, 16, 4, 32), (2, 16, 2, 32), dict(mask=np.tri(16, dtype=bool))),
+    "empty_query_seq": ((2, 0, 4, 32), (2, 16, 2, 32), {}),
+    "empty_key_seq": ((2, 16, 4, 32), (2, 0, 2, 32), dict(is_causal=True)),
+    "empty_head_dim": ((2, 16, 4, 0), (2, 16, 2, 0), dict(scale=1.0)),
+}
+
+
+@pytest.mark.parametrize("name", FA3_ONLY_REFUSES)
+def test_what_only_fa3_refuses_runs_on_jax_nn(name, normal):
+  """implementation=None keeps jax.nn's result, residual included, for what jax.nn takes
+  and the kernels do not (empty arrays give jax.nn's empty or all-zero result)."""
+  query, key, kwargs = FA3_ONLY_REFUSES[name]
+  q, k, v = normal(query), normal(key), normal(key)
+  ours = jax_fa3.dot_product_attention(q, k, v, return_residual=True, **kwargs)
+  expected = jax.nn.dot_product_attention(q, k, v, return_residual=True, **kwargs)
+  for a, b in zip(ours, expected):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="implementation='fa3'"):
+    jax_fa3.dot_product_attention(q, k, v, implementation="fa3", **kwargs)
+
+
+def test_traced_window_runs_on_jax_nn(normal):
+  """A traced local_window_size is valid for jax.nn (its mask is computed), not a kernel
+  attribute: implementation=None hands it to jax.nn."""
+  q, k, v = normal((2, 16, 4, 32)), normal((2, 16, 2, 32)), normal((2, 16, 2, 32))
+  call = lambda f, w: f(q, k, v, local_window_size=(w, 2))
+  ours = jax.jit(lambda w: call(jax_fa3.dot_product_attention, w))(3)
+  np.testing.assert_array_equal(ours, jax.jit(lambda w: call(jax.nn.dot_product_attention, w))(3))
+
+
 def test_implementation_fa3_runs_our_primitive(normal):
   q = normal((2, 16, 4, 32))
   jaxpr = jax.make_jaxpr(lambda q: jax_fa3.dot_product_attention(q, q, q, implementation="fa3"))(q)

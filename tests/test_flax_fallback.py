@@ -155,3 +155,35 @@ def test_unknown_mask_structure_is_an_error(normal):
   q, k, v = _qkv(normal)
   with pytest.raises(ValueError, match="mask_structure"):
     jax_fa3.flax.nnx.dot_product_attention(q, k, v, mask_structure="causal")
+
+
+def _invalid_for_flax_too(normal):
+  """Calls Flax's own attention can't run either: (the rule the error names, q/k/v, kwargs)."""
+  q, k, v = _qkv(normal)
+  key_valid = jnp.arange(12) < jnp.array([12, 5])[:, None]
+  query_valid = jnp.arange(16) < jnp.array([16, 5])[:, None]
+  return {
+      "rank_2": (r"one rank of at least 3, got query \(16, 32\)", q[0, :, 0], k[0, :, 0], v[0, :, 0], {}),
+      "ranks_differ": (r"one rank of at least 3", q, k[0], v[0], {}),
+      "batch_dims": (r"same batch dims", q, k[:1], v[:1], {}),
+      "key_value_lengths": (r"key and value must have the same length", q, k, v[:, :12], {}),
+      "head_dims": (r"same head_dim", q, k[..., :16], v, {}),
+      "mask_key_length": (r"`mask` must broadcast to \[batch..., heads, q_length, kv_length\] = "
+                          r"\[2, 4, 16, 16\], got shape \(2, 1, 16, 12\)", q, k, v,
+                          dict(mask=nnx.make_attention_mask(query_valid, key_valid))),
+  }
+
+
+@pytest.mark.parametrize("flavour", ["nnx", "linen"])
+@pytest.mark.parametrize("mask_structure", [None, "padding"])
+@pytest.mark.parametrize("case", ["rank_2", "ranks_differ", "batch_dims", "key_value_lengths",
+                                  "head_dims", "mask_key_length"])
+def test_shapes_flax_refuses_raise_without_falling_back(flavour, mask_structure, case, normal):
+  """Shapes Flax's attention can't take either: jax_fa3's ValueError naming the rule, raised
+  before either runs, not a fall-back ending in an IndexError or a failed broadcast."""
+  message, q, k, v, kwargs = _invalid_for_flax_too(normal)[case]
+  attention = getattr(jax_fa3.flax, flavour).dot_product_attention
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", UserWarning)  # no fall-back warning either
+    with pytest.raises(ValueError, match=message):
+      attention(q, k, v, mask_structure=mask_structure, **kwargs)

@@ -4,9 +4,13 @@
   forward and backward agreeing on every (query tile, key tile) pair; an off-by-one there
   deadlocks the GPU;
 - the backward workspace: Python's bwd_workspace_bytes must cover what the kernels carve
-  (tests/cpp/workspace_check.cc), or the FFI handler refuses the call."""
+  (tests/cpp/workspace_check.cc), or the FFI handler refuses the call.
+A checker's output is matched case for case, so one that prints too little fails. Without a
+C++ compiler these tests skip, except under CI=true, where they fail."""
 
+import os
 import pathlib
+import re
 import shutil
 import subprocess
 
@@ -18,19 +22,40 @@ from jax_fa3 import primitives
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _build(tmp_path, name):
+def compiled_head_dims(direction):
+    """The head dims cuda/instantiations/ compiles for "fwd" or "bwd" (as CMakeLists.txt
+    globs them: <direction>_<dtype>_hdim<d>.cu)."""
+    names = (path.name for path in (ROOT / "cuda" / "instantiations").glob(f"{direction}_*.cu"))
+    return sorted({int(m.group(1)) for m in (re.fullmatch(r".*_hdim(\d+)\.cu", n) for n in names) if m})
+
+
+def _build(tmp_path, name, defines=()):
     compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
+        if os.environ.get("CI") == "true":  # CI must run these checks, not skip them
+            pytest.fail("CI: no C++ compiler (g++, c++ or clang++) for the host-compiled checks")
         pytest.skip("needs a C++ compiler")
     binary = tmp_path / name
-    subprocess.run([compiler, "-std=c++17", "-O2", f"-I{ROOT / 'cuda'}",
+    subprocess.run([compiler, "-std=c++17", "-O2", f"-I{ROOT / 'cuda'}", *defines,
                     str(ROOT / "tests" / "cpp" / f"{name}.cc"), "-o", str(binary)], check=True)
     return binary
 
 
 def test_block_ranges_match_brute_force(tmp_path):
-    result = subprocess.run([str(_build(tmp_path, "block_ranges_check"))], capture_output=True, text=True)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
+    """Every tile shape of the forward and backward tile tables, at every compiled head dim."""
+    fwd, bwd = compiled_head_dims("fwd"), compiled_head_dims("bwd")
+    assert fwd and bwd, "no instantiations found under cuda/instantiations/"
+    binary = _build(tmp_path, "block_ranges_check",
+                    [f"-DJAX_FA3_FWD_HEAD_DIMS={','.join(map(str, fwd))}",
+                     f"-DJAX_FA3_BWD_HEAD_DIMS={','.join(map(str, bwd))}"])
+    result = subprocess.run([str(binary)], capture_output=True, text=True)
+    lines = result.stdout.split("\n")
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+    checked = {tuple(line.split()[1:4]) for line in lines if line.startswith("tile fwd")}
+    checked |= {tuple(line.split()[1:3]) for line in lines if line.startswith("tile bwd")}
+    expected = {("fwd", f"d{d}", window) for d in fwd for window in ("no-window", "window")}
+    expected |= {("bwd", f"d{d}") for d in bwd}
+    assert checked == expected, result.stdout
 
 
 def test_python_workspace_covers_the_kernels(tmp_path):
@@ -43,5 +68,29 @@ def test_python_workspace_covers_the_kernels(tmp_path):
     stdin = "".join(" ".join(map(str, c)) + "\n" for c in cases)
     result = subprocess.run([str(_build(tmp_path, "workspace_check"))], input=stdin, capture_output=True,
                             text=True, check=True)
-    for (b, sq, sk, h, hk, d, _), needed in zip(cases, map(int, result.stdout.split())):
+    for (b, sq, sk, h, hk, d, _), needed in zip(cases, _sizes(result.stdout, len(cases)), strict=True):
         assert primitives.bwd_workspace_bytes(b, sq, sk, h, hk, d, d) >= needed, (b, sq, sk, h, hk, d)
+
+
+def _sizes(stdout, count):
+    """workspace_check's sizes, one per case: fewer (a checker that printed nothing) fail."""
+    sizes = [int(n) for n in stdout.split()]
+    assert len(sizes) == count, f"workspace_check printed {len(sizes)} sizes for {count} cases"
+    return sizes
+
+
+def test_a_checker_that_prints_too_little_fails():
+    with pytest.raises(AssertionError, match="printed 0 sizes for 3 cases"):
+        _sizes("", 3)
+
+
+@pytest.mark.parametrize("ci", ["true", None])
+def test_a_missing_compiler_fails_in_ci_and_skips_elsewhere(ci, monkeypatch, tmp_path):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    if ci:
+        monkeypatch.setenv("CI", ci)
+    else:
+        monkeypatch.delenv("CI", raising=False)
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome, match="C\\+\\+ compiler"):
+        _build(tmp_path, "workspace_check")

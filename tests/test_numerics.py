@@ -1,6 +1,8 @@
 """flash_attention's outputs and gradients against the float64 oracle."""
 
 import dataclasses
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,9 @@ import pytest
 
 import oracle
 from jax_fa3 import flash_attention, reference
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "gpu"))
+import kernel_ffi  # noqa: E402  (the GPU tests' float32 oracle; importing it needs no GPU)
 
 pytestmark = pytest.mark.usefixtures("on_cpu")
 
@@ -129,7 +134,8 @@ def test_matches_oracle(case, normal, record_error):
 
 @pytest.mark.parametrize("case", CASES[::3], ids=str)
 def test_float32_reference_matches_oracle(case, normal, record_error):
-  """The float32 reference, which the kernels are checked against on the GPU, is tight."""
+  """The float32 reference (the path off the GPU, and where no kernel is compiled) is tight.
+  The GPU tests judge the kernels by kernel_ffi's float32 oracle, checked below."""
   q, k, v, dout, dlse = (x.astype(jnp.float32) for x in _inputs(case, normal))
   params = dict(softmax_scale=case.scale or case.head_dim ** -0.5, softcap=case.softcap,
                 window_left=case.window[0], window_right=0 if case.causal else case.window[1],
@@ -174,4 +180,37 @@ def test_float32_reference_with_seqused(normal, record_error):
                               seqused_q=np.asarray(seqused_q), seqused_k=np.asarray(seqused_k))
   assert (out[1, 17:] == 0).all() and (lse[2] == -jnp.inf).all()
   for name, actual, want in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), expected):
+    _check(record_error, jnp.float32, name, actual, want, ulps=64)
+
+
+@pytest.mark.parametrize("case", CASES[1::3], ids=str)
+def test_gpu_tests_float32_oracle_matches_oracle(case, normal, record_error):
+  """tests/gpu/kernel_ffi.py's float32 attention, which the GPU tests judge the kernels by
+  (outputs, lse, and gradients with an lse cotangent), agrees with this float64 oracle."""
+  q, k, v, dout, dlse = (x.astype(jnp.float32) for x in _inputs(case, normal))
+  kwargs = dict(softmax_scale=case.scale or case.head_dim ** -0.5, softcap=case.softcap,
+                window=(case.window[0], 0 if case.causal else case.window[1]),
+                diagonal_offset=case.seqlen_k - case.seqlen_q)
+  out, lse, _ = kernel_ffi.oracle_and_baseline(q, k, v, **kwargs)
+  grads, _ = kernel_ffi.gradient_oracle_and_baseline(q, k, v, dout, dlse, **kwargs)
+  expected = _expected(case, q, k, v, dout, dlse)
+  for name, actual, want in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), expected,
+                                strict=True):
+    _check(record_error, jnp.float32, name, actual, want, ulps=64)
+
+
+def test_gpu_tests_float32_oracle_with_seqused(normal, record_error):
+  """kernel_ffi's float32 oracle with per-sequence lengths (rows past seqused_q see nothing)."""
+  q, k, v = (normal(shape, jnp.float32) for shape in
+             ((3, 50, 4, 64), (3, 70, 2, 64), (3, 70, 2, 64)))
+  dout = normal((3, 50, 4, 64), jnp.float32)
+  seqused_q, seqused_k = jnp.array([50, 17, 0], jnp.int32), jnp.array([70, 0, 33], jnp.int32)
+  kwargs = dict(softmax_scale=0.125, window=(9, 0), diagonal_offset=20)
+  lengths = dict(seqused_q=seqused_q, seqused_k=seqused_k)
+  out, lse, _ = kernel_ffi.oracle_and_baseline(q, k, v, **kwargs, **lengths)
+  grads, _ = kernel_ffi.gradient_oracle_and_baseline(q, k, v, dout, **kwargs, **lengths)
+  expected = oracle.attention(q, k, v, dout, scale=0.125, window=(9, 0), diagonal_offset=20,
+                              seqused_q=np.asarray(seqused_q), seqused_k=np.asarray(seqused_k))
+  for name, actual, want in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), expected,
+                                strict=True):
     _check(record_error, jnp.float32, name, actual, want, ulps=64)

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jax_fa3
@@ -37,8 +38,17 @@ FLASH_ATTENTION_ERRORS = [
     ((Q, K, K), {"softcap": -1.0}, ValueError, r"softcap must be a finite number >= 0.*-1.0"),
     ((Q, K, K), {"softcap": "big"}, TypeError, r"softcap must be a static Python number .*, got 'big'"),
     ((Q, K, K), {"softmax_scale": [0.1]}, TypeError, r"softmax_scale must be a static Python number"),
-    ((Q, K, K), {"softmax_scale": 0.0}, ValueError, r"softmax_scale must be a finite number > 0, got 0.0"),
-    ((Q, K, K), {"softmax_scale": float("inf")}, ValueError, r"softmax_scale must be a finite number > 0, got inf"),
+    ((Q, K, K), {"softcap": "30"}, TypeError, r"softcap must be a static Python number .*, got '30' of type str"),
+    ((Q, K, K), {"softcap": True}, TypeError, r"softcap must be a static Python number .*, got True of type bool"),
+    ((Q, K, K), {"softmax_scale": "0.125"}, TypeError, r"softmax_scale must be a static Python number .*'0.125'"),
+    ((Q, K, K), {"softmax_scale": 0.0}, ValueError, r"softmax_scale must be a finite number > 0 and at most 10000 .*got 0.0"),
+    ((Q, K, K), {"softmax_scale": float("inf")}, ValueError, r"softmax_scale must be a finite number > 0 .*got inf"),
+    ((Q, K, K), {"softmax_scale": float("nan")}, ValueError, r"softmax_scale must be a finite number > 0 .*got nan"),
+    ((Q, K, K), {"softmax_scale": 2e4}, ValueError, r"softmax_scale .* at most 10000 \(beyond it the float32 scores may overflow\), got 20000.0"),
+    ((Q, K, K), {"causal": "False"}, TypeError, r"causal must be a bool \(True or False\), got 'False' of type str"),
+    ((Q, K, K), {"causal": None}, TypeError, r"causal must be a bool .*got None"),
+    ((Q, K, K), {"deterministic": "no"}, TypeError, r"deterministic must be a bool .*got 'no' of type str"),
+    ((Q, K, K), {"return_lse": 1}, TypeError, r"return_lse must be a bool .*got 1 of type int"),
 ]
 
 
@@ -51,28 +61,85 @@ def test_flash_attention_errors(args, kwargs, error, message):
 
 @pytest.mark.parametrize("name", ["softmax_scale", "softcap"])
 def test_traced_statics_are_refused(name):
-  with pytest.raises(TypeError, match=f"{name} must be a static Python number"):
+  with pytest.raises(TypeError, match=f"{name} must be a static Python number .*traced value"):
     jax.jit(lambda x: jax_fa3.flash_attention(Q, K, K, **{name: x}))(1.0)
 
 
+@pytest.mark.parametrize("function, name, role", [
+    (jax_fa3.flash_attention, "causal", "selects the kernel's mask"),
+    (jax_fa3.flash_attention, "return_lse", "sets how many arrays the call returns"),
+    (jax_fa3.flash_attention, "deterministic", "selects the backward kernel's mode"),
+    (jax_fa3.dot_product_attention, "is_causal", "selects the attention mask"),
+    (jax_fa3.dot_product_attention, "return_residual", "sets how many arrays the call returns"),
+], ids=lambda x: x if isinstance(x, str) and " " not in x else None)
+def test_traced_flags_are_refused_as_not_static(function, name, role):
+  """A flag traced by jit: a TypeError that names it, says it must be static and why,
+  not JAX's TracerBoolConversionError from inside jax_fa3."""
+  with pytest.raises(TypeError, match=f"{name} must be static, a Python bool, not a traced "
+                                      f"value: it {role}.*static_argnames"):
+    jax.jit(lambda flag: function(Q, K, K, **{name: flag}))(True)
+
+
+def test_numpy_bools_and_numbers_are_taken():
+  """NumPy bools and scalars (and 0-d arrays for numbers) count as static values."""
+  expected = jax_fa3.flash_attention(Q, K, K, causal=True, return_lse=True, softmax_scale=0.1,
+                                     softcap=5.0)
+  ours = jax_fa3.flash_attention(Q, K, K, causal=np.bool_(True), return_lse=np.True_,
+                                 deterministic=np.False_, softmax_scale=np.float32(0.1),
+                                 softcap=np.array(5.0))
+  for a, b in zip(ours, expected):
+    np.testing.assert_array_equal(a, b)
+
+
+Q3 = zeros(8, 4, 64)  # rank 3 (TNH): one batch element, as in jax.nn
 DROP_IN_ERRORS = [
-    ((Q, K, zeros(2, 12, 2, 32)), {}, r"value shape \(2, 12, 2, 32\) must equal key shape \(2, 12, 2, 64\)"),
-    ((zeros(3, 8, 4, 64), K, K), {}, r"query shape \(3, 8, 4, 64\) must match key shape .* batch and head_dim"),
-    ((Q, zeros(2, 12, 3, 64), zeros(2, 12, 3, 64)), {}, r"multiple of key/value heads.*\(2, 8, 4, 64\)"),
-    ((Q, K, K), {"query_seq_lengths": jnp.array([1, 2], jnp.int16)},
+    # jax.nn's own rules, checked whichever implementation would run.
+    ((Q, K, zeros(2, 12, 2, 32)), {}, ValueError, r"value shape \(2, 12, 2, 32\) must equal key shape \(2, 12, 2, 64\)"),
+    ((zeros(3, 8, 4, 64), K, K), {}, ValueError, r"same batch size .*query \(3, 8, 4, 64\), key \(2, 12, 2, 64\)"),
+    ((Q3, K, K), {}, ValueError, r"same batch size \(a rank-3 array has batch 1\), got query \(8, 4, 64\)"),
+    ((Q, zeros(2, 12, 2, 32), zeros(2, 12, 2, 32)), {}, ValueError, r"same head_dim .*query \(2, 8, 4, 64\), key \(2, 12, 2, 32\)"),
+    ((Q, zeros(2, 12, 3, 64), zeros(2, 12, 3, 64)), {}, ValueError, r"multiple of key/value heads.*\(2, 8, 4, 64\)"),
+    ((Q, K[None], K[None]), {}, ValueError, r"key must have rank 4 .* or rank 3 .*got shape \(1, 2, 12, 2, 64\)"),
+    ((Q[0, 0], K[0, 0], K[0, 0]), {}, ValueError, r"query must have rank 4 .*got shape \(4, 64\)"),
+    ((Q.astype(jnp.int32), K.astype(jnp.int32), K.astype(jnp.int32)), {}, TypeError, r"query must have a floating-point dtype, got int32"),
+    ((Q.astype(jnp.complex64), K.astype(jnp.complex64), K.astype(jnp.complex64)), {}, TypeError, r"floating-point dtype, got complex64"),
+    ((Q, K, K.astype(jnp.float16)), {}, ValueError, r"share one dtype, got bfloat16, bfloat16, float16"),
+    ((Q, K, K), {"query_seq_lengths": jnp.array([1, 2], jnp.int16)}, ValueError,
      r"query_seq_lengths must be int32 of shape \(batch,\) = \(2,\), got int16\[2\]"),
-    ((Q, K, K), {"key_value_seq_lengths": jnp.array([1, 2, 3], jnp.int32)},
+    ((Q, K, K), {"key_value_seq_lengths": jnp.array([1, 2, 3], jnp.int32)}, ValueError,
      r"key_value_seq_lengths must be int32 of shape \(batch,\) = \(2,\), got int32\[3\]"),
-    ((Q, K, K.astype(jnp.float16)), {}, r"share one dtype, got bfloat16, bfloat16, float16"),
-    ((Q, K, K), {"implementation": "triton"}, r"Unsupported implementation option: 'triton'"),
-    ((zeros(8, 4, 64), K, K), {"implementation": "fa3"}, r"all of rank 4 \(BTNH\) or all of rank 3 \(TNH\), got ranks \(3, 4, 4\)"),
-    ((Q, K, K), {"local_window_size": (2, 3, 4), "implementation": "fa3"}, r"local_window_size as an int or a pair of ints >= 0, got \(2, 3, 4\)"),
-    ((Q, K, K), {"scale": -0.5, "implementation": "fa3"}, r"needs a finite `scale` > 0, got -0.5"),
+    ((Q, K, K), {"mask": jnp.ones((2, 4, 8, 11), bool)}, ValueError,
+     r"mask must broadcast to \[batch, heads, T, S\] = \[2, 4, 8, 12\] .*got shape \(2, 4, 8, 11\)"),
+    ((Q, K, K), {"mask": jnp.ones((1, 2, 4, 8, 12), bool)}, ValueError, r"mask must broadcast to .*got shape \(1, 2, 4, 8, 12\)"),
+    ((Q, K, K), {"bias": zeros(2, 2, 8, 12)}, ValueError, r"bias must broadcast to \[batch, heads, T, S\] = \[2, 4, 8, 12\] .*\(2, 2, 8, 12\)"),
+    ((Q, K, K), {"mask": jnp.ones((8, 12), jnp.int32)}, TypeError, r"mask must be boolean .*got dtype int32"),
+    ((Q, K, K), {"local_window_size": (2,)}, ValueError, r"local_window_size must be an int or a pair \(left, right\) of ints, got \(2,\)"),
+    ((Q, K, K), {"local_window_size": (2.5, 1)}, ValueError, r"local_window_size .* got \(2.5, 1\)"),
+    ((Q, K, K), {"local_window_size": 2.0}, ValueError, r"local_window_size .* got 2.0"),
+    ((Q, K, K), {"local_window_size": (2, 3, 4), "implementation": "fa3"}, ValueError, r"local_window_size .* got \(2, 3, 4\)"),
+    ((Q, K, K), {"scale": float("nan")}, ValueError, r"scale must be finite, got nan"),
+    ((Q, K, K), {"scale": float("-inf")}, ValueError, r"scale must be finite, got -inf"),
+    ((Q, K, K), {"scale": "0.1"}, TypeError, r"scale must be a real number or a scalar array, got '0.1'"),
+    ((Q, K, K), {"scale": jnp.ones(2)}, TypeError, r"scale must be a real number or a scalar array"),
+    ((Q, K, K), {"is_causal": "False"}, TypeError, r"is_causal must be a bool \(True or False\), got 'False'"),
+    ((Q, K, K), {"return_residual": 1}, TypeError, r"return_residual must be a bool .*got 1 of type int"),
+    ((Q, K, K), {"implementation": "triton"}, ValueError, r"Unsupported implementation option: 'triton'"),
+    # Valid for jax.nn, refused by implementation="fa3" only (None runs jax.nn).
+    ((Q3, K[:1], K[:1]), {"implementation": "fa3"}, ValueError, r"all of rank 4 \(BTNH\) or all of rank 3 \(TNH\), got ranks \(3, 4, 4\)"),
+    ((Q, K, K), {"scale": -0.5, "implementation": "fa3"}, ValueError, r"needs a `scale` > 0 and at most 10000, got -0.5"),
+    ((Q, K, K), {"scale": 2e4, "implementation": "fa3"}, ValueError, r"needs a `scale` > 0 and at most 10000, got 20000.0"),
+    ((Q[:, :0], K, K), {"implementation": "fa3"}, ValueError, r"needs query and key without an empty dimension, got query \(2, 0, 4, 64\)"),
 ]
 
 
-@pytest.mark.parametrize("args, kwargs, message", DROP_IN_ERRORS,
-                         ids=[e[2][:40] for e in DROP_IN_ERRORS])
-def test_dot_product_attention_errors(args, kwargs, message):
-  with pytest.raises(ValueError, match=message):
+@pytest.mark.parametrize("args, kwargs, error, message", DROP_IN_ERRORS,
+                         ids=[e[3][:40] for e in DROP_IN_ERRORS])
+def test_dot_product_attention_errors(args, kwargs, error, message):
+  with pytest.raises(error, match=message):
     jax_fa3.dot_product_attention(*args, **kwargs)
+
+
+def test_nan_scale_is_refused_under_jit():
+  """A NaN scale used to reach jax.nn under jit and return finite numbers."""
+  with pytest.raises(ValueError, match="scale must be finite, got nan"):
+    jax.jit(lambda q: jax_fa3.dot_product_attention(q, K, K, scale=float("nan")))(Q)

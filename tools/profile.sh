@@ -3,7 +3,7 @@
 # dim, cuDNN's too), without touching the card's clocks (--clock-control none).
 # Writes $OUT/ncu_bwd.txt. Usage: tools/profile.sh [extra profile_kernels.py arguments]
 set -o pipefail
-source "$(dirname "$0")/device_env.sh"
+source "$(dirname "$0")/device/device_env.sh"  # the carried extension, where there is one
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 if [ -z "$NCU" ]; then echo "no ncu on this machine"; exit 1; fi
 timeout ${PROFILE_TIMEOUT:-300} "$NCU" --clock-control none --target-processes all \

@@ -4,7 +4,7 @@
 # Writes $OUT/stalls_d<D>.csv (source page) for tools/stall_report.py to read here.
 # Usage: [SEQLEN=8192] [KERNEL=bwd_kernel] tools/profile_source.sh [head dims...]   (default: 128)
 set -o pipefail
-source "$(dirname "$0")/device_env.sh"
+source "$(dirname "$0")/device/device_env.sh"  # the carried extension, where there is one
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 if [ -z "$NCU" ]; then echo "no ncu on this machine"; exit 1; fi
 for d in ${@:-128}; do

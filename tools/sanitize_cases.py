@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "gpu"))
-os.environ.setdefault("JAX_FA3_DEBUG_POISON", "1")
+os.environ["JAX_FA3_DEBUG_POISON"] = "1"  # forced: the NaN check below relies on it
 import kernel_ffi  # noqa: E402
 
 CASES = [  # (dtype, head_dim, batch, seqlen_q, seqlen_k, heads, kv_heads, window, seqused)

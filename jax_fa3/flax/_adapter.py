@@ -3,7 +3,8 @@
 `attention` computes what Flax's own `dot_product_attention` would, on the kernels, or
 raises a TypeError/ValueError that names the argument they can't serve. `fall_back`
 turns that error into a one-time warning (or re-raises it in strict mode), after which
-the caller runs Flax's own computation.
+the caller runs Flax's own computation. `check_shapes` comes first and raises for shapes
+that neither can take.
 """
 
 import contextlib
@@ -14,6 +15,7 @@ import warnings
 import jax.numpy as jnp
 
 import jax_fa3
+from jax_fa3.attention import DTYPES
 
 MASK_STRUCTURES = (None, "padding", "segments")
 # The segment ids a module's __call__ received, for the attention_fn it calls (Flax's
@@ -41,12 +43,39 @@ def segment_mask(segment_ids):
   ids = jnp.asarray(segment_ids)
   same = ids[..., :, None] == ids[..., None, :]
   return (same & (ids >= 0)[..., :, None])[..., None, :, :]
-_KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def check_mask_structure(mask_structure):
   if mask_structure not in MASK_STRUCTURES:
     raise ValueError(f"mask_structure must be one of {MASK_STRUCTURES}, got {mask_structure!r}")
+
+
+def check_shapes(query, key, value, mask):
+  """Flax's shape rules, which neither the kernels nor Flax's own attention can do without:
+  a ValueError naming the rule, raised before either runs (never a fall-back)."""
+  shapes = f"query {query.shape}, key {key.shape}, value {value.shape}"
+  if not 3 <= query.ndim == key.ndim == value.ndim:
+    raise ValueError(f"jax_fa3.flax: query, key and value must be [batch..., length, heads, "
+                     f"head_dim], of one rank of at least 3, got {shapes}")
+  batch_dims = query.shape[:-3]
+  if key.shape[:-3] != batch_dims or value.shape[:-3] != batch_dims:
+    raise ValueError(f"jax_fa3.flax: query, key and value must have the same batch dims, "
+                     f"got {shapes}")
+  if key.shape[-3] != value.shape[-3]:
+    raise ValueError(f"jax_fa3.flax: key and value must have the same length, got {shapes}")
+  if query.shape[-1] != key.shape[-1]:
+    raise ValueError(f"jax_fa3.flax: query and key must have the same head_dim, got {shapes}")
+  heads = query.shape[-2]
+  if any(x.shape[-2] == 0 or heads % x.shape[-2] for x in (key, value)):
+    raise ValueError(f"jax_fa3.flax: query heads must be a multiple of key and value "
+                     f"heads, got {shapes}")
+  if mask is not None:
+    target = (*batch_dims, heads, query.shape[-3], key.shape[-3])
+    mask_shape = jnp.shape(mask)
+    padded = (1,) * (len(target) - len(mask_shape)) + mask_shape
+    if len(mask_shape) > len(target) or any(m not in (1, t) for m, t in zip(padded, target)):
+      raise ValueError(f"jax_fa3.flax: `mask` must broadcast to [batch..., heads, q_length, "
+                       f"kv_length] = {list(target)}, got shape {mask_shape}")
 
 
 def attention(query, key, value, *, bias, mask, is_causal, mask_structure, dropout_rate,
@@ -77,7 +106,7 @@ def attention(query, key, value, *, bias, mask, is_causal, mask_structure, dropo
   if dropout_rate > 0 and not deterministic:
     raise ValueError(f"jax_fa3.flax: `dropout_rate` must be 0 (or `deterministic` True) on the "
                      f"kernels, which have no attention dropout; got dropout_rate={dropout_rate}")
-  if query.dtype not in _KERNEL_DTYPES:
+  if query.dtype not in DTYPES:
     raise TypeError(f"jax_fa3.flax: query, key and value must be bfloat16 or float16 on the "
                     f"kernels, got {query.dtype}; set the module's dtype=jnp.bfloat16")
   if segment_ids is not None and mask is not None:
@@ -87,11 +116,7 @@ def attention(query, key, value, *, bias, mask, is_causal, mask_structure, dropo
     raise ValueError("jax_fa3.flax: a `mask` needs mask_structure='padding' or 'segments' on "
                      "the kernels, which then check that it only marks right padding (valid "
                      "tokens first) or documents; express causality with is_causal=True")
-  batch_dims = query.shape[:-3]
-  if query.ndim < 3 or key.shape[:-3] != batch_dims or value.shape[:-3] != batch_dims:
-    raise ValueError(f"jax_fa3.flax: query, key and value must be [batch..., length, heads, "
-                     f"head_dim] with equal batch dims, got {query.shape}, {key.shape}, "
-                     f"{value.shape}")
+  batch_dims = query.shape[:-3]  # shapes checked by check_shapes
   q, k, v = (x.reshape(-1, *x.shape[-3:]) for x in (query, key, value))
   if segment_ids is not None or mask_structure == "segments" and mask is not None:
     out = _segment_attention(q, k, v, segment_ids, mask, batch_dims, is_causal)
@@ -152,11 +177,8 @@ def _documents_of_mask(mask, batch_dims, seqlen, is_causal):
 def _kept_pairs(mask, batch_dims, seqlen_q, seqlen_k, is_causal):
   """The (query, key) pairs a Flax mask keeps, [batch, heads or 1, T, S] bool, within the
   causal triangle with `is_causal`; and that triangle."""
-  mask = jnp.asarray(mask)
+  mask = jnp.asarray(mask)  # its shape checked by check_shapes
   rank = len(batch_dims) + 3
-  if mask.ndim > rank:
-    raise ValueError(f"jax_fa3.flax: `mask` must broadcast to [batch..., heads, {seqlen_q}, "
-                     f"{seqlen_k}], got shape {mask.shape}")
   mask = mask.reshape((1,) * (rank - mask.ndim) + mask.shape)
   keep = jnp.broadcast_to(mask != 0, (*batch_dims, mask.shape[-3], seqlen_q, seqlen_k))
   keep = keep.reshape(-1, *keep.shape[-3:])

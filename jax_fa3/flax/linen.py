@@ -35,6 +35,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
 
   Any other call runs `flax.linen.dot_product_attention` instead, after a warning that
   names the argument (once per reason); with `strict=True` it raises that error instead.
+  Shapes Flax's attention can't take either (ranks below 3 or unequal, unequal batch dims,
+  a `mask` that does not broadcast to [batch..., heads, q_length, kv_length]) raise a
+  ValueError, with or without `strict`.
 
   Keyword-only arguments, set them with `functools.partial`:
     is_causal: causal attention (query i sees key j <= i), as in `flax.nnx` and `jax.nn`,
@@ -59,6 +62,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
   _adapter.check_mask_structure(mask_structure)
   segment_ids = _adapter.segment_ids_or_call(segment_ids)
   query, key, value = dtypes.promote_dtype(query, key, value, dtype=dtype)
+  _adapter.check_shapes(query, key, value, mask)
   try:
     if einsum_dot_general or qk_attn_weights_einsum or attn_weights_value_einsum:
       raise ValueError("jax_fa3.flax: einsum_dot_general, qk_attn_weights_einsum and "

@@ -28,6 +28,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
 
   Any other call runs `flax.nnx.dot_product_attention` instead, after a warning that
   names the argument (once per reason); with `strict=True` it raises that error instead.
+  Shapes Flax's attention can't take either (ranks below 3 or unequal, unequal batch dims,
+  a `mask` that does not broadcast to [batch..., heads, q_length, kv_length]) raise a
+  ValueError, with or without `strict`.
 
   Keyword-only arguments, set them with `functools.partial`:
     mask_structure: None: `mask` may be any mask, and Flax's attention runs whenever one
@@ -47,6 +50,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
   _adapter.check_mask_structure(mask_structure)
   segment_ids = _adapter.segment_ids_or_call(segment_ids)
   query, key, value = promote_dtype((query, key, value), dtype=dtype)
+  _adapter.check_shapes(query, key, value, mask)
   try:
     return _adapter.attention(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
                               mask_structure=mask_structure, dropout_rate=dropout_rate,

@@ -4,12 +4,25 @@
 // - backward: QueryBlocks(n) visits exactly the query blocks with a visible pair (the
 //   deterministic dQ order deadlocks otherwise), and needs_mask() is true wherever a
 //   tile holds an invisible pair.
-// Prints "ok" and exits 0, or prints the first failing case and exits 1.
+// Every tile shape the kernels use, read from their tile tables (fwd/config.h,
+// bwd/config.h) for the compiled head dims, which the build passes in as
+// JAX_FA3_FWD_HEAD_DIMS and JAX_FA3_BWD_HEAD_DIMS (tests/test_kernel_arithmetic.py reads
+// them from cuda/instantiations/).
+// Prints a line "tile fwd d<head dim> <no-window|window> <M>x<N>" or "tile bwd d<head dim>
+// <M>x<N>" per table row
+// checked, then "ok" and exits 0; or prints the first failing case and exits 1.
 #include <cstdio>
 #include <random>
+#include <utility>
 
+#include "bwd/config.h"
 #include "bwd/query_blocks.h"
 #include "common/block_ranges.h"
+#include "fwd/config.h"
+
+#if !defined(JAX_FA3_FWD_HEAD_DIMS) || !defined(JAX_FA3_BWD_HEAD_DIMS)
+#error "define JAX_FA3_FWD_HEAD_DIMS and JAX_FA3_BWD_HEAD_DIMS, e.g. -DJAX_FA3_FWD_HEAD_DIMS=64,128"
+#endif
 
 namespace {
 
@@ -32,8 +45,8 @@ bool check(Problem const& pr, char const* label) {
   int const m_blocks = (pr.seqlen_q + kBlockM - 1) / kBlockM;
   int const n_blocks = (pr.seqlen_k + kBlockN - 1) / kBlockN;
   auto fail = [&](char const* what, int m, int n) {
-    std::printf("FAIL %s (%s): Sq=%d Sk=%d wl=%d wr=%d off=%d m=%d n=%d\n", what, label, pr.seqlen_q, pr.seqlen_k,
-                pr.window_left, pr.window_right, pr.diagonal_offset, m, n);
+    std::printf("FAIL %s (%s %dx%d): Sq=%d Sk=%d wl=%d wr=%d off=%d m=%d n=%d\n", what, label, kBlockM, kBlockN,
+                pr.seqlen_q, pr.seqlen_k, pr.window_left, pr.window_right, pr.diagonal_offset, m, n);
     return false;
   };
   for (int n = 0; n < n_blocks; ++n) {
@@ -68,6 +81,32 @@ bool check(Problem const& pr, char const* label) {
   return true;
 }
 
+// The forward's two rows of a head dim (without and with a window), and the backward's one.
+template <int kHeadDim>
+bool check_fwd(Problem const& pr, bool print) {
+  using Plain = jax_fa3::FwdTileConfig<kHeadDim, false>;
+  using Windowed = jax_fa3::FwdTileConfig<kHeadDim, true>;
+  if (print) {
+    std::printf("tile fwd d%d no-window %dx%d\n", kHeadDim, Plain::kBlockM, Plain::kBlockN);
+    std::printf("tile fwd d%d window %dx%d\n", kHeadDim, Windowed::kBlockM, Windowed::kBlockN);
+  }
+  return check<Plain::kBlockM, Plain::kBlockN>(pr, "fwd no-window") &&
+         check<Windowed::kBlockM, Windowed::kBlockN>(pr, "fwd window");
+}
+
+template <int kHeadDim>
+bool check_bwd(Problem const& pr, bool print) {
+  using Config = jax_fa3::BwdTileConfig<kHeadDim>;
+  if (print) { std::printf("tile bwd d%d %dx%d\n", kHeadDim, Config::kBlockM, Config::kBlockN); }
+  return check<Config::kBlockM, Config::kBlockN>(pr, "bwd");
+}
+
+template <int... kFwdHeadDims, int... kBwdHeadDims>
+bool check_all(Problem const& pr, bool print, std::integer_sequence<int, kFwdHeadDims...>,
+               std::integer_sequence<int, kBwdHeadDims...>) {
+  return (check_fwd<kFwdHeadDims>(pr, print) && ...) && (check_bwd<kBwdHeadDims>(pr, print) && ...);
+}
+
 }  // namespace
 
 int main() {
@@ -86,8 +125,8 @@ int main() {
       case 1: pr.diagonal_offset = 0; break;                          // top-left
       default: pr.diagonal_offset = uniform(-700, 700); break;
     }
-    if (!check<64, 128>(pr, "64x128") || !check<128, 176>(pr, "128x176") || !check<128, 80>(pr, "128x80") ||
-        !check<128, 128>(pr, "128x128")) {
+    if (!check_all(pr, trial == 0, std::integer_sequence<int, JAX_FA3_FWD_HEAD_DIMS>{},
+                   std::integer_sequence<int, JAX_FA3_BWD_HEAD_DIMS>{})) {
       return 1;
     }
   }

@@ -6,7 +6,11 @@ import pytest
 
 # Every kernel launch first fills its outputs with NaN, so an element a kernel fails to
 # write shows up as NaN in the comparison (read by the FFI handler at its first call).
-os.environ.setdefault("JAX_FA3_DEBUG_POISON", "1")
+# Forced: an inherited JAX_FA3_DEBUG_POISON=0 must not turn it off unnoticed.
+if os.environ.get("JAX_FA3_DEBUG_POISON", "1") != "1":
+    print(f"tests/gpu: JAX_FA3_DEBUG_POISON={os.environ['JAX_FA3_DEBUG_POISON']!r} overridden "
+          "with 1: the GPU tests always poison kernel outputs")
+os.environ["JAX_FA3_DEBUG_POISON"] = "1"
 
 import sharding_checks  # pylint: disable=wrong-import-position
 

@@ -1,5 +1,7 @@
 """Direct calls of the FFI targets, bypassing the primitives: the kernel contract
-(cuda/ffi/CONTRACT.md) tested on its own, plus a float32 oracle of the same semantics."""
+(cuda/ffi/CONTRACT.md) tested on its own, plus a float32 oracle of the same semantics,
+which the GPU tests judge the kernels by (tests/test_numerics.py checks it against the
+float64 oracle, tests/oracle.py, on the CPU)."""
 
 import functools
 import glob
@@ -33,11 +35,17 @@ def extension():
 
 @functools.cache
 def _registered():
-    for name, capsule in extension().registrations().items():
+    """Registers the extension's FFI targets. XLA takes the same handler twice (importing
+    jax_fa3 registers the installed extension's), but refuses another handler under a name
+    already taken, e.g. when JAX_FA3_EXT_DIR loads another build than jax_fa3 did: that
+    error must stop the tests, or they would call the other build's kernels."""
+    module = extension()
+    for name, capsule in module.registrations().items():
         try:
             jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
-        except Exception:  # already registered by jax_fa3 itself
-            pass
+        except Exception as e:
+            raise RuntimeError(f"kernel_ffi: registering FFI target {name!r} of "
+                               f"{getattr(module, '__file__', module)} failed: {e}") from e
     return True
 
 
@@ -140,10 +148,16 @@ def bwd(dout, q, k, v, out, lse, *, softmax_scale, softcap=0.0, window=(-1, -1),
 
 
 @functools.partial(jax.jit, static_argnames=("softmax_scale", "softcap", "window", "diagonal_offset"))
-def gradient_oracle_and_baseline(q, k, v, dout, **kwargs):
-    """Gradients of <attention(q, k, v), dout>: in float32 (the oracle) and in the input dtype."""
+def gradient_oracle_and_baseline(q, k, v, dout, dlse=None, **kwargs):
+    """Gradients of <out, dout> (+ <lse, dlse> when dlse [B, H, Sq] is given) with respect to
+    q, k, v: in float32 (the oracle) and in the input dtype (the baseline)."""
     def grads(dtype):
-        f = lambda q, k, v: attention(q, k, v, dtype=dtype, **kwargs)[0]
+        if dlse is None:
+            f = lambda q, k, v: attention(q, k, v, dtype=dtype, **kwargs)[0]
+            cotangents = dout.astype(dtype)
+        else:
+            f = lambda q, k, v: attention(q, k, v, dtype=dtype, **kwargs)
+            cotangents = (dout.astype(dtype), dlse.astype(jnp.float32))
         _, pullback = jax.vjp(f, q, k, v)
-        return pullback(dout.astype(dtype))
+        return pullback(cotangents)
     return grads(jnp.float32), grads(q.dtype)

@@ -120,3 +120,69 @@ def test_gradients_at_every_head_dim(d):
     for g, r in zip(grads, ref):
         g, r = np.asarray(g, np.float32), np.asarray(r)
         assert np.max(np.abs(g - r)) <= 2e-2 * np.max(np.abs(r)) + 1e-3
+
+
+# --- The lse's gradient, against the float32 oracle ------------------------------
+# flash_attention differentiates its lse with the backward kernel run on v with a column
+# of ones appended (attention.py's _attention_bwd), so head_dim_v = d + 1, padded up to
+# the next compiled backward kernel: d64 runs the d128 kernel, d128 the d256 one. At d256
+# no kernel holds 257 columns: that backward lowers to the float32 reference (with a
+# warning), hence the expected failure below.
+LSE_GRADIENT_CASES = [
+    # (head_dim, dtype, batch, seqlen_q, seqlen_k, heads, kv_heads, causal)
+    (d, dtype, b, sq, sk, h, hk, causal)
+    for d in (64, 128, 256)
+    for dtype, b, sq, sk, h, hk, causal in [
+        ("bfloat16", 2, 1000, 1000, 4, 4, False),
+        ("float16", 1, 333, 777, 8, 2, True),   # GQA, causal aligned bottom-right
+        ("bfloat16", 2, 700, 300, 4, 2, True),  # rows that see no key: lse -inf, no gradient
+    ]
+]
+
+
+def _lse_gradient_case_id(case):
+    d, dtype, b, sq, sk, h, hk, causal = case
+    return f"{dtype}-d{d}-b{b}-q{sq}-k{sk}-h{h}_{hk}" + ("-causal" if causal else "")
+
+
+@pytest.mark.parametrize("cotangents", ["lse_only", "out_and_lse"])
+@pytest.mark.parametrize("case", LSE_GRADIENT_CASES, ids=_lse_gradient_case_id)
+def test_lse_gradient_matches_oracle(case, cotangents):
+    """dq, dk, dv of <out, dout> + <lse, dlse> through flash_attention(return_lse=True),
+    under FlashAttention's rule: max|ours - ref| <= 2 max|base - ref| + 1e-5, with ref the
+    float32 gradients and base the same computation in the input dtype. "lse_only" has
+    dout = 0, so only the lse's gradient is measured."""
+    d, dtype, b, sq, sk, h, hk, causal = case
+    dtype = jnp.dtype(dtype)
+    q, k, v = _qkv(7 * d + sq, b, sq, sk, h, hk, d, dtype)
+    rng = np.random.default_rng(d + sk)
+    dout = jnp.asarray(rng.standard_normal((b, sq, h, d), np.float32), dtype)
+    if cotangents == "lse_only":
+        dout = jnp.zeros_like(dout)
+    dlse = jnp.asarray(rng.standard_normal((b, h, sq), np.float32))
+
+    @jax.jit
+    def ours(q, k, v, dout, dlse):
+        _, pullback = jax.vjp(lambda q, k, v: jax_fa3.flash_attention(q, k, v, causal=causal,
+                                                                        return_lse=True), q, k, v)
+        return pullback((dout, dlse))
+
+    grads = ours(q, k, v, dout, dlse)
+    kwargs = dict(softmax_scale=1 / math.sqrt(d), window=(-1, 0) if causal else (-1, -1),
+                  diagonal_offset=sk - sq)
+    ref, base = kernel_ffi.gradient_oracle_and_baseline(q, k, v, dout, dlse, **kwargs)
+    for name, g, r, bs in zip(("dq", "dk", "dv"), grads, ref, base, strict=True):
+        g, r, bs = (np.asarray(x, np.float32) for x in (g, r, bs))
+        assert not np.isnan(g).any() and not np.isnan(r).any(), f"{name}: NaN"
+        err, base_err = np.max(np.abs(g - r)), np.max(np.abs(bs - r))
+        assert err <= 2 * base_err + 1e-5, f"{name} error {err:.3e} > 2 x baseline {base_err:.3e} + 1e-5"
+
+
+@pytest.mark.parametrize("d", [64, 128, pytest.param(256, marks=pytest.mark.xfail(
+    strict=True, reason="no backward kernel holds head_dim_v 257 (v + the ones column): the "
+                        "lse's gradient at d256 runs the float32 reference"))])
+def test_lse_gradient_uses_the_backward_kernel(d):
+    q, k, v = _qkv(3, 1, 128, 128, 2, 2, d)
+    loss = lambda q, k, v: jnp.sum(jax_fa3.flash_attention(q, k, v, return_lse=True)[1])
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
+    assert "jax_fa3_bwd" in text, "the lse's gradient does not run the backward kernel"
