@@ -238,9 +238,12 @@ def distance_from_float32(runs):
 
 def matches_within_bf16_noise(runs):
   """FlashAttention's accuracy rule on loss curves: jax_fa3's is at most twice as far from
-  the float32-attention curve as the bfloat16 XLA curve is."""
+  the float32-attention curve as the bfloat16 XLA curve is, plus one bfloat16 rounding of
+  the loss (as the rule's `+ 1e-5` for outputs): XLA on a CPU computes bfloat16 products
+  in float32, so over a few steps its curve can sit closer to float32 than one rounding."""
   distance = distance_from_float32(runs)
-  return distance["jax_fa3"] <= 2 * distance["xla"]
+  one_rounding = 2.0 ** -8 * float(np.abs(runs["float32 attention"].losses).max())
+  return distance["jax_fa3"] <= 2 * distance["xla"] + one_rounding
 
 
 def summary(config, runs):

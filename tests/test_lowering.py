@@ -10,13 +10,17 @@ from jax_fa3._kernels import KernelStatus, Variant
 
 VARIANTS = tuple(Variant(direction, "bfloat16", d, d)
                  for direction in ("fwd", "bwd") for d in (64, 96, 128, 256))
+# The packed-sequence kernels' tiles, as the extension would report them.
+SEGMENT_TILES = {("fwd", "bfloat16", d): (128, 128) for d in (64, 96, 128, 256)} | {
+    ("bwd", "bfloat16", d): (64, 128) for d in (64, 96, 128, 256)}
 
 
 @pytest.fixture
 def compiled(monkeypatch):
   """Pretends the extension holds the given variants (default: VARIANTS)."""
   def install(variants=VARIANTS, reason=None):
-    monkeypatch.setattr(_kernels, "_status", KernelStatus(tuple(variants), reason))
+    monkeypatch.setattr(_kernels, "_status", KernelStatus(tuple(variants), reason,
+                                                          segment_tiles=SEGMENT_TILES))
   install()
   return install
 
@@ -62,15 +66,29 @@ def test_forward_and_backward_call_the_ffi_targets(compiled):
 
 
 def test_operands_follow_the_contract(compiled):
-  """q, k, v, then the seqused arrays: [B] int32 when given, [0] when absent."""
+  """q, k, v, then the seqused arrays: [B] int32 when given, [0] when absent; then the
+  packed-sequence rows and plan, absent."""
   q, k, v = arrays(seqlen_k=100, kv_heads=4)
   lengths = jnp.array([60, 100], jnp.int32)
   text = cuda_text(lambda q, k, v: jax_fa3.dot_product_attention(
       q, k, v, is_causal=True, query_seq_lengths=lengths), q, k, v)
   (fwd,) = custom_calls(text, "jax_fa3_fwd")
   assert ("(tensor<2x100x4x64xbf16>, tensor<2x100x4x64xbf16>, tensor<2x100x4x64xbf16>, "
-          "tensor<2xi32>, tensor<0xi32>)") in fwd
+          "tensor<2xi32>, tensor<0xi32>, tensor<0xi32>, tensor<0xi32>, tensor<0xi32>)") in fwd
   assert "diagonal_offset = 0 : i64" in fwd and "window_right = 0 : i64" in fwd
+
+
+def test_segment_ids_pass_rows_and_plans_for_the_kernels_tiles(compiled):
+  """Packed sequences: the rows [B, S, 4] and the plans for the reported tiles, no seqused."""
+  q, k, v = arrays(seqlen_k=100, kv_heads=4)
+  ids = jnp.zeros((2, 100), jnp.int32)
+  text = cuda_text(grads(lambda q, k, v: jax_fa3.flash_attention(q, k, v, segment_ids=ids,
+                                                                 causal=True)), q, k, v)
+  (fwd,), (bwd,) = custom_calls(text, "jax_fa3_fwd"), custom_calls(text, "jax_fa3_bwd")
+  assert ("tensor<0xi32>, tensor<0xi32>, tensor<2x100x4xi32>, tensor<2x100x4xi32>, "
+          "tensor<2x1x4xi32>)") in fwd  # one forward tile of 128 rows
+  assert ("tensor<0xi32>, tensor<0xi32>, tensor<2x100x4xi32>, tensor<2x100x4xi32>, "
+          "tensor<2x2x4xi32>, tensor<2x1x2xi32>)") in bwd  # two 64-row tiles, one 128-key block
 
 
 def test_head_dims_pad_to_the_next_compiled_one(compiled):

@@ -58,9 +58,11 @@ struct QueryBlocks {
   }
 };
 
+#if defined(__CUDACC__)  // device code only (the host-compiled range check skips it)
 // The same questions for packed sequences, answered from the plans made in JAX
 // (jax_fa3/segments.py): this key block's query-tile bounds, and per query tile the forward's
-// KeyBlockRange in the backward's tiles, {n_min, n_max, right_masked, left_masked}.
+// KeyBlockRange in the backward's tiles, {n_min, n_max, right_masked, left_masked}. The
+// plans are checked against brute force in tests/test_packed_sequences.py.
 template <int kBlockM, int kBlockN>
 struct PlannedQueryBlocks {
   int n_block, m_begin, m_end;
@@ -80,5 +82,6 @@ struct PlannedQueryBlocks {
     return !(n_block >= keys.w && n_block < keys.z);
   }
 };
+#endif
 
 }  // namespace jax_fa3
