@@ -47,11 +47,11 @@ cudaError_t launch_bwd(BwdParams const& b, cudaStream_t stream) {
   if (cudaError_t e = cudaMemsetAsync(b.workspace, 0, w.zeroed_bytes, stream); e != cudaSuccess) { return e; }
 
   BwdPreprocessParams pre{b.dout, b.out, b.lse, w.dpsum, w.lse_log2, b.seqused_q, b.o_row_stride, b.o_head_stride,
-                          b.o_batch_stride, b.seqlen_q, seqlen_q_rounded, b.heads};
+                          b.o_batch_stride, b.seqlen_q, seqlen_q_rounded, b.heads, b.batch};
   using Pre = PreprocessShape<kHeadDim>;
   static_assert(kBlockM % Pre::kRowsPerBlock == 0);
   bwd_preprocess_kernel<Element, kHeadDim>
-      <<<dim3(seqlen_q_rounded / Pre::kRowsPerBlock, b.heads, b.batch), Pre::kThreads, 0, stream>>>(pre);
+      <<<dim3(seqlen_q_rounded / Pre::kRowsPerBlock, b.heads, std::min(b.batch, kMaxGridZ)), Pre::kThreads, 0, stream>>>(pre);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) { return e; }
 
   auto gmem = [](void const* ptr, int seqlen, int heads, int64_t row, int64_t head, int64_t batch, int count) {
@@ -122,8 +122,9 @@ cudaError_t launch_bwd(BwdParams const& b, cudaStream_t stream) {
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) { return e; }
 
   BwdPostprocessParams<Traits> post{w.dq_accum, static_cast<Element*>(b.dq), b.q_row_stride, b.q_head_stride,
-                                    b.q_batch_stride, b.softmax_scale, b.seqlen_q, b.heads, num_m_blocks};
-  bwd_convert_dq_kernel<Traits><<<dim3(num_m_blocks, b.heads, b.batch), Traits::kConsumerThreads, 0, stream>>>(post);
+                                    b.q_batch_stride, b.softmax_scale, b.seqlen_q, b.heads, num_m_blocks, b.batch};
+  bwd_convert_dq_kernel<Traits>
+      <<<dim3(num_m_blocks, b.heads, std::min(b.batch, kMaxGridZ)), Traits::kConsumerThreads, 0, stream>>>(post);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) { return e; }
 
   if (gqa) {

@@ -7,6 +7,11 @@
 
 namespace jax_fa3 {
 
+// CUDA's limit on a grid's y and z dimensions; kernels with a batch or head axis there
+// loop over what does not fit (the handlers refuse more heads than this).
+constexpr int kMaxGridZ = 65535;
+constexpr int kMaxGridY = 65535;
+
 // Opting in to more than 48 KB of shared memory is a per-function, per-device setting,
 // made once per kernel and device (the kernel is a template argument so each gets its own).
 template <auto kKernel>

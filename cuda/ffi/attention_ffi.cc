@@ -16,6 +16,7 @@
 #include <cuda_runtime_api.h>
 
 #include "common/bwd_params.h"
+#include "common/launch.h"
 #include "common/params.h"
 #include "ffi/registry.h"
 
@@ -101,6 +102,7 @@ ffi::Error check_inputs(ffi::AnyBuffer const& q, ffi::AnyBuffer const& k, ffi::A
     return invalid("batch, seqlens and heads must be >= 1; got q " + shape_str(q) + ", k " + shape_str(k));
   }
   if (d.seqlen_q > kMaxSeqlen || d.seqlen_k > kMaxSeqlen) { return invalid("seqlens must be <= 2^30"); }
+  if (d.heads > kMaxGridY) { return invalid("at most 65535 query heads (a grid dimension of the backward)"); }
   if (d.heads % d.kv_heads != 0) {
     return invalid("q heads (" + std::to_string(d.heads) + ") must be a multiple of k/v heads (" +
                    std::to_string(d.kv_heads) + ")");

@@ -186,3 +186,24 @@ def test_lse_gradient_uses_the_backward_kernel(d):
     loss = lambda q, k, v: jnp.sum(jax_fa3.flash_attention(q, k, v, return_lse=True)[1])
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
     assert "jax_fa3_bwd" in text, "the lse's gradient does not run the backward kernel"
+
+
+def test_gradients_with_more_batch_rows_than_a_grid_dimension():
+    """70000 batch rows (a vmapped or windowed model's size): the backward's pre- and
+    postprocess grids stop at 65535 in z and loop over the rest."""
+    q, k, v = _qkv(31, 70000, 8, 8, 2, 1, 64)
+    dout = _qkv(32, 70000, 8, 8, 2, 1, 64)[0]
+    out, pullback = jax.vjp(lambda q, k, v: jax_fa3.flash_attention(q, k, v, causal=True), q, k, v)
+    grads = jax.jit(pullback)(dout)
+
+    def reference(dtype):
+        f = lambda q, k, v: jax.nn.dot_product_attention(
+            *(x.astype(dtype) for x in (q, k, v)), is_causal=True).astype(dtype)
+        o, pull = jax.vjp(f, q, k, v)
+        return (o, *pull(dout.astype(dtype)))
+
+    for ours, ref, base in zip((out, *grads), jax.jit(lambda: reference(jnp.float32))(),
+                               jax.jit(lambda: reference(jnp.bfloat16))()):
+        _check(ours, ref, base)
+        tail = np.asarray(ours[65535:], np.float32)
+        assert np.abs(tail).max() > 0, "the rows past 65535 were not written"
