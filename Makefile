@@ -32,7 +32,7 @@ define install
 	$(VENV)/bin/python tools/requirements.py build package $(1) $(JAX_CUDA) \
 	  | $(VENV)/bin/pip install --quiet -r /dev/stdin $(JAX_PIN)
 	$(VENV)/bin/pip install --no-deps --no-build-isolation --verbose . 2>&1 \
-	  | sed "/^ *ptxas info/d; /^ *[0-9]* bytes stack frame/d"
+	  | sed -u "/^ *ptxas info/d; /^ *[0-9]* bytes stack frame/d"
 endef
 
 # The pytest script, not `python -m pytest`, so the installed package is tested, not ./jax_fa3.
