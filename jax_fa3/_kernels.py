@@ -57,22 +57,30 @@ class KernelStatus:
     return min(fits, key=lambda dims: (dims[0] + dims[1], dims[0]), default=None)
 
 
+def _cuda_devices() -> list:
+  try:
+    return jax.devices("cuda")
+  except RuntimeError:  # no CUDA backend
+    return []
+
+
+def gpus_without_kernels() -> list[str]:
+  """The CUDA GPUs JAX sees that cannot run the kernels (any but Hopper, sm_90a), described."""
+  return sorted({f"{d.device_kind} (compute capability {getattr(d, 'compute_capability', '?')})"
+                 for d in _cuda_devices() if getattr(d, "compute_capability", None) != "9.0"})
+
+
 def gpu_problem() -> str | None:
-  """Why the kernels (sm_90a) cannot run on the GPUs JAX sees, or None when they all are Hopper.
+  """Why the kernels cannot run on this machine, or None when every GPU JAX sees is a Hopper.
 
   Asks JAX for its devices, so call it after jax.distributed.initialize, never at import.
   """
-  try:
-    gpus = jax.devices("cuda")
-  except RuntimeError:
-    gpus = []
   fallback = "jax_fa3 runs its float32 reference path instead"
-  if not gpus:
+  if not _cuda_devices():
     hint = (" (nvidia-smi is here: install jax's CUDA wheels, "
             "`pip install 'jax[cuda13]'` or 'jax[cuda12]')" if shutil.which("nvidia-smi") else "")
     return f"JAX sees no CUDA GPU{hint}; {fallback}."
-  others = sorted({f"{d.device_kind} (compute capability {getattr(d, 'compute_capability', '?')})"
-                   for d in gpus if getattr(d, "compute_capability", None) != "9.0"})
+  others = gpus_without_kernels()
   if others:
     return f"they are built for Hopper (sm_90a), not for {', '.join(others)}; {fallback}."
   return None

@@ -100,6 +100,7 @@ def test_a_gpu_other_than_hopper_means_the_reference_path(monkeypatch):
   gpus = [types.SimpleNamespace(device_kind="NVIDIA A100-SXM4-80GB", compute_capability="8.0"),
           types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3", compute_capability="9.0")]
   monkeypatch.setattr(jax, "devices", lambda backend=None: gpus)
+  assert _kernels.gpus_without_kernels() == ["NVIDIA A100-SXM4-80GB (compute capability 8.0)"]
   problem = _kernels.gpu_problem()
   assert "NVIDIA A100-SXM4-80GB (compute capability 8.0)" in problem and "H100" not in problem
   assert "float32 reference path" in problem
@@ -109,7 +110,7 @@ def test_a_gpu_other_than_hopper_means_the_reference_path(monkeypatch):
 def test_hopper_gpus_run_the_kernels(monkeypatch):
   gpus = [types.SimpleNamespace(device_kind="NVIDIA H200", compute_capability="9.0")] * 2
   monkeypatch.setattr(jax, "devices", lambda backend=None: gpus)
-  assert _kernels.gpu_problem() is None
+  assert _kernels.gpu_problem() is None and _kernels.gpus_without_kernels() == []
   assert "will not run" not in str(KernelStatus(VARIANTS))
 
 
