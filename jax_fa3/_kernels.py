@@ -44,8 +44,10 @@ class KernelStatus:
              for v in self.variants]
     built = ", ".join(f"{key}={value}" for key, value in self.build_info.items())
     why_not_here = gpu_problem()
+    if why_not_here:
+      lines.append(f"They will not run here: {why_not_here}")
     return "\n".join([f"jax_fa3 CUDA kernels ({built}):" if built else "jax_fa3 CUDA kernels:",
-                      *lines, *([f"They will not run here: {why_not_here}"] if why_not_here else [])])
+                      *lines])
 
   def head_dims_for(self, direction: str, dtype, head_dim: int,
                     head_dim_v: int) -> tuple[int, int] | None:
