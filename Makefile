@@ -21,7 +21,8 @@ WHEEL_PYTHONS ?= 3.11 3.12 3.13
 # With an NVIDIA driver: jax's CUDA wheels (the cuda12 or cuda13 extra, after the driver's
 # CUDA version). With a Hopper GPU: the GPU tests must run, a skip is a failure.
 CUDA_MAJOR := $(shell nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p')
-JAX_CUDA ?= $(if $(CUDA_MAJOR),$(shell [ $(CUDA_MAJOR) -ge 13 ] && echo cuda13 || echo cuda12))
+JAX_CUDA ?= $(if $(CUDA_MAJOR),$(shell [ $(CUDA_MAJOR) -ge 13 ] && echo cuda13 \
+                                                                 || echo cuda12))
 HOPPER := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | grep -x 9.0)
 
 .PHONY: bench test install wheel

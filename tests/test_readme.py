@@ -19,7 +19,8 @@ def _snippet(heading):
 @pytest.mark.skipif(not README.exists(), reason="runs beside a checkout")
 def test_training_loop_snippet_trains():
   namespace = {}
-  exec(compile(_snippet("### In a training loop"), str(README), "exec"), namespace)  # pylint: disable=exec-used
+  code = compile(_snippet("### In a training loop"), str(README), "exec")
+  exec(code, namespace)  # pylint: disable=exec-used
   train_step, params, opt_state, x = (namespace[name] for name in
                                       ("train_step", "params", "opt_state", "x"))
   losses = [float(namespace["loss"])]

@@ -4,8 +4,8 @@
 if command -v "python$1" > /dev/null && "python$1" -c "" 2> /dev/null; then
   command -v "python$1"
 else
-  found=$(ls -d "$(pyenv root 2> /dev/null || echo ~/.pyenv)/versions/$1".*/bin/python 2> /dev/null \
-    | sort -V | tail -1)
+  pyenv_root=$(pyenv root 2> /dev/null || echo ~/.pyenv)
+  found=$(ls -d "$pyenv_root/versions/$1".*/bin/python 2> /dev/null | sort -V | tail -1)
   [ -n "$found" ] || { echo "no Python $1 (python$1 on PATH, or pyenv's)" >&2; exit 1; }
   echo "$found"
 fi
