@@ -7,6 +7,9 @@ compiled; this module reads it and keeps no copy of its own.
 
 import dataclasses
 import importlib
+import importlib.metadata
+import pathlib
+import shutil
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -44,6 +47,9 @@ class KernelStatus:
     lines = [f"  {v.direction} {v.dtype} head_dim={v.head_dim} head_dim_v={v.head_dim_v}"
              for v in self.variants]
     built = ", ".join(f"{key}={value}" for key, value in self.build_info.items())
+    why_not_here = gpu_problem()
+    if why_not_here:
+      lines.append(f"They will not run here: {why_not_here}")
     return "\n".join([f"jax_fa3 CUDA kernels ({built}):" if built else "jax_fa3 CUDA kernels:",
                       *lines])
 
@@ -61,12 +67,57 @@ class KernelStatus:
     return self.segment_tiles[(direction, np.dtype(dtype).name, head_dim)]
 
 
+def _cuda_devices() -> list:
+  try:
+    return jax.devices("cuda")
+  except RuntimeError:  # no CUDA backend
+    return []
+
+
+def gpus_without_kernels() -> list[str]:
+  """The CUDA GPUs JAX sees that cannot run the kernels (any but Hopper, sm_90a), described."""
+  return sorted({f"{d.device_kind} (compute capability {getattr(d, 'compute_capability', '?')})"
+                 for d in _cuda_devices() if getattr(d, "compute_capability", None) != "9.0"})
+
+
+def gpu_problem() -> str | None:
+  """Why the kernels cannot run on this machine, or None when every GPU JAX sees is a Hopper.
+
+  Asks JAX for its devices, so call it after jax.distributed.initialize, never at import.
+  """
+  fallback = "jax_fa3 runs its float32 reference path instead"
+  if not _cuda_devices():
+    hint = (" (nvidia-smi is here: install jax's CUDA wheels, "
+            "`pip install 'jax[cuda13]'` or 'jax[cuda12]')" if shutil.which("nvidia-smi") else "")
+    return f"JAX sees no CUDA GPU{hint}; {fallback}."
+  others = gpus_without_kernels()
+  if others:
+    return f"they are built for Hopper (sm_90a), not for {', '.join(others)}; {fallback}."
+  return None
+
+
+def _missing_extension_reason(error: ImportError, package_dir: pathlib.Path) -> str:
+  """Why `jax_fa3._fa3_cuda` did not import: most often the source tree shadows the install."""
+  try:
+    installed = pathlib.Path(importlib.metadata.distribution("jax-fa3").locate_file("jax_fa3"))
+  except importlib.metadata.PackageNotFoundError:
+    installed = None
+  if installed and installed.is_dir() and installed.resolve() != package_dir.resolve():
+    extension = ("which has the CUDA extension" if any(installed.glob("_fa3_cuda*"))
+                 else "which has no CUDA extension either")
+    return (f"jax_fa3 was imported from {package_dir}, which shadows the installed package "
+            f"in {installed}, {extension}: Python looks in the current (or the script's) "
+            f"directory first. Run from another directory, or with `python -P` "
+            f"(PYTHONSAFEPATH=1)")
+  return (f"the CUDA extension jax_fa3._fa3_cuda could not be imported ({error}); install "
+          f"a wheel, or build it with a CUDA toolkit: `JAX_FA3_CUDA=ON pip install .`")
+
+
 def _load() -> KernelStatus:
   try:
     _fa3_cuda = importlib.import_module("jax_fa3._fa3_cuda")
   except ImportError as e:
-    return KernelStatus((), f"the CUDA extension jax_fa3._fa3_cuda could not be "
-                            f"imported ({e}); build it with `JAX_FA3_CUDA=ON pip install .`")
+    return KernelStatus((), _missing_extension_reason(e, pathlib.Path(__file__).parent))
   for name, capsule in _fa3_cuda.registrations().items():
     jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
   variants = tuple(Variant(d, t, int(h), int(hv)) for d, t, h, hv in _fa3_cuda.variants())
@@ -81,7 +132,8 @@ _status = _load()
 def kernels_available() -> KernelStatus:
   """Which CUDA kernels are compiled into this install, and why none are when none are.
 
-  `bool(jax_fa3.kernels_available())` says whether any is; `print(...)` lists them.
+  `bool(jax_fa3.kernels_available())` says whether any is; `print(...)` lists them and
+  says when they cannot run on this machine (no GPU, or not a Hopper one).
   Where a (dtype, head dim) pair has no kernel, jax_fa3 runs its float32
   reference instead, with a one-time warning.
   """

@@ -1,4 +1,8 @@
-"""GPU tests: they run only where JAX sees a CUDA device and skip cleanly elsewhere."""
+"""GPU tests: they run only where JAX sees a Hopper GPU and skip cleanly elsewhere.
+
+JAX_FA3_REQUIRE_GPU=1 makes that skip an error instead (the device scripts, and
+`make test` on a Hopper machine, set it): a GPU run that tests nothing fails.
+"""
 
 import os
 
@@ -18,20 +22,28 @@ import sharding_checks  # pylint: disable=wrong-import-position
 _largest_differences = sharding_checks.LargestDifferences()
 
 
-def _has_gpu() -> bool:
+def _has_hopper_gpu() -> bool:
     import jax
 
     try:
-        return any(d.platform == "gpu" for d in jax.devices())
-    except RuntimeError:
+        return any(getattr(d, "compute_capability", None) == "9.0" for d in jax.devices("cuda"))
+    except RuntimeError:  # no CUDA backend
         return False
 
 
 def pytest_collection_modifyitems(config, items):
-    if _has_gpu():
+    if _has_hopper_gpu():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
     here = os.path.dirname(__file__)
+    if os.environ.get("JAX_FA3_REQUIRE_GPU") == "1" and any(
+            str(item.fspath).startswith(here) for item in items):
+        import jax
+
+        raise pytest.UsageError(
+            f"JAX_FA3_REQUIRE_GPU=1, but JAX sees no Hopper GPU (its devices: {jax.devices()}): "
+            "the GPU tests would all skip. Is jax installed with its CUDA wheels "
+            "(pip install 'jax[cuda13]')?")
+    skip = pytest.mark.skip(reason="needs a Hopper GPU")
     for item in items:
         # A module that counts its devices itself (test_multi_gpu.py) skips by that count.
         own_check = getattr(getattr(item, "module", None), "CHECKS_ITS_OWN_DEVICES", False)

@@ -10,6 +10,8 @@
 # ITERATIONS (10), SWEEPS ("batch heads layout ring": the quick ones first).
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
+# A GPU test run that finds no Hopper GPU fails instead of skipping everything.
+export JAX_FA3_REQUIRE_GPU=1
 # NVLink multicast stays off (a program that uses it can put the host's shared GPUs out of
 # service): in NCCL, which XLA's collectives use, and in NVSHMEM and PyTorch for good measure.
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
