@@ -75,9 +75,12 @@ def _cuda_devices() -> list:
 
 
 def gpus_without_kernels() -> list[str]:
-  """The CUDA GPUs JAX sees that cannot run the kernels (any but Hopper, sm_90a), described."""
-  return sorted({f"{d.device_kind} (compute capability {getattr(d, 'compute_capability', '?')})"
-                 for d in _cuda_devices() if getattr(d, "compute_capability", None) != "9.0"})
+  """The CUDA GPUs JAX sees that cannot run the kernels (any but Hopper, sm_90a), described.
+  A device that does not report its compute capability is not listed (jax's CUDA devices
+  report it as a string, "9.0" on an H100 or H200)."""
+  return sorted({f"{d.device_kind} (compute capability {d.compute_capability})"
+                 for d in _cuda_devices()
+                 if getattr(d, "compute_capability", None) not in (None, "9.0")})
 
 
 def gpu_problem() -> str | None:

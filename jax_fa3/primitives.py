@@ -174,6 +174,11 @@ def _kernel_head_dims(direction, q, v):
   kernels = _kernels.kernels_available()
   if not kernels:
     raise RuntimeError(f"jax_fa3 cannot lower to CUDA: {kernels.unavailable_reason}")
+  other_gpus = _kernels.gpus_without_kernels()
+  if other_gpus:  # e.g. an A100: sm_90a code cannot run there
+    _warn_once(f"jax_fa3: the kernels are built for Hopper (sm_90a), not for "
+               f"{', '.join(other_gpus)}; running the float32 reference instead (slow).")
+    return None
   dims = kernels.head_dims_for(direction, q.dtype, q.shape[3], v.shape[3])
   if dims is None:
     _warn_once(f"jax_fa3: no {direction} kernel is compiled for {q.dtype} with "

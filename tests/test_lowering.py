@@ -156,3 +156,12 @@ def test_smallest_compiled_head_dims():
   assert status.head_dims_for("fwd", jnp.bfloat16, 100, 200) == (256, 256)
   assert status.head_dims_for("bwd", jnp.bfloat16, 64, 64) is None
   assert status.head_dims_for("fwd", jnp.float16, 64, 64) is None
+
+
+def test_a_gpu_the_kernels_cannot_run_on_lowers_to_the_reference(compiled, monkeypatch):
+  """On a non-Hopper GPU (say an A100) the sm_90a kernels cannot run: the reference path."""
+  monkeypatch.setattr(_kernels, "gpus_without_kernels", lambda: ["NVIDIA A100 (compute capability 8.0)"])
+  primitives._warn_once.cache_clear()
+  with pytest.warns(UserWarning, match="built for Hopper"):
+    text = cuda_text(grads(jax_fa3.flash_attention), *arrays())
+  assert not custom_calls(text, "jax_fa3_fwd") and not custom_calls(text, "jax_fa3_bwd")
