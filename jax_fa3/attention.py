@@ -371,8 +371,8 @@ def _tokens_of(flagged, cu_seqlens, total):
   """Tokens in [cu[s], cu[s+1]) (either order, clipped to the array) of the flagged s."""
   lo = jnp.clip(jnp.minimum(cu_seqlens[:-1], cu_seqlens[1:]), 0, total)
   hi = jnp.clip(jnp.maximum(cu_seqlens[:-1], cu_seqlens[1:]), 0, total)
-  # Zero-length flagged sequences flag nothing here; the whole-array case below covers
-  # a bound past the end.
+  # A flagged sequence whose clipped range is empty (both bounds past the end) holds no
+  # token to flag.
   edges = jnp.zeros((total + 1,), jnp.int32)
   edges = edges.at[lo].add(flagged.astype(jnp.int32)).at[hi].add(-flagged.astype(jnp.int32))
   return jnp.cumsum(edges)[:total] > 0

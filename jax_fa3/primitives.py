@@ -119,7 +119,7 @@ def _fwd_cuda(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, **params):
     return reference.attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, **params)
   head_dim, head_dim_v = dims
   batch, seqlen_q, heads, _ = q.shape
-  tile_plan = _ABSENT
+  tile_plan = absent_if_none(None)
   if q_rows.size:
     tile_plan = segments.forward_plan(q_rows, *_segment_tile("fwd", q.dtype, head_dim))
   out, lse, _ = jax.ffi.ffi_call(_kernels.FWD_TARGET, (
@@ -138,7 +138,7 @@ def _bwd_cuda(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, **
     return reference.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows,
                                    kv_rows, **params)
   head_dim, head_dim_v = dims
-  query_tile_plan = key_block_plan = _ABSENT
+  query_tile_plan = key_block_plan = absent_if_none(None)
   if q_rows.size:
     query_tile_plan, key_block_plan = segments.backward_plans(
         q_rows, k.shape[1], *_segment_tile("bwd", q.dtype, head_dim))
@@ -156,9 +156,6 @@ def _bwd_cuda(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, **
      _pad_head_dim(out, head_dim_v), lse, seqused_q, seqused_k, q_rows, kv_rows,
      query_tile_plan, key_block_plan, **_ffi_attributes(**params))
   return dq[..., :q.shape[3]], dk[..., :k.shape[3]], dv[..., :v.shape[3]]
-
-
-_ABSENT = np.zeros((0,), np.int32)
 
 
 def _segment_tile(direction, dtype, head_dim):

@@ -118,7 +118,7 @@ def attention(query, key, value, *, bias, mask, is_causal, mask_structure, dropo
                      "tokens first) or documents; express causality with is_causal=True")
   batch_dims = query.shape[:-3]  # shapes checked by check_shapes
   q, k, v = (x.reshape(-1, *x.shape[-3:]) for x in (query, key, value))
-  if segment_ids is not None or mask_structure == "segments" and mask is not None:
+  if segment_ids is not None or (mask_structure == "segments" and mask is not None):
     out = _segment_attention(q, k, v, segment_ids, mask, batch_dims, is_causal)
   elif mask is None:
     out = jax_fa3.dot_product_attention(q, k, v, is_causal=is_causal, implementation="fa3")
