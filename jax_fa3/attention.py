@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from jax_fa3 import segments, sharding
+from jax_fa3 import reference, segments, sharding
 from jax_fa3.primitives import AttentionParams
 
 # The one list of the dtypes jax_fa3 takes (the Flax adapters read it too).
@@ -23,8 +23,8 @@ _JAX_NN_MASKED_LSE = np.float32(-0.7 * np.finfo(np.float32).max)
 
 
 def flash_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, softmax_scale=None,
-                    causal=False, window_size=(-1, -1), softcap=0.0, return_lse=False,
-                    deterministic=False):
+                    causal=False, window_size=(-1, -1), softcap=0.0, sinks=None,
+                    return_lse=False, return_max_logit=False, deterministic=False):
   """FlashAttention-3: softmax(q kᵀ · softmax_scale) v, on Hopper kernels where compiled.
 
   Args:
@@ -50,27 +50,38 @@ def flash_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, softmax_s
     window_size: `(left, right)`: query `i` sees keys
       `[i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]`; -1 is unbounded.
     softcap: if positive, scores become `softcap * tanh(scores / softcap)`.
+    sinks: attention sinks (as in gpt-oss): a float `[heads]` array, one learnable logit
+      per query head that joins every row's softmax with no value:
+      `lse_i = log(exp(sinks[h]) + sum_j exp(s_ij))`, `out_i = sum_j exp(s_ij - lse_i) v_j`.
+      Differentiable (its gradient is float32). A row that sees no key then gets output 0
+      and lse `sinks[h]`.
     return_lse: also return the log-sum-exp of the scores (differentiable).
+    return_max_logit: also return the largest visible scaled (and softcapped) score of
+      each (batch, head), float32 `[batch, heads]`, -inf where no row sees a key: what
+      QK-clip / MuonClip needs. Taken from the kernel's running maximum; no gradient.
     deterministic: make the backward pass bitwise reproducible (slower).
 
-  `causal`, `return_lse` and `deterministic` are static Python (or NumPy) bools, and
-  `softmax_scale`, `softcap` and `window_size` static numbers: they select the kernel
-  and the outputs, so a traced value raises a TypeError that says so.
+  `causal`, `return_lse`, `return_max_logit` and `deterministic` are static Python (or
+  NumPy) bools, and `softmax_scale`, `softcap` and `window_size` static numbers: they
+  select the kernel and the outputs, so a traced value raises a TypeError that says so.
 
   Head dims up to 256 are supported; sizes without a compiled kernel are padded
-  up to the next one. A query row that sees no key gets output 0 and lse -inf,
-  and passes no gradient.
+  up to the next one. A query row that sees no key gets output 0 and lse -inf (the
+  sink with sinks), and passes no gradient to q, k and v.
 
   Returns:
-    `out [batch, seqlen_q, heads, head_dim_v]` in q's dtype, or `(out, lse)` with
+    `out [batch, seqlen_q, heads, head_dim_v]` in q's dtype; with `return_lse` and/or
+    `return_max_logit` a tuple `(out, lse, max_logit)` of those asked for, with
     `lse [batch, heads, seqlen_q]` float32 (natural log).
   """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   _check_qkv(q, k, v)
-  causal, return_lse, deterministic = _check_flags(
-      causal=causal, return_lse=return_lse, deterministic=deterministic)
+  causal, return_lse, return_max_logit, deterministic = _check_flags(
+      causal=causal, return_lse=return_lse, return_max_logit=return_max_logit,
+      deterministic=deterministic)
   params = _flash_params(q.shape[3], softmax_scale, causal, window_size, softcap,
                          diagonal_offset=k.shape[1] - q.shape[1])
+  sinks = _check_sinks("flash_attention", sinks, q.shape[0], q.shape[2])
   absent = jnp.zeros((0,), jnp.int32)
   q_rows, kv_rows = absent, absent
   if segment_ids is not None or kv_segment_ids is not None:
@@ -79,14 +90,22 @@ def flash_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, softmax_s
         q_ids, kv_ids, window_left=params.window_left, window_right=params.window_right,
         q_offsets=jnp.full(q_ids.shape, params.diagonal_offset, jnp.int32),
         kv_offsets=jnp.full(kv_ids.shape, params.diagonal_offset, jnp.int32))
-  out, lse = _attention(q, k, v, absent, absent, q_rows, kv_rows, params, bool(deterministic))
-  return (out, lse) if return_lse else out
+  out, lse, *max_logit = _attention(q, k, v, absent, absent, q_rows, kv_rows, sinks, params,
+                                    deterministic, return_max_logit)
+  return _results(out, lse if return_lse else None, *max_logit)
+
+
+def _results(out, lse=None, max_logit=None):
+  """out alone, or the tuple of out and the extras asked for."""
+  extras = tuple(x for x in (lse, max_logit) if x is not None)
+  return (out, *extras) if extras else out
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
                            max_seqlen_k=None, seqused_q=None, seqused_k=None,
                            softmax_scale=None, causal=False, window_size=(-1, -1),
-                           softcap=0.0, return_lse=False, deterministic=False):
+                           softcap=0.0, sinks=None, return_lse=False,
+                           return_max_logit=False, deterministic=False):
   """FlashAttention's variable-length form: sequences concatenated along one token axis.
 
   Args:
@@ -105,7 +124,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=
     The other arguments are `flash_attention`'s.
 
   Returns:
-    `out [total_q, heads, head_dim_v]`, or `(out, lse)` with `lse [heads, total_q]`.
+    `out [total_q, heads, head_dim_v]`, or a tuple with `lse [heads, total_q]` and/or
+    `max_logit [heads]` (the largest score over all sequences), as asked for.
   """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -125,11 +145,13 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=
   used_k = _check_seq_lengths("seqused_k", seqused_k, num_seqs)
   q4, k4, v4 = q[None], k[None], v[None]
   _check_qkv(q4, k4, v4)
-  causal, return_lse, deterministic = _check_flags(
-      causal=causal, return_lse=return_lse, deterministic=deterministic)
+  causal, return_lse, return_max_logit, deterministic = _check_flags(
+      causal=causal, return_lse=return_lse, return_max_logit=return_max_logit,
+      deterministic=deterministic)
   # The diagonals are per sequence, in the rows below; the params' offset is unused.
   params = _flash_params(q.shape[2], softmax_scale, causal, window_size, softcap,
                          diagonal_offset=0)
+  sinks = _check_sinks("flash_attention_varlen", sinks, 1, q.shape[1])
   q_ids, q_start, q_length, bad_q = _sequence_of_tokens(cu_q, used_q, q.shape[0])
   kv_ids, k_start, k_length, bad_k = _sequence_of_tokens(cu_k, used_k, k.shape[0])
   # Bottom-right alignment in each sequence: query a of s sits on key a + Lk - Lq of s.
@@ -139,12 +161,14 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=
       window_right=params.window_right, q_offsets=offset[jnp.maximum(q_ids, 0)][None],
       kv_offsets=offset[jnp.maximum(kv_ids, 0)][None])
   absent = jnp.zeros((0,), jnp.int32)
-  out, lse = _attention(q4, k4, v4, absent, absent, q_rows, kv_rows, params, bool(deterministic))
+  out, lse, *max_logit = _attention(q4, k4, v4, absent, absent, q_rows, kv_rows, sinks, params,
+                                    deterministic, return_max_logit)
   # Tokens of a malformed sequence (of q's or k's bounds): NaN, never a silent number.
   bad_tokens = _tokens_of(bad_q | bad_k, cu_q, q.shape[0])
   out = jnp.where(bad_tokens[:, None, None], jnp.nan, out[0]).astype(q.dtype)
   lse = jnp.where(bad_tokens[None], jnp.nan, lse[0])
-  return (out, lse) if return_lse else out
+  max_logit = [jnp.where(jnp.any(bad_tokens), jnp.nan, m[0]) for m in max_logit]
+  return _results(out, lse if return_lse else None, *max_logit)
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
@@ -205,7 +229,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   seqused_q = _seqused(query_seq_lengths, seqlen_q)
   seqused_k = _seqused(key_value_seq_lengths, seqlen_k)
   absent = jnp.zeros((0,), jnp.int32)
-  out, lse = _attention(query, key, value, seqused_q, seqused_k, absent, absent, params, False)
+  out, lse = _attention(query, key, value, seqused_q, seqused_k, absent, absent,
+                        jnp.zeros((0,), jnp.float32), params, False, False)
   # Without lengths or a window every query row sees key 0 (the causal mask is top-left
   # aligned here): no row is key-less.
   keyless_rows = not (query_seq_lengths is None and key_value_seq_lengths is None
@@ -242,25 +267,33 @@ def _as_jax_nn_gives(out, lse, value, query_seq_lengths, keyless_rows):
 
 # --- The custom VJP --------------------------------------------------------------
 
-# The mask operands (lengths, packed-sequence rows) are int32 and get no cotangent.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _attention(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, params, deterministic):
+# The mask operands (lengths, packed-sequence rows) are int32 and get no cotangent. sinks
+# (float32 [batch, heads], or [0] when absent) do; max_logit, when asked for, has none.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _attention(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, params, deterministic,
+               return_max_logit):
   del deterministic
-  return tuple(sharding.attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, params))
+  return tuple(sharding.attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks,
+                                      params, return_max_logit))
 
 
-def _attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, params, deterministic):
+def _attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, params,
+                   deterministic, return_max_logit):
   del deterministic
-  q, k, v, *mask = (x.value for x in (q, k, v, seqused_q, seqused_k, q_rows, kv_rows))
-  out, lse = sharding.attention_fwd(q, k, v, *mask, params)
-  return (out, lse), (q, k, v, mask, out, lse)
+  q, k, v, sinks, *mask = (x.value for x in (q, k, v, sinks, seqused_q, seqused_k, q_rows,
+                                             kv_rows))
+  results = tuple(sharding.attention_fwd(q, k, v, *mask, sinks, params, return_max_logit))
+  out, lse = results[:2]
+  return results, (q, k, v, mask, sinks, out, lse)
 
 
-def _attention_bwd(params, deterministic, residuals, cotangents):
-  q, k, v, mask, out, lse = residuals
-  dout, dlse = cotangents
+def _attention_bwd(params, deterministic, return_max_logit, residuals, cotangents):
+  del return_max_logit  # the max logit passes no gradient
+  q, k, v, mask, sinks, out, lse = residuals
+  dout, dlse = cotangents[:2]
   if isinstance(dout, SymbolicZero):
     dout = jnp.zeros_like(out)
+  mask_grads = (None,) * len(mask)
   if not isinstance(dlse, SymbolicZero):
     # d lse_i / d score_ij = P_ij, so lse's cotangent adds dlse_i to every dP_ij.
     # A column of ones in v, dlse in dout and zeros in out does exactly that
@@ -269,11 +302,15 @@ def _attention_bwd(params, deterministic, residuals, cotangents):
     ones = jnp.ones((*v.shape[:3], 1), v.dtype)
     dout = jnp.concatenate([dout, jnp.swapaxes(dlse, 1, 2)[..., None].astype(dout.dtype)], -1)
     out = jnp.concatenate([out, jnp.zeros((*out.shape[:3], 1), out.dtype)], -1)
-    dq, dk, dv = sharding.attention_bwd(dout, q, k, jnp.concatenate([v, ones], -1), out,
-                                        lse, *mask, params, deterministic)
-    return dq, dk, dv[..., :-1], None, None, None, None
-  dq, dk, dv = sharding.attention_bwd(dout, q, k, v, out, lse, *mask, params, deterministic)
-  return dq, dk, dv, None, None, None, None
+    dq, dk, dv, *dsinks = sharding.attention_bwd(
+        dout, q, k, jnp.concatenate([v, ones], -1), out, lse, *mask, sinks, params,
+        deterministic)
+    if sinks.size:  # d lse_i / d sink = exp(sink - lse_i): the lse's own share of dsinks
+      dsinks = [dsinks[0] - reference.sink_gradient(sinks, lse, dlse)]
+    return (dq, dk, dv[..., :-1], *mask_grads, *(dsinks or [None]))
+  dq, dk, dv, *dsinks = sharding.attention_bwd(dout, q, k, v, out, lse, *mask, sinks, params,
+                                               deterministic)
+  return (dq, dk, dv, *mask_grads, *(dsinks or [None]))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
@@ -340,6 +377,18 @@ def _check_segment_ids(segment_ids, kv_segment_ids, q, k):
                        f"{list(shape)}, got {ids.dtype}{list(ids.shape)}")
     checked.append(ids.astype(jnp.int32))
   return tuple(checked)
+
+
+def _check_sinks(function, sinks, batch, heads):
+  """The sinks as float32 [batch, heads] (broadcast over the batch, so that their gradient
+  sums over it), or an absent float32 [0]."""
+  if sinks is None:
+    return jnp.zeros((0,), jnp.float32)
+  sinks = jnp.asarray(sinks)
+  if sinks.shape != (heads,) or not jnp.issubdtype(sinks.dtype, jnp.floating):
+    raise ValueError(f"{function}: sinks must be a float array of shape [heads] = [{heads}] "
+                     f"(one logit per query head), got {sinks.dtype}{list(sinks.shape)}")
+  return jnp.broadcast_to(sinks.astype(jnp.float32)[None], (batch, heads))
 
 
 def _check_cu_seqlens(name, cu_seqlens):
@@ -435,6 +484,7 @@ _FLAG_ROLES = {
     "is_causal": "it selects the attention mask",
     "deterministic": "it selects the backward kernel's mode",
     "return_lse": "it sets how many arrays the call returns",
+    "return_max_logit": "it sets how many arrays the call returns",
     "return_residual": "it sets how many arrays the call returns",
 }
 

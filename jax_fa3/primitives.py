@@ -4,10 +4,13 @@ Their operands, results and parameters are those of the FFI contract
 (`cuda/ffi/CONTRACT.md`); `reference.py` states their semantics in JAX.
 `sharding.py` lifts them to a device mesh as the `fa3_fwd` and `fa3_bwd` primitives
 that attention.py binds.
-- fwd: (q, k, v, seqused_q, seqused_k, q_rows, kv_rows) -> (out, lse)
-- bwd: (dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows) -> (dq, dk, dv)
+- fwd: (q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks) -> (out, lse[, max_logit])
+- bwd: (dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks)
+  -> (dq, dk, dv[, dsinks])
 An absent `seqused_*` or rows (packed sequences, `segments.py`) is an int32 array of
-shape [0]. With rows, the CUDA lowering adds their tile plans to the FFI call.
+shape [0], absent sinks a float32 one. With rows, the CUDA lowering adds their tile plans
+to the FFI call. Sinks, max_logit and dsinks are float32 [batch, heads]; max_logit is a
+result when the forward's `return_max_logit` parameter is set, dsinks when sinks are given.
 
 On CUDA they lower to the FFI targets where a kernel is compiled for the
 dtype and head dims, padding head dims up to the next compiled ones; anywhere
@@ -39,25 +42,30 @@ class AttentionParams:
 
 
 def attention_fwd(q, k, v, seqused_q, seqused_k, params: AttentionParams, q_rows=None,
-                  kv_rows=None):
-  """Binds the forward primitive: returns (out, lse). A seqused or rows may be None (absent)."""
+                  kv_rows=None, sinks=None, return_max_logit=False):
+  """Binds the forward primitive: returns (out, lse), and max_logit with `return_max_logit`.
+  A seqused, rows or sinks may be None (absent)."""
   return fwd_p.bind(q, k, v, *map(absent_if_none, (seqused_q, seqused_k, q_rows, kv_rows)),
-                    **dataclasses.asdict(params))
+                    absent_if_none(sinks, jnp.float32), **dataclasses.asdict(params),
+                    return_max_logit=bool(return_max_logit))
 
 
 def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
-                  params: AttentionParams, deterministic: bool, q_rows=None, kv_rows=None):
-  """Binds the backward primitive: returns (dq, dk, dv). A seqused or rows may be None (absent)."""
+                  params: AttentionParams, deterministic: bool, q_rows=None, kv_rows=None,
+                  sinks=None):
+  """Binds the backward primitive: returns (dq, dk, dv), and dsinks with sinks. A seqused,
+  rows or sinks may be None (absent)."""
   return bwd_p.bind(dout, q, k, v, out, lse,
                     *map(absent_if_none, (seqused_q, seqused_k, q_rows, kv_rows)),
+                    absent_if_none(sinks, jnp.float32),
                     **dataclasses.asdict(params), deterministic=deterministic)
 
 
-def absent_if_none(operand):
-  """An absent seqused or rows is an empty int32 array for the primitives. Sharded programs
+def absent_if_none(operand, dtype=jnp.int32):
+  """An absent seqused, rows or sinks is an empty array for the primitives. Sharded programs
   carry None instead and make the empty array where they bind: XLA's GPU compiler (jax
   0.11.2) crashes on a zero-sized operand of a manual computation."""
-  return jnp.zeros((0,), jnp.int32) if operand is None else operand
+  return jnp.zeros((0,), dtype) if operand is None else operand
 
 
 def none_if_absent(operand):
@@ -75,7 +83,7 @@ def fwd_workspace_bytes() -> int:
 
 
 def bwd_workspace_bytes(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim,
-                        head_dim_v) -> int:
+                        head_dim_v, sinks=False) -> int:
   """Bytes of scratch the backward kernels need, for the head dims they are launched with."""
   sq, sk = _round_up(seqlen_q, 128), _round_up(seqlen_k, 128)
   d, dv = _round_up(head_dim, 64), _round_up(head_dim_v, 64)
@@ -86,6 +94,8 @@ def bwd_workspace_bytes(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim,
   if heads != kv_heads:                    # GQA: dk, dv are summed over groups in f32,
     parts += [4 * batch * kv_heads * sk * d, 4 * batch * kv_heads * sk * dv,
               4 * batch * kv_heads * (sk // 64)]  # in order when deterministic
+  if sinks:                                # the preprocess blocks' dsinks parts (>= 8 rows each)
+    parts.append(4 * batch * heads * (sq // 8))
   return sum(_round_up(p, 256) for p in parts)
 
 
@@ -96,47 +106,66 @@ def _round_up(x, multiple):
 # --- Abstract evaluation ------------------------------------------------------
 # `aval.update` keeps the operands' sharding and varying manual axes.
 
-def _fwd_abstract_eval(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, **params):
-  del k, seqused_q, seqused_k, q_rows, kv_rows, params
+def _fwd_abstract_eval(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, *,
+                       return_max_logit, **params):
+  del k, seqused_q, seqused_k, q_rows, kv_rows, sinks, params
   batch, seqlen_q, heads, _ = q.shape
   spec_b, spec_t, spec_n, _ = q.sharding.spec
   lse_sharding = q.sharding.update(spec=jax.sharding.PartitionSpec(spec_b, spec_n, spec_t))
-  return (q.update(shape=(batch, seqlen_q, heads, v.shape[3])),
-          q.update(shape=(batch, heads, seqlen_q), dtype=jnp.float32, sharding=lse_sharding))
+  results = (q.update(shape=(batch, seqlen_q, heads, v.shape[3])),
+             q.update(shape=(batch, heads, seqlen_q), dtype=jnp.float32, sharding=lse_sharding))
+  if not return_max_logit:
+    return results
+  per_head = q.sharding.update(spec=jax.sharding.PartitionSpec(spec_b, spec_n))
+  return (*results, q.update(shape=(batch, heads), dtype=jnp.float32, sharding=per_head))
 
 
-def _bwd_abstract_eval(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows,
+def _bwd_abstract_eval(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks,
                        **params):
   del dout, out, lse, seqused_q, seqused_k, q_rows, kv_rows, params
-  return q.update(), k.update(), v.update()
+  grads = (q.update(), k.update(), v.update())
+  return (*grads, sinks.update()) if sinks.size else grads
 
 
 # --- CUDA lowering -------------------------------------------------------------
 
-def _fwd_cuda(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, **params):
+def _fwd_cuda(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, *, return_max_logit,
+              **params):
   dims = _kernel_head_dims("fwd", q, v)
   if dims is None:
-    return reference.attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, **params)
+    return reference.attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks,
+                                   return_max_logit=return_max_logit, **params)
   head_dim, head_dim_v = dims
   batch, seqlen_q, heads, _ = q.shape
   tile_plan = absent_if_none(None)
   if q_rows.size:
     tile_plan = segments.forward_plan(q_rows, *_segment_tile("fwd", q.dtype, head_dim))
-  out, lse, _ = jax.ffi.ffi_call(_kernels.FWD_TARGET, (
+  out, lse, _, max_logit_keys = jax.ffi.ffi_call(_kernels.FWD_TARGET, (
       jax.ShapeDtypeStruct((batch, seqlen_q, heads, head_dim_v), q.dtype),
       jax.ShapeDtypeStruct((batch, heads, seqlen_q), jnp.float32),
       jax.ShapeDtypeStruct((fwd_workspace_bytes(),), jnp.uint8),
+      jax.ShapeDtypeStruct((batch, heads) if return_max_logit else (1,), jnp.uint32),
   ))(_pad_head_dim(q, head_dim), _pad_head_dim(k, head_dim),
-     _pad_head_dim(v, head_dim_v), seqused_q, seqused_k, q_rows, kv_rows, tile_plan,
-     **_ffi_attributes(**params))
-  return out[..., :v.shape[3]], lse
+     _pad_head_dim(v, head_dim_v), seqused_q, seqused_k, q_rows, kv_rows, tile_plan, sinks,
+     **_ffi_attributes(**params), return_max_logit=bool(return_max_logit))
+  results = (out[..., :v.shape[3]], lse)
+  return (*results, decode_max_logit(max_logit_keys)) if return_max_logit else results
 
 
-def _bwd_cuda(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, **params):
+def decode_max_logit(keys):
+  """The kernel's order-preserving uint32 keys (cuda/common/max_logit.h) as float32; key 0
+  (no score recorded: every row of the head saw no key) is -inf."""
+  negative = keys < jnp.uint32(0x80000000)
+  bits = jnp.where(negative, ~keys, keys & jnp.uint32(0x7FFFFFFF))
+  values = jax.lax.bitcast_convert_type(bits, jnp.float32)
+  return jnp.where(keys == 0, -jnp.inf, values)
+
+
+def _bwd_cuda(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks, **params):
   dims = _kernel_head_dims("bwd", q, v)
   if dims is None:
     return reference.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows,
-                                   kv_rows, **params)
+                                   kv_rows, sinks, **params)
   head_dim, head_dim_v = dims
   query_tile_plan = key_block_plan = absent_if_none(None)
   if q_rows.size:
@@ -145,17 +174,19 @@ def _bwd_cuda(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, **
   batch, seqlen_q, heads, _ = q.shape
   _, seqlen_k, kv_heads, _ = k.shape
   workspace = bwd_workspace_bytes(batch, seqlen_q, seqlen_k, heads, kv_heads,
-                                  head_dim, head_dim_v)
-  dq, dk, dv, _ = jax.ffi.ffi_call(_kernels.BWD_TARGET, (
+                                  head_dim, head_dim_v, sinks=bool(sinks.size))
+  dq, dk, dv, _, dsinks = jax.ffi.ffi_call(_kernels.BWD_TARGET, (
       jax.ShapeDtypeStruct((*q.shape[:3], head_dim), q.dtype),
       jax.ShapeDtypeStruct((*k.shape[:3], head_dim), k.dtype),
       jax.ShapeDtypeStruct((*v.shape[:3], head_dim_v), v.dtype),
       jax.ShapeDtypeStruct((workspace,), jnp.uint8),
+      jax.ShapeDtypeStruct((batch, heads) if sinks.size else (1,), jnp.float32),
   ))(_pad_head_dim(dout, head_dim_v), _pad_head_dim(q, head_dim),
      _pad_head_dim(k, head_dim), _pad_head_dim(v, head_dim_v),
      _pad_head_dim(out, head_dim_v), lse, seqused_q, seqused_k, q_rows, kv_rows,
-     query_tile_plan, key_block_plan, **_ffi_attributes(**params))
-  return dq[..., :q.shape[3]], dk[..., :k.shape[3]], dv[..., :v.shape[3]]
+     query_tile_plan, key_block_plan, sinks, **_ffi_attributes(**params))
+  grads = (dq[..., :q.shape[3]], dk[..., :k.shape[3]], dv[..., :v.shape[3]])
+  return (*grads, dsinks) if sinks.size else grads
 
 
 def _segment_tile(direction, dtype, head_dim):
@@ -209,7 +240,7 @@ def _ffi_attributes(*, softmax_scale, softcap, window_left, window_right,
 
 def fold_vmap_axis_into_batch(primitive, args, dims, **params):
   """Every operand and result of both primitives leads with the batch axis (or is an
-  empty seqused), so a vmapped axis, moved to the front, merges into it."""
+  absent operand, shape [0]), so a vmapped axis, moved to the front, merges into it."""
   size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
   args = [batching.bdim_at_front(x, d, size) for x, d in zip(args, dims)]
   outs = primitive.bind(*[x.reshape(-1, *x.shape[2:]) for x in args], **params)

@@ -21,31 +21,45 @@ from jax_fa3 import segments
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, *, softmax_scale,
-                  softcap, window_left, window_right, diagonal_offset):
-  """Returns `(out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] float32)`."""
+def attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, *, softmax_scale,
+                  softcap, window_left, window_right, diagonal_offset, return_max_logit=False):
+  """Returns `(out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] float32)`, and with
+  `return_max_logit` the largest visible scaled score of each (batch, head), float32 [B, H]
+  (-inf where none). `sinks` (float32 [B, H] or absent, shape [0]) adds one logit per row to
+  the softmax's sum, with no value: a row within seqused_q that sees no key then has
+  output 0 and lse = its sink."""
   visible = _visible(q.shape[1], k.shape[1], seqused_q, seqused_k, q_rows, kv_rows,
                      window_left, window_right, diagonal_offset)
   scores, _ = _scores(q, k, softmax_scale, softcap)
   scores = jnp.where(visible, scores, -jnp.inf)
   row_max = jnp.max(scores, axis=-1, keepdims=True)
+  max_logit = jnp.max(row_max, axis=(3, 4)).reshape(q.shape[0], q.shape[2])
   row_max = jnp.where(row_max == -jnp.inf, 0.0, row_max)
   probs = jnp.exp(scores - row_max)
   row_sum = jnp.sum(probs, axis=-1, keepdims=True)
   seen_any = row_sum > 0
-  probs = probs / jnp.where(seen_any, row_sum, 1.0)
   lse = jnp.where(seen_any, row_max + jnp.log(jnp.where(seen_any, row_sum, 1.0)),
                   -jnp.inf)
+  if sinks.size:
+    keys_lse = lse
+    lse = jnp.logaddexp(keys_lse, _group(sinks[:, :, None, None], k))
+    probs = probs * jnp.where(seen_any, jnp.exp(keys_lse - lse), 0.0)
+    if seqused_q.size:  # rows past the used length are not rows: no sink there
+      lse = jnp.where(jnp.arange(q.shape[1])[:, None] < seqused_q[:, None, None, None, None],
+                      lse, -jnp.inf)
+  probs = probs / jnp.where(seen_any, row_sum, 1.0)
   out = _ungroup(jnp.einsum("bhgqk,bkhd->bhgqd", probs, v.astype(jnp.float32),
                             precision=_HIGHEST))
   batch, seqlen_q, heads = q.shape[:3]
-  return out.astype(q.dtype), lse.reshape(batch, heads, seqlen_q)
+  results = (out.astype(q.dtype), lse.reshape(batch, heads, seqlen_q))
+  return (*results, max_logit) if return_max_logit else results
 
 
-def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, *,
+def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks, *,
                   softmax_scale, softcap, window_left, window_right,
                   diagonal_offset, deterministic):
-  """Returns `(dq, dk, dv)`, recomputing the probabilities from `lse`."""
+  """Returns `(dq, dk, dv)`, recomputing the probabilities from `lse`, and with sinks their
+  gradient `dsinks [B, H]` float32: -sum_i exp(sink - lse_i) rowsum(dout_i * out_i)."""
   del deterministic  # This path is always deterministic.
   visible = _visible(q.shape[1], k.shape[1], seqused_q, seqused_k, q_rows, kv_rows,
                      window_left, window_right, diagonal_offset)
@@ -66,7 +80,18 @@ def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows
                            precision=_HIGHEST))
   q_g = _group(jnp.swapaxes(q, 1, 2).astype(jnp.float32), k)
   dk = jnp.einsum("bhgqk,bhgqd->bkhd", dscores, q_g, precision=_HIGHEST)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  grads = (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+  if not sinks.size:
+    return grads
+  return (*grads, sink_gradient(sinks, lse, jnp.swapaxes(delta, 1, 2)))
+
+
+def sink_gradient(sinks, lse, delta):
+  """d loss / d sinks [B, H] from the rows' lse and rowsum(dout * out), both [B, H, Sq]:
+  the sink's probability in each row is exp(sink - lse), and d out_i / d sink = -that * out_i.
+  Rows with lse = -inf (not rows) contribute nothing."""
+  weight = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(sinks[..., None] - lse))
+  return -jnp.sum(weight * delta, axis=-1)
 
 
 def _scores(q, k, softmax_scale, softcap):

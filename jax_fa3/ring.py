@@ -118,8 +118,10 @@ class Ring:
     return x.reshape(*x.shape[:axis], chunk, *x.shape[axis + 2:])
 
 
-def attention_fwd(ring: Ring, q, k, v, seqused_q, seqused_k, params: AttentionParams):
-  """The forward on this device's chunks of q, k and v: returns its chunks of (out, lse)."""
+def attention_fwd(ring: Ring, q, k, v, seqused_q, seqused_k, params: AttentionParams,
+                  return_max_logit: bool = False):
+  """The forward on this device's chunks of q, k and v: returns its chunks of (out, lse),
+  and with `return_max_logit` the largest score its queries saw, per (batch, head)."""
   if ring.striped:
     q, k, v = (ring.stripe(x, 1) for x in (q, k, v))
   rank = lax.axis_index(ring.axes)
@@ -127,6 +129,9 @@ def attention_fwd(ring: Ring, q, k, v, seqused_q, seqused_k, params: AttentionPa
   seqused_q = _local_lengths(layout, seqused_q, rank, q.shape[1])
   out = jnp.zeros((*q.shape[:3], v.shape[3]), jnp.float32)
   lse = jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf, jnp.float32)
+  state = (out, lse)
+  if return_max_logit:
+    state += (jnp.full((q.shape[0], q.shape[2]), -jnp.inf, jnp.float32),)
   for step in range(ring.size):
     if step + 1 < ring.size:
       next_k, next_v = ring.pass_on([k, v], k.dtype)
@@ -134,16 +139,19 @@ def attention_fwd(ring: Ring, q, k, v, seqused_q, seqused_k, params: AttentionPa
                                      k.shape[1])
 
     def attend(mask, partial, k=k, v=v, seqused_k=block_seqused_k):
-      return _merge(*partial, *primitives.attention_fwd(q, k, v, seqused_q, seqused_k, mask))
+      block = primitives.attention_fwd(q, k, v, seqused_q, seqused_k, mask,
+                                       return_max_logit=return_max_logit)
+      merged = _merge(*partial[:2], *block[:2])
+      return (*merged, jnp.maximum(partial[2], block[2])) if return_max_logit else merged
 
-    out, lse = _at_step(ring, layout, params, step, rank, q.shape[1], k.shape[1],
-                        attend, (out, lse))
+    state = _at_step(ring, layout, params, step, rank, q.shape[1], k.shape[1], attend, state)
     if step + 1 < ring.size:
       k, v = next_k, next_v
+  out, lse, *max_logit = state
   out = out.astype(q.dtype)
   if ring.striped:
     out, lse = ring.unstripe(out, 1), ring.unstripe(lse, 2)
-  return out, lse
+  return (out, lse, *max_logit)
 
 
 def attention_bwd(ring: Ring, dout, q, k, v, out, lse, seqused_q, seqused_k,

@@ -35,7 +35,7 @@ from jax.interpreters import batching, mlir, xla
 from jax.interpreters.mlir import ir
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from jax_fa3 import primitives, ring
+from jax_fa3 import primitives, reference, ring
 from jax_fa3.primitives import AttentionParams
 
 
@@ -74,6 +74,12 @@ class Split:
   def rows_spec(self, rows):
     """Absent rows (shape [0]) are replicated."""
     return PartitionSpec(_entry(self.batch), None, None) if rows.ndim == 3 else PartitionSpec(None)
+
+  def per_head_spec(self, x=None):
+    """[batch, heads] arrays (sinks, max_logit, dsinks); an absent one (shape [0]) is replicated."""
+    if x is not None and x.ndim != 2:
+      return PartitionSpec(None)
+    return PartitionSpec(_entry(self.batch), _entry(self.heads))
 
 
 def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: AttentionParams,
@@ -123,30 +129,61 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
                striped=bool(sequence) and striped)
 
 
-def local_fwd(split: Split, axis_sizes, params: AttentionParams, q, k, v, seqused_q,
-              seqused_k, q_rows=None, kv_rows=None):
-  """The forward on one device's shards, split as `split`: returns (out, lse)."""
+def local_fwd(split: Split, axis_sizes, params: AttentionParams, return_max_logit, q, k, v,
+              seqused_q, seqused_k, q_rows=None, kv_rows=None, sinks=None):
+  """The forward on one device's shards, split as `split`: returns (out, lse), and
+  max_logit with `return_max_logit`."""
   seqused_q, seqused_k = primitives.none_if_absent(seqused_q), primitives.none_if_absent(seqused_k)
+  sinks = primitives.none_if_absent(sinks)
   k, v = (_kv_head_of_device(split, axis_sizes, x) for x in (k, v))
-  if split.sequence:
-    return ring.attention_fwd(_ring(split, axis_sizes), q, k, v, seqused_q, seqused_k,
-                              params)
-  return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params,
-                                        *_present(q_rows, kv_rows)))
+  if not split.sequence:
+    return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params,
+                                          *_present(q_rows, kv_rows), sinks=sinks,
+                                          return_max_logit=return_max_logit))
+  the_ring = _ring(split, axis_sizes)
+  out, lse, *max_logit = ring.attention_fwd(the_ring, q, k, v, seqused_q, seqused_k, params,
+                                            return_max_logit=return_max_logit)
+  if sinks is not None:  # once, after the ring's merge
+    out, lse = _with_sinks(out, lse, sinks, seqused_q, lax.axis_index(the_ring.axes))
+  return (out, lse, lax.pmax(max_logit[0], the_ring.axes)) if return_max_logit else (out, lse)
+
+
+def _with_sinks(out, lse, sinks, seqused_q, rank):
+  """Attention over the keys, (out, lse), turned into attention over the keys and the sink:
+  the sink joins the softmax's sum. Rows past seqused_q (positions rank * chunk + i of the
+  contiguous chunk) stay -inf, as the kernels leave them."""
+  with_sink = jnp.logaddexp(lse, sinks[..., None])
+  if seqused_q is not None:
+    position = rank * lse.shape[2] + jnp.arange(lse.shape[2])
+    with_sink = jnp.where(position < seqused_q[:, None, None], with_sink, -jnp.inf)
+  finite = jnp.where(with_sink == -jnp.inf, 0.0, with_sink)
+  weight = jnp.swapaxes(jnp.where(lse == -jnp.inf, 0.0, jnp.exp(lse - finite)), 1, 2)[..., None]
+  return (out.astype(jnp.float32) * weight).astype(out.dtype), with_sink
 
 
 def local_bwd(split: Split, axis_sizes, params: AttentionParams, deterministic, dout, q,
-              k, v, out, lse, seqused_q, seqused_k, q_rows=None, kv_rows=None):
-  """The backward on one device's shards, split as `split`: returns (dq, dk, dv)."""
+              k, v, out, lse, seqused_q, seqused_k, q_rows=None, kv_rows=None, sinks=None):
+  """The backward on one device's shards, split as `split`: returns (dq, dk, dv), and
+  dsinks with sinks."""
   seqused_q, seqused_k = primitives.none_if_absent(seqused_q), primitives.none_if_absent(seqused_k)
+  sinks = primitives.none_if_absent(sinks)
   kv_heads = k.shape[2]
   k, v = (_kv_head_of_device(split, axis_sizes, x) for x in (k, v))
+  dsinks = ()
   if split.sequence:
-    dq, dk, dv = ring.attention_bwd(_ring(split, axis_sizes), dout, q, k, v, out, lse,
+    the_ring = _ring(split, axis_sizes)
+    # The lse holds the sink, so the ring's gradients need nothing more; the sinks' own
+    # gradient sums over every row of the sequence.
+    dq, dk, dv = ring.attention_bwd(the_ring, dout, q, k, v, out, lse,
                                     seqused_q, seqused_k, params, deterministic)
+    if sinks is not None:
+      delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+      dsinks = (lax.psum(reference.sink_gradient(sinks, lse, jnp.swapaxes(delta, 1, 2)),
+                         the_ring.axes),)
   else:
-    dq, dk, dv = primitives.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
-                                          params, deterministic, *_present(q_rows, kv_rows))
+    dq, dk, dv, *dsinks = primitives.attention_bwd(
+        dout, q, k, v, out, lse, seqused_q, seqused_k, params, deterministic,
+        *_present(q_rows, kv_rows), sinks=sinks)
   if split.heads and not split.kv_heads_split:
     # Each device holds a part of the gradient of its k/v head: place it, sum in float32.
     index = _kv_head_index(split, axis_sizes, kv_heads)
@@ -158,7 +195,7 @@ def local_bwd(split: Split, axis_sizes, params: AttentionParams, deterministic, 
       return lax.psum(placed, split.heads).astype(grad.dtype)
 
     dk, dv = sum_over_heads(dk), sum_over_heads(dv)
-  return dq, dk, dv
+  return (dq, dk, dv, *dsinks)
 
 
 def _present(*operands):
@@ -204,48 +241,57 @@ def _entry(axes: tuple[str, ...]):
 
 # --- The primitives attention.py binds --------------------------------------------
 
-def attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, params: AttentionParams):
-  """The forward on arrays sharded any way: returns (out, lse). Absent seqused and rows
-  are int32 arrays of shape [0]."""
+def attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, params: AttentionParams,
+                  return_max_logit: bool = False):
+  """The forward on arrays sharded any way: returns (out, lse), and max_logit with
+  `return_max_logit`. Absent seqused, rows and sinks are arrays of shape [0]."""
   if _in_shard_map():
     return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params, q_rows,
-                                          kv_rows))
+                                          kv_rows, sinks, return_max_logit))
   mesh = _explicit_mesh(q, k, v)
   if mesh is None:
-    return fwd_p.bind(q, k, v, seqused_q, seqused_k, q_rows, kv_rows,
-                      **dataclasses.asdict(params))
+    return fwd_p.bind(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks,
+                      **dataclasses.asdict(params), return_max_logit=bool(return_max_logit))
   split = _split_of(mesh, q, k, params, q_rows)
   q_spec = _spec(q)
+  out_specs = (split.q_spec(), split.lse_spec())
+  result_specs = (q_spec, PartitionSpec(q_spec[0], q_spec[2], q_spec[1]))
+  if return_max_logit:
+    out_specs += (split.per_head_spec(),)
+    result_specs += (PartitionSpec(q_spec[0], q_spec[2]),)
   return _run_explicit(
-      mesh, split, functools.partial(local_fwd, split, dict(mesh.shape), params),
-      args=(q, k, v, seqused_q, seqused_k, q_rows, kv_rows),
+      mesh, split, functools.partial(local_fwd, split, dict(mesh.shape), params,
+                                     bool(return_max_logit)),
+      args=(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks),
       in_specs=(split.q_spec(), split.kv_spec(), split.kv_spec(),
                 split.seqused_spec(seqused_q), split.seqused_spec(seqused_k),
-                split.rows_spec(q_rows), split.rows_spec(kv_rows)),
-      out_specs=(split.q_spec(), split.lse_spec()),
-      result_specs=(q_spec, PartitionSpec(q_spec[0], q_spec[2], q_spec[1])))
+                split.rows_spec(q_rows), split.rows_spec(kv_rows), split.per_head_spec(sinks)),
+      out_specs=out_specs, result_specs=result_specs)
 
 
-def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows,
+def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks,
                   params: AttentionParams, deterministic: bool):
-  """The backward on arrays sharded any way: returns (dq, dk, dv)."""
+  """The backward on arrays sharded any way: returns (dq, dk, dv), and dsinks with sinks."""
   if _in_shard_map():
     return tuple(primitives.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
-                                          params, deterministic, q_rows, kv_rows))
+                                          params, deterministic, q_rows, kv_rows, sinks))
   mesh = _explicit_mesh(q, k, v)
   if mesh is None:
-    return bwd_p.bind(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows,
+    return bwd_p.bind(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks,
                       **dataclasses.asdict(params), deterministic=deterministic)
   split = _split_of(mesh, q, k, params, q_rows)
   q_spec, kv_spec = split.q_spec(), split.kv_spec()
+  out_specs, result_specs = (q_spec, kv_spec, kv_spec), (_spec(q), _spec(k), _spec(v))
+  if sinks.ndim == 2:
+    out_specs += (split.per_head_spec(),)
+    result_specs += (_spec(sinks),)
   return _run_explicit(
       mesh, split, functools.partial(local_bwd, split, dict(mesh.shape), params, deterministic),
-      args=(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows),
+      args=(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks),
       in_specs=(q_spec, q_spec, kv_spec, kv_spec, q_spec, split.lse_spec(),
                 split.seqused_spec(seqused_q), split.seqused_spec(seqused_k),
-                split.rows_spec(q_rows), split.rows_spec(kv_rows)),
-      out_specs=(q_spec, kv_spec, kv_spec),
-      result_specs=(_spec(q), _spec(k), _spec(v)))
+                split.rows_spec(q_rows), split.rows_spec(kv_rows), split.per_head_spec(sinks)),
+      out_specs=out_specs, result_specs=result_specs)
 
 
 def _in_shard_map():
@@ -299,34 +345,38 @@ def _reshard(x, mesh, spec):
 
 # --- Automatic partitioning: custom_partitioning with a Shardy rule -----------------
 
-def _fwd_on_one_device(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, params):
+def _fwd_on_one_device(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, params,
+                       return_max_logit):
   return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params, q_rows,
-                                        kv_rows))
+                                        kv_rows, sinks, return_max_logit))
 
 
-def _bwd_on_one_device(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows,
+def _bwd_on_one_device(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks,
                        params, deterministic):
   return tuple(primitives.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
-                                        params, deterministic, q_rows, kv_rows))
+                                        params, deterministic, q_rows, kv_rows, sinks))
 
 
-def _partition_fwd(params, mesh, arg_shapes, result_shape):
+def _partition_fwd(params, return_max_logit, mesh, arg_shapes, result_shape):
   del result_shape
-  q, k, _, seqused_q, seqused_k, q_rows, kv_rows = arg_shapes
+  q, k, _, seqused_q, seqused_k, q_rows, kv_rows, sinks = arg_shapes
   split = choose_split(dict(mesh.shape), q.sharding.spec, k.sharding.spec, q.shape, k.shape,
                        params, packed=len(q_rows.shape) == 3)
   named = functools.partial(NamedSharding, mesh)
   arg_shardings = (named(split.q_spec()), named(split.kv_spec()), named(split.kv_spec()),
                    named(split.seqused_spec(seqused_q)), named(split.seqused_spec(seqused_k)),
-                   named(split.rows_spec(q_rows)), named(split.rows_spec(kv_rows)))
+                   named(split.rows_spec(q_rows)), named(split.rows_spec(kv_rows)),
+                   named(split.per_head_spec(sinks)))
   result_shardings = (named(split.q_spec()), named(split.lse_spec()))
-  program = functools.partial(local_fwd, split, dict(mesh.shape), params)
+  if return_max_logit:
+    result_shardings += (named(split.per_head_spec()),)
+  program = functools.partial(local_fwd, split, dict(mesh.shape), params, return_max_logit)
   return mesh, program, result_shardings, arg_shardings
 
 
 def _partition_bwd(params, deterministic, mesh, arg_shapes, result_shape):
   del result_shape
-  _, q, k, _, _, _, seqused_q, seqused_k, q_rows, kv_rows = arg_shapes
+  _, q, k, _, _, _, seqused_q, seqused_k, q_rows, kv_rows, sinks = arg_shapes
   split = choose_split(dict(mesh.shape), q.sharding.spec, k.sharding.spec, q.shape, k.shape,
                        params, packed=len(q_rows.shape) == 3)
   named = functools.partial(NamedSharding, mesh)
@@ -334,34 +384,40 @@ def _partition_bwd(params, deterministic, mesh, arg_shapes, result_shape):
   arg_shardings = (q_sharding, q_sharding, kv_sharding, kv_sharding, q_sharding,
                    named(split.lse_spec()), named(split.seqused_spec(seqused_q)),
                    named(split.seqused_spec(seqused_k)), named(split.rows_spec(q_rows)),
-                   named(split.rows_spec(kv_rows)))
+                   named(split.rows_spec(kv_rows)), named(split.per_head_spec(sinks)))
+  result_shardings = (q_sharding, kv_sharding, kv_sharding)
+  if len(sinks.shape) == 2:
+    result_shardings += (named(split.per_head_spec()),)
   program = functools.partial(local_bwd, split, dict(mesh.shape), params, deterministic)
-  return mesh, program, (q_sharding, kv_sharding, kv_sharding), arg_shardings
+  return mesh, program, result_shardings, arg_shardings
 
 
-def _fwd_rule(params, mesh, operand_types, result_types):
+def _fwd_rule(params, return_max_logit, mesh, operand_types, result_types):
   del params, mesh, result_types
-  q, k, _, seqused_q, seqused_k, q_rows, kv_rows = (ir.RankedTensorType(t).shape
-                                                    for t in operand_types)
+  q, k, _, seqused_q, seqused_k, q_rows, kv_rows, sinks = (ir.RankedTensorType(t).shape
+                                                           for t in operand_types)
   heads, kv_heads = _head_factors(q[2], k[2])
   rule = (f"b t {heads} d, b s {kv_heads} d, b s {kv_heads} e, "
           f"{_seqused_factor(seqused_q, 'uq')}, {_seqused_factor(seqused_k, 'uk')}, "
-          f"{_rows_factors(q_rows, 't', 'rq')}, {_rows_factors(kv_rows, 's', 'rk')} "
-          f"-> b t {heads} e, b {heads} t")
+          f"{_rows_factors(q_rows, 't', 'rq')}, {_rows_factors(kv_rows, 's', 'rk')}, "
+          f"{_per_head_factors(sinks, heads, 'us')} "
+          f"-> b t {heads} e, b {heads} t" + (f", b {heads}" if return_max_logit else ""))
   # The head dims are never split; Shardy wants these in order of first appearance.
   return rule, dict(need_replication_factors=("d", "e"))
 
 
 def _bwd_rule(params, deterministic, mesh, operand_types, result_types):
   del params, deterministic, mesh, result_types
-  _, q, k, _, _, _, seqused_q, seqused_k, q_rows, kv_rows = (ir.RankedTensorType(t).shape
-                                                              for t in operand_types)
+  _, q, k, _, _, _, seqused_q, seqused_k, q_rows, kv_rows, sinks = (
+      ir.RankedTensorType(t).shape for t in operand_types)
   heads, kv_heads = _head_factors(q[2], k[2])
   rule = (f"b t {heads} e, b t {heads} d, b s {kv_heads} d, b s {kv_heads} e, "
           f"b t {heads} e, b {heads} t, "
           f"{_seqused_factor(seqused_q, 'uq')}, {_seqused_factor(seqused_k, 'uk')}, "
-          f"{_rows_factors(q_rows, 't', 'rq')}, {_rows_factors(kv_rows, 's', 'rk')} "
-          f"-> b t {heads} d, b s {kv_heads} d, b s {kv_heads} e")
+          f"{_rows_factors(q_rows, 't', 'rq')}, {_rows_factors(kv_rows, 's', 'rk')}, "
+          f"{_per_head_factors(sinks, heads, 'us')} "
+          f"-> b t {heads} d, b s {kv_heads} d, b s {kv_heads} e"
+          + (f", b {heads}" if len(sinks) == 2 else ""))
   return rule, dict(need_replication_factors=("e", "d"))
 
 
@@ -382,26 +438,32 @@ def _seqused_factor(shape, absent_factor):
   return "b" if shape[0] else absent_factor
 
 
+def _per_head_factors(shape, heads, absent_factor):
+  """[batch, heads] arrays (sinks) share q's batch and heads."""
+  return f"b {heads}" if len(shape) == 2 else absent_factor
+
+
 def _rows_factors(shape, sequence, absent_factor):
   """Rows share the batch and the sequence of their side; their last axis is a field."""
   return f"b {sequence} {absent_factor}" if len(shape) == 3 else absent_factor
 
 
-_fwd_partitioned = custom_partitioning(_fwd_on_one_device, static_argnums=(7,))
+_fwd_partitioned = custom_partitioning(_fwd_on_one_device, static_argnums=(8, 9))
 _fwd_partitioned.def_partition(_partition_fwd, sharding_rule=_fwd_rule)
-_bwd_partitioned = custom_partitioning(_bwd_on_one_device, static_argnums=(10, 11))
+_bwd_partitioned = custom_partitioning(_bwd_on_one_device, static_argnums=(11, 12))
 _bwd_partitioned.def_partition(_partition_bwd, sharding_rule=_bwd_rule)
 
 
-def _lower_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, **params):
-  return _fwd_partitioned(q, k, v, seqused_q, seqused_k, q_rows, kv_rows,
-                          AttentionParams(**params))
+def _lower_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, *, return_max_logit,
+               **params):
+  return _fwd_partitioned(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks,
+                          AttentionParams(**params), return_max_logit)
 
 
-def _lower_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, *,
+def _lower_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks, *,
                deterministic, **params):
   return _bwd_partitioned(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows,
-                          AttentionParams(**params), deterministic)
+                          sinks, AttentionParams(**params), deterministic)
 
 
 def _define(name, local_primitive, lowering):

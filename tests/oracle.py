@@ -12,6 +12,19 @@ import numpy as np
 def attention(q, k, v, dout, dlse=None, *, scale, softcap=0.0, window=(-1, -1),
               diagonal_offset=0, seqused_q=None, seqused_k=None):
   """Returns (out, lse, dq, dk, dv) for cotangents `dout` [B,Sq,H,Dv] and `dlse` [B,H,Sq]."""
+  return attention_with_sinks(q, k, v, dout, dlse, scale=scale, softcap=softcap, window=window,
+                              diagonal_offset=diagonal_offset, seqused_q=seqused_q,
+                              seqused_k=seqused_k)[:5]
+
+
+def attention_with_sinks(q, k, v, dout, dlse=None, *, sinks=None, scale, softcap=0.0,
+                         window=(-1, -1), diagonal_offset=0, seqused_q=None, seqused_k=None):
+  """Returns (out, lse, dq, dk, dv, dsinks [H], max_logit [B, H]).
+
+  `sinks` [H] (or None) is one more logit per row with no value: it joins the softmax's
+  sum. A used row that sees no key then has lse = its sink; rows past seqused_q keep -inf.
+  max_logit is the largest visible score of each (batch, head), -inf if none.
+  """
   q, k, v, dout = (np.asarray(x, np.float64) for x in (q, k, v, dout))
   batch, seqlen_q, heads, _ = q.shape
   seqlen_k, kv_heads = k.shape[1:3]
@@ -19,9 +32,11 @@ def attention(q, k, v, dout, dlse=None, *, scale, softcap=0.0, window=(-1, -1),
   out = np.zeros(q.shape[:3] + v.shape[3:])
   lse = np.full((batch, heads, seqlen_q), -np.inf)
   dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+  dsinks = np.zeros(heads)
+  max_logit = np.full((batch, heads), -np.inf)
   for b in range(batch):
-    visible = _visible(seqlen_q, seqlen_k, window, diagonal_offset,
-                       seqlen_q if seqused_q is None else seqused_q[b],
+    used_q = seqlen_q if seqused_q is None else seqused_q[b]
+    visible = _visible(seqlen_q, seqlen_k, window, diagonal_offset, used_q,
                        seqlen_k if seqused_k is None else seqused_k[b])
     seen = visible.any(axis=1)
     for h in range(heads):
@@ -29,23 +44,36 @@ def attention(q, k, v, dout, dlse=None, *, scale, softcap=0.0, window=(-1, -1),
       raw = scale * q[b, :, h] @ k[b, :, kh].T
       scores = softcap * np.tanh(raw / softcap) if softcap else raw
       scores = np.where(visible, scores, -np.inf)
-      row_max = np.where(seen, scores.max(axis=1, initial=-np.inf), 0.0)
-      weights = np.where(visible, np.exp(scores - row_max[:, None]), 0.0)
-      total = weights.sum(axis=1)
-      probs = weights / np.where(seen, total, 1.0)[:, None]
-      lse[b, h] = np.where(seen, row_max + np.log(np.where(seen, total, 1.0)), -np.inf)
+      max_logit[b, h] = scores.max(initial=-np.inf)
+      row_max = scores.max(axis=1, initial=-np.inf)
+      sink = -np.inf if sinks is None else float(sinks[h])
+      top = np.maximum(row_max, sink)
+      has_mass = np.isfinite(top)
+      top = np.where(has_mass, top, 0.0)
+      weights = np.where(visible, np.exp(scores - top[:, None]), 0.0)
+      sink_weight = np.exp(sink - top)
+      total = weights.sum(axis=1) + sink_weight
+      has_mass &= total > 0
+      probs = weights / np.where(has_mass, total, 1.0)[:, None]
+      row_lse = np.where(has_mass, top + np.log(np.where(has_mass, total, 1.0)), -np.inf)
+      lse[b, h] = np.where(np.arange(seqlen_q) < used_q, row_lse, -np.inf)
       out[b, :, h] = probs @ v[b, :, kh]
 
-      # Backward: dscores = P * (dP - rowsum(P * dP) + dlse).
+      # Backward: dscores = P * (dP - rowsum(P * dP) + dlse), and for the sink, whose
+      # probability is p_s = exp(sink - lse): dsink = sum_i p_s,i (dlse_i - rowsum(P * dP)_i).
       dprobs = dout[b, :, h] @ v[b, :, kh].T
-      row_dlse = 0.0 if dlse is None else np.asarray(dlse, np.float64)[b, h][:, None]
-      dscores = probs * (dprobs - (probs * dprobs).sum(axis=1, keepdims=True) + row_dlse)
+      row_dlse = np.zeros(seqlen_q) if dlse is None else np.asarray(dlse, np.float64)[b, h]
+      delta = (probs * dprobs).sum(axis=1)
+      dscores = probs * (dprobs - delta[:, None] + row_dlse[:, None])
+      if sinks is not None:
+        sink_prob = np.where(np.isfinite(lse[b, h]), np.exp(sink - np.where(np.isfinite(lse[b, h]), lse[b, h], 0.0)), 0.0)
+        dsinks[h] += (sink_prob * (row_dlse - delta)).sum()
       if softcap:
         dscores = dscores * (1.0 - np.tanh(raw / softcap) ** 2)
       dv[b, :, kh] += probs.T @ dout[b, :, h]
       dq[b, :, h] = scale * dscores @ k[b, :, kh]
       dk[b, :, kh] += scale * dscores.T @ q[b, :, h]
-  return out, lse, dq, dk, dv
+  return out, lse, dq, dk, dv, dsinks, max_logit
 
 
 def _visible(seqlen_q, seqlen_k, window, diagonal_offset, used_q, used_k):

@@ -64,12 +64,14 @@ def test_python_workspace_covers_the_kernels(tmp_path):
     for _ in range(500):
         hk = int(rng.choice([1, 2, 4]))
         cases.append((int(rng.integers(1, 5)), int(rng.integers(1, 3000)), int(rng.integers(1, 3000)),
-                      hk * int(rng.choice([1, 2, 8])), hk, int(rng.choice([64, 128, 256])), int(rng.integers(0, 2))))
+                      hk * int(rng.choice([1, 2, 8])), hk, int(rng.choice([64, 128, 256])), int(rng.integers(0, 2)),
+                      int(rng.integers(0, 2))))
     stdin = "".join(" ".join(map(str, c)) + "\n" for c in cases)
     result = subprocess.run([str(_build(tmp_path, "workspace_check"))], input=stdin, capture_output=True,
                             text=True, check=True)
-    for (b, sq, sk, h, hk, d, _), needed in zip(cases, _sizes(result.stdout, len(cases)), strict=True):
-        assert primitives.bwd_workspace_bytes(b, sq, sk, h, hk, d, d) >= needed, (b, sq, sk, h, hk, d)
+    for (b, sq, sk, h, hk, d, _, sinks), needed in zip(cases, _sizes(result.stdout, len(cases)), strict=True):
+        assert primitives.bwd_workspace_bytes(b, sq, sk, h, hk, d, d, sinks=bool(sinks)) >= needed, (
+            b, sq, sk, h, hk, d, sinks)
 
 
 def _sizes(stdout, count):

@@ -59,10 +59,30 @@ def test_forward_and_backward_call_the_ffi_targets(compiled):
     for attribute in attributes:
       assert attribute in call
   assert "deterministic = true" in bwd and "deterministic" not in fwd
-  assert "-> (tensor<2x100x4x64xbf16>, tensor<2x4x100xf32>, tensor<256xui8>)" in fwd
+  assert "return_max_logit = false" in fwd and "return_max_logit" not in bwd
+  # The max_logit and dsinks results, not asked for, are one untouched word each.
+  assert ("-> (tensor<2x100x4x64xbf16>, tensor<2x4x100xf32>, tensor<256xui8>, "
+          "tensor<1xui32>)") in fwd
   workspace = primitives.bwd_workspace_bytes(2, 100, 130, 4, 2, 64, 64)
   assert (f"-> (tensor<2x100x4x64xbf16>, tensor<2x130x2x64xbf16>, tensor<2x130x2x64xbf16>, "
-          f"tensor<{workspace}xui8>)") in bwd
+          f"tensor<{workspace}xui8>, tensor<1xf32>)") in bwd
+
+
+def test_sinks_and_max_logit_are_operands_and_results(compiled):
+  """sinks [B, H] float32 after the plans; max_logit [B, H] uint32 keys, dsinks [B, H]."""
+  q, k, v = arrays()
+  sinks = jnp.zeros((4,), jnp.float32)
+  fn = lambda q, k, v, s: jax_fa3.flash_attention(q, k, v, causal=True, sinks=s,
+                                                  return_max_logit=True)[0]
+  text = cuda_text(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3)),
+                   q, k, v, sinks)
+  (fwd,), (bwd,) = custom_calls(text, "jax_fa3_fwd"), custom_calls(text, "jax_fa3_bwd")
+  assert "tensor<0xi32>, tensor<2x4xf32>)" in fwd and "return_max_logit = true" in fwd
+  assert "tensor<256xui8>, tensor<2x4xui32>)" in fwd
+  workspace = primitives.bwd_workspace_bytes(2, 100, 130, 4, 2, 64, 64, sinks=True)
+  assert workspace > primitives.bwd_workspace_bytes(2, 100, 130, 4, 2, 64, 64)
+  assert "tensor<0xi32>, tensor<2x4xf32>)" in bwd
+  assert f"tensor<{workspace}xui8>, tensor<2x4xf32>)" in bwd
 
 
 def test_operands_follow_the_contract(compiled):
@@ -74,7 +94,8 @@ def test_operands_follow_the_contract(compiled):
       q, k, v, is_causal=True, query_seq_lengths=lengths), q, k, v)
   (fwd,) = custom_calls(text, "jax_fa3_fwd")
   assert ("(tensor<2x100x4x64xbf16>, tensor<2x100x4x64xbf16>, tensor<2x100x4x64xbf16>, "
-          "tensor<2xi32>, tensor<0xi32>, tensor<0xi32>, tensor<0xi32>, tensor<0xi32>)") in fwd
+          "tensor<2xi32>, tensor<0xi32>, tensor<0xi32>, tensor<0xi32>, tensor<0xi32>, "
+          "tensor<0xf32>)") in fwd
   assert "diagonal_offset = 0 : i64" in fwd and "window_right = 0 : i64" in fwd
 
 
@@ -86,9 +107,9 @@ def test_segment_ids_pass_rows_and_plans_for_the_kernels_tiles(compiled):
                                                                  causal=True)), q, k, v)
   (fwd,), (bwd,) = custom_calls(text, "jax_fa3_fwd"), custom_calls(text, "jax_fa3_bwd")
   assert ("tensor<0xi32>, tensor<0xi32>, tensor<2x100x4xi32>, tensor<2x100x4xi32>, "
-          "tensor<2x1x4xi32>)") in fwd  # one forward tile of 128 rows
+          "tensor<2x1x4xi32>, tensor<0xf32>)") in fwd  # one forward tile of 128 rows
   assert ("tensor<0xi32>, tensor<0xi32>, tensor<2x100x4xi32>, tensor<2x100x4xi32>, "
-          "tensor<2x2x4xi32>, tensor<2x1x2xi32>)") in bwd  # two 64-row tiles, one 128-key block
+          "tensor<2x2x4xi32>, tensor<2x1x2xi32>, tensor<0xf32>)") in bwd  # two 64-row tiles, one 128-key block
 
 
 def test_head_dims_pad_to_the_next_compiled_one(compiled):

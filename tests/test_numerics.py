@@ -141,8 +141,9 @@ def test_float32_reference_matches_oracle(case, normal, record_error):
                 window_left=case.window[0], window_right=0 if case.causal else case.window[1],
                 diagonal_offset=case.seqlen_k - case.seqlen_q)
   absent = jnp.zeros((0,), jnp.int32)
-  out, lse = reference.attention_fwd(q, k, v, absent, absent, absent, absent, **params)
-  grads = reference.attention_bwd(dout, q, k, v, out, lse, absent, absent, absent, absent, **params,
+  out, lse = reference.attention_fwd(q, k, v, absent, absent, absent, absent, absent, **params)
+  grads = reference.attention_bwd(dout, q, k, v, out, lse, absent, absent, absent, absent, absent,
+                                  **params,
                                   deterministic=False)
   expected = _expected(case, q, k, v, dout, None)
   for name, actual, want in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), expected):
@@ -174,9 +175,10 @@ def test_float32_reference_with_seqused(normal, record_error):
   params = dict(softmax_scale=0.125, softcap=0.0, window_left=9, window_right=0,
                 diagonal_offset=20)
   absent = jnp.zeros((0,), jnp.int32)
-  out, lse = reference.attention_fwd(q, k, v, seqused_q, seqused_k, absent, absent, **params)
+  out, lse = reference.attention_fwd(q, k, v, seqused_q, seqused_k, absent, absent, absent,
+                                     **params)
   grads = reference.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, absent, absent,
-                                  **params,
+                                  absent, **params,
                                   deterministic=False)
   expected = oracle.attention(q, k, v, dout, scale=0.125, window=(9, 0), diagonal_offset=20,
                               seqused_q=np.asarray(seqused_q), seqused_k=np.asarray(seqused_k))

@@ -34,4 +34,24 @@ struct BwdTileConfig {
   static constexpr bool kPersistent = kHeadDim != 64;
 };
 
+// The preprocess kernel (bwd/preprocess.h): 256 threads, each reading 16 bytes of dO and of
+// O per row: a row of kHeadDimV elements takes kHeadDimV / 8 lanes, so a warp covers
+// 32 / (kHeadDimV / 8) rows at once.
+template <int kHeadDimV>
+struct PreprocessShape {
+  static constexpr int kVector = 8;  // 16-byte loads of 16-bit elements
+  static constexpr int kLanesPerRow = kHeadDimV / kVector;
+  static_assert(kLanesPerRow <= 32 && 32 % kLanesPerRow == 0, "a row must fit in one warp");
+  static constexpr int kThreads = 256;
+  static constexpr int kRowsPerBlock = kThreads / kLanesPerRow;
+};
+
+// The preprocess blocks per (batch, head): they cover seqlen_q rounded up to whole query tiles.
+template <int kHeadDim>
+constexpr long long preprocess_blocks(long long seqlen_q) {
+  constexpr int kBlockM = BwdTileConfig<kHeadDim>::kBlockM;
+  static_assert(kBlockM % PreprocessShape<kHeadDim>::kRowsPerBlock == 0);
+  return (seqlen_q + kBlockM - 1) / kBlockM * kBlockM / PreprocessShape<kHeadDim>::kRowsPerBlock;
+}
+
 }  // namespace jax_fa3

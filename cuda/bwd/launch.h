@@ -23,7 +23,8 @@ namespace jax_fa3 {
 template <class Traits>
 BwdWorkspace bwd_workspace(BwdParams const& b, void* base) {
   return BwdWorkspace::carve(base, b.batch, b.heads, b.kv_heads, b.seqlen_q, b.seqlen_k, b.head_dim, b.head_dim_v,
-                             Traits::kBlockM, Traits::kBlockN, b.deterministic);
+                             Traits::kBlockM, Traits::kBlockN, b.deterministic,
+                             b.sinks ? preprocess_blocks<Traits::kHeadDim>(b.seqlen_q) : 0);
 }
 
 template <class Element, int kHeadDim>
@@ -46,13 +47,19 @@ cudaError_t launch_bwd(BwdParams const& b, cudaStream_t stream) {
 
   if (cudaError_t e = cudaMemsetAsync(b.workspace, 0, w.zeroed_bytes, stream); e != cudaSuccess) { return e; }
 
-  BwdPreprocessParams pre{b.dout, b.out, b.lse, w.dpsum, w.lse_log2, b.seqused_q, b.o_row_stride, b.o_head_stride,
-                          b.o_batch_stride, b.seqlen_q, seqlen_q_rounded, b.heads, b.batch};
+  BwdPreprocessParams pre{b.dout, b.out, b.lse, w.dpsum, w.lse_log2, b.sinks, w.sink_partials, b.seqused_q,
+                          b.o_row_stride, b.o_head_stride, b.o_batch_stride, b.seqlen_q, seqlen_q_rounded, b.heads,
+                          b.batch};
   using Pre = PreprocessShape<kHeadDim>;
-  static_assert(kBlockM % Pre::kRowsPerBlock == 0);
+  int const pre_blocks = int(preprocess_blocks<kHeadDim>(b.seqlen_q));
+  static_assert(kBlockM == BwdTileConfig<kHeadDim>::kBlockM);
   bwd_preprocess_kernel<Element, kHeadDim>
-      <<<dim3(seqlen_q_rounded / Pre::kRowsPerBlock, b.heads, std::min(b.batch, kMaxGridZ)), Pre::kThreads, 0, stream>>>(pre);
+      <<<dim3(pre_blocks, b.heads, std::min(b.batch, kMaxGridZ)), Pre::kThreads, 0, stream>>>(pre);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) { return e; }
+  if (b.sinks) {
+    bwd_sink_grad_kernel<<<b.batch * b.heads, 128, 0, stream>>>(w.sink_partials, pre_blocks, b.dsinks);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) { return e; }
+  }
 
   auto gmem = [](void const* ptr, int seqlen, int heads, int64_t row, int64_t head, int64_t batch, int count) {
     auto const shape = make_shape(seqlen, int(Traits::kHeadDim), heads, count);

@@ -15,14 +15,16 @@ struct BwdWorkspace {
   float* dv_accum = nullptr;   // [batch, seqlen_k, kv_heads, head_dim_v], GQA only, zeroed
   int* dq_semaphore = nullptr; // [batch, heads, m_blocks], deterministic only, zeroed
   int* dkv_semaphore = nullptr;// [batch, kv_heads, n_blocks], deterministic GQA only, zeroed
+  float* sink_partials = nullptr;  // [batch, heads, sink_blocks]: the preprocess blocks' dsinks parts
   int64_t bytes = 0;           // total size needed
   int64_t zeroed_bytes = 0;    // the prefix that must be zeroed before the main kernel
 
+  // sink_blocks: the preprocess blocks per (batch, head) when there are sinks, else 0.
   // With base == nullptr only computes the sizes. The zeroed buffers come first so one
   // memset clears them all.
   static BwdWorkspace carve(void* base, int64_t batch, int64_t heads, int64_t kv_heads, int64_t seqlen_q,
                             int64_t seqlen_k, int64_t head_dim, int64_t head_dim_v, int64_t block_m,
-                            int64_t block_n, bool deterministic) {
+                            int64_t block_n, bool deterministic, int64_t sink_blocks = 0) {
     BwdWorkspace w;
     bool const gqa = heads != kv_heads;
     int64_t const m_blocks = (seqlen_q + block_m - 1) / block_m;
@@ -47,6 +49,7 @@ struct BwdWorkspace {
     w.zeroed_bytes = offset;
     w.dpsum = static_cast<float*>(take(4 * batch * heads * seqlen_q_rounded));
     w.lse_log2 = static_cast<float*>(take(4 * batch * heads * seqlen_q_rounded));
+    if (sink_blocks) { w.sink_partials = static_cast<float*>(take(4 * batch * heads * sink_blocks)); }
     w.bytes = offset;
     return w;
   }

@@ -21,9 +21,11 @@ struct BwdParams {
   int const* kv_rows;
   int const* query_tile_plan;
   int const* key_block_plan;
+  float const* sinks;         // [batch, heads] attention-sink logits, or nullptr
   void* dq;
   void* dk;
   void* dv;
+  float* dsinks;              // [batch, heads] (with sinks)
   void* workspace;            // carved by the launcher (see bwd/workspace.h)
   int64_t workspace_bytes;
 

@@ -19,6 +19,8 @@ struct FwdParams {
   int const* kv_rows;
   int const* tile_plan;
   int* tile_counter;          // the dynamic scheduler's counter, zeroed on-stream per launch
+  float const* sinks;         // [batch, heads] attention-sink logits, or nullptr
+  uint32_t* max_logit;        // [batch, heads] common/max_logit.h keys, or nullptr (not wanted)
 
   int batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, head_dim_v;
 

@@ -83,16 +83,35 @@ struct OnlineSoftmax {
     }
   }
 
-  // o_scale receives 1/rowsum (0 for a row that saw no key) and lse the natural-log
-  // sum of exp of the scaled scores (-inf for such a row).
-  __device__ __forceinline__ void finalize(float (&o_scale)[kRows], float (&lse)[kRows]) {
+  // o_scale receives the factor that normalises the output accumulated so far, and lse the
+  // natural-log sum of exp of the scaled scores. An attention sink (sink_log2, in log2 units
+  // of the scaled scores; -inf for none) is one more logit with no value: it enters the sum
+  // here only, so the tile loop is the same with or without it. A row that saw no key gets
+  // o_scale 0 and lse = the sink (-inf without one).
+  __device__ __forceinline__ void finalize(float (&o_scale)[kRows], float (&lse)[kRows],
+                                           float sink_log2 = -INFINITY) {
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
       float const sum = quad_sum(row_sum[r]);
-      bool const empty = sum == 0.f || sum != sum;
-      o_scale[r] = empty ? 0.f : 1.f / sum;
-      lse[r] = empty ? -INFINITY : row_max[r] * scale_log2 * float(M_LN2) + logf(sum);
+      float const max_log2 = row_max[r] * scale_log2;  // -inf for a row that saw no key
+      float const top = fmaxf(max_log2, sink_log2);
+      bool const empty = top == -INFINITY || sum != sum;
+      float const keys_weight = exp2f(max_log2 - top);  // 0 for a row that saw no key
+      float const total = sum * keys_weight + exp2f(sink_log2 - top);
+      o_scale[r] = empty ? 0.f : keys_weight / total;
+      lse[r] = empty ? -INFINITY : (top + log2f(total)) * float(M_LN2);
     }
+  }
+
+  // The largest scaled score of the rows flagged in `counted` (-inf if none), reduced over
+  // the warp: every lane returns it.
+  __device__ __forceinline__ float warp_max_score(bool const (&counted)[kRows]) const {
+    float m = -INFINITY;
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) { m = counted[r] ? fmaxf(m, row_max[r]) : m; }
+    CUTLASS_PRAGMA_UNROLL
+    for (int width = 16; width > 0; width /= 2) { m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, width)); }
+    return m * scale_log2 * float(M_LN2);
   }
 };
 

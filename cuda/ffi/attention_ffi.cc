@@ -27,6 +27,7 @@ namespace ffi = xla::ffi;
 
 constexpr int64_t kMaxSeqlen = int64_t(1) << 30;  // keeps every row/column index in int32
 constexpr int64_t kFwdWorkspaceBytes = 4;         // the dynamic scheduler's tile counter
+constexpr int64_t kMaxGridBlocks = (int64_t(1) << 31) - 1;  // a grid's x dimension
 
 std::string shape_str(ffi::AnyBuffer const& b) {
   std::string s = "[";
@@ -221,6 +222,30 @@ ffi::Error check_segments(Dims const& d, ffi::AnyBuffer const& q_rows, ffi::AnyB
   return ffi::Error::Success();
 }
 
+// Attention sinks: float32 [batch, heads], or absent (shape [0]). Sets `sinks` to the data or nullptr.
+ffi::Error check_sinks(Dims const& d, ffi::AnyBuffer const& buffer, float const*& sinks) {
+  auto s = buffer.dimensions();
+  sinks = nullptr;
+  if (buffer.element_type() == ffi::DataType::F32 && s.size() == 1 && s[0] == 0) { return ffi::Error::Success(); }
+  if (buffer.element_type() != ffi::DataType::F32 || s.size() != 2 || s[0] != d.batch || s[1] != d.heads) {
+    return invalid("sinks must be float32 [batch, heads] or [0] (none); got " + shape_str(buffer));
+  }
+  if (d.batch * d.heads > kMaxGridBlocks) { return invalid("with sinks, batch * heads must be < 2^31"); }
+  sinks = static_cast<float const*>(buffer.untyped_data());
+  return ffi::Error::Success();
+}
+
+// A float32 or uint32 [batch, heads] result that is wanted, or [1] (untouched) when not.
+ffi::Error check_per_head_result(Dims const& d, ffi::AnyBuffer const& buffer, ffi::DataType type, bool wanted,
+                                 char const* name, char const* when) {
+  auto s = buffer.dimensions();
+  bool const ok = wanted ? s.size() == 2 && s[0] == d.batch && s[1] == d.heads : s.size() == 1 && s[0] == 1;
+  if (buffer.element_type() != type || !ok) {
+    return invalid(std::string(name) + " must be [batch, heads] " + when + ", else [1]; got " + shape_str(buffer));
+  }
+  return ffi::Error::Success();
+}
+
 int64_t blocks_of(int64_t length, int block) { return (length + block - 1) / block; }
 
 std::string no_kernel(char const* direction, std::string const& dtype, Dims const& d) {
@@ -231,9 +256,10 @@ std::string no_kernel(char const* direction, std::string const& dtype, Dims cons
 
 ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::AnyBuffer seqused_q, ffi::AnyBuffer seqused_k, ffi::AnyBuffer q_rows, ffi::AnyBuffer kv_rows,
-                   ffi::AnyBuffer tile_plan, ffi::Result<ffi::AnyBuffer> out,
-                   ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale,
-                   float softcap, int64_t window_left, int64_t window_right, int64_t diagonal_offset) {
+                   ffi::AnyBuffer tile_plan, ffi::AnyBuffer sinks, ffi::Result<ffi::AnyBuffer> out,
+                   ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> workspace,
+                   ffi::Result<ffi::AnyBuffer> max_logit, float softmax_scale, float softcap, int64_t window_left,
+                   int64_t window_right, int64_t diagonal_offset, bool return_max_logit) {
   Dims d;
   if (ffi::Error e = check_inputs(q, k, v, seqused_q, seqused_k, softmax_scale, softcap, window_left, window_right,
                                   diagonal_offset, d);
@@ -255,6 +281,13 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
     return invalid("workspace must be uint8 of at least " + std::to_string(kFwdWorkspaceBytes) + " bytes");
   }
   if (!aligned16(out->untyped_data())) { return invalid("out must be 16-byte aligned"); }
+  if (ffi::Error e = check_per_head_result(d, *max_logit, ffi::DataType::U32, return_max_logit, "max_logit",
+                                           "(uint32) with return_max_logit");
+      e.failure()) {
+    return e;
+  }
+  float const* sink_logits = nullptr;
+  if (ffi::Error e = check_sinks(d, sinks, sink_logits); e.failure()) { return e; }
   std::string const dtype = dtype_name(q.element_type());
   FwdVariant const* variant = find_fwd_variant(dtype, int(d.head_dim), int(d.head_dim_v));
   if (!variant) { return invalid(no_kernel("forward", dtype, d)); }
@@ -275,6 +308,8 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   p.out = out->untyped_data();
   p.lse = static_cast<float*>(lse->untyped_data());
   p.tile_counter = static_cast<int*>(workspace->untyped_data());
+  p.sinks = sink_logits;
+  p.max_logit = return_max_logit ? static_cast<uint32_t*>(max_logit->untyped_data()) : nullptr;
   if (segments) {
     p.q_rows = static_cast<int const*>(q_rows.untyped_data());
     p.kv_rows = static_cast<int const*>(kv_rows.untyped_data());
@@ -294,8 +329,10 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
 ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer dout, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::AnyBuffer out, ffi::AnyBuffer lse, ffi::AnyBuffer seqused_q, ffi::AnyBuffer seqused_k,
                    ffi::AnyBuffer q_rows, ffi::AnyBuffer kv_rows, ffi::AnyBuffer query_tile_plan,
-                   ffi::AnyBuffer key_block_plan, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
-                   ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale, float softcap, int64_t window_left,
+                   ffi::AnyBuffer key_block_plan, ffi::AnyBuffer sinks, ffi::Result<ffi::AnyBuffer> dq,
+                   ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                   ffi::Result<ffi::AnyBuffer> workspace, ffi::Result<ffi::AnyBuffer> dsinks, float softmax_scale,
+                   float softcap, int64_t window_left,
                    int64_t window_right, int64_t diagonal_offset, bool deterministic) {
   Dims d;
   if (ffi::Error e = check_inputs(q, k, v, seqused_q, seqused_k, softmax_scale, softcap, window_left, window_right,
@@ -325,6 +362,13 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer dout, ffi::AnyBuffer q, f
   if (!aligned16(dout.untyped_data()) || !aligned16(out.untyped_data())) {
     return invalid("dout and out must be 16-byte aligned");
   }
+  float const* sink_logits = nullptr;
+  if (ffi::Error e = check_sinks(d, sinks, sink_logits); e.failure()) { return e; }
+  if (ffi::Error e = check_per_head_result(d, *dsinks, ffi::DataType::F32, sink_logits != nullptr, "dsinks",
+                                           "(float32) with sinks");
+      e.failure()) {
+    return e;
+  }
   std::string const dtype = dtype_name(q.element_type());
   BwdVariant const* variant = find_bwd_variant(dtype, int(d.head_dim), int(d.head_dim_v));
   if (!variant) { return invalid(no_kernel("backward", dtype, d)); }
@@ -353,6 +397,8 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer dout, ffi::AnyBuffer q, f
   p.workspace = workspace->untyped_data();
   p.workspace_bytes = int64_t(workspace->size_bytes());
   p.deterministic = deterministic;
+  p.sinks = sink_logits;
+  p.dsinks = sink_logits ? static_cast<float*>(dsinks->untyped_data()) : nullptr;
   if (segments) {
     p.q_rows = static_cast<int const*>(q_rows.untyped_data());
     p.kv_rows = static_cast<int const*>(kv_rows.untyped_data());
@@ -365,7 +411,7 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer dout, ffi::AnyBuffer q, f
                    std::to_string(p.workspace_bytes));
   }
   if (poison_outputs()) {
-    for (auto* grad : {&dq, &dk, &dv}) {
+    for (auto* grad : {&dq, &dk, &dv, &dsinks}) {
       if (cudaError_t e = poison(*grad, stream); e != cudaSuccess) { return ffi::Error::Internal(cudaGetErrorString(e)); }
     }
   }
@@ -393,10 +439,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFa3Bwd, jax_fa3::BwdImpl,
                                   .Arg<xla::ffi::AnyBuffer>()  // kv_rows
                                   .Arg<xla::ffi::AnyBuffer>()  // query_tile_plan
                                   .Arg<xla::ffi::AnyBuffer>()  // key_block_plan
+                                  .Arg<xla::ffi::AnyBuffer>()  // sinks
                                   .Ret<xla::ffi::AnyBuffer>()  // dq
                                   .Ret<xla::ffi::AnyBuffer>()  // dk
                                   .Ret<xla::ffi::AnyBuffer>()  // dv
                                   .Ret<xla::ffi::AnyBuffer>()  // workspace
+                                  .Ret<xla::ffi::AnyBuffer>()  // dsinks
                                   .Attr<float>("softmax_scale")
                                   .Attr<float>("softcap")
                                   .Attr<int64_t>("window_left")
@@ -416,12 +464,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFa3Fwd, jax_fa3::FwdImpl,
                                   .Arg<xla::ffi::AnyBuffer>()  // q_rows
                                   .Arg<xla::ffi::AnyBuffer>()  // kv_rows
                                   .Arg<xla::ffi::AnyBuffer>()  // tile_plan
+                                  .Arg<xla::ffi::AnyBuffer>()  // sinks
                                   .Ret<xla::ffi::AnyBuffer>()  // out
                                   .Ret<xla::ffi::AnyBuffer>()  // lse
                                   .Ret<xla::ffi::AnyBuffer>()  // workspace
+                                  .Ret<xla::ffi::AnyBuffer>()  // max_logit
                                   .Attr<float>("softmax_scale")
                                   .Attr<float>("softcap")
                                   .Attr<int64_t>("window_left")
                                   .Attr<int64_t>("window_right")
-                                  .Attr<int64_t>("diagonal_offset"),
+                                  .Attr<int64_t>("diagonal_offset")
+                                  .Attr<bool>("return_max_logit"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

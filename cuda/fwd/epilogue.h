@@ -81,8 +81,9 @@ struct FwdEpilogue {
     if (is_store_thread()) { tma_store_wait<0>(); }
   }
 
-  // A tile in which no row sees any key: out = 0, lse = -inf.
-  __device__ void store_empty(QueryTile const& tile) {
+  // A tile in which no row sees any key: out = 0, lse = the sink (-inf without one) for rows
+  // before seqlen_q (the used length), -inf after.
+  __device__ void store_empty(QueryTile const& tile, int seqlen_q) {
     int const first_row = tile.m_block * kBlockM;
     int const rows = min(kBlockM, p.seqlen_q - first_row);
     constexpr int kChunksPerRow = kHeadDimV * sizeof(Element) / sizeof(uint4);
@@ -92,7 +93,10 @@ struct FwdEpilogue {
       reinterpret_cast<uint4*>(out + int64_t(i / kChunksPerRow) * p.o_row_stride)[i % kChunksPerRow] =
           make_uint4(0, 0, 0, 0);
     }
-    for (int r = thread_idx; r < rows; r += kConsumerThreads) { p.lse[lse_offset(tile) + first_row + r] = -INFINITY; }
+    float const sink = p.sinks ? p.sinks[int64_t(tile.batch) * p.heads + tile.head] : -INFINITY;
+    for (int r = thread_idx; r < rows; r += kConsumerThreads) {
+      p.lse[lse_offset(tile) + first_row + r] = first_row + r < seqlen_q ? sink : -INFINITY;
+    }
   }
 };
 

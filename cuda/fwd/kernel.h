@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(CUTE_GRID_CONS
       int const seqlen_k = used_length(p.seqused_k, tile.batch, p.seqlen_k);
       auto const range = key_blocks<Traits>(p, tile, seqlen_q, seqlen_k);
       if (range.empty()) {
-        epilogue.store_empty(tile);
+        epilogue.store_empty(tile, seqlen_q);
       } else {
         Tensor acc_o = partition_fragment_C(typename Traits::TiledMmaPV{},
                                             select<0, 1>(typename Traits::TileShapePV{}));

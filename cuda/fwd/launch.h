@@ -60,6 +60,8 @@ cudaError_t launch_fwd(FwdParams const& fp, cudaStream_t stream) {
   p.kv_rows = reinterpret_cast<int4 const*>(fp.kv_rows);
   p.tile_plan = reinterpret_cast<int4 const*>(fp.tile_plan);
   p.tile_counter = fp.tile_counter;
+  p.sinks = fp.sinks;
+  p.max_logit = fp.max_logit;
   p.batch = fp.batch;
   p.seqlen_q = fp.seqlen_q;
   p.seqlen_k = fp.seqlen_k;
@@ -86,6 +88,10 @@ cudaError_t launch_fwd(FwdParams const& fp, cudaStream_t stream) {
 
   if constexpr (Traits::kHasWindow) {
     if (cudaError_t e = cudaMemsetAsync(fp.tile_counter, 0, sizeof(int), stream); e != cudaSuccess) { return e; }
+  }
+  if (fp.max_logit) {  // key 0: below every score (common/max_logit.h)
+    size_t const bytes = sizeof(uint32_t) * fp.batch * fp.heads;
+    if (cudaError_t e = cudaMemsetAsync(fp.max_logit, 0, bytes, stream); e != cudaSuccess) { return e; }
   }
   int const grid = std::min(p.num_tiles, fp.num_sms);
   kernel<<<grid, Traits::kThreads, Traits::kSharedBytes, stream>>>(p);

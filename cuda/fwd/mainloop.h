@@ -16,6 +16,7 @@
 #include "common/layouts.h"
 #include "common/mask.h"
 #include "common/segments.h"
+#include "common/max_logit.h"
 #include "common/softmax.h"
 #include "common/tile_scheduler.h"
 
@@ -183,14 +184,18 @@ struct FwdMainloop {
     wait_turn();
     warpgroup_gemm<false, -1>(mma_pv, tOrP, tOrVt(_, _, _, v_pos.stage), acc_o);
     pass_turn();
-    softmax.finalize(o_scale, lse);
+    int64_t const head_index = int64_t(tile.batch) * p.heads + tile.head;
+    softmax.finalize(o_scale, lse, p.sinks ? p.sinks[head_index] * float(M_LOG2E) : -INFINITY);
+    bool inside[kRows];
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      if (tile.m_block * kBlockM + rows[r] >= seqlen_q) {
+      inside[r] = tile.m_block * kBlockM + rows[r] < seqlen_q;
+      if (!inside[r]) {
         o_scale[r] = 0.f;
         lse[r] = -INFINITY;
       }
     }
+    if (p.max_logit) { record_max_logit(p.max_logit + head_index, softmax.warp_max_score(inside)); }
     warpgroup_wait<0>();
     release_v();
     scale_rows(acc_o, o_scale);

@@ -137,6 +137,8 @@ struct FwdTraits {
     int4 const* kv_rows;    // [batch, seqlen_k] (kHasSegments)
     int4 const* tile_plan;  // [batch, num_m_blocks]: a KeyBlockRange each (kHasSegments)
     int* tile_counter;
+    float const* sinks;   // [batch, heads] or nullptr
+    uint32_t* max_logit;  // [batch, heads] or nullptr
     int batch, seqlen_q, seqlen_k, heads, kv_heads, kv_group;  // kv_group = heads / kv_heads
     int num_m_blocks, num_tiles, heads_per_l2_section;
     float scale_log2;        // log2 units per score unit (after the softcap, when on)

@@ -56,6 +56,8 @@ def compiled(direction):
 # The packed-sequence operands (rows and tile plans), absent: tested through the public API
 # (test_segments.py), since their plans are made in JAX.
 _NO_SEGMENTS = (np.zeros((0,), np.int32),) * 4
+# Attention sinks, absent: tested through the public API (test_sinks.py).
+_NO_SINKS = np.zeros((0,), np.float32)
 
 
 def _seqused(x, batch):
@@ -70,12 +72,13 @@ def fwd(q, k, v, *, softmax_scale, softcap=0.0, window=(-1, -1), diagonal_offset
         jax.ShapeDtypeStruct((b, sq, h, v.shape[-1]), q.dtype),
         jax.ShapeDtypeStruct((b, h, sq), jnp.float32),
         jax.ShapeDtypeStruct((256,), jnp.uint8),
+        jax.ShapeDtypeStruct((1,), jnp.uint32),  # max_logit, not asked for
     )
     call = jax.ffi.ffi_call("jax_fa3_fwd", out_types)
-    out, lse, _ = call(q, k, v, _seqused(seqused_q, b), _seqused(seqused_k, b), *_NO_SEGMENTS[:3],
-                       softmax_scale=np.float32(softmax_scale), softcap=np.float32(softcap),
-                       window_left=int(window[0]), window_right=int(window[1]),
-                       diagonal_offset=int(diagonal_offset))
+    out, lse, _, _ = call(q, k, v, _seqused(seqused_q, b), _seqused(seqused_k, b), *_NO_SEGMENTS[:3],
+                          _NO_SINKS, softmax_scale=np.float32(softmax_scale), softcap=np.float32(softcap),
+                          window_left=int(window[0]), window_right=int(window[1]),
+                          diagonal_offset=int(diagonal_offset), return_max_logit=False)
     return out, lse
 
 
@@ -138,10 +141,11 @@ def bwd(dout, q, k, v, out, lse, *, softmax_scale, softcap=0.0, window=(-1, -1),
     if workspace_bytes is None:
         workspace_bytes = primitives.bwd_workspace_bytes(b, sq, sk, h, hk, d, v.shape[-1])
     out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((workspace_bytes,), jnp.uint8))
+                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((workspace_bytes,), jnp.uint8),
+                 jax.ShapeDtypeStruct((1,), jnp.float32))  # dsinks, without sinks
     call = jax.ffi.ffi_call("jax_fa3_bwd", out_types)
-    dq, dk, dv, _ = call(dout, q, k, v, out, lse, _seqused(seqused_q, b), _seqused(seqused_k, b),
-                         *_NO_SEGMENTS, softmax_scale=np.float32(softmax_scale), softcap=np.float32(softcap),
+    dq, dk, dv, _, _ = call(dout, q, k, v, out, lse, _seqused(seqused_q, b), _seqused(seqused_k, b),
+                            *_NO_SEGMENTS, _NO_SINKS, softmax_scale=np.float32(softmax_scale), softcap=np.float32(softcap),
                          window_left=int(window[0]), window_right=int(window[1]),
                          diagonal_offset=int(diagonal_offset), deterministic=bool(deterministic))
     return dq, dk, dv
