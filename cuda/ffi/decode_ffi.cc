@@ -131,8 +131,9 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   if (workspace->element_type() != ffi::DataType::U8 || int64_t(workspace->size_bytes()) < needed) {
     return invalid("decode: workspace must be uint8 of at least " + std::to_string(needed) + " bytes");
   }
-  for (void const* ptr : {q.untyped_data(), k_cache.untyped_data(), v_cache.untyped_data(), k_new.untyped_data(),
-                          v_new.untyped_data(), out->untyped_data(), workspace->untyped_data()}) {
+  for (void const* ptr : {q.untyped_data(), k_cache.untyped_data(), v_cache.untyped_data(), out->untyped_data(),
+                          workspace->untyped_data(), seqlen_new ? k_new.untyped_data() : nullptr,
+                          seqlen_new ? v_new.untyped_data() : nullptr}) {
     if (!aligned16(ptr)) { return invalid("decode: buffers must be 16-byte aligned"); }
   }
   DecodeVariant const* variant = decode_variant_for(dtype, head_dim);
