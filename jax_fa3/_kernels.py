@@ -17,10 +17,11 @@ import numpy as np
 
 FWD_TARGET = "jax_fa3_fwd"
 BWD_TARGET = "jax_fa3_bwd"
+DECODE_TARGET = "jax_fa3_decode"
 
 
 class Variant(NamedTuple):
-  """One compiled kernel: direction "fwd"/"bwd", dtype name, q/k and v head dims."""
+  """One compiled kernel: direction "fwd"/"bwd"/"decode", dtype name, q/k and v head dims."""
   direction: str
   dtype: str
   head_dim: int
@@ -36,6 +37,10 @@ class KernelStatus:
   # (direction, dtype name, head_dim) -> (block_m, block_n) of the packed-sequence kernels,
   # whose tile plans are made in JAX (segments.py).
   segment_tiles: Mapping[tuple[str, str, int], tuple[int, int]] = dataclasses.field(
+      default_factory=dict)
+  # (dtype name, head_dim) -> (block_n, ctas_per_sm) of the decode kernels, for the
+  # split-count heuristic (primitives.decode_num_splits).
+  decode_shapes: Mapping[tuple[str, int], tuple[int, int]] = dataclasses.field(
       default_factory=dict)
 
   def __bool__(self):
@@ -65,6 +70,10 @@ class KernelStatus:
   def segment_tile(self, direction: str, dtype, head_dim: int) -> tuple[int, int]:
     """The (block_m, block_n) tile of a compiled packed-sequence kernel."""
     return self.segment_tiles[(direction, np.dtype(dtype).name, head_dim)]
+
+  def decode_shape(self, dtype, head_dim: int) -> tuple[int, int]:
+    """(keys per CTA step, CTAs per SM) of a compiled decode kernel."""
+    return self.decode_shapes[(np.dtype(dtype).name, head_dim)]
 
 
 def _cuda_devices() -> list:
@@ -99,6 +108,13 @@ def gpu_problem() -> str | None:
   return None
 
 
+def sm_count() -> int:
+  """Streaming multiprocessors of the first CUDA GPU (132 on an H200 or H100 SXM when JAX
+  does not say)."""
+  devices = _cuda_devices()
+  return int(getattr(devices[0], "core_count", 0) or 132) if devices else 132
+
+
 def _missing_extension_reason(error: ImportError, package_dir: pathlib.Path) -> str:
   """Why `jax_fa3._fa3_cuda` did not import: most often the source tree shadows the install."""
   try:
@@ -126,7 +142,9 @@ def _load() -> KernelStatus:
   variants = tuple(Variant(d, t, int(h), int(hv)) for d, t, h, hv in _fa3_cuda.variants())
   reason = None if variants else "the extension was built with an empty variant list"
   segment_tiles = {(d, t, int(h)): (int(m), int(n)) for d, t, h, m, n in _fa3_cuda.segment_tiles()}
-  return KernelStatus(variants, reason, dict(_fa3_cuda.build_info()), segment_tiles)
+  decode_shapes = {(t, int(h)): (int(n), int(c)) for t, h, n, c in _fa3_cuda.decode_shapes()}
+  return KernelStatus(variants, reason, dict(_fa3_cuda.build_info()), segment_tiles,
+                      decode_shapes)
 
 
 _status = _load()

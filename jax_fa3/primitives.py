@@ -7,6 +7,9 @@ that attention.py binds.
 - fwd: (q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks) -> (out, lse[, max_logit])
 - bwd: (dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks)
   -> (dq, dk, dv[, dsinks])
+- decode: (q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table)
+  -> (out, lse, k_cache, v_cache), the caches updated in place (no VJP; bound directly by
+  kvcache.py, no sharding rule yet)
 An absent `seqused_*` or rows (packed sequences, `segments.py`) is an int32 array of
 shape [0], absent sinks a float32 one. With rows, the CUDA lowering adds their tile plans
 to the FFI call. Sinks, max_logit and dsinks are float32 [batch, heads]; max_logit is a
@@ -26,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
-from jax.interpreters import batching, mlir, xla
+from jax.interpreters import ad, batching, mlir, xla
 
 from jax_fa3 import _kernels, reference, segments
 
@@ -97,6 +100,36 @@ def bwd_workspace_bytes(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim,
   if sinks:                                # the preprocess blocks' dsinks parts (>= 8 rows each)
     parts.append(4 * batch * heads * (sq // 8))
   return sum(_round_up(p, 256) for p in parts)
+
+
+DECODE_ROWS = 16        # query rows per decode CTA (cuda/decode/params.h: kDecodeRows)
+DECODE_MAX_SPLITS = 128  # kDecodeMaxSplits
+
+
+def decode_m_blocks(heads, kv_heads, seqlen_q) -> int:
+  return -(-(heads // kv_heads) * seqlen_q // DECODE_ROWS)
+
+
+def decode_workspace_bytes(batch, kv_heads, m_blocks, num_splits, head_dim) -> int:
+  """The split-KV partials (float32 O and lse per split and row); 256 bytes without splits."""
+  if num_splits <= 1:
+    return 256
+  rows = batch * kv_heads * m_blocks * num_splits * DECODE_ROWS
+  return _round_up(4 * rows * head_dim, 256) + _round_up(4 * rows, 256)
+
+
+def decode_num_splits(batch, kv_heads, m_blocks, max_keys, block_n, ctas_per_sm,
+                      num_sms) -> int:
+  """How many splits of the keys fill the GPU: the fewest that come within 5% of the best
+  wave efficiency (CTAs / (waves * slots)), keeping at least 4 key tiles per split."""
+  units = batch * kv_heads * m_blocks
+  slots = num_sms * ctas_per_sm
+  most = max(1, min(DECODE_MAX_SPLITS, -(-max_keys // block_n) // 4))
+  def efficiency(splits):
+    ctas = units * splits
+    return ctas / (-(-ctas // slots) * slots)
+  best = max(efficiency(s) for s in range(1, most + 1))
+  return next(s for s in range(1, most + 1) if efficiency(s) >= 0.95 * best)
 
 
 def _round_up(x, multiple):
@@ -189,6 +222,42 @@ def _bwd_cuda(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, si
   return (*grads, dsinks) if sinks.size else grads
 
 
+def _decode_cuda(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table, *,
+                 softmax_scale, softcap, window_left, window_right, num_splits):
+  params = dict(softmax_scale=softmax_scale, softcap=softcap, window_left=window_left,
+                window_right=window_right, num_splits=num_splits)
+  head_dim = q.shape[3]
+  dims = _kernel_head_dims("decode", q, q) if head_dim % 8 == 0 else None
+  if dims is None:
+    if head_dim % 8:
+      _warn_once(f"jax_fa3: the decode kernel needs a head_dim that is a multiple of 8, got "
+                 f"{head_dim}; running the float32 reference instead (slow).")
+    return reference.kvcache_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                                       page_table, **params)
+  batch, seqlen_q, heads, _ = q.shape
+  kv_heads = k_cache.shape[2]
+  m_blocks = decode_m_blocks(heads, kv_heads, seqlen_q)
+  if num_splits == 0:
+    block_n, ctas_per_sm = _kernels.kernels_available().decode_shape(q.dtype, dims[0])
+    capacity = k_cache.shape[1] * (page_table.shape[1] if page_table.size else 1)
+    max_keys = capacity + (k_new.shape[1] if k_new.ndim == 4 else 0)
+    num_splits = decode_num_splits(batch, kv_heads, m_blocks, max_keys, block_n, ctas_per_sm,
+                                   _kernels.sm_count())
+  workspace = decode_workspace_bytes(batch, kv_heads, m_blocks, num_splits, head_dim)
+  out, lse, k_cache, v_cache, _ = jax.ffi.ffi_call(
+      _kernels.DECODE_TARGET, (
+          jax.ShapeDtypeStruct(q.shape, q.dtype),
+          jax.ShapeDtypeStruct((batch, heads, seqlen_q), jnp.float32),
+          jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+          jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+          jax.ShapeDtypeStruct((workspace,), jnp.uint8),
+      ), input_output_aliases={1: 2, 2: 3},
+  )(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table,
+    softmax_scale=np.float32(softmax_scale), softcap=np.float32(softcap),
+    window_left=int(window_left), window_right=int(window_right), num_splits=int(num_splits))
+  return out, lse, k_cache, v_cache
+
+
 def _segment_tile(direction, dtype, head_dim):
   """(block_m, block_n) of the packed-sequence kernel whose plan is made in JAX."""
   return _kernels.kernels_available().segment_tile(direction, dtype, head_dim)
@@ -236,6 +305,20 @@ def _ffi_attributes(*, softmax_scale, softcap, window_left, window_right,
   return attributes
 
 
+def _decode_abstract_eval(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table,
+                          **params):
+  del cache_seqlens, k_new, v_new, page_table, params
+  batch, seqlen_q, heads, _ = q.shape
+  return (q.update(), q.update(shape=(batch, heads, seqlen_q), dtype=jnp.float32),
+          k_cache.update(), v_cache.update())
+
+
+def _no_decode_gradient(primals, tangents, **params):
+  raise NotImplementedError(
+      "flash_attention_with_kvcache has no gradient: it is an inference op (KV-cache decode). "
+      "Use jax_fa3.flash_attention for training.")
+
+
 # --- Batching --------------------------------------------------------------------
 
 def fold_vmap_axis_into_batch(primitive, args, dims, **params):
@@ -264,3 +347,15 @@ def _define(name, abstract_eval, reference_rule, cuda_rule):
 
 fwd_p = _define("fa3_fwd_local", _fwd_abstract_eval, reference.attention_fwd, _fwd_cuda)
 bwd_p = _define("fa3_bwd_local", _bwd_abstract_eval, reference.attention_bwd, _bwd_cuda)
+
+# The decode primitive: the same lowerings, no batching rule (a paged cache is not batched by
+# sequence) and a JVP that says there is no gradient.
+decode_p = Primitive("fa3_decode_local")
+decode_p.multiple_results = True
+decode_p.def_impl(functools.partial(xla.apply_primitive, decode_p))
+decode_p.def_abstract_eval(_decode_abstract_eval)
+mlir.register_lowering(decode_p, mlir.lower_fun(reference.kvcache_attention,
+                                                multiple_results=True))
+mlir.register_lowering(decode_p, mlir.lower_fun(_decode_cuda, multiple_results=True),
+                       platform="cuda")
+ad.primitive_jvps[decode_p] = _no_decode_gradient

@@ -136,3 +136,72 @@ def _ungroup(x):
   """`[B, Hk, G, Sq, D]` -> `[B, Sq, H, D]`."""
   batch, kv_heads, groups, seqlen, dim = x.shape
   return jnp.swapaxes(x.reshape(batch, kv_heads * groups, seqlen, dim), 1, 2)
+
+
+def kvcache_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table, *,
+                      softmax_scale, softcap, window_left, window_right, num_splits=0):
+  """Decode against a KV cache: `(out, lse, k_cache, v_cache)`, as `jax_fa3_decode` does.
+
+  The semantics of CONTRACT.md's `jax_fa3_decode`: `k_new`/`v_new` (absent: shape [0]) are
+  written at positions `[cache_seqlens[b], cache_seqlens[b] + seqlen_new)` of the cache
+  (contiguous `[batch, max_seqlen, ...]`, or paged `[num_pages, page_size, ...]` through
+  `page_table [batch, max_pages]`), then q's rows, the last seqlen_q positions, attend to
+  every key before that end under the window (bottom-right aligned). A sequence whose length
+  is out of range (negative, or past the capacity with the new keys) writes nothing and gets
+  NaN; one whose page-table entries covering those positions are out of range gets NaN, and
+  only the new rows on valid pages are written.
+  """
+  del num_splits  # how the GPU divides the keys; one pass here
+  batch, seqlen_q, heads, _ = q.shape
+  _, page_size, kv_heads, head_dim = k_cache.shape
+  num_rows = k_cache.shape[0] * page_size
+  paged = page_table.size > 0
+  max_pages = page_table.shape[1] if paged else 1
+  capacity = max_pages * page_size
+  seqlen_new = k_new.shape[1] if k_new.ndim == 4 else 0
+
+  length_ok = (cache_seqlens >= 0) & (cache_seqlens <= capacity - seqlen_new)
+  cache_len = jnp.where(length_ok, cache_seqlens, 0)
+  total = cache_len + seqlen_new
+  # The cache row of every logical position, and whether its page is in range: [B, capacity].
+  positions = jnp.arange(capacity, dtype=jnp.int32)
+  if paged:
+    pages = page_table[:, positions // page_size]
+    page_ok = (pages >= 0) & (pages < k_cache.shape[0])
+    rows = jnp.clip(pages, 0, k_cache.shape[0] - 1) * page_size + positions % page_size
+  else:
+    page_ok = jnp.ones((batch, capacity), bool)
+    rows = jnp.arange(batch, dtype=jnp.int32)[:, None] * page_size + positions
+
+  k_rows = k_cache.reshape(num_rows, kv_heads, head_dim)
+  v_rows = v_cache.reshape(num_rows, kv_heads, head_dim)
+  if seqlen_new:
+    new_positions = jnp.clip(cache_len[:, None] + jnp.arange(seqlen_new), 0, capacity - 1)
+    writable = length_ok[:, None] & jnp.take_along_axis(page_ok, new_positions, axis=1)
+    targets = jnp.where(writable, jnp.take_along_axis(rows, new_positions, axis=1), num_rows)
+    k_rows = k_rows.at[targets.reshape(-1)].set(k_new.reshape(-1, kv_heads, head_dim), mode="drop")
+    v_rows = v_rows.at[targets.reshape(-1)].set(v_new.reshape(-1, kv_heads, head_dim), mode="drop")
+
+  used = positions[None] < total[:, None]
+  bad = ~length_ok | jnp.any(used & ~page_ok, axis=1)
+  keys, values = k_rows[rows], v_rows[rows]  # [B, capacity, Hk, D], by logical position
+  query_positions = total[:, None] - seqlen_q + jnp.arange(seqlen_q)  # [B, Sq]
+  col = positions[None, None, :]
+  visible = used[:, None, :]
+  if window_left >= 0:
+    visible &= col >= query_positions[..., None] - window_left
+  if window_right >= 0:
+    visible &= col <= query_positions[..., None] + window_right
+  scores, _ = _scores(q, keys, softmax_scale, softcap)  # [B, Hk, G, Sq, capacity]
+  scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+  row_max = jnp.max(scores, axis=-1, keepdims=True)
+  probs = jnp.exp(scores - jnp.where(row_max == -jnp.inf, 0.0, row_max))
+  row_sum = jnp.sum(probs, axis=-1, keepdims=True)
+  seen_any = row_sum > 0
+  probs = probs / jnp.where(seen_any, row_sum, 1.0)
+  lse = jnp.where(seen_any, row_max + jnp.log(jnp.where(seen_any, row_sum, 1.0)), -jnp.inf)
+  out = _ungroup(jnp.einsum("bhgqk,bkhd->bhgqd", probs, values.astype(jnp.float32),
+                            precision=_HIGHEST))
+  out = jnp.where(bad[:, None, None, None], jnp.nan, out).astype(q.dtype)
+  lse = jnp.where(bad[:, None, None], jnp.nan, lse.reshape(batch, heads, seqlen_q))
+  return (out, lse, k_rows.reshape(k_cache.shape), v_rows.reshape(v_cache.shape))

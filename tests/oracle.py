@@ -86,3 +86,54 @@ def _visible(seqlen_q, seqlen_k, window, diagonal_offset, used_q, used_k):
   if right >= 0:
     visible &= cols <= rows + diagonal_offset + right
   return visible
+
+
+def kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, page_table=None, *,
+            scale, softcap=0.0, window=(-1, -1)):
+  """KV-cache decode from its definition: returns (out, lse, k_cache, v_cache) in float64.
+
+  Position p of sequence b lives at k_cache[b, p] (contiguous) or at
+  k_cache[page_table[b, p // page_size], p % page_size] (paged). k_new/v_new go to positions
+  [len, len + seqlen_new); q's rows are the last seqlen_q of the len + seqlen_new keys
+  (bottom-right alignment). A length out of [0, capacity - seqlen_new] writes nothing and
+  gives NaN; a page entry out of range among the used positions gives NaN, and only new
+  rows on valid pages are written.
+  """
+  q = np.asarray(q, np.float64)
+  k_cache, v_cache = np.array(k_cache, np.float64), np.array(v_cache, np.float64)
+  batch, seqlen_q, heads, _ = q.shape
+  page_size = k_cache.shape[1]
+  seqlen_new = 0 if k_new is None else k_new.shape[1]
+  max_pages = 1 if page_table is None else page_table.shape[1]
+  out = np.full(q.shape, np.nan)
+  lse = np.full((batch, heads, seqlen_q), np.nan)
+
+  def where(b, p):  # (page, row) of position p, or None when its page is out of range
+    if page_table is None:
+      return b, p
+    page = int(page_table[b, p // page_size])
+    return (page, p % page_size) if 0 <= page < k_cache.shape[0] else None
+
+  for b in range(batch):
+    length = int(cache_seqlens[b])
+    if not 0 <= length <= max_pages * page_size - seqlen_new:
+      continue
+    for r in range(seqlen_new):
+      place = where(b, length + r)
+      if place is not None:
+        k_cache[place] = np.asarray(k_new[b, r], np.float64)
+        v_cache[place] = np.asarray(v_new[b, r], np.float64)
+    total = length + seqlen_new
+    places = [where(b, p) for p in range(total)]
+    if any(place is None for place in places):
+      continue
+    keys = np.stack([k_cache[place] for place in places]) if total else k_cache[:0, 0]
+    values = np.stack([v_cache[place] for place in places]) if total else v_cache[:0, 0]
+    if total == 0:  # no key at all: every row sees nothing
+      out[b], lse[b] = 0.0, -np.inf
+      continue
+    o, l, *_ = attention(q[b:b + 1], keys[None], values[None], np.zeros(q[b:b + 1].shape),
+                         scale=scale, softcap=softcap, window=window,
+                         diagonal_offset=total - seqlen_q)
+    out[b], lse[b] = o[0], l[0]
+  return out, lse, k_cache, v_cache

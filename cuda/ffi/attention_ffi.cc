@@ -18,6 +18,7 @@
 #include "common/bwd_params.h"
 #include "common/launch.h"
 #include "common/params.h"
+#include "ffi/buffers.h"
 #include "ffi/registry.h"
 
 namespace jax_fa3 {
@@ -28,25 +29,6 @@ namespace ffi = xla::ffi;
 constexpr int64_t kMaxSeqlen = int64_t(1) << 30;  // keeps every row/column index in int32
 constexpr int64_t kFwdWorkspaceBytes = 4;         // the dynamic scheduler's tile counter
 constexpr int64_t kMaxGridBlocks = (int64_t(1) << 31) - 1;  // a grid's x dimension
-
-std::string shape_str(ffi::AnyBuffer const& b) {
-  std::string s = "[";
-  auto dims = b.dimensions();
-  for (size_t i = 0; i < dims.size(); ++i) { s += (i ? ", " : "") + std::to_string(dims[i]); }
-  return s + "]";
-}
-
-ffi::Error invalid(std::string const& message) { return ffi::Error::InvalidArgument("jax_fa3: " + message); }
-
-char const* dtype_name(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::BF16: return "bfloat16";
-    case ffi::DataType::F16: return "float16";
-    default: return nullptr;
-  }
-}
-
-bool aligned16(void const* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // SM counts are read once per device; XLA may call from one host thread per GPU.
 int sm_count(int device) {
@@ -60,20 +42,6 @@ int sm_count(int device) {
     }
   });
   return counts[device];
-}
-
-// JAX_FA3_DEBUG_POISON=1 fills outputs with NaN before each launch so that tests see
-// any element a kernel fails to write. Read once; asynchronous, so graph-safe.
-bool poison_outputs() {
-  static bool const enabled = [] {
-    char const* v = std::getenv("JAX_FA3_DEBUG_POISON");
-    return v != nullptr && v[0] != '\0' && v[0] != '0';
-  }();
-  return enabled;
-}
-
-cudaError_t poison(ffi::Result<ffi::AnyBuffer>& buffer, cudaStream_t stream) {
-  return cudaMemsetAsync(buffer->untyped_data(), 0xFF, buffer->size_bytes(), stream);  // NaN in bf16/f16/f32
 }
 
 struct Dims {

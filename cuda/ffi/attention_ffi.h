@@ -6,4 +6,5 @@
 extern "C" {
 XLA_FFI_Error* JaxFa3Fwd(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxFa3Bwd(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxFa3Decode(XLA_FFI_CallFrame* call_frame);  // ffi/decode_ffi.cc
 }

@@ -17,6 +17,7 @@ PYBIND11_MODULE(_fa3_cuda, m) {
     py::dict targets;
     targets["jax_fa3_fwd"] = py::capsule(reinterpret_cast<void*>(&JaxFa3Fwd));
     targets["jax_fa3_bwd"] = py::capsule(reinterpret_cast<void*>(&JaxFa3Bwd));
+    targets["jax_fa3_decode"] = py::capsule(reinterpret_cast<void*>(&JaxFa3Decode));
     return targets;
   }, "FFI target name -> handler capsule, for jax.ffi.register_ffi_target(..., platform='CUDA').");
 
@@ -24,6 +25,7 @@ PYBIND11_MODULE(_fa3_cuda, m) {
     py::list out;
     for (auto const& v : jax_fa3::fwd_variants()) { out.append(py::make_tuple("fwd", v.dtype, v.head_dim, v.head_dim_v)); }
     for (auto const& v : jax_fa3::bwd_variants()) { out.append(py::make_tuple("bwd", v.dtype, v.head_dim, v.head_dim_v)); }
+    for (auto const& v : jax_fa3::decode_variants()) { out.append(py::make_tuple("decode", v.dtype, v.head_dim, v.head_dim)); }
     return out;
   }, "The compiled (direction, dtype, head_dim, head_dim_v) kernel variants.");
 
@@ -37,6 +39,14 @@ PYBIND11_MODULE(_fa3_cuda, m) {
     }
     return out;
   }, "(direction, dtype, head_dim, block_m, block_n): the packed-sequence kernels' tiles, for their plans.");
+
+  m.def("decode_shapes", [] {
+    py::list out;
+    for (auto const& v : jax_fa3::decode_variants()) {
+      out.append(py::make_tuple(v.dtype, v.head_dim, v.shape.block_n, v.shape.ctas_per_sm));
+    }
+    return out;
+  }, "(dtype, head_dim, block_n, ctas_per_sm) of the decode kernels, for the split-count heuristic.");
 
   m.def("build_info", [] {
     py::dict info;

@@ -26,4 +26,16 @@ BwdVariant const* find_bwd_variant(std::string const& dtype, int head_dim, int h
   return nullptr;
 }
 
+std::vector<DecodeVariant>& decode_variants() {
+  static std::vector<DecodeVariant> table;
+  return table;
+}
+
+DecodeVariant const* find_decode_variant(std::string const& dtype, int head_dim) {
+  for (DecodeVariant const& v : decode_variants()) {
+    if (v.dtype == dtype && v.head_dim == head_dim) { return &v; }
+  }
+  return nullptr;
+}
+
 }  // namespace jax_fa3

@@ -10,6 +10,7 @@
 
 #include "common/bwd_params.h"
 #include "common/params.h"
+#include "decode/params.h"
 
 namespace jax_fa3 {
 
@@ -30,11 +31,22 @@ struct BwdVariant {
   TileShape segment_tile;
 };
 
+// KV-cache decode (q/k/v head dims equal): the split kernel and its combine.
+struct DecodeVariant {
+  std::string dtype;
+  int head_dim;
+  cudaError_t (*run)(DecodeParams const&, cudaStream_t);
+  DecodeShape shape;
+};
+
 std::vector<FwdVariant>& fwd_variants();
 FwdVariant const* find_fwd_variant(std::string const& dtype, int head_dim, int head_dim_v);
 
 std::vector<BwdVariant>& bwd_variants();
 BwdVariant const* find_bwd_variant(std::string const& dtype, int head_dim, int head_dim_v);
+
+std::vector<DecodeVariant>& decode_variants();
+DecodeVariant const* find_decode_variant(std::string const& dtype, int head_dim);
 
 struct RegisterFwdVariant {
   explicit RegisterFwdVariant(FwdVariant variant) { fwd_variants().push_back(std::move(variant)); }
@@ -42,6 +54,10 @@ struct RegisterFwdVariant {
 
 struct RegisterBwdVariant {
   explicit RegisterBwdVariant(BwdVariant variant) { bwd_variants().push_back(std::move(variant)); }
+};
+
+struct RegisterDecodeVariant {
+  explicit RegisterDecodeVariant(DecodeVariant variant) { decode_variants().push_back(std::move(variant)); }
 };
 
 }  // namespace jax_fa3

@@ -1,0 +1,52 @@
+// Tile shapes and shared-memory budget of the decode kernel, per (dtype, head dim).
+//
+// Design (the numbers are for the H200: 132 SMs, ~4.8 TB/s HBM; see benchmarks/NOTES.md):
+// decode reads the whole K/V cache once per token and does ~1 flop per byte, so the only
+// goal is bytes in flight. By Little's law ~4.8 TB/s x ~1.5 us of loaded latency is ~7 MB,
+// ~55 KB per SM. Each warp runs its own cp.async ring of kStages stages of kWarpKeys keys
+// of K and V (no CTA-wide barrier in the main loop), so an SM holding 8 such warps keeps up
+// to 8 x (kStages - 1) stages, 128 KB at d128, in flight. The 16 query rows of a CTA (the
+// query heads of one KV head times the query tokens, "GQA packing") share every K/V byte.
+#pragma once
+
+#include "decode/params.h"
+
+namespace jax_fa3::decode {
+
+template <class Element_, int kHeadDim_>
+struct Config {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;  // the compiled width; a smaller multiple of 8 runs zero-padded
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  // One k16 step of P·V: each warp consumes 16 keys per stage.
+  static constexpr int kWarpKeys = 16;
+  static constexpr int kBlockN = kWarps * kWarpKeys;  // keys per CTA per main-loop step
+  static constexpr int kChunks = kHeadDim / 8;        // 16-byte chunks per row
+  static constexpr int kTileElems = kWarpKeys * kHeadDim;  // one of K or V, per warp and stage
+  // 8 KB (K + V) per warp and stage at d128; d64 takes more stages of half the size, d256
+  // fewer of twice the size, so that 2, 2 and 1 CTAs fit on an SM with ~100 KB in flight.
+  static constexpr int kStages = kHeadDim <= 64 ? 6 : 3;
+  static constexpr int kCtasPerSm = kHeadDim <= 128 ? 2 : 1;
+
+  static_assert(kHeadDim % 64 == 0, "the swizzle permutes 8 chunks of 16 bytes");
+
+  // Shared memory: Q [rows, kHeadDim]; per warp and stage K then V [kWarpKeys, kHeadDim]
+  // (reused as the f32 [kWarps, rows, kHeadDim] exchange after the loop); row statistics.
+  static constexpr int kQBytes = kDecodeRows * kHeadDim * int(sizeof(Element));
+  static constexpr int kKvBytes = kWarps * kStages * 2 * kTileElems * int(sizeof(Element));
+  static constexpr int kExchangeBytes = kWarps * kDecodeRows * kHeadDim * 4;
+  static constexpr int kStatsBytes = 2 * kWarps * kDecodeRows * 4;
+  static_assert(kExchangeBytes <= kKvBytes, "the warps' outputs are exchanged in the K/V buffers");
+  static constexpr int kSmemBytes = kQBytes + kKvBytes + kStatsBytes;
+  static_assert(kCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024, "shared memory per SM");
+};
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a [rows, kHeadDim] tile. The chunk
+// index is XORed with row % 8 so that ldmatrix's 8 row addresses hit 8 different bank groups.
+template <int kHeadDim>
+__device__ __forceinline__ int swizzled(int row, int chunk) {
+  return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
+}
+
+}  // namespace jax_fa3::decode

@@ -1,0 +1,49 @@
+// Small helpers every FFI handler uses to check XLA's buffers and report what is wrong.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+#include <cuda_runtime_api.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_fa3 {
+
+inline std::string shape_str(xla::ffi::AnyBuffer const& b) {
+  std::string s = "[";
+  auto dims = b.dimensions();
+  for (size_t i = 0; i < dims.size(); ++i) { s += (i ? ", " : "") + std::to_string(dims[i]); }
+  return s + "]";
+}
+
+inline xla::ffi::Error invalid(std::string const& message) {
+  return xla::ffi::Error::InvalidArgument("jax_fa3: " + message);
+}
+
+inline char const* dtype_name(xla::ffi::DataType t) {
+  switch (t) {
+    case xla::ffi::DataType::BF16: return "bfloat16";
+    case xla::ffi::DataType::F16: return "float16";
+    default: return nullptr;
+  }
+}
+
+inline bool aligned16(void const* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// JAX_FA3_DEBUG_POISON=1 fills outputs with NaN before each launch so that tests see
+// any element a kernel fails to write. Read once; asynchronous, so graph-safe.
+inline bool poison_outputs() {
+  static bool const enabled = [] {
+    char const* v = std::getenv("JAX_FA3_DEBUG_POISON");
+    return v != nullptr && v[0] != '\0' && v[0] != '0';
+  }();
+  return enabled;
+}
+
+inline cudaError_t poison(xla::ffi::Result<xla::ffi::AnyBuffer>& buffer, cudaStream_t stream) {
+  return cudaMemsetAsync(buffer->untyped_data(), 0xFF, buffer->size_bytes(), stream);  // NaN in bf16/f16/f32
+}
+
+}  // namespace jax_fa3

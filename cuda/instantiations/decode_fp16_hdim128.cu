@@ -1,0 +1,5 @@
+#include "decode/launch.h"
+#include "ffi/registry.h"
+
+static jax_fa3::RegisterDecodeVariant const registered{{"float16", 128, &jax_fa3::run_decode<__half, 128>,
+                                                        jax_fa3::decode_shape<__half, 128>()}};
