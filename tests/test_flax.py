@@ -286,3 +286,61 @@ def test_segment_ids_fall_back_to_flax_with_their_mask(normal):
   with pytest.warns(UserWarning, match="Running Flax's attention instead"):
     ours = jax_fa3.flax.nnx.dot_product_attention(q, k, v, segment_ids=ids)
   np.testing.assert_allclose(ours, nnx.dot_product_attention(q, k, v, mask=documents), atol=1e-6)
+
+
+def _attention_with_sinks(query, key, value, sinks, mask):
+  """Attention with sinks written from the definition, in float32: [B, T, N, H] inputs."""
+  scores = jnp.einsum("btnh,bsnh->bnts", query.astype(jnp.float32), key.astype(jnp.float32))
+  scores = jnp.where(mask, scores * query.shape[-1] ** -0.5, -jnp.inf)
+  sink = jnp.broadcast_to(sinks[None, :, None, None], (*scores.shape[:3], 1))
+  probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+  return jnp.einsum("bnts,bsnh->btnh", probs, value.astype(jnp.float32))
+
+
+def test_nnx_module_with_sinks_learns_them(normal):
+  """sinks=True: a zero-initialised [num_heads] parameter that reaches the kernels, whose
+  output is attention with the sink column, and which gets a gradient."""
+  layer = jax_fa3.flax.nnx.MultiHeadAttention(
+      num_heads=4, in_features=64, dtype=jnp.bfloat16, decode=False, rngs=nnx.Rngs(0), sinks=True,
+      attention_fn=functools.partial(jax_fa3.flax.nnx.dot_product_attention, strict=True))
+  assert layer.sinks[...].shape == (4,) and (layer.sinks[...] == 0).all()
+  layer.sinks[...] = jnp.array([0.0, 1.0, -1.0, 3.0])
+  x = normal((2, 24, 64))
+  ids = _document_ids()
+  captured = {}
+
+  def probe(query, key, value, **kwargs):  # the projections the module feeds its attention
+    captured.update(query=query, key=key, value=value)
+    return jax_fa3.flax.nnx.dot_product_attention(query, key, value, **kwargs)
+
+  layer.attention_fn = functools.partial(probe, strict=True)
+  y = layer(x, segment_ids=ids, is_causal=True)
+  mask = (ids[:, :, None] == ids[:, None, :]) & (ids >= 0)[:, :, None] & jnp.tril(jnp.ones((24, 24), bool))
+  expected = _attention_with_sinks(captured["query"], captured["key"], captured["value"],
+                                   layer.sinks[...], mask[:, None])
+  out = layer.out(expected.astype(jnp.bfloat16))
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(out, np.float32), atol=3e-2)
+
+  grads = nnx.grad(lambda m: m(x, segment_ids=ids, is_causal=True).astype(jnp.float32).sum())(layer)
+  assert grads.sinks[...].shape == (4,) and jnp.isfinite(grads.sinks[...]).all()
+  assert (grads.sinks[...] != 0).any()
+
+
+def test_linen_module_with_sinks_has_the_parameter(normal):
+  x = normal((2, 16, 32))
+  layer = jax_fa3.flax.linen.MultiHeadDotProductAttention(
+      num_heads=4, dtype=jnp.bfloat16, sinks=True,
+      attention_fn=functools.partial(jax_fa3.flax.linen.dot_product_attention, is_causal=True, strict=True))
+  variables = layer.init(jax.random.key(0), x)
+  assert variables["params"]["sinks"].shape == (4,)
+  assert "fa3_fwd" in str(jax.make_jaxpr(lambda v: layer.apply(v, x))(variables))
+  grads = jax.grad(lambda v: layer.apply(v, x).astype(jnp.float32).sum())(variables)
+  assert jnp.isfinite(grads["params"]["sinks"]).all()
+
+
+def test_sinks_never_fall_back_to_flax(normal):
+  """Flax's attention has no sinks: a call the kernels can't serve (dropout) raises."""
+  q = normal((2, 16, 4, 32))
+  with pytest.raises(ValueError, match="no fall-back"):
+    jax_fa3.flax.nnx.dot_product_attention(q, q, q, sinks=jnp.zeros(4), dropout_rate=0.1,
+                                           dropout_rng=jax.random.key(0))

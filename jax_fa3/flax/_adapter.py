@@ -18,24 +18,39 @@ import jax_fa3
 from jax_fa3.attention import DTYPES
 
 MASK_STRUCTURES = (None, "padding", "segments")
-# The segment ids a module's __call__ received, for the attention_fn it calls (Flax's
-# modules pass their attention_fn a fixed set of arguments).
+# What a module's __call__ passes to the attention_fn it calls beyond Flax's fixed set of
+# arguments: the segment ids it received, and its sinks parameter.
 _call_segment_ids = contextvars.ContextVar("jax_fa3_segment_ids", default=None)
+_call_sinks = contextvars.ContextVar("jax_fa3_sinks", default=None)
 
 
 @contextlib.contextmanager
-def segment_ids_of_call(segment_ids):
-  """Makes `segment_ids` the packed-sequence ids of the attention calls made inside."""
-  token = _call_segment_ids.set(segment_ids)
+def module_call(segment_ids=None, sinks=None):
+  """Makes `segment_ids` (packed documents) and `sinks` those of the attention calls made
+  inside."""
+  tokens = _call_segment_ids.set(segment_ids), _call_sinks.set(sinks)
   try:
     yield
   finally:
-    _call_segment_ids.reset(token)
+    _call_segment_ids.reset(tokens[0])
+    _call_sinks.reset(tokens[1])
 
 
 def segment_ids_or_call(segment_ids):
   """The explicit ids, else those of the module call in progress (or None)."""
   return _call_segment_ids.get() if segment_ids is None else segment_ids
+
+
+def sinks_or_call(sinks):
+  """The explicit sinks, else those of the module call in progress (or None)."""
+  return _call_sinks.get() if sinks is None else sinks
+
+
+def no_fall_back_with_sinks(unsupported, sinks):
+  """Flax's own attention has no sinks: with them, a call the kernels can't serve is an error."""
+  if sinks is not None:
+    raise ValueError(f"{unsupported}; with `sinks` there is no fall-back (Flax's attention "
+                     "has no sinks)") from unsupported
 
 
 def segment_mask(segment_ids):
@@ -79,7 +94,7 @@ def check_shapes(query, key, value, mask):
 
 
 def attention(query, key, value, *, bias, mask, is_causal, mask_structure, dropout_rate,
-              deterministic, module, segment_ids=None):
+              deterministic, module, segment_ids=None, sinks=None):
   """Flax's dot-product attention on the kernels: the same result, up to rounding.
 
   Shapes as in Flax: `query [batch..., T, N, H]`, `key` and `value [batch..., S, K, H]`
@@ -96,6 +111,10 @@ def attention(query, key, value, *, bias, mask, is_causal, mask_structure, dropo
   `mask` is such a document mask (`make_attention_mask(ids, ids, jnp.equal)`, maybe
   combined with padding and `make_causal_mask`); the documents are read from it and the
   mask checked on the device, all NaN if it is not one.
+
+  `sinks [heads]`: attention sinks (jax_fa3.flash_attention's), served without a mask, with
+  `segment_ids` or a "segments" mask. A row that sees no key then has output 0 (all its
+  weight is on the sink) rather than Flax's mean of the values.
   """
   if bias is not None:
     raise ValueError("jax_fa3.flax: `bias` must be None on the kernels, which add no bias "
@@ -116,10 +135,19 @@ def attention(query, key, value, *, bias, mask, is_causal, mask_structure, dropo
     raise ValueError("jax_fa3.flax: a `mask` needs mask_structure='padding' or 'segments' on "
                      "the kernels, which then check that it only marks right padding (valid "
                      "tokens first) or documents; express causality with is_causal=True")
+  if sinks is not None and mask is not None and mask_structure != "segments":
+    raise ValueError("jax_fa3.flax: `sinks` with a padding mask are not served; mark padding "
+                     "with negative `segment_ids` instead")
+  if sinks is not None and is_causal and query.shape[-3] != key.shape[-3]:
+    raise ValueError(f"jax_fa3.flax: `sinks` with is_causal need equal query and key lengths "
+                     f"(Flax's causal mask is top-left aligned), got {query.shape[-3]} and "
+                     f"{key.shape[-3]}")
   batch_dims = query.shape[:-3]  # shapes checked by check_shapes
   q, k, v = (x.reshape(-1, *x.shape[-3:]) for x in (query, key, value))
   if segment_ids is not None or (mask_structure == "segments" and mask is not None):
-    out = _segment_attention(q, k, v, segment_ids, mask, batch_dims, is_causal)
+    out = _segment_attention(q, k, v, segment_ids, mask, batch_dims, is_causal, sinks)
+  elif sinks is not None:
+    out = jax_fa3.flash_attention(q, k, v, causal=is_causal, sinks=sinks)
   elif mask is None:
     out = jax_fa3.dot_product_attention(q, k, v, is_causal=is_causal, implementation="fa3")
   else:
@@ -133,9 +161,10 @@ def attention(query, key, value, *, bias, mask, is_causal, mask_structure, dropo
   return out.reshape(*batch_dims, *out.shape[1:])
 
 
-def _segment_attention(q, k, v, segment_ids, mask, batch_dims, is_causal):
-  """Packed documents on the kernels, with Flax's mean of values in rows that see no key.
-  Given a mask instead of ids, the ids are read from it and the mask checked."""
+def _segment_attention(q, k, v, segment_ids, mask, batch_dims, is_causal, sinks=None):
+  """Packed documents on the kernels, with Flax's mean of values in rows that see no key
+  (without sinks: with them such rows have lse = the sink, and output 0). Given a mask
+  instead of ids, the ids are read from it and the mask checked."""
   seqlen = q.shape[1]
   if k.shape[1] != seqlen:
     raise ValueError(f"jax_fa3.flax: packed documents need self-attention (equal query and "
@@ -150,7 +179,7 @@ def _segment_attention(q, k, v, segment_ids, mask, batch_dims, is_causal):
                        f"{[*batch_dims, seqlen]}, got {list(segment_ids.shape)}")
     segment_ids = segment_ids.reshape(-1, seqlen)
   out, lse = jax_fa3.flash_attention(q, k, v, segment_ids=segment_ids, causal=is_causal,
-                                     return_lse=True)
+                                     sinks=sinks, return_lse=True)
   keyless = jnp.swapaxes(lse, 1, 2)[..., None] == -jnp.inf
   mean_value = jnp.mean(v.astype(jnp.float32), axis=1, keepdims=True)
   mean_value = jnp.repeat(mean_value, q.shape[2] // v.shape[2], axis=2)

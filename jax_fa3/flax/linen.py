@@ -23,7 +23,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
                           precision=None, module=None, force_fp32_for_softmax=False,
                           einsum_dot_general=None, qk_attn_weights_einsum=None,
                           attn_weights_value_einsum=None, *, is_causal=False,
-                          segment_ids=None, mask_structure=None, strict=False):
+                          segment_ids=None, sinks=None, mask_structure=None, strict=False):
   """`flax.linen.dot_product_attention` on jax_fa3's kernels, where they can serve the call.
 
   Takes every argument of `flax.linen.dot_product_attention`, by name, since
@@ -57,10 +57,15 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
     segment_ids: `[batch..., length]` packed documents (self-attention): a query sees the
       keys of its own document; negative ids are padding. The module's `__call__` takes
       it too (`MultiHeadAttention(...)(x, segment_ids=ids)`) and passes it here.
+    sinks: `[heads]` attention sinks (`jax_fa3.flash_attention`'s); the module's `sinks=True`
+      makes them a learnable parameter and passes them here. Served without a mask, with
+      segment ids or a "segments" mask; Flax's attention has none, so a call the kernels
+      can't serve is an error, not a fall-back.
     strict: raise instead of falling back to Flax's attention.
   """
   _adapter.check_mask_structure(mask_structure)
   segment_ids = _adapter.segment_ids_or_call(segment_ids)
+  sinks = _adapter.sinks_or_call(sinks)
   query, key, value = dtypes.promote_dtype(query, key, value, dtype=dtype)
   _adapter.check_shapes(query, key, value, mask)
   try:
@@ -71,8 +76,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
     return _adapter.attention(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
                               mask_structure=mask_structure, dropout_rate=dropout_rate,
                               deterministic=deterministic, module=module,
-                              segment_ids=segment_ids)
+                              segment_ids=segment_ids, sinks=sinks)
   except (TypeError, ValueError) as unsupported:
+    _adapter.no_fall_back_with_sinks(unsupported, sinks)
     _adapter.fall_back(unsupported, strict)
   if segment_ids is not None:
     documents = _adapter.segment_mask(segment_ids)
@@ -90,11 +96,19 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
 class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
   """`flax.linen.MultiHeadDotProductAttention` with jax_fa3's `dot_product_attention` as
   its default `attention_fn`. For a causal or padding mask, pass
-  `attention_fn=functools.partial(dot_product_attention, is_causal=True, ...)`."""
-  attention_fn: Callable[..., jax.Array] = dot_product_attention
+  `attention_fn=functools.partial(dot_product_attention, is_causal=True, ...)`.
 
+  `sinks=True` adds attention sinks (as in gpt-oss): a learnable float32 `[num_heads]`
+  parameter "sinks", initialised to zeros, passed to the attention function.
+  """
+  attention_fn: Callable[..., jax.Array] = dot_product_attention
+  sinks: bool = False
+
+  @nn.compact
   def __call__(self, *args, segment_ids=None, **kwargs):
     """Flax's call; `segment_ids` (packed documents, `[batch..., length]`) goes to the
     attention function."""
-    with _adapter.segment_ids_of_call(segment_ids):
+    sinks = (self.param("sinks", nn.initializers.zeros_init(), (self.num_heads,), jnp.float32)
+             if self.sinks else None)
+    with _adapter.module_call(segment_ids, sinks):
       return super().__call__(*args, **kwargs)

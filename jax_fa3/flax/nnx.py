@@ -17,7 +17,7 @@ from jax_fa3.flax import _adapter
 def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dropout=True,
                           dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
                           precision=None, module=None, promote_dtype=dtypes.promote_dtype,
-                          is_causal=False, *, segment_ids=None, mask_structure=None, strict=False):
+                          is_causal=False, *, segment_ids=None, sinks=None, mask_structure=None, strict=False):
   """`flax.nnx.dot_product_attention` on jax_fa3's kernels, where they can serve the call.
 
   Takes the arguments of `flax.nnx.dot_product_attention`. The kernels serve a call with
@@ -45,18 +45,24 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
     segment_ids: `[batch..., length]` packed documents (self-attention): a query sees the
       keys of its own document; negative ids are padding. The module's `__call__` takes
       it too (`MultiHeadAttention(...)(x, segment_ids=ids)`) and passes it here.
+    sinks: `[heads]` attention sinks (`jax_fa3.flash_attention`'s); the module's `sinks=True`
+      makes them a learnable parameter and passes them here. Served without a mask, with
+      segment ids or a "segments" mask; Flax's attention has none, so a call the kernels
+      can't serve is an error, not a fall-back.
     strict: raise instead of falling back to Flax's attention.
   """
   _adapter.check_mask_structure(mask_structure)
   segment_ids = _adapter.segment_ids_or_call(segment_ids)
+  sinks = _adapter.sinks_or_call(sinks)
   query, key, value = promote_dtype((query, key, value), dtype=dtype)
   _adapter.check_shapes(query, key, value, mask)
   try:
     return _adapter.attention(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
                               mask_structure=mask_structure, dropout_rate=dropout_rate,
                               deterministic=deterministic, module=module,
-                              segment_ids=segment_ids)
+                              segment_ids=segment_ids, sinks=sinks)
   except (TypeError, ValueError) as unsupported:
+    _adapter.no_fall_back_with_sinks(unsupported, sinks)
     _adapter.fall_back(unsupported, strict)
   if segment_ids is not None:
     documents = _adapter.segment_mask(segment_ids)
@@ -69,11 +75,17 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
 class MultiHeadAttention(nnx.MultiHeadAttention):
   """`flax.nnx.MultiHeadAttention` with jax_fa3's `dot_product_attention` as its default
   `attention_fn`; it takes the same arguments, and its call also takes `segment_ids`
-  (packed documents, `[batch..., length]`), which it passes to the attention function."""
+  (packed documents, `[batch..., length]`), which it passes to the attention function.
 
-  def __init__(self, *args, attention_fn=dot_product_attention, **kwargs):
+  `sinks=True` adds attention sinks (as in gpt-oss): a learnable float32 `[num_heads]`
+  parameter `self.sinks`, initialised to zeros, passed to the attention function.
+  """
+
+  def __init__(self, *args, attention_fn=dot_product_attention, sinks=False, **kwargs):
     super().__init__(*args, attention_fn=attention_fn, **kwargs)
+    self.sinks = nnx.Param(jnp.zeros((self.num_heads,), jnp.float32)) if sinks else None
 
   def __call__(self, *args, segment_ids=None, **kwargs):
-    with _adapter.segment_ids_of_call(segment_ids):
+    sinks = None if self.sinks is None else self.sinks[...]
+    with _adapter.module_call(segment_ids, sinks):
       return super().__call__(*args, **kwargs)
