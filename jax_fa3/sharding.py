@@ -45,7 +45,8 @@ class Split:
 
   q, dout, out: [batch, sequence, heads, -]; k, v: [batch, sequence, heads or -, -] (heads
   when `kv_heads_split`); lse: [batch, heads, sequence]; seqused: [batch]; the packed
-  sequences' rows: [batch, sequence, -] (never a split sequence: their spans are positions).
+  sequences' rows: [batch, sequence, -] (their spans stay positions of the whole row: the
+  ring cuts them to each block, ring.block_rows).
   """
   batch: tuple[str, ...] = ()
   sequence: tuple[str, ...] = ()
@@ -73,7 +74,22 @@ class Split:
 
   def rows_spec(self, rows):
     """Absent rows (shape [0]) are replicated."""
-    return PartitionSpec(_entry(self.batch), None, None) if rows.ndim == 3 else PartitionSpec(None)
+    if rows.ndim != 3:
+      return PartitionSpec(None)
+    return PartitionSpec(_entry(self.batch), _entry(self.sequence), None)
+
+
+# Packed sequences on a ring: the layout. The ring takes both (ring.packed_attention_fwd:
+# the rows are cut to each block exactly, and a block with no visible pair is skipped at run
+# time), but only the contiguous one pays for the usual packed rows: documents shorter
+# than a chunk then sit inside one or two chunks, so under a causal (or no) mask most
+# blocks hold no pair and are skipped, and each device's own block is balanced by the
+# documents themselves (about equal work per chunk). Striped, every document spreads over
+# all devices: no block can be skipped, and the arrays are restriped on the way in and out.
+# Striping would pay only for documents about as long as the row under a causal mask, which
+# the split cannot see (the ids are traced); a user's choice of strategy (issue 20) can
+# turn it on here.
+_PACKED_STRIPED = False
 
 
 def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: AttentionParams,
@@ -88,7 +104,9 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
   split (as a ring) if both sequence lengths are; a mask that depends on positions also
   needs both lengths equal, or both multiples of P * P for the striped layout, which
   balances a causal mask and is used whenever it applies to one. Packed sequences
-  (`packed`: segment ids) keep the sequence whole: their rows hold absolute positions.
+  (`packed`: segment ids, varlen) are split whenever P divides both lengths, whatever the
+  mask (their rows hold it in positions of the whole row), and contiguous: see
+  `_PACKED_STRIPED`.
   """
   batch, seqlen_q, heads, _ = q_shape
   _, seqlen_k, kv_heads, _ = k_shape
@@ -115,7 +133,9 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
   # A mask bounded on one side (causal) is a triangle, unbalanced unless striped.
   striped = (bounded_sides == 1
              and seqlen_q % ring_size ** 2 == 0 and seqlen_k % ring_size ** 2 == 0)
-  if (bounded_sides and not striped and seqlen_q != seqlen_k) or packed:
+  if packed:
+    striped = _PACKED_STRIPED and striped
+  elif bounded_sides and not striped and seqlen_q != seqlen_k:
     taken -= set(sequence)
     sequence = ()
   return Split(batch=split_batch, sequence=sequence, heads=split_heads,
@@ -128,6 +148,9 @@ def local_fwd(split: Split, axis_sizes, params: AttentionParams, q, k, v, sequse
   """The forward on one device's shards, split as `split`: returns (out, lse)."""
   seqused_q, seqused_k = primitives.none_if_absent(seqused_q), primitives.none_if_absent(seqused_k)
   k, v = (_kv_head_of_device(split, axis_sizes, x) for x in (k, v))
+  if split.sequence and primitives.none_if_absent(q_rows) is not None:
+    return ring.packed_attention_fwd(_ring(split, axis_sizes), q, k, v, q_rows, kv_rows,
+                                     params)
   if split.sequence:
     return ring.attention_fwd(_ring(split, axis_sizes), q, k, v, seqused_q, seqused_k,
                               params)
@@ -141,7 +164,10 @@ def local_bwd(split: Split, axis_sizes, params: AttentionParams, deterministic, 
   seqused_q, seqused_k = primitives.none_if_absent(seqused_q), primitives.none_if_absent(seqused_k)
   kv_heads = k.shape[2]
   k, v = (_kv_head_of_device(split, axis_sizes, x) for x in (k, v))
-  if split.sequence:
+  if split.sequence and primitives.none_if_absent(q_rows) is not None:
+    dq, dk, dv = ring.packed_attention_bwd(_ring(split, axis_sizes), dout, q, k, v, out, lse,
+                                           q_rows, kv_rows, params, deterministic)
+  elif split.sequence:
     dq, dk, dv = ring.attention_bwd(_ring(split, axis_sizes), dout, q, k, v, out, lse,
                                     seqused_q, seqused_k, params, deterministic)
   else:
