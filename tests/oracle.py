@@ -3,14 +3,15 @@
 It shares no code with jax_fa3. Query row `i` of batch `b` sees key `j` iff
 `i < seqused_q[b]`, `j < seqused_k[b]`, and, with `c = i + diagonal_offset`,
 `c - window_left <= j <= c + window_right` (a negative bound is unbounded).
-A row that sees no key has output 0, lse -inf and no gradient.
+A row that sees no key has output 0, lse -inf and no gradient. A dense `mask`
+`[B, Sq, Sk]` (packed sequences) replaces that rule.
 """
 
 import numpy as np
 
 
 def attention(q, k, v, dout, dlse=None, *, scale, softcap=0.0, window=(-1, -1),
-              diagonal_offset=0, seqused_q=None, seqused_k=None):
+              diagonal_offset=0, seqused_q=None, seqused_k=None, mask=None):
   """Returns (out, lse, dq, dk, dv) for cotangents `dout` [B,Sq,H,Dv] and `dlse` [B,H,Sq]."""
   q, k, v, dout = (np.asarray(x, np.float64) for x in (q, k, v, dout))
   batch, seqlen_q, heads, _ = q.shape
@@ -20,9 +21,10 @@ def attention(q, k, v, dout, dlse=None, *, scale, softcap=0.0, window=(-1, -1),
   lse = np.full((batch, heads, seqlen_q), -np.inf)
   dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
   for b in range(batch):
-    visible = _visible(seqlen_q, seqlen_k, window, diagonal_offset,
-                       seqlen_q if seqused_q is None else seqused_q[b],
-                       seqlen_k if seqused_k is None else seqused_k[b])
+    visible = np.asarray(mask[b], bool) if mask is not None else _visible(
+        seqlen_q, seqlen_k, window, diagonal_offset,
+        seqlen_q if seqused_q is None else seqused_q[b],
+        seqlen_k if seqused_k is None else seqused_k[b])
     seen = visible.any(axis=1)
     for h in range(heads):
       kh = h // group
