@@ -260,7 +260,7 @@ def packed_attention_fwd(ring: Ring, q, k, v, q_rows, kv_rows, params: Attention
                                        block_kv_rows)
       return _merge(*partial, *block)
 
-    partial = lax.cond(sees, attend, lambda partial: partial, partial)
+    partial = _unless_empty(step, sees, attend, partial)
     if step + 1 < ring.size:
       k, v, kv_rows = next_chunk
   out, lse = partial[0].astype(q.dtype), partial[1]
@@ -289,7 +289,7 @@ def packed_attention_bwd(ring: Ring, dout, q, k, v, out, lse, q_rows, kv_rows,
                                              deterministic, block_q_rows, block_kv_rows)
       return tuple(total + g.astype(jnp.float32) for total, g in zip(sums, block_grads))
 
-    dq, dk, dv = lax.cond(sees, differentiate, lambda sums: sums, (dq, dk, dv))
+    dq, dk, dv = _unless_empty(step, sees, differentiate, (dq, dk, dv))
     if step + 1 < ring.size:
       k, v, kv_rows, dk, dv = ring.pass_on([k, v, kv_rows, dk, dv], k.dtype)
   dk, dv = ring.pass_on([dk, dv], k.dtype)  # the last hop: dK/dV home
@@ -310,6 +310,16 @@ def block_rows(layout, rows, owner, chunk):
   sees = first < end
   fields = [rows[..., 0]] + [jnp.where(sees, x, 0) for x in (first, end, rows[..., 3])]
   return jnp.stack(fields, axis=-1), jnp.any(sees)
+
+
+def _unless_empty(step, sees, visit, state):
+  """`visit(state)` where the block holds a visible pair (`sees`, known at run time), else
+  `state`. The first step's block, the device's own chunk, is always visited: it nearly
+  always holds pairs (and an empty one gives nothing), and its results give the state the
+  per-device type that both branches of a `lax.cond` must have under shard_map."""
+  if step == 0:
+    return visit(state)
+  return lax.cond(sees, visit, lambda state: state, state)
 
 
 def _packed_block(layout, q_rows, kv_rows, rank, owner):
