@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_fa3
 import oracle
+from sharding_checks import assert_packed_ring
 from jax_fa3 import _kernels, sharding
 from jax_fa3._kernels import KernelStatus, Variant
 
@@ -82,20 +83,6 @@ def assert_matches_oracle(actual, q, k, v, dout, dlse, mask, dtype, ulps=2):
     error = np.abs(got - want).max(initial=0.0)
     bound = ulps * float(jnp.finfo(dtype).eps) * np.abs(want).max(initial=0.0) + 1e-5
     assert error <= bound, f"{name}: |sharded - oracle| = {error:.3g} > {bound:.3g}"
-
-
-def assert_packed_ring(hlo, striped=False):
-  """K/V go round the ring, and no floating-point array is gathered (nor, unless striped,
-  exchanged all-to-all). XLA partitions the rows' making (segments.rows sorts the ids over
-  the whole row) with collectives of the int32 ids, which stay: O(seqlen) bytes, not
-  O(seqlen heads head_dim), and shared by every layer that takes the same ids."""
-  found = set(re.findall(r"\s(all-gather|collective-permute|all-to-all)(?:-start)?\(", hlo))
-  assert "collective-permute" in found, found
-  for kind in ("all-gather", "all-to-all"):
-    operands = re.findall(rf"= \(?(\w+)\[[^\n]*\s{kind}(?:-start)?\(", hlo)
-    floats = {t for t in operands if not t.startswith(("s", "u", "pred"))}
-    restriped = {"f16", "f32"} if striped and kind == "all-to-all" else set()  # q k v out, lse
-    assert floats == restriped, (kind, operands)
 
 
 MASKS = {"full": (False, (-1, -1)), "causal": (True, (-1, -1)),
