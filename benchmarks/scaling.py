@@ -238,10 +238,11 @@ def run(points, iterations, on_record=lambda records, failures: None):
 
 def _fields(point):
   problem = point.problem
+  packed = dict(mean_doc_len=point.mean_doc) if point.mean_doc else {}
   return dict(sweep=point.sweep, mode=point.mode, split=point.split, layout=point.layout,
               devices=point.devices, batch=problem.batch, seqlen=problem.seqlen,
               heads=problem.heads, head_dim=problem.head_dim, causal=problem.causal,
-              dtype=problem.dtype, mean_doc_len=point.mean_doc or None)
+              dtype=problem.dtype, **packed)
 
 
 def markdown(records, header, failures=()):

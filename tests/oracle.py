@@ -60,3 +60,18 @@ def _visible(seqlen_q, seqlen_k, window, diagonal_offset, used_q, used_k):
   if right >= 0:
     visible &= cols <= rows + diagonal_offset + right
   return visible
+
+
+def segment_mask(q_ids, kv_ids, window=(-1, -1), diagonal_offset=0):
+  """The dense mask `[B, Sq, Sk]` of packed sequences, from the ids and positions alone:
+  same id, not padding (negative), and in the window around `i + diagonal_offset`."""
+  q_ids, kv_ids = np.asarray(q_ids), np.asarray(kv_ids)
+  rows = np.arange(q_ids.shape[1])[:, None] + diagonal_offset
+  cols = np.arange(kv_ids.shape[1])[None, :]
+  mask = (q_ids[:, :, None] == kv_ids[:, None, :]) & (q_ids[:, :, None] >= 0)
+  left, right = window
+  if left >= 0:
+    mask &= (cols >= rows - left)[None]
+  if right >= 0:
+    mask &= (cols <= rows + right)[None]
+  return mask

@@ -41,15 +41,7 @@ def packed_ids(length, size):
 
 def dense_mask(q_ids, kv_ids, window):
   """`[B, Sq, Sk]`: same document, not padding, and in the window (bottom-right)."""
-  offset = kv_ids.shape[1] - q_ids.shape[1]
-  i = np.arange(q_ids.shape[1])[:, None] + offset
-  j = np.arange(kv_ids.shape[1])[None, :]
-  mask = (q_ids[:, :, None] == kv_ids[:, None, :]) & (q_ids[:, :, None] >= 0)
-  if window[0] >= 0:
-    mask &= (j >= i - window[0])[None]
-  if window[1] >= 0:
-    mask &= (j <= i + window[1])[None]
-  return mask
+  return oracle.segment_mask(q_ids, kv_ids, window, kv_ids.shape[1] - q_ids.shape[1])
 
 
 def inputs(normal, seqlen_q, seqlen_k=None, heads=4, kv_heads=2, head_dim=16,
