@@ -7,7 +7,12 @@ Sweeps, on 1, 2, 4, ... of the visible devices (--devices):
   forward and backward apart: the balancing gain, expected (2P - 1) / P on P devices
   (ring.py);
 - batch, heads: a fixed problem split over the batch or the heads (data and tensor
-  parallelism), which needs no communication: efficiency t(1) / (P t(P)), ideally 1.
+  parallelism), which needs no communication: efficiency t(1) / (P t(P)), ideally 1;
+- packed: one row of --packed-seqlens tokens (32k) holding documents of ~--mean-doc
+  tokens (2k; uniform in [mean/4, 7 mean/4], as benchmarks/packed.py makes them) with
+  segment ids, the sequence split over the devices: the contiguous ring whose K/V chunks
+  carry their rows and which skips the blocks of other documents. TFLOP/s count the
+  in-document work only ("useful", as in packed.py).
 
 Timing: wall-clock time of the jitted call, median of --iterations (timing.wall_time_ms).
 Not CUPTI kernel time: a sharded call costs what its slowest device takes, plus the
@@ -49,11 +54,12 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jax_fa3
 from bench import NO_GPU_BANNER, Problem, card_name, default_out_dir, pyplot, timed_call
+from packed import Packed
 from jax_fa3 import sharding
 from jax_fa3.primitives import AttentionParams
 from timing import on_gpu, wall_time_ms
 
-SWEEPS = ("ring", "layout", "batch", "heads")
+SWEEPS = ("ring", "layout", "batch", "heads", "packed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +69,13 @@ class Sizes:
   head_dim: int
   split_problem: Problem    # batch and heads: the fixed problem to split (its causal is ignored)
   iterations: int
+  packed_seqlens: tuple[int, ...] = ()  # packed: one row of this many tokens
+  mean_doc: int = 0                     # packed: the documents' mean length
 
 
 GPU_SIZES = Sizes((8192, 16384, 32768, 65536, 131072), 16, 128,
-                  Problem(16, 4096, 16, 128, False, "bfloat16"), 10)
-CPU_SIZES = Sizes((256, 512), 2, 32, Problem(8, 256, 8, 32, False, "bfloat16"), 2)
+                  Problem(16, 4096, 16, 128, False, "bfloat16"), 10, (32768,), 2048)
+CPU_SIZES = Sizes((256, 512), 2, 32, Problem(8, 256, 8, 32, False, "bfloat16"), 2, (256,), 32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +87,18 @@ class Point:
   layout: str       # the ring's layout, or "-"
   devices: int
   problem: Problem
+  mean_doc: int = 0  # packed documents' mean length; 0: not packed
+
+  def packed(self) -> Packed:
+    problem = self.problem
+    return Packed(problem.seqlen, self.mean_doc, problem.head_dim, problem.heads,
+                  problem.causal, problem.batch, problem.dtype)
+
+  def flops(self):
+    """The problem's FLOPs for the mode; packed, the in-document ones only."""
+    if self.mean_doc:
+      return self.packed().useful_flops(f"packed_{self.mode}")
+    return self.problem.flops(self.mode)
 
 
 def ring_points(sizes, device_counts, dtype):
@@ -109,6 +129,15 @@ def layout_points(sizes, device_counts, dtype):
         yield Point("layout", mode, "sequence", layout, devices, problem)
 
 
+def packed_points(sizes, device_counts, dtype):
+  for seqlen, causal, devices in itertools.product(sizes.packed_seqlens, (False, True),
+                                                   device_counts):
+    problem = Problem(1, seqlen, sizes.heads, sizes.head_dim, causal, dtype)
+    for mode in ("fwd", "fwdbwd"):
+      yield Point("packed", mode, "sequence", f"docs~{sizes.mean_doc}", devices, problem,
+                  sizes.mean_doc)
+
+
 def split_points(sweep, sizes, device_counts, dtype):
   problem = dataclasses.replace(sizes.split_problem, dtype=dtype)
   size = problem.batch if sweep == "batch" else problem.heads
@@ -126,6 +155,8 @@ def timed(point):
                    for x in point.problem.inputs(point.problem.dtype))
   if point.sweep == "layout":
     return _ring_program(point, mesh, q, k, v, dout)
+  if point.sweep == "packed":
+    return _packed_program(point, mesh, q, k, v, dout)
   attention = functools.partial(jax_fa3.flash_attention, causal=point.problem.causal)
   return timed_call(attention, point.mode, q, k, v, dout)
 
@@ -154,6 +185,22 @@ def _ring_program(point, mesh, q, k, v, dout):
   return backward, (dout, q, k, v, out, lse_value, absent)
 
 
+def _packed_program(point, mesh, q, k, v, dout):
+  """flash_attention with the point's segment ids, split over the sequence like q."""
+  ids = jax.device_put(point.packed().segment_ids(), NamedSharding(mesh, P(None, "x")))
+
+  def attention(q, k, v, ids):
+    return jax_fa3.flash_attention(q, k, v, segment_ids=ids, causal=point.problem.causal)
+
+  if point.mode == "fwd":
+    return attention, (q, k, v, ids)
+
+  def forward_and_backward(q, k, v, dout, ids):
+    return jax.vjp(lambda q, k, v: attention(q, k, v, ids), q, k, v)[1](dout)
+
+  return forward_and_backward, (q, k, v, dout, ids)
+
+
 def run(points, iterations, on_record=lambda records, failures: None):
   """Times each point; returns (records, failures). A point that fails is not dropped: it
   goes into `failures` with its error, and the run goes on. `on_record(records, failures)`
@@ -180,7 +227,7 @@ def run(points, iterations, on_record=lambda records, failures: None):
     one_device = baseline.get(key)
     records.append(dict(
         _fields(point), ms=ms,
-        tflops_per_device=problem.flops(point.mode) / ms / 1e9 / point.devices,
+        tflops_per_device=point.flops() / ms / 1e9 / point.devices,
         speedup=one_device / ms if one_device else None,
         efficiency=one_device / ms / point.devices if one_device else None))
     print(f"{prefix} {ms:10.3f} ms {records[-1]['tflops_per_device']:8.3g} TFLOP/s/device",
@@ -191,10 +238,11 @@ def run(points, iterations, on_record=lambda records, failures: None):
 
 def _fields(point):
   problem = point.problem
+  packed = dict(mean_doc_len=point.mean_doc) if point.mean_doc else {}
   return dict(sweep=point.sweep, mode=point.mode, split=point.split, layout=point.layout,
               devices=point.devices, batch=problem.batch, seqlen=problem.seqlen,
               heads=problem.heads, head_dim=problem.head_dim, causal=problem.causal,
-              dtype=problem.dtype)
+              dtype=problem.dtype, **packed)
 
 
 def markdown(records, header, failures=()):
@@ -340,6 +388,10 @@ def parse_args(argv=None):
                       help="device counts (default: 1, 2, 4, ... up to all visible)")
   parser.add_argument("--seqlens", type=int, nargs="+",
                       help="ring and layout sweeps (default: 8192 ... 131072 on GPUs)")
+  parser.add_argument("--packed-seqlens", type=int, nargs="+",
+                      help="packed sweep: row lengths (default 32768 on GPUs)")
+  parser.add_argument("--mean-doc", type=int,
+                      help="packed sweep: mean document length (default 2048 on GPUs)")
   parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
   parser.add_argument("--iterations", type=int, help="timed runs per point (default 10 on GPUs)")
   parser.add_argument("--out", type=pathlib.Path,
@@ -363,6 +415,10 @@ def main(argv=None):
   sizes = GPU_SIZES if on_gpu() else CPU_SIZES
   if args.seqlens:
     sizes = dataclasses.replace(sizes, seqlens=tuple(args.seqlens))
+  if args.packed_seqlens:
+    sizes = dataclasses.replace(sizes, packed_seqlens=tuple(args.packed_seqlens))
+  if args.mean_doc:
+    sizes = dataclasses.replace(sizes, mean_doc=args.mean_doc)
   visible = len(jax.devices())
   device_counts = sorted(args.devices or [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= visible])
   if max(device_counts) > visible:
@@ -374,6 +430,8 @@ def main(argv=None):
       points += ring_points(sizes, device_counts, args.dtype)
     elif sweep == "layout":
       points += layout_points(sizes, device_counts, args.dtype)
+    elif sweep == "packed":
+      points += packed_points(sizes, device_counts, args.dtype)
     else:
       points += split_points(sweep, sizes, device_counts, args.dtype)
 

@@ -231,3 +231,113 @@ def _merge(out, lse, block_out, block_lse):
     return jnp.swapaxes(jnp.exp(x - finite), 1, 2)[..., None]
 
   return out * weight(lse) + block_out.astype(jnp.float32) * weight(block_lse), merged_lse
+
+
+# --- Packed sequences (segment ids, varlen) -------------------------------------------
+# The rows (segments.py) are the whole mask, window and padding folded in, and their spans
+# are positions of the whole row: q_rows' spans are key positions, kv_rows' query positions.
+# A block (this device's queries, the visiting chunk's keys) gets those spans cut to the
+# positions the other side's chunk holds, as local indices (`block_rows`): with either
+# layout the positions of a chunk below a bound are a prefix of it (`local_lengths`, as for
+# seqused), so a span [first, end) of the row becomes the span [local(first), local(end)) of
+# the chunk, and the block's rows describe exactly the global mask on the block's pairs, for
+# any window and any ids (the `interleaved` id comparison reads the ids, which the rows keep).
+# The kv rows travel with their K/V chunk; nothing about the mask is static, so each step
+# asks at run time whether any query of this device sees a key of the visiting chunk, and
+# skips the block (`lax.cond`) if none does: with documents shorter than a chunk, laid out
+# contiguously, that is most blocks.
+
+def packed_attention_fwd(ring: Ring, q, k, v, q_rows, kv_rows, params: AttentionParams,
+                         return_max_logit: bool = False):
+  """The forward on this device's chunks of q, k, v and of the packed-sequence rows
+  (positions of the whole row): returns its chunks of (out, lse), and with
+  `return_max_logit` the largest score its queries saw. The params' window is already in
+  the rows; the params go to each block's call as they are."""
+  if ring.striped:
+    q, k, v, q_rows, kv_rows = (ring.stripe(x, 1) for x in (q, k, v, q_rows, kv_rows))
+  rank = lax.axis_index(ring.axes)
+  layout = ring.layout(q.shape[1])
+  partial = (jnp.zeros((*q.shape[:3], v.shape[3]), jnp.float32),
+             jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf, jnp.float32))
+  if return_max_logit:
+    partial += (jnp.full((q.shape[0], q.shape[2]), -jnp.inf, jnp.float32),)
+  for step in range(ring.size):
+    if step + 1 < ring.size:
+      next_chunk = ring.pass_on([k, v, kv_rows], k.dtype)
+    block_q_rows, block_kv_rows, sees = _packed_block(layout, q_rows, kv_rows, rank,
+                                                      (rank - step) % ring.size)
+
+    def attend(partial, k=k, v=v, block_q_rows=block_q_rows, block_kv_rows=block_kv_rows):
+      block = primitives.attention_fwd(q, k, v, None, None, params, block_q_rows,
+                                       block_kv_rows, return_max_logit=return_max_logit)
+      merged = _merge(*partial[:2], *block[:2])
+      return (*merged, jnp.maximum(partial[2], block[2])) if return_max_logit else merged
+
+    partial = _unless_empty(step, sees, attend, partial)
+    if step + 1 < ring.size:
+      k, v, kv_rows = next_chunk
+  out, lse = partial[0].astype(q.dtype), partial[1]
+  if ring.striped:
+    out, lse = ring.unstripe(out, 1), ring.unstripe(lse, 2)
+  return (out, lse, *partial[2:])
+
+
+def packed_attention_bwd(ring: Ring, dout, q, k, v, out, lse, q_rows, kv_rows,
+                         params: AttentionParams, deterministic: bool):
+  """The backward of `packed_attention_fwd`, given the global (out, lse): returns this
+  device's chunks of (dq, dk, dv). The dK/dV accumulators travel with K/V and their rows."""
+  if ring.striped:
+    dout, q, k, v, out, q_rows, kv_rows = (ring.stripe(x, 1)
+                                           for x in (dout, q, k, v, out, q_rows, kv_rows))
+    lse = ring.stripe(lse, 2)
+  rank = lax.axis_index(ring.axes)
+  layout = ring.layout(q.shape[1])
+  dq, dk, dv = (jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
+  for step in range(ring.size):
+    block_q_rows, block_kv_rows, sees = _packed_block(layout, q_rows, kv_rows, rank,
+                                                      (rank - step) % ring.size)
+
+    def differentiate(sums, k=k, v=v, block_q_rows=block_q_rows, block_kv_rows=block_kv_rows):
+      block_grads = primitives.attention_bwd(dout, q, k, v, out, lse, None, None, params,
+                                             deterministic, block_q_rows, block_kv_rows)
+      return tuple(total + g.astype(jnp.float32) for total, g in zip(sums, block_grads))
+
+    dq, dk, dv = _unless_empty(step, sees, differentiate, (dq, dk, dv))
+    if step + 1 < ring.size:
+      k, v, kv_rows, dk, dv = ring.pass_on([k, v, kv_rows, dk, dv], k.dtype)
+  dk, dv = ring.pass_on([dk, dv], k.dtype)  # the last hop: dK/dV home
+  grads = dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  if ring.striped:
+    grads = tuple(ring.unstripe(x, 1) for x in grads)
+  return grads
+
+
+def block_rows(layout, rows, owner, chunk):
+  """Rows whose spans are positions of the other side's whole sequence, cut to the chunk
+  of `chunk` positions that device `owner` holds of it, in that chunk's local indices.
+
+  Returns the rows and whether any of them sees a position of the chunk. A row that sees
+  none gets `first = end = 0` and no `interleaved` flag, as `segments.rows` makes them.
+  """
+  first, end = (layout.local_lengths(rows[..., field], owner, chunk) for field in (1, 2))
+  sees = first < end
+  fields = [rows[..., 0]] + [jnp.where(sees, x, 0) for x in (first, end, rows[..., 3])]
+  return jnp.stack(fields, axis=-1), jnp.any(sees)
+
+
+def _unless_empty(step, sees, visit, state):
+  """`visit(state)` where the block holds a visible pair (`sees`, known at run time), else
+  `state`. The first step's block, the device's own chunk, is always visited: it nearly
+  always holds pairs (and an empty one gives nothing), and its results give the state the
+  per-device type that both branches of a `lax.cond` must have under shard_map."""
+  if step == 0:
+    return visit(state)
+  return lax.cond(sees, visit, lambda state: state, state)
+
+
+def _packed_block(layout, q_rows, kv_rows, rank, owner):
+  """The rows of the block (this device's queries, the keys of device `owner`) and whether
+  any of its pairs is visible (the two sides' rows describe the same pairs)."""
+  block_q_rows, sees = block_rows(layout, q_rows, owner, kv_rows.shape[1])
+  block_kv_rows, _ = block_rows(layout, kv_rows, rank, q_rows.shape[1])
+  return block_q_rows, block_kv_rows, sees

@@ -20,6 +20,7 @@ from the rows in O(seqlen log seqlen) for the kernels' tile shapes.
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 # Beyond every position (sequences are at most 2^30 long): the bound of an empty row.
 _FAR = 2 ** 30
@@ -34,6 +35,7 @@ def rows(q_ids, kv_ids, *, window_left, window_right, q_offsets, kv_offsets):
   `[diagonal - window_left, diagonal + window_right]`, -1 unbounded.
   """
   seqlen_q, seqlen_k = q_ids.shape[1], kv_ids.shape[1]
+  q_ids, kv_ids, q_offsets, kv_offsets = _whole_rows(q_ids, kv_ids, q_offsets, kv_offsets)
   # A window wider than both sequences is none; bounding it keeps the sums in int32.
   window_left = min(window_left, seqlen_q + seqlen_k)
   window_right = min(window_right, seqlen_q + seqlen_k)
@@ -52,6 +54,20 @@ def rows(q_ids, kv_ids, *, window_left, window_right, q_offsets, kv_offsets):
     return q_side, kv_side
 
   return jax.vmap(one_row)(q_ids, kv_ids, q_offsets, kv_offsets)
+
+
+def _whole_rows(*arrays):
+  """The `[B, S]` arrays whole on every device where Explicit mesh axes type them: the
+  spans sort and search over the whole row, which JAX refuses on a split sequence, and
+  its vmap of the sort fails on a split batch (jax 0.10.2). The ids are O(B S) int32,
+  so gathering them costs little next to the attention that reads the rows (which are
+  then split like q and k again, by slicing). With Auto axes XLA partitions it itself."""
+  sharding = jax.typeof(arrays[0]).sharding
+  if AxisType.Explicit not in sharding.mesh.axis_types:
+    return arrays
+  whole = NamedSharding(sharding.mesh, PartitionSpec())
+  return tuple(x if jax.typeof(x).sharding.is_fully_replicated
+               else jax.sharding.reshard(x, whole) for x in arrays)
 
 
 def _row_spans(ids, other_ids, *, low, high):

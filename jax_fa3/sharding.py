@@ -45,7 +45,8 @@ class Split:
 
   q, dout, out: [batch, sequence, heads, -]; k, v: [batch, sequence, heads or -, -] (heads
   when `kv_heads_split`); lse: [batch, heads, sequence]; seqused: [batch]; the packed
-  sequences' rows: [batch, sequence, -] (never a split sequence: their spans are positions).
+  sequences' rows: [batch, sequence, -] (their spans stay positions of the whole row: the
+  ring cuts them to each block, ring.block_rows).
   """
   batch: tuple[str, ...] = ()
   sequence: tuple[str, ...] = ()
@@ -73,13 +74,28 @@ class Split:
 
   def rows_spec(self, rows):
     """Absent rows (shape [0]) are replicated."""
-    return PartitionSpec(_entry(self.batch), None, None) if rows.ndim == 3 else PartitionSpec(None)
+    if rows.ndim != 3:
+      return PartitionSpec(None)
+    return PartitionSpec(_entry(self.batch), _entry(self.sequence), None)
 
   def per_head_spec(self, x=None):
     """[batch, heads] arrays (sinks, max_logit, dsinks); an absent one (shape [0]) is replicated."""
     if x is not None and x.ndim != 2:
       return PartitionSpec(None)
     return PartitionSpec(_entry(self.batch), _entry(self.heads))
+
+
+# Packed sequences on a ring: the layout. The ring takes both (ring.packed_attention_fwd:
+# the rows are cut to each block exactly, and a block with no visible pair is skipped at run
+# time), but only the contiguous one pays for the usual packed rows: documents shorter
+# than a chunk then sit inside one or two chunks, so under a causal (or no) mask most
+# blocks hold no pair and are skipped, and each device's own block is balanced by the
+# documents themselves (about equal work per chunk). Striped, every document spreads over
+# all devices: no block can be skipped, and the arrays are restriped on the way in and out.
+# Striping would pay only for documents about as long as the row under a causal mask, which
+# the split cannot see (the ids are traced); a user's choice of strategy (issue 20) can
+# turn it on here.
+_PACKED_STRIPED = False
 
 
 def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: AttentionParams,
@@ -94,7 +110,9 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
   split (as a ring) if both sequence lengths are; a mask that depends on positions also
   needs both lengths equal, or both multiples of P * P for the striped layout, which
   balances a causal mask and is used whenever it applies to one. Packed sequences
-  (`packed`: segment ids) keep the sequence whole: their rows hold absolute positions.
+  (`packed`: segment ids, varlen) are split whenever P divides both lengths, whatever the
+  mask (their rows hold it in positions of the whole row), and contiguous: see
+  `_PACKED_STRIPED`.
   """
   batch, seqlen_q, heads, _ = q_shape
   _, seqlen_k, kv_heads, _ = k_shape
@@ -121,7 +139,9 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
   # A mask bounded on one side (causal) is a triangle, unbalanced unless striped.
   striped = (bounded_sides == 1
              and seqlen_q % ring_size ** 2 == 0 and seqlen_k % ring_size ** 2 == 0)
-  if (bounded_sides and not striped and seqlen_q != seqlen_k) or packed:
+  if packed:
+    striped = _PACKED_STRIPED and striped
+  elif bounded_sides and not striped and seqlen_q != seqlen_k:
     taken -= set(sequence)
     sequence = ()
   return Split(batch=split_batch, sequence=sequence, heads=split_heads,
@@ -141,8 +161,12 @@ def local_fwd(split: Split, axis_sizes, params: AttentionParams, return_max_logi
                                           *_present(q_rows, kv_rows), sinks=sinks,
                                           return_max_logit=return_max_logit))
   the_ring = _ring(split, axis_sizes)
-  out, lse, *max_logit = ring.attention_fwd(the_ring, q, k, v, seqused_q, seqused_k, params,
-                                            return_max_logit=return_max_logit)
+  if primitives.none_if_absent(q_rows) is not None:
+    out, lse, *max_logit = ring.packed_attention_fwd(the_ring, q, k, v, q_rows, kv_rows, params,
+                                                     return_max_logit=return_max_logit)
+  else:
+    out, lse, *max_logit = ring.attention_fwd(the_ring, q, k, v, seqused_q, seqused_k, params,
+                                              return_max_logit=return_max_logit)
   if sinks is not None:  # once, after the ring's merge
     out, lse = _with_sinks(out, lse, sinks, seqused_q, lax.axis_index(the_ring.axes))
   return (out, lse, lax.pmax(max_logit[0], the_ring.axes)) if return_max_logit else (out, lse)
@@ -174,8 +198,12 @@ def local_bwd(split: Split, axis_sizes, params: AttentionParams, deterministic, 
     the_ring = _ring(split, axis_sizes)
     # The lse holds the sink, so the ring's gradients need nothing more; the sinks' own
     # gradient sums over every row of the sequence.
-    dq, dk, dv = ring.attention_bwd(the_ring, dout, q, k, v, out, lse,
-                                    seqused_q, seqused_k, params, deterministic)
+    if primitives.none_if_absent(q_rows) is not None:
+      dq, dk, dv = ring.packed_attention_bwd(the_ring, dout, q, k, v, out, lse, q_rows,
+                                             kv_rows, params, deterministic)
+    else:
+      dq, dk, dv = ring.attention_bwd(the_ring, dout, q, k, v, out, lse,
+                                      seqused_q, seqused_k, params, deterministic)
     if sinks is not None:
       delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
       dsinks = (lax.psum(reference.sink_gradient(sinks, lse, jnp.swapaxes(delta, 1, 2)),

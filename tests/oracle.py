@@ -3,22 +3,24 @@
 It shares no code with jax_fa3. Query row `i` of batch `b` sees key `j` iff
 `i < seqused_q[b]`, `j < seqused_k[b]`, and, with `c = i + diagonal_offset`,
 `c - window_left <= j <= c + window_right` (a negative bound is unbounded).
-A row that sees no key has output 0, lse -inf and no gradient.
+A row that sees no key has output 0, lse -inf and no gradient. A dense `mask`
+`[B, Sq, Sk]` (packed sequences) replaces that rule.
 """
 
 import numpy as np
 
 
 def attention(q, k, v, dout, dlse=None, *, scale, softcap=0.0, window=(-1, -1),
-              diagonal_offset=0, seqused_q=None, seqused_k=None):
+              diagonal_offset=0, seqused_q=None, seqused_k=None, mask=None):
   """Returns (out, lse, dq, dk, dv) for cotangents `dout` [B,Sq,H,Dv] and `dlse` [B,H,Sq]."""
   return attention_with_sinks(q, k, v, dout, dlse, scale=scale, softcap=softcap, window=window,
                               diagonal_offset=diagonal_offset, seqused_q=seqused_q,
-                              seqused_k=seqused_k)[:5]
+                              seqused_k=seqused_k, mask=mask)[:5]
 
 
 def attention_with_sinks(q, k, v, dout, dlse=None, *, sinks=None, scale, softcap=0.0,
-                         window=(-1, -1), diagonal_offset=0, seqused_q=None, seqused_k=None):
+                         window=(-1, -1), diagonal_offset=0, seqused_q=None, seqused_k=None,
+                         mask=None):
   """Returns (out, lse, dq, dk, dv, dsinks [H], max_logit [B, H]).
 
   `sinks` [H] (or None) is one more logit per row with no value: it joins the softmax's
@@ -36,8 +38,9 @@ def attention_with_sinks(q, k, v, dout, dlse=None, *, sinks=None, scale, softcap
   max_logit = np.full((batch, heads), -np.inf)
   for b in range(batch):
     used_q = seqlen_q if seqused_q is None else seqused_q[b]
-    visible = _visible(seqlen_q, seqlen_k, window, diagonal_offset, used_q,
-                       seqlen_k if seqused_k is None else seqused_k[b])
+    visible = np.asarray(mask[b], bool) if mask is not None else _visible(
+        seqlen_q, seqlen_k, window, diagonal_offset, used_q,
+        seqlen_k if seqused_k is None else seqused_k[b])
     seen = visible.any(axis=1)
     for h in range(heads):
       kh = h // group
@@ -137,3 +140,18 @@ def kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, page_tab
                          diagonal_offset=total - seqlen_q)
     out[b], lse[b] = o[0], l[0]
   return out, lse, k_cache, v_cache
+
+
+def segment_mask(q_ids, kv_ids, window=(-1, -1), diagonal_offset=0):
+  """The dense mask `[B, Sq, Sk]` of packed sequences, from the ids and positions alone:
+  same id, not padding (negative), and in the window around `i + diagonal_offset`."""
+  q_ids, kv_ids = np.asarray(q_ids), np.asarray(kv_ids)
+  rows = np.arange(q_ids.shape[1])[:, None] + diagonal_offset
+  cols = np.arange(kv_ids.shape[1])[None, :]
+  mask = (q_ids[:, :, None] == kv_ids[:, None, :]) & (q_ids[:, :, None] >= 0)
+  left, right = window
+  if left >= 0:
+    mask &= (cols >= rows - left)[None]
+  if right >= 0:
+    mask &= (cols <= rows + right)[None]
+  return mask

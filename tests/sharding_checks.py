@@ -21,6 +21,29 @@ def collectives(hlo_text):
   return {kind for kind in COLLECTIVES if re.search(rf"\s{kind}(-start)?\(", hlo_text)}
 
 
+def collective_dtypes(hlo_text, kind):
+  """The element types (s32, f16, ...) of the results of the `kind` collectives in
+  compiled HLO text."""
+  return re.findall(rf"= \(?(\w+)\[[^\n]*\s{kind}(?:-start)?\(", hlo_text)
+
+
+def assert_packed_ring(hlo_text, striped=False):
+  """Packed sequences on a ring: K/V go round it (collective-permutes), and no
+  floating-point array is gathered (nor, unless striped, exchanged all-to-all). XLA
+  partitions the making of the rows (segments.rows sorts the ids over the whole row) with
+  collectives of the integer ids, which stay: O(seqlen) bytes, not O(seqlen heads
+  head_dim), and shared by every layer that takes the same ids."""
+  found = collectives(hlo_text)
+  assert "collective-permute" in found, found
+  for kind in ("all-gather", "all-to-all"):
+    types = collective_dtypes(hlo_text, kind)
+    floats = {t for t in types if not t.startswith(("s", "u", "pred"))}
+    if striped and kind == "all-to-all":
+      assert floats, "the striped layout restripes q, k, v (and out, lse) all-to-all"
+    else:
+      assert not floats, (kind, types)
+
+
 def forward_and_vjp(attention):
   """(q, k, v, dout) -> dict of out and the gradients for cotangent dout (sharded like out,
   so that nothing needs a reduction over devices)."""

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jax_fa3
+import oracle
 from jax_fa3 import segments
 
 pytestmark = pytest.mark.usefixtures("on_cpu")
@@ -23,14 +24,7 @@ def _documents(rng, length, mean, pad=0):
 
 def _dense_mask(q_ids, kv_ids, window, diagonal_offset):
   """[B, Sq, Sk] from the ids and positions alone."""
-  i = np.arange(q_ids.shape[1])[:, None] + diagonal_offset
-  j = np.arange(kv_ids.shape[1])[None, :]
-  ok = (q_ids[:, :, None] == kv_ids[:, None, :]) & (q_ids[:, :, None] >= 0)
-  if window[0] >= 0:
-    ok &= (j >= i - window[0])[None]
-  if window[1] >= 0:
-    ok &= (j <= i + window[1])[None]
-  return ok
+  return oracle.segment_mask(q_ids, kv_ids, window, diagonal_offset)
 
 
 def _oracle(q, k, v, mask, scale):

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jax_fa3
-from jax_fa3 import ring
+from jax_fa3 import ring, segments
 from jax_fa3.primitives import AttentionParams
 from jax_fa3.sharding import Split, choose_split
 
@@ -119,3 +119,92 @@ def test_on_eight_cpu_devices():
                            str(folder)], cwd=folder, env=env, capture_output=True, text=True,
                           check=False)
   assert result.returncode == 0, f"{result.stdout[-30000:]}\n{result.stderr[-5000:]}"
+
+
+# --- Packed sequences on the ring ------------------------------------------------------
+
+def _packed_ids(rng, length, chunk, recurring):
+  """Documents of 1 to 1.5 chunks and shorter ones, padding (-1) inside and at the end."""
+  ids, doc = [], 0
+  while len(ids) < length:
+    ids += [doc] * int(rng.integers(1, 3 * chunk // 2 + 1))
+    doc += 1
+  ids = np.array(ids[:length], np.int32)
+  ids[length // 3:length // 3 + 2] = -1
+  ids[-3:] = -1
+  runs = np.cumsum(np.r_[True, ids[1:] != ids[:-1]]).astype(np.int32)
+  ids = np.where(ids >= 0, runs, -1)  # a document the padding cut in two is two
+  if recurring:
+    ids[::5] = ids[1]  # an id recurring non-contiguously: the rows' `interleaved` case
+  return ids
+
+
+@pytest.mark.parametrize("striped", [False, True], ids=["contiguous", "striped"])
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_packed_block_rows_are_the_global_mask(striped, size):
+  """Each block's rows (the global rows cut to the block's chunks) describe the global
+  mask on the block's positions, from both sides, for any ids and window; a block that
+  holds a visible pair is never skipped."""
+  rng = np.random.default_rng(size + 10 * striped)
+  for (left, right), (chunk_q, chunk_k), recurring in itertools.product(
+      WINDOWS, [(6, 6), (3, 9)], [False, True]):
+    if striped and (chunk_q % size or chunk_k % size):
+      chunk_q, chunk_k = chunk_q * size, chunk_k * size
+    length_q, length_k = size * chunk_q, size * chunk_k
+    q_ids = _packed_ids(rng, length_q, chunk_q, recurring)
+    kv_ids = q_ids if length_q == length_k else _packed_ids(rng, length_k, chunk_k, recurring)
+    offset = length_k - length_q
+    q_rows, kv_rows = segments.rows(
+        q_ids[None], kv_ids[None], window_left=left, window_right=right,
+        q_offsets=np.full((1, length_q), offset, np.int32),
+        kv_offsets=np.full((1, length_k), offset, np.int32))
+    mask = np.asarray(segments.visible(q_rows, kv_rows))[0]
+    layout = ring.Striped(size) if striped else ring.Contiguous(chunk_q)
+    for rank, owner in itertools.product(range(size), repeat=2):
+      queries = global_positions(layout, rank, size, chunk_q)
+      keys = global_positions(layout, owner, size, chunk_k)
+      block_q_rows, block_kv_rows, sees = ring._packed_block(
+          layout, q_rows[:, queries], kv_rows[:, keys], rank, owner)
+      expected = mask[np.ix_(queries, keys)]
+      message = f"window {(left, right)}, {recurring=}, {rank=}, {owner=}"
+      np.testing.assert_array_equal(np.asarray(segments.visible(block_q_rows, block_kv_rows))[0],
+                                    expected, err_msg=message)
+      np.testing.assert_array_equal(np.asarray(segments.visible(block_kv_rows, block_q_rows))[0],
+                                    expected.T, err_msg=message)
+      # Exact for contiguous documents; with an id recurring non-contiguously the test
+      # reads spans only (not ids), so a block may be attended and found empty.
+      assert bool(sees) == expected.any() or (recurring and bool(sees)), message
+      empty = np.asarray(block_q_rows)[0, :, 1] >= np.asarray(block_q_rows)[0, :, 2]
+      assert (np.asarray(block_q_rows)[0][empty, 1:] == 0).all(), message
+
+
+def test_packed_contiguous_blocks_of_other_documents_are_skipped():
+  """Causal, documents within chunks but one straddling chunks 1 and 2 of 4: of the 16
+  blocks, only the 4 diagonal ones and the straddling document's (queries of chunk 2,
+  keys of chunk 1) are attended."""
+  chunk, size = 8, 4
+  ids = np.repeat(np.arange(8, dtype=np.int32), chunk // 2)
+  ids[chunk + chunk // 2:2 * chunk + chunk // 2] = 99
+  q_rows, kv_rows = segments.rows(ids[None], ids[None], window_left=-1, window_right=0,
+                                  q_offsets=np.zeros((1, 32), np.int32),
+                                  kv_offsets=np.zeros((1, 32), np.int32))
+  layout = ring.Contiguous(chunk)
+  attended = {(rank, owner) for rank, owner in itertools.product(range(size), repeat=2)
+              if ring._packed_block(layout, q_rows[:, rank * chunk:(rank + 1) * chunk],
+                                    kv_rows[:, owner * chunk:(owner + 1) * chunk], rank,
+                                    owner)[2]}
+  assert attended == {(0, 0), (1, 1), (2, 2), (3, 3), (2, 1)}
+
+
+@pytest.mark.parametrize("q_shape, k_shape, params, expected", [
+    # Any mask, the lengths equal or not: a contiguous ring when P divides both.
+    ((2, 32, 4, 16), (2, 32, 4, 16), CAUSAL, Split(sequence=("seq",))),
+    ((2, 32, 4, 16), (2, 32, 4, 16), FULL, Split(sequence=("seq",))),
+    ((2, 32, 4, 16), (2, 40, 4, 16), CAUSAL, Split(sequence=("seq",))),
+    ((2, 36, 4, 16), (2, 36, 4, 16), AttentionParams(1.0, 5, 2), Split(sequence=("seq",))),
+    # A length the ring cannot divide is gathered.
+    ((2, 30, 4, 16), (2, 32, 4, 16), CAUSAL, Split()),
+])
+def test_choose_split_for_packed_sequences(q_shape, k_shape, params, expected):
+  seq = P(None, "seq")
+  assert choose_split(SIZES, seq, seq, q_shape, k_shape, params, packed=True) == expected

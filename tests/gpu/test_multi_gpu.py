@@ -2,7 +2,8 @@
 
 `flash_attention` and `dot_product_attention` under `jax.jit` on arrays split over the
 batch, the heads (GQA, MQA) and the sequence (ring attention, striped and contiguous),
-forward and gradients, over all visible GPUs (P >= 2, at most 8; the sizes follow P).
+and packed sequences (segment ids) on the ring, forward and gradients, over all visible
+GPUs (P >= 2, at most 8; the sizes follow P).
 Each result must be within 2 eps(dtype) of max|unsharded| (tests/sharding_checks.py, as
 in tests/sharding/), and the compiled program must communicate as README's table says:
 nothing for batch and heads, collective-permutes and no all-gather for the ring. On GPUs
@@ -30,7 +31,7 @@ import jax_fa3
 from jax_fa3 import sharding
 from jax_fa3._kernels import BWD_TARGET, FWD_TARGET
 from jax_fa3.primitives import AttentionParams
-from sharding_checks import assert_close, collectives, forward_and_vjp
+from sharding_checks import assert_close, assert_packed_ring, collectives, forward_and_vjp
 
 PLATFORM = os.environ.get("JAX_FA3_MULTI_DEVICE_PLATFORM", "gpu")
 ON_GPU = PLATFORM == "gpu"
@@ -289,3 +290,54 @@ def test_batch_sequence_and_heads_together(normal, compare):
   actual, hlo = compare(forward_and_vjp(attention), arrays, [spec] * 4, mesh)
   assert_ring(hlo)
   assert actual["out"].sharding.spec[:2] == ("data", "seq")
+
+
+# --- Packed sequences (segment ids) on the ring -----------------------------------------
+
+def _packed_ids(length, mean, seed):
+  """One row of documents of 1 to 2 `mean` tokens (some straddle the chunks, some sit inside
+  one), the last 5% padding (-1); a second row of a few long documents."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for mean_length in (mean, 3 * length // 8):
+    ids, doc = [], 0
+    while len(ids) < length:
+      ids += [doc] * int(rng.integers(1, 2 * mean_length))
+      doc += 1
+    rows.append(ids[:length])
+  ids = np.array(rows, np.int32)
+  ids[0, length - length // 20:] = -1
+  return ids
+
+
+@pytest.mark.parametrize("dtype, head_dim, causal, window, explicit", [
+    (BF16, 128, True, (-1, -1), False),
+    (FP16, 64, False, (-1, -1), False),
+    (BF16, 128, True, (SEQ // 2 + 3, -1), False),
+    (BF16, 128, True, (-1, -1), True),
+], ids=["causal-bf16-d128", "full-fp16-d64", "causal-window-bf16-d128",
+        "causal-explicit-bf16-d128"])
+def test_packed_ring(dtype, head_dim, causal, window, explicit, normal, compare):
+  """Documents of ~SEQ / 2 tokens packed into rows of 2 SEQ P, GQA: the sequence runs as a
+  contiguous ring whose K/V chunks carry their rows, skipping the blocks of other
+  documents; nothing but the int32 ids is gathered."""
+  mesh = mesh_of((NUM,), ("x",), explicit)
+  spec = P(None, "x")
+  length = 2 * SEQ * NUM
+  arrays = qkv_dout(normal, batch=2, seqlen_q=length, heads=8, kv_heads=2, head_dim=head_dim,
+                    dtype=dtype)
+  ids = _packed_ids(length, SEQ // 2, seed=head_dim + causal)
+  split = sharding.choose_split(dict(mesh.shape), spec, spec, arrays[0].shape, arrays[1].shape,
+                                AttentionParams(1.0, window[0], 0 if causal else window[1]),
+                                packed=True)
+  assert split.sequence == ("x",) and not split.striped
+
+  def run(q, k, v, dout, ids):
+    attention = functools.partial(jax_fa3.flash_attention, segment_ids=ids, causal=causal,
+                                  window_size=window)
+    return forward_and_vjp(attention)(q, k, v, dout)
+
+  actual, hlo = compare(run, arrays + [ids], [spec] * 5, mesh)
+  assert_packed_ring(hlo)
+  for x in actual.values():
+    assert x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim)

@@ -7,7 +7,7 @@
 # Writes to $OUT: gpu.txt, topology.txt, import.log, multi_gpu_tests.log, scaling.log and
 # scaling/scaling.{json,md,png} (the json and md rewritten after every point).
 # Knobs: TEST_TIMEOUT (200 s), BENCH_TIMEOUT (300 s), SEQLENS ("8192 32768 131072"),
-# ITERATIONS (10), SWEEPS ("batch heads layout ring": the quick ones first).
+# ITERATIONS (10), SWEEPS ("batch heads packed layout ring": the quick ones first).
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 # A GPU test run that finds no Hopper GPU fails instead of skipping everything.
@@ -31,7 +31,7 @@ env XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${TEST_TIMEOUT:-200} \
   | tee "$OUT/multi_gpu_tests.log" | tail -50
 echo "tests: exit ${PIPESTATUS[0]} (124: timed out)"
 # The benchmark runs whatever the tests said: its timings stand apart from their verdict.
-timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/scaling.py --sweeps ${SWEEPS:-batch heads layout ring} \
+timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/scaling.py --sweeps ${SWEEPS:-batch heads packed layout ring} \
   --seqlens ${SEQLENS:-8192 32768 131072} --iterations ${ITERATIONS:-10} --out "$OUT/scaling" 2>&1 \
   | tee "$OUT/scaling.log" | grep -v "^\[" | tail -70
 echo "scaling: exit ${PIPESTATUS[0]} (124: timed out; scaling.json holds the points measured)"
