@@ -306,7 +306,8 @@ def _attention_bwd(params, deterministic, return_max_logit, residuals, cotangent
         dout, q, k, jnp.concatenate([v, ones], -1), out, lse, *mask, sinks, params,
         deterministic)
     if sinks.size:  # d lse_i / d sink = exp(sink - lse_i): the lse's own share of dsinks
-      dsinks = [dsinks[0] - reference.sink_gradient(sinks, lse, dlse)]
+      lse_share = reference.sink_gradient(sinks, lse, dlse)
+      dsinks = [dsinks[0] - sharding.sharded_like(lse_share, sinks)]
     return (dq, dk, dv[..., :-1], *mask_grads, *(dsinks or [None]))
   dq, dk, dv, *dsinks = sharding.attention_bwd(dout, q, k, v, out, lse, *mask, sinks, params,
                                                deterministic)

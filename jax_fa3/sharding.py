@@ -367,6 +367,13 @@ def _run_explicit(mesh, split, program, *, args, in_specs, out_specs, result_spe
   return tuple(_reshard(x, mesh, spec) for x, spec in zip(program(*args), result_specs))
 
 
+def sharded_like(x, reference):
+  """x with the sharding of `reference` where that is typed by Explicit mesh axes (a value
+  computed from other arrays may have picked up their splits); else x as it is."""
+  mesh = _explicit_mesh(reference)
+  return x if mesh is None else _reshard(x, mesh, _spec(reference))
+
+
 def _reshard(x, mesh, spec):
   return x if _spec(x) == spec else jax.sharding.reshard(x, NamedSharding(mesh, spec))
 
