@@ -43,9 +43,9 @@ def _baseline(q, k_cache, v_cache, table, lengths, seqlen_new, window, softcap, 
   rows = (total[:, None] - seqlen_q + np.arange(seqlen_q))[..., None]
   visible = cols < total[:, None, None]
   if window[0] >= 0:
-    visible &= cols >= rows - window[0]
+    visible = visible & (cols >= rows - window[0])  # [B, 1, S] & [B, Sq, 1]: not in place
   if window[1] >= 0:
-    visible &= cols <= rows + window[1]
+    visible = visible & (cols <= rows + window[1])
   heads, kv_heads = q.shape[2], keys.shape[2]
   qf, kf, vf = (jnp.asarray(x, q.dtype) for x in (q, keys, values))
   scores = jnp.einsum("bqhd,bkhd->bhqk", qf, jnp.repeat(kf, heads // kv_heads, axis=2)) * scale
