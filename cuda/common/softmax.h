@@ -84,22 +84,23 @@ struct OnlineSoftmax {
   }
 
   // o_scale receives the factor that normalises the output accumulated so far, and lse the
-  // natural-log sum of exp of the scaled scores. An attention sink (sink_log2, in log2 units
-  // of the scaled scores; -inf for none) is one more logit with no value: it enters the sum
-  // here only, so the tile loop is the same with or without it. A row that saw no key gets
-  // o_scale 0 and lse = the sink (-inf without one).
+  // natural-log sum of exp of the scaled scores. An attention sink (a scaled score; -inf for
+  // none) is one more logit with no value: it enters the sum here only, so the tile loop is
+  // the same with or without it. A row that saw no key gets o_scale 0 and lse = the sink
+  // exactly (-inf without one).
   __device__ __forceinline__ void finalize(float (&o_scale)[kRows], float (&lse)[kRows],
-                                           float sink_log2 = -INFINITY) {
+                                           float sink = -INFINITY) {
+    float const sink_log2 = sink * float(M_LOG2E);
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
       float const sum = quad_sum(row_sum[r]);
       float const max_log2 = row_max[r] * scale_log2;  // -inf for a row that saw no key
       float const top = fmaxf(max_log2, sink_log2);
-      bool const empty = top == -INFINITY || sum != sum;
+      bool const keyless = max_log2 == -INFINITY;
       float const keys_weight = exp2f(max_log2 - top);  // 0 for a row that saw no key
       float const total = sum * keys_weight + exp2f(sink_log2 - top);
-      o_scale[r] = empty ? 0.f : keys_weight / total;
-      lse[r] = empty ? -INFINITY : (top + log2f(total)) * float(M_LN2);
+      o_scale[r] = keyless || sum != sum ? 0.f : keys_weight / total;
+      lse[r] = keyless ? sink : sum != sum ? -INFINITY : (top + log2f(total)) * float(M_LN2);
     }
   }
 

@@ -185,7 +185,7 @@ struct FwdMainloop {
     warpgroup_gemm<false, -1>(mma_pv, tOrP, tOrVt(_, _, _, v_pos.stage), acc_o);
     pass_turn();
     int64_t const head_index = int64_t(tile.batch) * p.heads + tile.head;
-    softmax.finalize(o_scale, lse, p.sinks ? p.sinks[head_index] * float(M_LOG2E) : -INFINITY);
+    softmax.finalize(o_scale, lse, p.sinks ? p.sinks[head_index] : -INFINITY);
     bool inside[kRows];
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
