@@ -341,3 +341,25 @@ def test_packed_ring(dtype, head_dim, causal, window, explicit, normal, compare)
   assert_packed_ring(hlo)
   for x in actual.values():
     assert x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim)
+
+
+# --- Attention sinks and the max logit ------------------------------------------------
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal-striped", "full"])
+def test_sinks_and_max_logit_on_the_ring(causal, normal, compare):
+  """Sinks applied once after the ring's merge, max logit and dsinks reduced over the ring:
+  equal to the single-device kernels (lse cotangent included, for the sinks' lse term)."""
+  mesh = mesh_of((NUM,), ("x",))
+  seq = P(None, "x")
+  arrays = qkv_dout(normal, batch=2, seqlen_q=SEQ * NUM, heads=8, kv_heads=2, head_dim=64,
+                    dtype=BF16) + [normal((8,), jnp.float32)]
+
+  def run(q, k, v, dout, sinks):
+    fn = lambda q, k, v, s: jax_fa3.flash_attention(q, k, v, causal=causal, sinks=s, return_lse=True,
+                                                    return_max_logit=True)
+    (out, lse, max_logit), pullback = jax.vjp(fn, q, k, v, sinks)
+    dq, dk, dv, dsinks = pullback((dout, jnp.ones_like(lse), jnp.zeros_like(max_logit)))
+    return dict(out=out, lse=lse, max_logit=max_logit, dq=dq, dk=dk, dv=dv, dsinks=dsinks)
+
+  _, hlo = compare(run, arrays, [seq] * 4 + [P()], mesh)
+  assert_ring(hlo)
