@@ -134,7 +134,8 @@ def packed_points(sizes, device_counts, dtype):
                                                    device_counts):
     problem = Problem(1, seqlen, sizes.heads, sizes.head_dim, causal, dtype)
     for mode in ("fwd", "fwdbwd"):
-      yield Point("packed", mode, "sequence", f"docs~{sizes.mean_doc}", devices, problem,
+      strategy = "ring" if sharding._PACKED_RING else "gathered"
+      yield Point("packed", mode, "sequence", f"docs~{sizes.mean_doc} {strategy}", devices, problem,
                   sizes.mean_doc)
 
 
@@ -392,6 +393,9 @@ def parse_args(argv=None):
                       help="packed sweep: row lengths (default 32768 on GPUs)")
   parser.add_argument("--mean-doc", type=int,
                       help="packed sweep: mean document length (default 2048 on GPUs)")
+  parser.add_argument("--packed-ring", choices=("on", "off"), default="off",
+                      help="packed sweep: run a split row as a ring (on) or gather it (off, "
+                           "the default strategy; jax_fa3.sharding._PACKED_RING)")
   parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
   parser.add_argument("--iterations", type=int, help="timed runs per point (default 10 on GPUs)")
   parser.add_argument("--out", type=pathlib.Path,
@@ -404,6 +408,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  sharding._PACKED_RING = args.packed_ring == "on"
   if args.replot:
     results = json.loads(args.replot.read_text())
     written = write(args.replot.parent, results["header"], results["records"],

@@ -96,6 +96,12 @@ class Split:
 # the split cannot see (the ids are traced); a user's choice of strategy (issue 20) can
 # turn it on here.
 _PACKED_STRIPED = False
+# Whether packed sequences split over the sequence run as that ring at all. Off: they are
+# gathered, as before the ring existed. Measured on two H200s (benchmarks/NOTES.md, session
+# 6; one 32k row of ~2k-token documents, 16 heads, d128), the ring took 0.54-0.74x the time
+# of one GPU doing all of it; until the ring's overheads are found (issue 20), the gather is
+# the default and the ring is opt-in here (tests and benchmarks/scaling.py --packed-ring).
+_PACKED_RING = False
 
 
 def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: AttentionParams,
@@ -110,9 +116,9 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
   split (as a ring) if both sequence lengths are; a mask that depends on positions also
   needs both lengths equal, or both multiples of P * P for the striped layout, which
   balances a causal mask and is used whenever it applies to one. Packed sequences
-  (`packed`: segment ids, varlen) are split whenever P divides both lengths, whatever the
-  mask (their rows hold it in positions of the whole row), and contiguous: see
-  `_PACKED_STRIPED`.
+  (`packed`: segment ids, varlen) keep the sequence whole (gathered) unless `_PACKED_RING`
+  is on; then they are split whenever P divides both lengths, whatever the mask (their rows
+  hold it in positions of the whole row), and contiguous: see `_PACKED_STRIPED`.
   """
   batch, seqlen_q, heads, _ = q_shape
   _, seqlen_k, kv_heads, _ = k_shape
@@ -139,7 +145,10 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
   # A mask bounded on one side (causal) is a triangle, unbalanced unless striped.
   striped = (bounded_sides == 1
              and seqlen_q % ring_size ** 2 == 0 and seqlen_k % ring_size ** 2 == 0)
-  if packed:
+  if packed and not _PACKED_RING:
+    taken -= set(sequence)
+    sequence = ()
+  elif packed:
     striped = _PACKED_STRIPED and striped
   elif bounded_sides and not striped and seqlen_q != seqlen_k:
     taken -= set(sequence)

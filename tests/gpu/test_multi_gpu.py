@@ -317,10 +317,11 @@ def _packed_ids(length, mean, seed):
     (BF16, 128, True, (-1, -1), True),
 ], ids=["causal-bf16-d128", "full-fp16-d64", "causal-window-bf16-d128",
         "causal-explicit-bf16-d128"])
-def test_packed_ring(dtype, head_dim, causal, window, explicit, normal, compare):
+def test_packed_ring(dtype, head_dim, causal, window, explicit, normal, compare, monkeypatch):
   """Documents of ~SEQ / 2 tokens packed into rows of 2 SEQ P, GQA: the sequence runs as a
   contiguous ring whose K/V chunks carry their rows, skipping the blocks of other
   documents; nothing but the int32 ids is gathered."""
+  monkeypatch.setattr(sharding, "_PACKED_RING", True)  # opt-in (sharding._PACKED_RING)
   mesh = mesh_of((NUM,), ("x",), explicit)
   spec = P(None, "x")
   length = 2 * SEQ * NUM

@@ -19,6 +19,12 @@ from jax_fa3._kernels import KernelStatus, Variant
 SEQ = P(None, "seq")
 
 
+@pytest.fixture(autouse=True)
+def packed_ring(monkeypatch):
+  """The ring for packed sequences is opt-in (sharding._PACKED_RING): these tests test it."""
+  monkeypatch.setattr(sharding, "_PACKED_RING", True)
+
+
 def packed_ids(length, size):
   """Two rows over `size` chunks: documents straddling chunk boundaries (one over three
   chunks on 4 devices) with padding at the end; and documents wholly inside chunks, a
