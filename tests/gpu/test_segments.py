@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import jax_fa3
+from kernel_ffi import assert_accurate
 
 
 def _documents(rng, length, mean, pad=0):
@@ -54,13 +55,6 @@ def _attention(q, k, v, mask, scale, softcap, dtype):
                    precision=jax.lax.Precision.HIGHEST)
   lse = jnp.where(l[..., 0] > 0, jnp.log(jnp.where(l[..., 0] > 0, l[..., 0], 1)) + m[..., 0], -jnp.inf)
   return out, lse.astype(jnp.float32)
-
-
-def _assert_accurate(name, ours, ref, base):
-  ours, ref, base = (np.asarray(x, np.float32) for x in (ours, ref, base))
-  assert not np.isnan(ours).any(), f"{name}: NaN (an element the kernel did not write)"
-  err, base_err = np.max(np.abs(ours - ref)), np.max(np.abs(base - ref))
-  assert err <= 2 * base_err + 1e-5, f"{name}: error {err} > 2 * {base_err} + 1e-5"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +153,7 @@ def test_segment_ids_forward_and_gradients(case):
 
   ref_out, ref_lse, ref_grads = jax.jit(lambda: reference(jnp.float32))()
   base_out, _, base_grads = jax.jit(lambda: reference(q.dtype))()
-  _assert_accurate("out", out, ref_out, base_out)
+  assert_accurate("out", out, ref_out, base_out)
   ref_lse = np.asarray(ref_lse)
   lse = np.asarray(lse)
   seen = np.isfinite(ref_lse)
@@ -168,7 +162,7 @@ def test_segment_ids_forward_and_gradients(case):
   keyless = np.broadcast_to(~seen.transpose(0, 2, 1)[..., None], out.shape)
   assert np.all(np.asarray(out)[keyless] == 0), "key-less rows must have output 0"
   for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
-    _assert_accurate(name, g, r, b)
+    assert_accurate(name, g, r, b)
 
 
 def test_segment_ids_padding_rows_pass_no_gradient():
@@ -255,9 +249,9 @@ def test_varlen_matches_oracle(head_dim, causal):
 
   ref_out, ref_grads = jax.jit(lambda: reference(jnp.float32))()
   base_out, base_grads = jax.jit(lambda: reference(jnp.bfloat16))()
-  _assert_accurate("out", out, ref_out, base_out)
+  assert_accurate("out", out, ref_out, base_out)
   for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
-    _assert_accurate(name, g, r, b)
+    assert_accurate(name, g, r, b)
   assert lse.shape == (8, total_q)
   assert np.all(np.asarray(out, np.float32)[cu_q[-1]:] == 0)
 

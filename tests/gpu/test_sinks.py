@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import jax_fa3
+from kernel_ffi import assert_accurate
 
 
 def _mask(case, q_ids=None):
@@ -48,13 +49,6 @@ def _attention(q, k, v, sinks, mask, scale, softcap, dtype):
   p = jnp.exp(s - lse[..., None])
   out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(dtype), v, precision=jax.lax.Precision.HIGHEST)
   return out, lse, jax.lax.stop_gradient(max_logit)
-
-
-def _assert_accurate(name, ours, ref, base):
-  ours, ref, base = (np.asarray(x, np.float32) for x in (ours, ref, base))
-  assert not np.isnan(ours).any(), f"{name}: NaN (an element the kernel did not write)"
-  err, base_err = np.max(np.abs(ours - ref)), np.max(np.abs(base - ref))
-  assert err <= 2 * base_err + 1e-5, f"{name}: error {err} > 2 * {base_err} + 1e-5"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +148,7 @@ def test_sinks_forward_gradients_and_max_logit(case):
 
   ref_out, ref_lse, ref_max, ref_grads = jax.jit(lambda: reference(jnp.float32))()
   base_out, _, _, base_grads = jax.jit(lambda: reference(q.dtype))()
-  _assert_accurate("out", out, ref_out, base_out)
+  assert_accurate("out", out, ref_out, base_out)
   lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
   np.testing.assert_allclose(lse, ref_lse, atol=2e-3, rtol=1e-4)
   # Key-less rows, padding (negative ids) included: lse = the sink.
@@ -165,7 +159,7 @@ def test_sinks_forward_gradients_and_max_logit(case):
   assert np.all(np.asarray(out)[rows_out] == 0), "key-less rows must have output 0"
   np.testing.assert_allclose(np.asarray(max_logit), np.asarray(ref_max), atol=2e-3, rtol=1e-3)
   for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
-    _assert_accurate(name, g, r, b)
+    assert_accurate(name, g, r, b)
   # dsinks = -sum_i exp(sink - lse_i) rowsum(dout_i * out_i) reads the output as stored, in
   # the input dtype (as the backward's rowsum does for dq and dk). The float32 oracle's
   # gradient does not round it, so that rounding's effect on the sum is allowed on top.
