@@ -9,7 +9,7 @@ which lowers to `jax_fa3_decode` on Hopper and to `reference.kvcache_attention` 
 import jax.numpy as jnp
 import numpy as np
 
-from jax_fa3 import attention, primitives
+from jax_fa3 import attention, primitives, sharding
 
 _NAME = "flash_attention_with_kvcache"
 
@@ -98,7 +98,7 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
   causal, return_lse = attention._check_flags(causal=causal, return_lse=return_lse)
   params = attention._flash_params(head_dim, softmax_scale, causal, window_size, softcap,
                                    diagonal_offset=0)
-  out, lse, k_cache, v_cache = primitives.decode_p.bind(
+  out, lse, k_cache, v_cache = sharding.decode(
       q, k_cache, v_cache, cache_seqlens,
       *map(primitives.absent_if_none, (k_new, v_new, page_table)),
       softmax_scale=params.softmax_scale, softcap=params.softcap,

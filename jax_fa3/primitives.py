@@ -8,8 +8,8 @@ that attention.py binds.
 - bwd: (dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks)
   -> (dq, dk, dv[, dsinks])
 - decode: (q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table)
-  -> (out, lse, k_cache, v_cache), the caches updated in place (no VJP; bound directly by
-  kvcache.py; its vmap rule is `_decode_batch`)
+  -> (out, lse, k_cache, v_cache), the caches updated in place (no VJP; its vmap rule is
+  `decode_batch`; sharding.py lifts it to a mesh for kvcache.py)
 An absent `seqused_*` or rows (packed sequences, `segments.py`) is an int32 array of
 shape [0], absent sinks a float32 one. With rows, the CUDA lowering adds their tile plans
 to the FFI call. Sinks, max_logit and dsinks are float32 [batch, heads]; max_logit is a
@@ -18,7 +18,7 @@ result when the forward's `return_max_logit` parameter is set, dsinks when sinks
 On CUDA they lower to the FFI targets where a kernel is compiled for the
 dtype and head dims, padding head dims up to the next compiled ones; anywhere
 else, and for pairs without a kernel, they lower to the float32 reference.
-vmap folds every mapped axis into the batch axis (decode: see `_decode_batch`).
+vmap folds every mapped axis into the batch axis (decode: see `decode_batch`).
 """
 
 import dataclasses
@@ -309,7 +309,10 @@ def _decode_abstract_eval(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page
                           **params):
   del cache_seqlens, k_new, v_new, page_table, params
   batch, seqlen_q, heads, _ = q.shape
-  return (q.update(), q.update(shape=(batch, heads, seqlen_q), dtype=jnp.float32),
+  spec_b, spec_t, spec_n, _ = q.sharding.spec
+  lse_sharding = q.sharding.update(spec=jax.sharding.PartitionSpec(spec_b, spec_n, spec_t))
+  return (q.update(), q.update(shape=(batch, heads, seqlen_q), dtype=jnp.float32,
+                               sharding=lse_sharding),
           k_cache.update(), v_cache.update())
 
 
@@ -330,7 +333,7 @@ def fold_vmap_axis_into_batch(primitive, args, dims, **params):
   return [o.reshape(size, -1, *o.shape[1:]) for o in outs], [0] * len(outs)
 
 
-def _decode_batch(args, dims, **params):
+def decode_batch(primitive, args, dims, **params):
   """vmap of decode, exactly (each mapped instance gets the results and caches it would get
   alone), by folding the mapped axis into the batch:
   - contiguous cache: every operand leads with the batch; unmapped ones are broadcast.
@@ -371,8 +374,8 @@ def _decode_batch(args, dims, **params):
   else:
     caches = [k_cache, v_cache]
     page_table = fold(front(page_table, dims[6]))
-  out, lse, k_cache, v_cache = decode_p.bind(operands[0], *caches, operands[1], *new,
-                                             page_table, **params)
+  out, lse, k_cache, v_cache = primitive.bind(operands[0], *caches, operands[1], *new,
+                                              page_table, **params)
   unfold = lambda x: x.reshape(size, -1, *x.shape[1:])
   results = [unfold(out), unfold(lse)]
   if caches_mapped or not paged:
@@ -409,4 +412,4 @@ mlir.register_lowering(decode_p, mlir.lower_fun(reference.kvcache_attention,
 mlir.register_lowering(decode_p, mlir.lower_fun(_decode_cuda, multiple_results=True),
                        platform="cuda")
 ad.primitive_jvps[decode_p] = _no_decode_gradient
-batching.primitive_batchers[decode_p] = _decode_batch
+batching.primitive_batchers[decode_p] = functools.partial(decode_batch, decode_p)
