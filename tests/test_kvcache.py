@@ -319,3 +319,40 @@ def test_vmap_paged_shared_pool_reads_and_refuses_writes(normal):
   k_new = normal((n, 2, 1, 2, 64))
   with pytest.raises(NotImplementedError, match="shared by the mapped instances.*k_new"):
     jax.vmap(fn)(qs, tables, k_new, k_new)
+
+
+# --- Sinks ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("paged_cache", [False, True], ids=["contiguous", "paged"])
+def test_sinks_match_the_oracle(normal, paged_cache):
+  """Sinks join each row's softmax: against the float64 oracle's attention_with_sinks, with a
+  sequence that sees no key (length 0, nothing appended: out 0, lse = sink), a large sink
+  that takes most of the weight, and a bad length (NaN stays NaN)."""
+  q, k_cache, v_cache, _ = _decode_inputs(normal, batch=4, seqlen_q=2, seqlen_new=0)
+  sinks = jnp.array([0.0, 3.0, -2.0, 8.0, 1.0, 0.5, -1.0, 2.0], jnp.float32)
+  lengths = jnp.array([0, 17, 48, 49], jnp.int32)
+  table = None
+  if paged_cache:
+    rng = np.random.default_rng(2)
+    k_pages, table = paged(k_cache, 16, rng)
+    v_np = np.zeros(k_pages.shape, np.float32)
+    v_np[np.asarray(table)] = np.asarray(v_cache, np.float32).reshape(4, 3, 16, 2, 64)
+    k_cache, v_cache = k_pages, jnp.asarray(v_np, v_cache.dtype)
+  (out, lse), _, _ = jax_fa3.flash_attention_with_kvcache(
+      q, k_cache, v_cache, lengths, page_table=table, sinks=sinks, return_lse=True)
+  want_out, want_lse, *_ = oracle.kvcache(q, k_cache, v_cache, lengths, page_table=table,
+                                          scale=64 ** -0.5, window=(-1, 0), sinks=sinks)
+  assert np.isnan(want_lse[3]).all() and (want_lse[0] == np.asarray(sinks)[:, None]).all()
+  _close(out, want_out)
+  np.testing.assert_allclose(lse, want_lse, atol=1e-3, rtol=1e-4)
+  # The sinks changed something: without them the outputs differ.
+  plain, _, _ = jax_fa3.flash_attention_with_kvcache(q, k_cache, v_cache, lengths,
+                                                     page_table=table)
+  assert np.abs(np.asarray(plain, np.float32)[1:3] - want_out[1:3]).max() > 0.1
+
+
+def test_sinks_are_checked(normal):
+  q, k_cache, v_cache, _ = _decode_inputs(normal, seqlen_new=0)
+  with pytest.raises(ValueError, match="sinks must be a float array of shape \\[heads\\] = \\[8\\]"):
+    jax_fa3.flash_attention_with_kvcache(q, k_cache, v_cache, jnp.zeros(3, jnp.int32),
+                                         sinks=jnp.zeros(2))
