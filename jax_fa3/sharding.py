@@ -117,14 +117,7 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
   batch, seqlen_q, heads, _ = q_shape
   _, seqlen_k, kv_heads, _ = k_shape
   taken = set()
-
-  def pick(candidates, *sizes):
-    for axes in candidates:
-      shards = math.prod(axis_sizes[a] for a in axes)
-      if shards > 1 and not taken & set(axes) and all(s % shards == 0 for s in sizes):
-        taken.update(axes)
-        return axes
-    return ()
+  pick = functools.partial(_pick, axis_sizes, taken)
 
   q_axes, k_axes = _axes_by_dimension(q_spec), _axes_by_dimension(k_spec)
   split_batch = pick([q_axes[0], k_axes[0]], batch)
@@ -147,6 +140,17 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
   return Split(batch=split_batch, sequence=sequence, heads=split_heads,
                kv_heads_split=kv_heads % head_shards == 0,
                striped=bool(sequence) and striped)
+
+
+def _pick(axis_sizes, taken, candidates, *sizes):
+  """The first candidate tuple of mesh axes not yet `taken` whose shard count (> 1) divides
+  every size; it is then taken. () if none."""
+  for axes in candidates:
+    shards = math.prod(axis_sizes[a] for a in axes)
+    if shards > 1 and not taken & set(axes) and all(s % shards == 0 for s in sizes):
+      taken.update(axes)
+      return axes
+  return ()
 
 
 def local_fwd(split: Split, axis_sizes, params: AttentionParams, return_max_logit, q, k, v,
@@ -569,14 +573,7 @@ def choose_decode_split(axis_sizes, q_spec, cache_spec, q_shape, cache_shape, pa
   for a paged cache; the heads keep q's (or else the cache's) axes if they divide both the
   query heads and the k/v heads."""
   taken = set()
-
-  def pick(candidates, *sizes):
-    for axes in candidates:
-      shards = math.prod(axis_sizes[a] for a in axes)
-      if shards > 1 and not taken & set(axes) and all(s % shards == 0 for s in sizes):
-        taken.update(axes)
-        return axes
-    return ()
+  pick = functools.partial(_pick, axis_sizes, taken)
 
   q_axes, cache_axes = _axes_by_dimension(q_spec), _axes_by_dimension(cache_spec)
   batch = () if paged else pick([q_axes[0], cache_axes[0]], q_shape[0])
