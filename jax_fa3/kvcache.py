@@ -9,14 +9,14 @@ which lowers to `jax_fa3_decode` on Hopper and to `reference.kvcache_attention` 
 import jax.numpy as jnp
 import numpy as np
 
-from jax_fa3 import attention, primitives
+from jax_fa3 import attention, primitives, sharding
 
 _NAME = "flash_attention_with_kvcache"
 
 
 def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None,
                                  page_table=None, softmax_scale=None, causal=True,
-                                 window_size=(-1, -1), softcap=0.0, num_splits=0,
+                                 window_size=(-1, -1), softcap=0.0, sinks=None, num_splits=0,
                                  return_lse=False):
   """Attention of new queries to a KV cache, appending new keys and values to it.
 
@@ -36,6 +36,9 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
     softmax_scale: as in `flash_attention`; defaults to `1 / sqrt(head_dim)`.
     causal, window_size, softcap: as in `flash_attention`: q's rows are the last seqlen_q
       positions of each sequence (`cache_seqlens + seqlen_new` keys), aligned bottom-right.
+    sinks: attention sinks, as in `flash_attention`: a float `[heads]` array, one logit per
+      query head that joins every row's softmax with no value (a row that sees no key gets
+      output 0 and lse `sinks[h]`).
     num_splits: how many parts the keys of each sequence are split into on the GPU
       (flash-decoding), combined in the same call; 0 picks it from the batch, heads, cache
       size and SM count. At most 128. Results are the same up to float rounding.
@@ -96,15 +99,30 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
     raise ValueError(f"{_NAME}: num_splits must be an int in [0, {primitives.DECODE_MAX_SPLITS}] "
                      f"(0 = automatic), got {num_splits!r}")
   causal, return_lse = attention._check_flags(causal=causal, return_lse=return_lse)
+  if sinks is not None:
+    sinks = attention._check_sinks(_NAME, sinks, 1, heads)[0]
   params = attention._flash_params(head_dim, softmax_scale, causal, window_size, softcap,
                                    diagonal_offset=0)
-  out, lse, k_cache, v_cache = primitives.decode_p.bind(
+  out, lse, k_cache, v_cache = sharding.decode(
       q, k_cache, v_cache, cache_seqlens,
       *map(primitives.absent_if_none, (k_new, v_new, page_table)),
       softmax_scale=params.softmax_scale, softcap=params.softcap,
       window_left=params.window_left, window_right=params.window_right,
       num_splits=int(num_splits))
+  if sinks is not None:
+    out, lse = _with_sinks(out, lse, sinks)
   return ((out, lse) if return_lse else out), k_cache, v_cache
+
+
+def _with_sinks(out, lse, sinks):
+  """Attention over the keys turned into attention over the keys and the sinks: the sink
+  joins each row's softmax sum, which rescales the row by exp(lse - lse_with_sink). Done here
+  in JAX rather than in the kernel's combine: decode's out is small (a few rows a sequence),
+  so this is one cheap elementwise pass. A sequence with bad input stays NaN."""
+  with_sink = jnp.logaddexp(lse, sinks[None, :, None])
+  weight = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(lse - with_sink))
+  scaled = out.astype(jnp.float32) * jnp.swapaxes(weight, 1, 2)[..., None]
+  return scaled.astype(out.dtype), with_sink
 
 
 def _check_array(name, x, ndim, dtype=None):

@@ -8,8 +8,8 @@ that attention.py binds.
 - bwd: (dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks)
   -> (dq, dk, dv[, dsinks])
 - decode: (q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table)
-  -> (out, lse, k_cache, v_cache), the caches updated in place (no VJP; bound directly by
-  kvcache.py, no sharding rule yet)
+  -> (out, lse, k_cache, v_cache), the caches updated in place (no VJP; its vmap rule is
+  `decode_batch`; sharding.py lifts it to a mesh for kvcache.py)
 An absent `seqused_*` or rows (packed sequences, `segments.py`) is an int32 array of
 shape [0], absent sinks a float32 one. With rows, the CUDA lowering adds their tile plans
 to the FFI call. Sinks, max_logit and dsinks are float32 [batch, heads]; max_logit is a
@@ -18,7 +18,7 @@ result when the forward's `return_max_logit` parameter is set, dsinks when sinks
 On CUDA they lower to the FFI targets where a kernel is compiled for the
 dtype and head dims, padding head dims up to the next compiled ones; anywhere
 else, and for pairs without a kernel, they lower to the float32 reference.
-vmap folds every mapped axis into the batch axis.
+vmap folds every mapped axis into the batch axis (decode: see `decode_batch`).
 """
 
 import dataclasses
@@ -309,7 +309,10 @@ def _decode_abstract_eval(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page
                           **params):
   del cache_seqlens, k_new, v_new, page_table, params
   batch, seqlen_q, heads, _ = q.shape
-  return (q.update(), q.update(shape=(batch, heads, seqlen_q), dtype=jnp.float32),
+  spec_b, spec_t, spec_n, _ = q.sharding.spec
+  lse_sharding = q.sharding.update(spec=jax.sharding.PartitionSpec(spec_b, spec_n, spec_t))
+  return (q.update(), q.update(shape=(batch, heads, seqlen_q), dtype=jnp.float32,
+                               sharding=lse_sharding),
           k_cache.update(), v_cache.update())
 
 
@@ -330,6 +333,56 @@ def fold_vmap_axis_into_batch(primitive, args, dims, **params):
   return [o.reshape(size, -1, *o.shape[1:]) for o in outs], [0] * len(outs)
 
 
+def decode_batch(primitive, args, dims, **params):
+  """vmap of decode, exactly (each mapped instance gets the results and caches it would get
+  alone), by folding the mapped axis into the batch:
+  - contiguous cache: every operand leads with the batch; unmapped ones are broadcast.
+  - paged cache mapped (each instance its own pool `[n, num_pages, ...]`): the pools are
+    concatenated into one of `n * num_pages` pages and instance i's page table offset by
+    `i * num_pages` (an out-of-range entry stays out of range).
+  - paged cache shared (not mapped) and nothing appended: every instance reads the one pool.
+  - paged cache shared with k_new/v_new: an error: each instance would write its own copy of
+    the pool. Map the pool, or fold the axis into the batch (one page table, one pool).
+  """
+  q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table = args
+  size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+  front = lambda x, d: batching.bdim_at_front(x, d, size)  # broadcasts an unmapped operand
+  fold = lambda x: x.reshape(-1, *x.shape[2:])
+  present = lambda x, rank, d: x.ndim == rank + (d is not None)  # absent: shape [0], unmapped
+  operands = [fold(front(x, d)) for x, d in zip((q, cache_seqlens), (dims[0], dims[3]))]
+  appends = present(k_new, 4, dims[4])
+  new = [fold(front(x, d)) if appends else x for x, d in zip((k_new, v_new), dims[4:6])]
+  paged = present(page_table, 2, dims[6])
+  caches_mapped = dims[1] is not None or dims[2] is not None
+  if not paged:
+    caches = [fold(front(x, d)) for x, d in zip((k_cache, v_cache), dims[1:3])]
+  elif caches_mapped:
+    caches = [front(x, d) for x, d in zip((k_cache, v_cache), dims[1:3])]
+    num_pages = caches[0].shape[1]
+    caches = [fold(x) for x in caches]
+    table = front(page_table, dims[6])
+    offset = jnp.arange(size, dtype=jnp.int32)[:, None, None] * num_pages
+    in_range = (table >= 0) & (table < num_pages)
+    page_table = fold(jnp.where(in_range, table + offset, -1))
+  elif appends:
+    raise NotImplementedError(
+        "vmap of flash_attention_with_kvcache: a paged k_cache/v_cache shared by the mapped "
+        "instances (not mapped) cannot take k_new/v_new: each instance would write its own "
+        "copy of the page pool. Map k_cache and v_cache too (one pool per instance), or fold "
+        "the mapped axis into the batch yourself (one page table [n * batch, max_pages] into "
+        "the one pool).")
+  else:
+    caches = [k_cache, v_cache]
+    page_table = fold(front(page_table, dims[6]))
+  out, lse, k_cache, v_cache = primitive.bind(operands[0], *caches, operands[1], *new,
+                                              page_table, **params)
+  unfold = lambda x: x.reshape(size, -1, *x.shape[1:])
+  results = [unfold(out), unfold(lse)]
+  if caches_mapped or not paged:
+    return results + [unfold(k_cache), unfold(v_cache)], [0, 0, 0, 0]
+  return results + [k_cache, v_cache], [0, 0, None, None]
+
+
 # --- Registration ----------------------------------------------------------------
 
 def _define(name, abstract_eval, reference_rule, cuda_rule):
@@ -348,8 +401,8 @@ def _define(name, abstract_eval, reference_rule, cuda_rule):
 fwd_p = _define("fa3_fwd_local", _fwd_abstract_eval, reference.attention_fwd, _fwd_cuda)
 bwd_p = _define("fa3_bwd_local", _bwd_abstract_eval, reference.attention_bwd, _bwd_cuda)
 
-# The decode primitive: the same lowerings, no batching rule (a paged cache is not batched by
-# sequence) and a JVP that says there is no gradient.
+# The decode primitive: the same lowerings, its own batching rule (a paged cache is not
+# batched by sequence) and a JVP that says there is no gradient.
 decode_p = Primitive("fa3_decode_local")
 decode_p.multiple_results = True
 decode_p.def_impl(functools.partial(xla.apply_primitive, decode_p))
@@ -359,3 +412,4 @@ mlir.register_lowering(decode_p, mlir.lower_fun(reference.kvcache_attention,
 mlir.register_lowering(decode_p, mlir.lower_fun(_decode_cuda, multiple_results=True),
                        platform="cuda")
 ad.primitive_jvps[decode_p] = _no_decode_gradient
+batching.primitive_batchers[decode_p] = functools.partial(decode_batch, decode_p)

@@ -31,7 +31,7 @@ from jax import lax
 from jax._src import dispatch
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
-from jax.interpreters import batching, mlir, xla
+from jax.interpreters import ad, batching, mlir, xla
 from jax.interpreters.mlir import ir
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
@@ -123,14 +123,7 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
   batch, seqlen_q, heads, _ = q_shape
   _, seqlen_k, kv_heads, _ = k_shape
   taken = set()
-
-  def pick(candidates, *sizes):
-    for axes in candidates:
-      shards = math.prod(axis_sizes[a] for a in axes)
-      if shards > 1 and not taken & set(axes) and all(s % shards == 0 for s in sizes):
-        taken.update(axes)
-        return axes
-    return ()
+  pick = functools.partial(_pick, axis_sizes, taken)
 
   q_axes, k_axes = _axes_by_dimension(q_spec), _axes_by_dimension(k_spec)
   split_batch = pick([q_axes[0], k_axes[0]], batch)
@@ -156,6 +149,17 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
   return Split(batch=split_batch, sequence=sequence, heads=split_heads,
                kv_heads_split=kv_heads % head_shards == 0,
                striped=bool(sequence) and striped)
+
+
+def _pick(axis_sizes, taken, candidates, *sizes):
+  """The first candidate tuple of mesh axes not yet `taken` whose shard count (> 1) divides
+  every size; it is then taken. () if none."""
+  for axes in candidates:
+    shards = math.prod(axis_sizes[a] for a in axes)
+    if shards > 1 and not taken & set(axes) and all(s % shards == 0 for s in sizes):
+      taken.update(axes)
+      return axes
+  return ()
 
 
 def local_fwd(split: Split, axis_sizes, params: AttentionParams, return_max_logit, q, k, v,
@@ -527,3 +531,139 @@ def _define(name, local_primitive, lowering):
 
 fwd_p = _define("fa3_fwd", primitives.fwd_p, _lower_fwd)
 bwd_p = _define("fa3_bwd", primitives.bwd_p, _lower_bwd)
+
+
+# --- Decode (flash_attention_with_kvcache) on a mesh ----------------------------------
+# What stays split, with no communication:
+# - contiguous caches [batch, max_seqlen, kv_heads, d]: the batch and the heads (the k/v
+#   heads split like q's, so their count must be a multiple of the head shards);
+# - paged caches [num_pages, page_size, kv_heads, d]: the heads only. The page pool is not
+#   split by sequence (any sequence may own any page), so a batch split is gathered first
+#   and the pool is replicated over the batch axes (each device then writes every sequence's
+#   new rows into its copy, and the copies stay equal).
+# Anything else (a split sequence or head dim, head counts the shards do not divide) is
+# gathered before the call.
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSplit:
+  """The mesh axes that split one decode call's batch and heads."""
+  batch: tuple[str, ...] = ()
+  heads: tuple[str, ...] = ()
+  paged: bool = False
+
+  @property
+  def axes(self) -> frozenset[str]:
+    return frozenset(self.batch + self.heads)
+
+  def q_spec(self):  # q, out, k_new, v_new
+    return PartitionSpec(_entry(self.batch), None, _entry(self.heads), None)
+
+  def lse_spec(self):
+    return PartitionSpec(_entry(self.batch), _entry(self.heads), None)
+
+  def cache_spec(self):
+    return PartitionSpec(None if self.paged else _entry(self.batch), None,
+                         _entry(self.heads), None)
+
+  def operand_specs(self, k_new, page_table):
+    """q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table; absent ones replicated."""
+    new = self.q_spec() if k_new.ndim == 4 else PartitionSpec(None)
+    table = PartitionSpec(_entry(self.batch), None) if page_table.ndim == 2 else PartitionSpec(None)
+    return (self.q_spec(), self.cache_spec(), self.cache_spec(),
+            PartitionSpec(_entry(self.batch)), new, new, table)
+
+  def result_specs(self):
+    return (self.q_spec(), self.lse_spec(), self.cache_spec(), self.cache_spec())
+
+
+def choose_decode_split(axis_sizes, q_spec, cache_spec, q_shape, cache_shape, paged) -> DecodeSplit:
+  """How to run decode on q and the cache sharded as `q_spec` and `cache_spec`: the batch
+  keeps the axes q (or else a contiguous cache) splits it over, if they divide it, and never
+  for a paged cache; the heads keep q's (or else the cache's) axes if they divide both the
+  query heads and the k/v heads."""
+  taken = set()
+  pick = functools.partial(_pick, axis_sizes, taken)
+
+  q_axes, cache_axes = _axes_by_dimension(q_spec), _axes_by_dimension(cache_spec)
+  batch = () if paged else pick([q_axes[0], cache_axes[0]], q_shape[0])
+  heads = pick([q_axes[2], cache_axes[2]], q_shape[2], cache_shape[2])
+  return DecodeSplit(batch=batch, heads=heads, paged=paged)
+
+
+def _local_decode(params, q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table):
+  """Decode on one device's shards (absent operands None or shape [0])."""
+  absent = lambda x: primitives.absent_if_none(primitives.none_if_absent(x))
+  return tuple(primitives.decode_p.bind(q, k_cache, v_cache, cache_seqlens,
+                                        *map(absent, (k_new, v_new, page_table)),
+                                        **dict(params)))
+
+
+def decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table, **params):
+  """The decode primitive on arrays sharded any way (absent operands shape [0]):
+  (out, lse, k_cache, v_cache)."""
+  operands = (q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table)
+  if _in_shard_map():
+    return tuple(primitives.decode_p.bind(*operands, **params))
+  mesh = _explicit_mesh(q, k_cache, v_cache)
+  if mesh is None:
+    return tuple(decode_p.bind(*operands, **params))
+  split = choose_decode_split(dict(mesh.shape), _spec(q), _spec(k_cache), q.shape,
+                              k_cache.shape, paged=page_table.ndim == 2)
+  q_spec = _spec(q)
+  return _run_explicit(
+      mesh, split, functools.partial(_local_decode, tuple(sorted(params.items()))),
+      args=operands, in_specs=split.operand_specs(k_new, page_table),
+      out_specs=split.result_specs(),
+      result_specs=(q_spec, PartitionSpec(q_spec[0], q_spec[2], q_spec[1]), _spec(k_cache),
+                    _spec(v_cache)))
+
+
+def _decode_on_one_device(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table,
+                          params):
+  return _local_decode(params, q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table)
+
+
+def _partition_decode(params, mesh, arg_shapes, result_shape):
+  del result_shape
+  q, k_cache, _, _, k_new, _, page_table = arg_shapes
+  split = choose_decode_split(dict(mesh.shape), q.sharding.spec, k_cache.sharding.spec,
+                              q.shape, k_cache.shape, paged=len(page_table.shape) == 2)
+  named = functools.partial(NamedSharding, mesh)
+  k_new, page_table = (jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k_new, page_table))
+  arg_shardings = tuple(map(named, split.operand_specs(k_new, page_table)))
+  result_shardings = tuple(map(named, split.result_specs()))
+  return mesh, functools.partial(_local_decode, params), result_shardings, arg_shardings
+
+
+def _decode_rule(params, mesh, operand_types, result_types):
+  del params, mesh, result_types
+  q, k_cache, _, _, k_new, _, page_table = (ir.RankedTensorType(t).shape for t in operand_types)
+  heads, kv_heads = _head_factors(q[2], k_cache[2])
+  paged = len(page_table) == 2
+  cache = f"p r {kv_heads} d" if paged else f"b s {kv_heads} d"
+  new = f"b u {kv_heads} d" if len(k_new) == 4 else None
+  rule = (f"b t {heads} d, {cache}, {cache}, b, {new or 'ak'}, {new or 'av'}, "
+          f"{'b m' if paged else 'ap'} -> b t {heads} d, b {heads} t, {cache}, {cache}")
+  # Only the batch (contiguous) and the heads may stay split; `partition` decides which.
+  fixed = ("t", "d", "p", "r", "u", "m") if paged else ("t", "d", "s", "u")
+  fixed = tuple(f for f in fixed if f != "u" or new)
+  return rule, dict(need_replication_factors=fixed)
+
+
+_decode_partitioned = custom_partitioning(_decode_on_one_device, static_argnums=(7,))
+_decode_partitioned.def_partition(_partition_decode, sharding_rule=_decode_rule)
+
+
+def _lower_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table, **params):
+  return _decode_partitioned(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table,
+                             tuple(sorted(params.items())))
+
+
+decode_p = Primitive("fa3_decode")
+decode_p.multiple_results = True
+decode_p.def_impl(functools.partial(xla.apply_primitive, decode_p))
+decode_p.def_effectful_abstract_eval(primitives.decode_p.abstract_eval)
+mlir.register_lowering(decode_p, mlir.lower_fun(_lower_decode, multiple_results=True))
+dispatch.prim_requires_devices_during_lowering.add(decode_p)
+batching.primitive_batchers[decode_p] = functools.partial(primitives.decode_batch, decode_p)
+ad.primitive_jvps[decode_p] = ad.primitive_jvps[primitives.decode_p]

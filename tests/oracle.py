@@ -92,7 +92,7 @@ def _visible(seqlen_q, seqlen_k, window, diagonal_offset, used_q, used_k):
 
 
 def kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, page_table=None, *,
-            scale, softcap=0.0, window=(-1, -1)):
+            scale, softcap=0.0, window=(-1, -1), sinks=None):
   """KV-cache decode from its definition: returns (out, lse, k_cache, v_cache) in float64.
 
   Position p of sequence b lives at k_cache[b, p] (contiguous) or at
@@ -100,7 +100,7 @@ def kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, page_tab
   [len, len + seqlen_new); q's rows are the last seqlen_q of the len + seqlen_new keys
   (bottom-right alignment). A length out of [0, capacity - seqlen_new] writes nothing and
   gives NaN; a page entry out of range among the used positions gives NaN, and only new
-  rows on valid pages are written.
+  rows on valid pages are written. `sinks` [heads] join every row's softmax (attention_with_sinks).
   """
   q = np.asarray(q, np.float64)
   k_cache, v_cache = np.array(k_cache, np.float64), np.array(v_cache, np.float64)
@@ -132,12 +132,13 @@ def kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, page_tab
       continue
     keys = np.stack([k_cache[place] for place in places]) if total else k_cache[:0, 0]
     values = np.stack([v_cache[place] for place in places]) if total else v_cache[:0, 0]
-    if total == 0:  # no key at all: every row sees nothing
-      out[b], lse[b] = 0.0, -np.inf
+    if total == 0:  # no key at all: every row sees nothing (but its sink)
+      out[b], lse[b] = 0.0, -np.inf if sinks is None else np.asarray(sinks, np.float64)[:, None]
       continue
-    o, l, *_ = attention(q[b:b + 1], keys[None], values[None], np.zeros(q[b:b + 1].shape),
-                         scale=scale, softcap=softcap, window=window,
-                         diagonal_offset=total - seqlen_q)
+    o, l, *_ = attention_with_sinks(q[b:b + 1], keys[None], values[None],
+                                    np.zeros(q[b:b + 1].shape), sinks=sinks, scale=scale,
+                                    softcap=softcap, window=window,
+                                    diagonal_offset=total - seqlen_q)
     out[b], lse[b] = o[0], l[0]
   return out, lse, k_cache, v_cache
 

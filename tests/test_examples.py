@@ -55,3 +55,34 @@ def test_train_gpt_packed_loss_curves_match_within_bf16_noise():
   assert ids.shape == tokens.shape and (np.diff(ids, axis=-1) >= 0).all() and ids[..., -1].min() > 0
   positions = np.asarray(train_gpt.positions_in_documents(jnp.asarray(ids[0, 0])))
   assert positions[0] == 0 and (positions[1:] == np.where(np.diff(ids[0, 0]) > 0, 0, positions[:-1] + 1)).all()
+
+
+def test_generate_paged_cache_tokens_equal_no_cache_tokens():
+  """The example's claim: greedy generation on the paged KV cache (prefill, then one token a
+  step, caches donated) picks the same tokens as recomputing the whole sequence each step."""
+  generate = _load("generate")
+  config = dataclasses.replace(generate.TINY, new_tokens=20)
+  runs, logits = generate.run_all(config)
+  truth = runs["no cache"].tokens
+  assert truth.shape == (config.batch, config.new_tokens)
+  assert logits.shape == (config.batch, config.new_tokens, len(generate.train_gpt.VOCAB))
+  assert len(np.unique(truth)) > 2, truth  # not a degenerate constant stream
+  for name, run in runs.items():
+    assert generate.agreement(run.tokens, truth, logits) == ("equal", True), \
+        generate.summary(config, runs, logits)
+  # The check itself can fail: one changed token is reported, at its position.
+  changed = truth.copy()
+  changed[1, 7] = (changed[1, 7] + 1) % len(generate.train_gpt.VOCAB)
+  verdict, _ = generate.agreement(changed, truth, logits)
+  assert verdict.startswith("differ: seq 1 from token 7"), verdict
+
+
+def test_generate_page_table_scatters_pages():
+  generate = _load("generate")
+  config = generate.TINY
+  page_table, new_caches = generate.paged_caches(config, generate.new_model(config))
+  table = np.asarray(page_table)
+  assert table.shape == (config.batch, config.pages_per_sequence)
+  assert sorted(table.ravel()) == list(range(table.size))
+  assert not np.array_equal(table.ravel(), np.arange(table.size))  # not the contiguous order
+  assert new_caches()[0][0].shape == (table.size, config.page_size, 4, 16)

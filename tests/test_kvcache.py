@@ -238,3 +238,121 @@ def test_split_heuristic_fills_the_gpu():
   assert split(64, 8, 1, 32768) == 1          # 512 CTAs already
   assert split(1, 8, 1, 256) == 1             # too few keys to share out
   assert 1 <= split(8, 8, 1, 8192) <= 8
+
+
+# --- vmap --------------------------------------------------------------------------------
+
+def _one_by_one(fn, n, args, axes):
+  """fn applied to each mapped instance in turn, the results stacked: what vmap must equal."""
+  results = [fn(*[x if a is None else jnp.take(x, i, axis=a) for x, a in zip(args, axes)])
+             for i in range(n)]
+  return jax.tree.map(lambda *xs: np.stack([np.asarray(x, np.float32) for x in xs]), *results)
+
+
+def _assert_same(actual, expected):
+  """Equal up to one bfloat16 rounding (jit may fuse the reference differently); NaN where
+  NaN is expected."""
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), e, rtol=2 ** -7, atol=1e-6)
+
+
+def test_vmap_contiguous_with_some_operands_unmapped(normal):
+  """q and the new keys mapped (axis 1 for q), the cache and lengths shared."""
+  n = 3
+  q, k_cache, v_cache, _ = _decode_inputs(normal, batch=2, seqlen_q=2)
+  qs = jnp.stack([q * (i + 1) for i in range(n)], axis=1)
+  k_new, v_new = normal((n, 2, 2, 2, 64)), normal((n, 2, 2, 2, 64))
+  lengths = jnp.array([5, 30], jnp.int32)
+
+  def fn(q, k_new, v_new, k_cache, lengths):
+    return jax_fa3.flash_attention_with_kvcache(q, k_cache, v_cache, lengths, k_new=k_new,
+                                                v_new=v_new, return_lse=True)
+  args, axes = (qs, k_new, v_new, k_cache, lengths), (1, 0, 0, None, None)
+  mapped = jax.jit(jax.vmap(fn, in_axes=axes))(*args)
+  _assert_same(mapped, _one_by_one(fn, n, args, axes))
+  (_, lse), k_out, _ = mapped
+  assert lse.shape == (n, 2, 8, 2) and k_out.shape == (n,) + k_cache.shape
+  # Each instance wrote its own keys into its own copy of the cache.
+  np.testing.assert_array_equal(np.asarray(k_out[2, 1, 30:32]), np.asarray(k_new[2, 1]))
+
+
+def test_vmap_paged_with_a_pool_per_instance(normal):
+  """Pools mapped, page table shared, one of its entries out of range for one sequence."""
+  n, rng = 2, np.random.default_rng(0)
+  q, k_cache, v_cache, _ = _decode_inputs(normal, batch=3)
+  pools = [paged(k_cache, 16, rng)]
+  k_pages, table = pools[0]
+  v_np = np.zeros(k_pages.shape, np.float32)  # v scattered with k's page table
+  v_np[np.asarray(table)] = np.asarray(v_cache, np.float32).reshape(3, 3, 16, 2, 64)
+  v_pages = jnp.asarray(v_np, v_cache.dtype)
+  table = table.at[2, 1].set(k_pages.shape[0])  # sequence 2's second page is out of range
+  k_pools = jnp.stack([k_pages, -k_pages])
+  v_pools = jnp.stack([v_pages, 2 * v_pages])
+  k_new, v_new = normal((n, 3, 1, 2, 64)), normal((n, 3, 1, 2, 64))
+  lengths = jnp.array([3, 15, 20], jnp.int32)
+
+  def fn(q, k_pages, v_pages, k_new, v_new):
+    return jax_fa3.flash_attention_with_kvcache(q, k_pages, v_pages, lengths, k_new=k_new,
+                                                v_new=v_new, page_table=table)
+  args, axes = (q, k_pools, v_pools, k_new, v_new), (None, 0, 0, 0, 0)
+  mapped = jax.vmap(fn, in_axes=axes)(*args)
+  _assert_same(mapped, _one_by_one(fn, n, args, axes))
+  out = np.asarray(mapped[0], np.float32)
+  assert np.isnan(out[:, 2]).all() and not np.isnan(out[:, :2]).any()
+
+
+def test_vmap_paged_shared_pool_reads_and_refuses_writes(normal):
+  n, rng = 3, np.random.default_rng(1)
+  q, k_cache, v_cache, _ = _decode_inputs(normal, batch=2)
+  k_pages, table = paged(k_cache, 16, rng)
+  v_pages = k_pages[::-1]
+  tables = jnp.stack([jnp.roll(table, i, axis=1) for i in range(n)])
+  lengths = jnp.array([40, 17], jnp.int32)
+  qs = normal((n,) + q.shape)
+
+  def fn(q, table, k_new=None, v_new=None):
+    return jax_fa3.flash_attention_with_kvcache(q, k_pages, v_pages, lengths, k_new=k_new,
+                                                v_new=v_new, page_table=table)
+  args, axes = (qs, tables), (0, 0)
+  mapped = jax.vmap(fn)(*args)
+  _assert_same(mapped, _one_by_one(fn, n, args, axes))
+  k_new = normal((n, 2, 1, 2, 64))
+  with pytest.raises(NotImplementedError, match="shared by the mapped instances.*k_new"):
+    jax.vmap(fn)(qs, tables, k_new, k_new)
+
+
+# --- Sinks ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("paged_cache", [False, True], ids=["contiguous", "paged"])
+def test_sinks_match_the_oracle(normal, paged_cache):
+  """Sinks join each row's softmax: against the float64 oracle's attention_with_sinks, with a
+  sequence that sees no key (length 0, nothing appended: out 0, lse = sink), a large sink
+  that takes most of the weight, and a bad length (NaN stays NaN)."""
+  q, k_cache, v_cache, _ = _decode_inputs(normal, batch=4, seqlen_q=2, seqlen_new=0)
+  sinks = jnp.array([0.0, 3.0, -2.0, 8.0, 1.0, 0.5, -1.0, 2.0], jnp.float32)
+  lengths = jnp.array([0, 17, 48, 49], jnp.int32)
+  table = None
+  if paged_cache:
+    rng = np.random.default_rng(2)
+    k_pages, table = paged(k_cache, 16, rng)
+    v_np = np.zeros(k_pages.shape, np.float32)
+    v_np[np.asarray(table)] = np.asarray(v_cache, np.float32).reshape(4, 3, 16, 2, 64)
+    k_cache, v_cache = k_pages, jnp.asarray(v_np, v_cache.dtype)
+  (out, lse), _, _ = jax_fa3.flash_attention_with_kvcache(
+      q, k_cache, v_cache, lengths, page_table=table, sinks=sinks, return_lse=True)
+  want_out, want_lse, *_ = oracle.kvcache(q, k_cache, v_cache, lengths, page_table=table,
+                                          scale=64 ** -0.5, window=(-1, 0), sinks=sinks)
+  assert np.isnan(want_lse[3]).all() and (want_lse[0] == np.asarray(sinks)[:, None]).all()
+  _close(out, want_out)
+  np.testing.assert_allclose(lse, want_lse, atol=1e-3, rtol=1e-4)
+  # The sinks changed something: without them the outputs differ.
+  plain, _, _ = jax_fa3.flash_attention_with_kvcache(q, k_cache, v_cache, lengths,
+                                                     page_table=table)
+  assert np.abs(np.asarray(plain, np.float32)[1:3] - want_out[1:3]).max() > 0.1
+
+
+def test_sinks_are_checked(normal):
+  q, k_cache, v_cache, _ = _decode_inputs(normal, seqlen_new=0)
+  with pytest.raises(ValueError, match="sinks must be a float array of shape \\[heads\\] = \\[8\\]"):
+    jax_fa3.flash_attention_with_kvcache(q, k_cache, v_cache, jnp.zeros(3, jnp.int32),
+                                         sinks=jnp.zeros(2))
