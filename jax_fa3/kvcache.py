@@ -9,7 +9,7 @@ which lowers to `jax_fa3_decode` on Hopper and to `reference.kvcache_attention` 
 import jax.numpy as jnp
 import numpy as np
 
-from jax_fa3 import attention, primitives, sharding
+from jax_fa3 import attention, primitives, reference, sharding
 
 _NAME = "flash_attention_with_kvcache"
 
@@ -110,19 +110,10 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
       window_left=params.window_left, window_right=params.window_right,
       num_splits=int(num_splits))
   if sinks is not None:
-    out, lse = _with_sinks(out, lse, sinks)
+    # In JAX rather than in the kernel's combine: decode's out is a few rows a sequence, so
+    # this is one cheap elementwise pass. A sequence with bad input stays NaN.
+    out, lse = reference.with_sinks(out, lse, sinks)
   return ((out, lse) if return_lse else out), k_cache, v_cache
-
-
-def _with_sinks(out, lse, sinks):
-  """Attention over the keys turned into attention over the keys and the sinks: the sink
-  joins each row's softmax sum, which rescales the row by exp(lse - lse_with_sink). Done here
-  in JAX rather than in the kernel's combine: decode's out is small (a few rows a sequence),
-  so this is one cheap elementwise pass. A sequence with bad input stays NaN."""
-  with_sink = jnp.logaddexp(lse, sinks[None, :, None])
-  weight = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(lse - with_sink))
-  scaled = out.astype(jnp.float32) * jnp.swapaxes(weight, 1, 2)[..., None]
-  return scaled.astype(out.dtype), with_sink
 
 
 def _check_array(name, x, ndim, dtype=None):

@@ -38,21 +38,35 @@ def attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, *, soft
   probs = jnp.exp(scores - row_max)
   row_sum = jnp.sum(probs, axis=-1, keepdims=True)
   seen_any = row_sum > 0
+  probs = probs / jnp.where(seen_any, row_sum, 1.0)
   lse = jnp.where(seen_any, row_max + jnp.log(jnp.where(seen_any, row_sum, 1.0)),
                   -jnp.inf)
-  if sinks.size:
-    keys_lse = lse
-    lse = jnp.logaddexp(keys_lse, _group(sinks[:, :, None, None], k))
-    probs = probs * jnp.where(seen_any, jnp.exp(keys_lse - lse), 0.0)
-    if seqused_q.size:  # rows past the used length are not rows: no sink there
-      lse = jnp.where(jnp.arange(q.shape[1])[:, None] < seqused_q[:, None, None, None, None],
-                      lse, -jnp.inf)
-  probs = probs / jnp.where(seen_any, row_sum, 1.0)
   out = _ungroup(jnp.einsum("bhgqk,bkhd->bhgqd", probs, v.astype(jnp.float32),
                             precision=_HIGHEST))
   batch, seqlen_q, heads = q.shape[:3]
-  results = (out.astype(q.dtype), lse.reshape(batch, heads, seqlen_q))
+  lse = lse.reshape(batch, heads, seqlen_q)
+  if sinks.size:
+    rows = None
+    if seqused_q.size:  # rows past the used length are not rows: no sink there
+      rows = (jnp.arange(seqlen_q) < seqused_q[:, None])[:, None]
+    out, lse = with_sinks(out, lse, sinks, rows)
+  results = (out.astype(q.dtype), lse)
   return (*results, max_logit) if return_max_logit else results
+
+
+def with_sinks(out, lse, sinks, rows=None):
+  """Attention over the keys, (out [B, Sq, H, D], lse [B, H, Sq]), turned into attention
+  over the keys and the sinks (broadcastable to [B, H]): the sink joins each row's softmax
+  sum, which rescales the row's output by exp(lse - lse_with_sink). `rows` (broadcastable
+  to [B, H, Sq], or None for all) marks the real rows; the others keep lse -inf. NaN stays
+  NaN. Returns out in its own dtype (computed in float32) and the new lse."""
+  with_sink = jnp.logaddexp(lse, sinks[..., None])
+  if rows is not None:
+    with_sink = jnp.where(rows, with_sink, -jnp.inf)
+  finite = jnp.where(with_sink == -jnp.inf, 0.0, with_sink)
+  weight = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(lse - finite))
+  scaled = out.astype(jnp.float32) * jnp.swapaxes(weight, 1, 2)[..., None]
+  return scaled.astype(out.dtype), with_sink
 
 
 def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks, *,

@@ -186,16 +186,12 @@ def local_fwd(split: Split, axis_sizes, params: AttentionParams, return_max_logi
 
 
 def _with_sinks(out, lse, sinks, seqused_q, rank):
-  """Attention over the keys, (out, lse), turned into attention over the keys and the sink:
-  the sink joins the softmax's sum. Rows past seqused_q (positions rank * chunk + i of the
-  contiguous chunk) stay -inf, as the kernels leave them."""
-  with_sink = jnp.logaddexp(lse, sinks[..., None])
+  """reference.with_sinks on this device's contiguous chunk: rows past seqused_q
+  (positions rank * chunk + i) stay -inf, as the kernels leave them."""
+  rows = None
   if seqused_q is not None:
-    position = rank * lse.shape[2] + jnp.arange(lse.shape[2])
-    with_sink = jnp.where(position < seqused_q[:, None, None], with_sink, -jnp.inf)
-  finite = jnp.where(with_sink == -jnp.inf, 0.0, with_sink)
-  weight = jnp.swapaxes(jnp.where(lse == -jnp.inf, 0.0, jnp.exp(lse - finite)), 1, 2)[..., None]
-  return (out.astype(jnp.float32) * weight).astype(out.dtype), with_sink
+    rows = (rank * lse.shape[2] + jnp.arange(lse.shape[2]) < seqused_q[:, None])[:, None]
+  return reference.with_sinks(out, lse, sinks, rows)
 
 
 def local_bwd(split: Split, axis_sizes, params: AttentionParams, deterministic, dout, q,
