@@ -139,7 +139,8 @@ def _load() -> KernelStatus:
     return KernelStatus((), _missing_extension_reason(e, pathlib.Path(__file__).parent))
   for name, capsule in _fa3_cuda.registrations().items():
     jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
-  variants = tuple(Variant(d, t, int(h), int(hv)) for d, t, h, hv in _fa3_cuda.variants())
+  variants = tuple(Variant(d, t, int(h), int(hv)) for d, t, out_t, h, hv in _fa3_cuda.variants()
+                   if out_t == t)
   reason = None if variants else "the extension was built with an empty variant list"
   segment_tiles = {(d, t, int(h)): (int(m), int(n)) for d, t, h, m, n in _fa3_cuda.segment_tiles()}
   decode_shapes = {(t, int(h)): (int(n), int(c)) for t, h, n, c in _fa3_cuda.decode_shapes()}

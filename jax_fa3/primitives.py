@@ -180,6 +180,7 @@ def _fwd_cuda(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, *, return_m
       jax.ShapeDtypeStruct((batch, heads) if return_max_logit else (1,), jnp.uint32),
   ))(_pad_head_dim(q, head_dim), _pad_head_dim(k, head_dim),
      _pad_head_dim(v, head_dim_v), seqused_q, seqused_k, q_rows, kv_rows, tile_plan, sinks,
+     *(absent_if_none(None, jnp.float32),) * 3,  # FP8 descales: none for 16-bit inputs
      **_ffi_attributes(**params), return_max_logit=bool(return_max_logit))
   results = (out[..., :v.shape[3]], lse)
   return (*results, decode_max_logit(max_logit_keys)) if return_max_logit else results

@@ -50,7 +50,8 @@ def _registered():
 
 
 def compiled(direction):
-    return {(d, int(hd)) for (dr, d, hd, _) in extension().variants() if dr == direction}
+    """{(input dtype, head_dim)} of the direction's variants."""
+    return {(d, int(hd)) for (dr, d, _, hd, _) in extension().variants() if dr == direction}
 
 
 # The packed-sequence operands (rows and tile plans), absent: tested through the public API
@@ -58,6 +59,8 @@ def compiled(direction):
 _NO_SEGMENTS = (np.zeros((0,), np.int32),) * 4
 # Attention sinks, absent: tested through the public API (test_sinks.py).
 _NO_SINKS = np.zeros((0,), np.float32)
+# An absent FP8 descale operand (factor 1).
+_NO_DESCALE = np.zeros((0,), np.float32)
 
 
 def _seqused(x, batch):
@@ -65,19 +68,24 @@ def _seqused(x, batch):
 
 
 def fwd(q, k, v, *, softmax_scale, softcap=0.0, window=(-1, -1), diagonal_offset=0, seqused_q=None,
-        seqused_k=None):
+        seqused_k=None, descale_q=None, descale_k=None, descale_v=None, out_dtype=None):
+    """The forward FFI target. FP8 inputs take descales in the contract's shapes and write
+    out_dtype (bfloat16 by default)."""
     _registered()
     b, sq, h, _ = q.shape
+    if out_dtype is None:
+        out_dtype = jnp.bfloat16 if q.dtype == jnp.float8_e4m3fn else q.dtype
+    descales = tuple(_NO_DESCALE if x is None else x for x in (descale_q, descale_k, descale_v))
     out_types = (
-        jax.ShapeDtypeStruct((b, sq, h, v.shape[-1]), q.dtype),
+        jax.ShapeDtypeStruct((b, sq, h, v.shape[-1]), out_dtype),
         jax.ShapeDtypeStruct((b, h, sq), jnp.float32),
         jax.ShapeDtypeStruct((256,), jnp.uint8),
         jax.ShapeDtypeStruct((1,), jnp.uint32),  # max_logit, not asked for
     )
     call = jax.ffi.ffi_call("jax_fa3_fwd", out_types)
     out, lse, _, _ = call(q, k, v, _seqused(seqused_q, b), _seqused(seqused_k, b), *_NO_SEGMENTS[:3],
-                          _NO_SINKS, softmax_scale=np.float32(softmax_scale), softcap=np.float32(softcap),
-                          window_left=int(window[0]), window_right=int(window[1]),
+                          _NO_SINKS, *descales, softmax_scale=np.float32(softmax_scale),
+                          softcap=np.float32(softcap), window_left=int(window[0]), window_right=int(window[1]),
                           diagonal_offset=int(diagonal_offset), return_max_logit=False)
     return out, lse
 
