@@ -43,10 +43,10 @@ struct FwdTraits {
   static constexpr int kThreads = 128 + kConsumerThreads;  // + one producer warpgroup
   // FP8: producer warps 1-3 transpose V (fwd/transpose_v.h) while warp 0 issues the loads.
   static constexpr int kTransposeThreads = kFp8 ? 96 : 0;
-  // setmaxnreg budgets: the producer needs few registers (more when it transposes), the
+  // setmaxnreg budgets: the producer (and the V transpose) needs few registers, the
   // consumers hold the accumulators. 128 * (producer + consumers * count) must stay within 64K.
-  static constexpr int kProducerRegisters = kConsumerWarpgroups == 2 ? (kFp8 ? 40 : 24) : 32;
-  static constexpr int kConsumerRegisters = kConsumerWarpgroups == 2 ? (kFp8 ? 232 : 240) : 160;
+  static constexpr int kProducerRegisters = kConsumerWarpgroups == 2 ? 24 : 32;
+  static constexpr int kConsumerRegisters = kConsumerWarpgroups == 2 ? 240 : 160;
 
   // S = Q·K^T: (kBlockM, kBlockN) over kHeadDim; O = P·V: (kBlockM, kHeadDimV) over kBlockN.
   using TileShapeQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;
