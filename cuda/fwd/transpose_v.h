@@ -16,19 +16,21 @@ namespace jax_fa3 {
 
 using namespace cute;
 
-// Byte offsets (within one stage) of what a lane reads and writes. A warp moves one unit per
-// step: 32 keys x 16 dims, a 4x4-byte block per lane: 4 words of V (4 keys, 4 dims each) in,
-// 4 words of V^T (4 dims, 4 keys each) out. The swizzled layouts are linear in each of the
-// lane part and the unit part (neither carries into the other), so a lane adds its
-// precomputed part to the unit's and applies the swizzle once.
+// Byte offsets (within one stage) of the rows a lane addresses. A warp moves one unit per
+// step, 16 keys x 32 dims: one ldmatrix.x4.trans reads it as four 8x8 matrices of 16-bit
+// pairs (keys x dim pairs), which leaves each lane two keys of a dim pair per register; one
+// byte permute per output word pairs them with the keys 8 further on, which is V^T's key
+// order; one stmatrix.x4 writes the four 8x8 results (even and odd dims). The swizzled
+// layouts are linear in each of the lane part and the unit part (neither carries into the
+// other), so a lane adds its precomputed part to the unit's and applies the swizzle once.
 template <class Traits>
 struct VTransposeAddressing {
   static constexpr int kBlockN = Traits::kBlockN;
   static constexpr int kHeadDimV = Traits::kHeadDimV;
   static_assert(sizeof(typename Traits::Element) == 1, "byte offsets: FP8 only");
-  static_assert(kBlockN % 32 == 0 && kHeadDimV % 16 == 0);
-  static constexpr int kKeyGroups = kBlockN / 32;
-  static constexpr int kUnits = kKeyGroups * (kHeadDimV / 16);
+  static_assert(kBlockN % 16 == 0 && kHeadDimV % 32 == 0);
+  static constexpr int kKeyGroups = kBlockN / 16;
+  static constexpr int kUnits = kKeyGroups * (kHeadDimV / 32);
 
   using LoadLayout = decltype(take<0, 2>(typename Traits::SmemLayoutVLoad{}));  // (N, Dv)
   using StoreLayout = decltype(take<0, 2>(typename Traits::SmemLayoutVt{}));    // (Dv, N)
@@ -44,29 +46,30 @@ struct VTransposeAddressing {
     return get_swizzle_portion(L{})(offset);
   }
 
-  // The V^T column 4 word + i holds this key of the 32-key group (see the header).
-  CUTE_HOST_DEVICE static int key_of(int word, int i) { return 16 * (word / 4) + 2 * (word % 4) + (i & 1) + 8 * (i >> 1); }
-  // The four quads of a warp write their 4 rows in rotated order, so that each store
-  // instruction writes 4 consecutive V^T rows: 128 bytes in distinct banks.
-  CUTE_HOST_DEVICE static int rotated_row(int dim_quad, int j) { return (j + dim_quad) & 3; }
+  // ldmatrix: lanes 8m..8m+7 address the rows of matrix m: keys 8 (m & 1) + r, dims 16 (m >> 1).
+  CUTE_HOST_DEVICE static int lane_key(int lane) { return lane % 8 + 8 * ((lane / 8) & 1); }
+  CUTE_HOST_DEVICE static int lane_load_dim(int lane) { return 16 * (lane / 16); }
+  // stmatrix: row r of matrix m is dim 16 (m >> 1) + 2 r + ((m & 1) ^ (r >= 4)), 16 keys each:
+  // its rows 4-7 take the other parity, so the 8 rows fall in 8 distinct bank groups.
+  CUTE_HOST_DEVICE static int lane_store_dim(int lane) {
+    int const r = lane % 8;
+    return 16 * (lane / 16) + 2 * r + (((lane / 8) & 1) ^ (r >= 4));
+  }
+  // Rows 4-7 of each matrix come from lanes 16-31: they swap their even and odd words.
+  CUTE_HOST_DEVICE static uint32_t even_select(int lane) { return lane >= 16 ? 0x7531 : 0x6420; }
+  CUTE_HOST_DEVICE static uint32_t odd_select(int lane) { return lane >= 16 ? 0x6420 : 0x7531; }
+  CUTE_HOST_DEVICE static int unit_key(int unit) { return 16 * (unit % kKeyGroups); }
+  CUTE_HOST_DEVICE static int unit_dim(int unit) { return 32 * (unit / kKeyGroups); }
 
-  CUTE_HOST_DEVICE static int lane_load(int lane) { return linear(LoadLayout{}, key_of(lane % 8, 0), 4 * (lane / 8)); }
-  CUTE_HOST_DEVICE static int lane_store(int lane) { return linear(StoreLayout{}, 4 * (lane / 8), 4 * (lane % 8)); }
-  CUTE_HOST_DEVICE static int unit_load(int unit) {
-    return linear(LoadLayout{}, 32 * (unit % kKeyGroups), 16 * (unit / kKeyGroups));
+  CUTE_HOST_DEVICE static int lane_load(int lane) { return linear(LoadLayout{}, lane_key(lane), lane_load_dim(lane)); }
+  CUTE_HOST_DEVICE static int lane_store(int lane) { return linear(StoreLayout{}, lane_store_dim(lane), 0); }
+  CUTE_HOST_DEVICE static int unit_load(int unit) { return linear(LoadLayout{}, unit_key(unit), unit_dim(unit)); }
+  CUTE_HOST_DEVICE static int unit_store(int unit) { return linear(StoreLayout{}, unit_dim(unit), unit_key(unit)); }
+  CUTE_HOST_DEVICE static int load_offset(int lane_part, int unit_part) {
+    return swizzled(LoadLayout{}, lane_part + unit_part);
   }
-  CUTE_HOST_DEVICE static int unit_store(int unit) {
-    return linear(StoreLayout{}, 16 * (unit / kKeyGroups), 32 * (unit % kKeyGroups));
-  }
-  // Key i - key 0 of a lane, and one V^T row, in linear offsets.
-  CUTE_HOST_DEVICE static int key_step(int i) { return linear(LoadLayout{}, (i & 1) + 8 * (i >> 1), 0) - linear(LoadLayout{}, 0, 0); }
-  CUTE_HOST_DEVICE static int row_step(int rows) { return linear(StoreLayout{}, rows, 0) - linear(StoreLayout{}, 0, 0); }
-
-  CUTE_HOST_DEVICE static int load_offset(int lane_part, int unit_part, int i) {
-    return swizzled(LoadLayout{}, lane_part + unit_part + key_step(i));
-  }
-  CUTE_HOST_DEVICE static int store_offset(int lane_part, int unit_part, int rows) {
-    return swizzled(StoreLayout{}, lane_part + unit_part + row_step(rows));
+  CUTE_HOST_DEVICE static int store_offset(int lane_part, int unit_part) {
+    return swizzled(StoreLayout{}, lane_part + unit_part);
   }
 };
 
@@ -83,22 +86,14 @@ struct VTransposer {
   Ring vt_ring{smem.transposed.vt_ring};
   typename Ring::Position load_pos, vt_pos;
 
-  static __device__ uint32_t load_shared(uint32_t address) {
-    uint32_t value;
-    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(value) : "r"(address));
-    return value;
-  }
-  static __device__ void store_shared(uint32_t address, uint32_t value) {
-    asm volatile("st.shared.b32 [%0], %1;" ::"r"(address), "r"(value));
-  }
-
   __device__ void run() {
     uint32_t const v_base = cast_smem_ptr_to_uint(smem.vo.v.data());
     uint32_t const vt_base = cast_smem_ptr_to_uint(smem.transposed.vt.data());
     int const lane = thread_idx % 32;
-    int const dim_quad = lane / 8;
     int const lane_load = Addressing::lane_load(lane);
     int const lane_store = Addressing::lane_store(lane);
+    uint32_t const even_select = Addressing::even_select(lane);
+    uint32_t const odd_select = Addressing::odd_select(lane);
 
     while (true) {
       load_ring.wait_full(load_pos);
@@ -106,20 +101,21 @@ struct VTransposer {
       vt_ring.wait_empty(vt_pos);
       uint32_t const v_stage = v_base + load_pos.stage * Addressing::kStageBytes;
       uint32_t const vt_stage = vt_base + vt_pos.stage * Addressing::kStageBytes;
+#pragma unroll 2
       for (int unit = thread_idx / 32; unit < Addressing::kUnits; unit += kWarps) {
-        int const unit_load = Addressing::unit_load(unit);
-        int const unit_store = Addressing::unit_store(unit);
-        uint32_t x[4];  // 4 dims of one key each
-        CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < 4; ++i) { x[i] = load_shared(v_stage + Addressing::load_offset(lane_load, unit_load, i)); }
-        CUTLASS_PRAGMA_UNROLL
-        for (int j = 0; j < 4; ++j) {
-          int const row = Addressing::rotated_row(dim_quad, j);
-          uint32_t const select = row | ((4 + row) << 4);  // byte `row` of each word
-          uint32_t const low = __byte_perm(x[0], x[1], select);
-          uint32_t const high = __byte_perm(x[2], x[3], select);
-          store_shared(vt_stage + Addressing::store_offset(lane_store, unit_store, row), __byte_perm(low, high, 0x5410));
-        }
+        uint32_t pairs[4];  // matrix m: keys 2q, 2q+1 (+ 8 (m & 1)) of dims 2p, 2p+1 (+ 16 (m >> 1))
+        asm volatile("ldmatrix.sync.aligned.x4.trans.m8n8.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(pairs[0]), "=r"(pairs[1]), "=r"(pairs[2]), "=r"(pairs[3])
+                     : "r"(v_stage + Addressing::load_offset(lane_load, Addressing::unit_load(unit))));
+        // V^T words: keys 2q, 2q+1, 2q+8, 2q+9 of dims 2p, 2p+1, 2p+16, 2p+17 (rows 4-7 of
+        // each matrix: the odd dim first).
+        uint32_t const even = __byte_perm(pairs[0], pairs[1], even_select);
+        uint32_t const odd = __byte_perm(pairs[0], pairs[1], odd_select);
+        uint32_t const even_high = __byte_perm(pairs[2], pairs[3], even_select);
+        uint32_t const odd_high = __byte_perm(pairs[2], pairs[3], odd_select);
+        asm volatile("stmatrix.sync.aligned.x4.m8n8.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                         vt_stage + Addressing::store_offset(lane_store, Addressing::unit_store(unit))),
+                     "r"(even), "r"(odd), "r"(even_high), "r"(odd_high));
       }
       // Written through the generic proxy, read by WGMMA through the async proxy.
       cutlass::arch::fence_view_async_shared();
