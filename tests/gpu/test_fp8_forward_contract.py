@@ -144,10 +144,11 @@ def test_fp8_forward_matches_oracle(case):
 
 def test_fp8_descale_shapes_are_checked():
     q = jnp.zeros((1, 64, 2, 128), E4M3)
+    call = lambda *args, **kwargs: jax.block_until_ready(kernel_ffi.fwd(*args, softmax_scale=0.1, **kwargs))
     with pytest.raises(Exception, match="descale_k must be float32"):
-        kernel_ffi.fwd(q, q, q, softmax_scale=0.1, descale_k=np.ones((1, 2, 5), np.float32))
+        call(q, q, q, descale_k=np.ones((1, 2, 5), np.float32))
     with pytest.raises(Exception, match="descale_q must be float32"):
-        kernel_ffi.fwd(q, q, q, softmax_scale=0.1, descale_q=np.ones((1, 1, 1), np.float32))
+        call(q, q, q, descale_q=np.ones((1, 1, 1), np.float32))
     bf = jnp.zeros((1, 64, 2, 128), jnp.bfloat16)
     with pytest.raises(Exception, match="for float8_e4m3fn inputs only"):
-        kernel_ffi.fwd(bf, bf, bf, softmax_scale=0.1, descale_v=np.ones((1, 2), np.float32))
+        call(bf, bf, bf, descale_v=np.ones((1, 2), np.float32))
