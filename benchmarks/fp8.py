@@ -213,8 +213,14 @@ def run_quantizer(problem_list, iterations, card, records, on_record):
   return records
 
 
-def _cell(value, digits=0):
-  return "-" if value is None else f"{value:.{digits}f}"
+def _cell(value, digits=None):
+  """A table cell: "-" for none; whole numbers from 10 up, else two significant digits,
+  unless `digits` (decimals) is given."""
+  if value is None:
+    return "-"
+  if digits is not None:
+    return f"{value:.{digits}f}"
+  return f"{value:.0f}" if abs(value) >= 10 else f"{value:.2g}"
 
 
 def markdown(records, header):
@@ -249,7 +255,7 @@ def markdown(records, header):
               "| head dim | seqlen | batch | tensor | block rows | Hadamard | ms | GB/s |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(quant, key=lambda r: (r["head_dim"], r["seqlen_q"], r["tensor"])):
       lines.append(f"| {r['head_dim']} | {r['seqlen_q']} | {r['batch']} | {r['tensor']} | {r['block_rows']} | "
-                   f"{'yes' if r['hadamard'] else 'no'} | {r['ms']:.4f} | {r['gbps']:.0f} |")
+                   f"{'yes' if r['hadamard'] else 'no'} | {r['ms']:.4f} | {_cell(r['gbps'])} |")
   return "\n".join(lines) + "\n"
 
 
@@ -260,9 +266,11 @@ def plot(records, header, out_dir):
   if plt is None or not rows:
     return []
   head_dims = sorted({r["head_dim"] for r in rows})
-  fig, axes = plt.subplots(len(head_dims), 2, figsize=(11, 3.4 * len(head_dims)), squeeze=False, sharex=True)
+  masks = sorted({r["causal"] for r in rows})
+  fig, axes = plt.subplots(len(head_dims), len(masks), figsize=(5.5 * len(masks), 3.4 * len(head_dims)),
+                           squeeze=False, sharex=True)
   seqlens = sorted({r["seqlen_q"] for r in rows})
-  for (row, head_dim), (col, causal) in itertools.product(enumerate(head_dims), enumerate((False, True))):
+  for (row, head_dim), (col, causal) in itertools.product(enumerate(head_dims), enumerate(masks)):
     ax = axes[row][col]
     for label in dict.fromkeys(r["impl"] for r in rows):
       points = sorted((r["seqlen_q"], r["tflops"]) for r in rows
