@@ -26,6 +26,7 @@ Writes fp8.json, fp8.md and fp8.png to benchmarks/results/<date>_<card>/ (or --o
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import itertools
@@ -198,7 +199,7 @@ def run_quantizer(problem_list, iterations, card, records, on_record):
     signs = random_signs(problem.head_dim)
     q_block, k_block = jax_fa3.kernels_available().descale_block(FP8, "bfloat16", problem.head_dim)
     for tensor, block_rows, rotate in (("q", q_block, True), ("k", k_block, True), ("v", None, False)):
-      call = lambda x, block_rows=block_rows, s=signs if rotate else None: quantize_fp8(x, block_rows=block_rows, signs=s)
+      call = functools.partial(quantize_fp8, block_rows=block_rows, signs=signs if rotate else None)
       ms = time_ms(call, x, iterations=iterations)
       x8, descale = jax.eval_shape(call, x)
       moved = x.nbytes + x8.size * x8.dtype.itemsize + descale.size * 4
@@ -252,7 +253,8 @@ def markdown(records, header):
   if quant:
     lines += ["", "## The quantizer alone (quantize_fp8 as fp8_attention calls it; GB/s of x read once, "
               "x8 and descale written)", "",
-              "| head dim | seqlen | batch | tensor | block rows | Hadamard | ms | GB/s |", "|---|---|---|---|---|---|---|---|"]
+              "| head dim | seqlen | batch | tensor | block rows | Hadamard | ms | GB/s |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(quant, key=lambda r: (r["head_dim"], r["seqlen_q"], r["tensor"])):
       lines.append(f"| {r['head_dim']} | {r['seqlen_q']} | {r['batch']} | {r['tensor']} | {r['block_rows']} | "
                    f"{'yes' if r['hadamard'] else 'no'} | {r['ms']:.4f} | {_cell(r['gbps'])} |")

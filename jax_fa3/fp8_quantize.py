@@ -6,8 +6,9 @@
 - `x' = WHT(x * signs) / sqrt(head_dim)` with `signs` (a random-sign Hadamard rotation,
   orthogonal: q'.k' = q.k when q and k use the same signs), or `x' = x` without;
 - each (batch, head, block of `block_rows` rows) has its own scale (`block_rows=None`: one
-  per (batch, head)): `descale = amax(|x'|) / 448` over the block, 1.0 for an all-zero
-  block, and `x8 = e4m3(x' * (448 / amax))`, rounded to nearest even, saturated to +-448.
+  per (batch, head)): `descale = amax(|x'|) / 448` (to an ulp) over the block, 1.0 for an
+  all-zero block, and `x8 = e4m3(x' * (448 / amax))`, rounded to nearest even, saturated
+  to +-448.
 
 On a Hopper GPU with the CUDA extension this is one kernel (FFI target
 `jax_fa3_fp8_quantize`, `cuda/quantize/`) that reads x once (twice for a block longer than
@@ -83,7 +84,9 @@ def quantize_fp8(x, *, block_rows: int | None, signs=None) -> tuple[jax.Array, j
   2. with signs, the Walsh-Hadamard butterflies (a, b) -> (a + b, a - b) over head_dim with
      strides 1, 2, 4, ..., head_dim / 2, then x' = y * float32(1 / sqrt(head_dim));
   3. amax = max |x'| over the block (NaN if any element is NaN);
-  4. descale = amax / 448, and x8 = e4m3((x' * p) * (448 / (amax * p))), round to nearest
+  4. descale = amax * float32(1 / 448) (within an ulp of amax / 448: a product, which XLA
+     cannot rewrite, so both paths round it alike), and
+     x8 = e4m3((x' * p) * (448 / (amax * p))), round to nearest
      even, saturated to +-448, where p = 2^64 if amax < 2^-64 (else 1; exact either way,
      it keeps 448 / amax finite); an all-zero block has descale 1 and x8 = 0.
   A block holding NaN gets descale NaN and x8 NaN; one holding +-inf gets descale inf.
@@ -91,11 +94,14 @@ def quantize_fp8(x, *, block_rows: int | None, signs=None) -> tuple[jax.Array, j
   2^-126 (float32 subnormals), which XLA's CPU backend flushes to zero and the kernel keeps.
 
   Works under jit and vmap (any in_axes, signs mapped too); has no gradient (rounding to
-  e4m3 is piecewise constant). On sharded inputs the kernel runs on the gathered array.
+  e4m3 is piecewise constant). Inside `jax.shard_map` it quantizes each device's shard; on
+  arrays sharded under jit (no shard_map) the kernel has no partitioning rule, so XLA
+  gathers x first (the XLA-ops path, off Hopper, partitions as usual).
   """
   x = jnp.asarray(x)
   if x.ndim != 4:
-    raise ValueError(f"quantize_fp8: x must be [batch, seqlen, heads, head_dim]; got shape {x.shape}")
+    raise ValueError(f"quantize_fp8: x must be [batch, seqlen, heads, head_dim]; got shape "
+                     f"{x.shape}")
   if x.dtype not in _INPUT_DTYPES:
     raise TypeError(f"quantize_fp8: x must be bfloat16, float16 or float32; got {x.dtype}")
   block = _block_rows_attribute(block_rows)
@@ -157,7 +163,8 @@ def _signs_operand(signs, head_dim):
   if not isinstance(signs, jax.core.Tracer):
     values = np.asarray(signs, np.float32)
     if not np.all(np.abs(values) == 1):
-      raise ValueError(f"quantize_fp8: signs must all be +1 or -1; got {values[np.abs(values) != 1][:4]}")
+      raise ValueError(f"quantize_fp8: signs must all be +1 or -1; got "
+                       f"{values[np.abs(values) != 1][:4]}")
   return jnp.asarray(signs, jnp.float32)
 
 
@@ -200,10 +207,8 @@ def _quantize_xla(x, signs, *, block_rows):
   amax = jnp.where(jnp.any(jnp.isnan(y), axis=(2, 4), keepdims=True), np.float32(np.nan), amax)
   prescale = jnp.where(amax < _TINY_AMAX, _TINY_PRESCALE, np.float32(1))
   zero = amax == 0
-  # The barrier keeps XLA from turning amax / 448 into amax * (1 / 448), rounded otherwise.
-  e4m3_max = jax.lax.optimization_barrier(np.float32(E4M3_MAX))
-  scale = jnp.where(zero, np.float32(1), e4m3_max / (amax * prescale))
-  descale = jnp.where(zero, np.float32(1), amax / e4m3_max)
+  scale = jnp.where(zero, np.float32(1), np.float32(E4M3_MAX) / (amax * prescale))
+  descale = jnp.where(zero, np.float32(1), amax * np.float32(1 / E4M3_MAX))
   scaled = jnp.clip((y * prescale) * scale, -E4M3_MAX, E4M3_MAX)
   x8 = _round_to_e4m3(scaled).astype(jnp.float8_e4m3fn)
   x8 = x8.reshape(batch, blocks * rows, heads, head_dim)[:, :seqlen]
@@ -228,7 +233,12 @@ def _warn_once(message):
 
 
 def _kernel_applies(x) -> bool:
-  if x.size == 0 or not _kernel_compiled() or _kernels.gpus_without_kernels():
+  """Whether the CUDA lowering runs the kernel (else the XLA ops, which give the same bits)."""
+  if x.size == 0 or _kernels.gpus_without_kernels():  # nothing to do, or not a Hopper GPU
+    return False
+  if not _kernel_compiled():
+    _warn_once(f"jax_fa3: the CUDA extension has no FP8 quantizer ({QUANTIZE_TARGET}; built "
+               f"before it existed, or not built); quantizing with XLA ops instead.")
     return False
   if x.shape[3] not in KERNEL_HEAD_DIMS:
     _warn_once(f"jax_fa3: the FP8 quantizer kernel is compiled for head dims "

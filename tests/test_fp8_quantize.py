@@ -46,7 +46,7 @@ def spec_quantize(x, block_rows, signs):
     pre = np.where(amax < np.float32(2.0 ** -64), np.float32(2.0 ** 64), np.float32(1))
     with np.errstate(divide="ignore"):
       scale = np.where(amax == 0, np.float32(1), np.float32(448) / (amax * pre))
-    descale[:, :, n] = np.where(amax == 0, np.float32(1), amax / np.float32(448))[:, 0, :, 0]
+    descale[:, :, n] = np.where(amax == 0, np.float32(1), amax * np.float32(1 / 448))[:, 0, :, 0]
     scaled = np.clip((part * pre) * scale, np.float32(-448), np.float32(448))
     x8[:, n * rows:(n + 1) * rows] = scaled.astype(E4M3).view(np.uint8)
   return x8, descale
@@ -54,6 +54,11 @@ def spec_quantize(x, block_rows, signs):
 
 def bits(x8):
   return np.asarray(x8).view(np.uint8)
+
+
+def per_row(descale, block_rows):
+  """descale [batch, heads, blocks] as [batch, blocks * block_rows, heads, 1], to multiply x8."""
+  return np.repeat(np.asarray(descale, np.float64), block_rows, axis=2).transpose(0, 2, 1)[..., None]
 
 
 def hadamard_matrix(d):
@@ -102,7 +107,7 @@ def test_quantized_scores_stay_close_with_the_rotation(normal):
   dequantized = []
   for x in (q, k):
     x8, descale = quantize_fp8(x, block_rows=32, signs=signs)
-    dequantized.append(np.asarray(x8, np.float64) * np.repeat(np.asarray(descale), 32, axis=2).transpose(0, 2, 1)[..., None])
+    dequantized.append(np.asarray(x8, np.float64) * per_row(descale, 32))
   scores = np.einsum("bqhd,bkhd->bhqk", *dequantized)
   exact = np.einsum("bqhd,bkhd->bhqk", np.asarray(q, np.float64), np.asarray(k, np.float64))
   assert np.sqrt(np.mean((scores - exact) ** 2)) < 0.1 * np.sqrt(np.mean(exact ** 2))
@@ -110,18 +115,20 @@ def test_quantized_scores_stay_close_with_the_rotation(normal):
 
 @pytest.mark.parametrize("block_rows", [16, None])
 def test_descale_is_amax_over_448_and_the_amax_element_becomes_448(normal, block_rows):
+  """descale = amax * float32(1 / 448): within an ulp of amax / 448."""
   x = normal((2, 48, 3, 64), jnp.float32)
   signs = random_signs(64)
   x8, descale = quantize_fp8(x, block_rows=block_rows, signs=signs)
   rotated = np.asarray(fp8_quantize._walsh_hadamard(x, signs))
   rows = block_rows or 48
   amax = np.abs(rotated).reshape(2, 48 // rows, rows, 3, 64).max(axis=(2, 4)).transpose(0, 2, 1)
-  np.testing.assert_array_equal(np.asarray(descale), amax / np.float32(448))
+  np.testing.assert_array_equal(np.asarray(descale), amax * np.float32(1 / 448))
+  np.testing.assert_allclose(np.asarray(descale), amax / np.float32(448), rtol=2 ** -23, atol=0)
   largest = np.abs(np.asarray(x8, np.float32)).reshape(2, 48 // rows, rows, 3, 64).max(axis=(2, 4))
   np.testing.assert_array_equal(largest, 448)
-  dequantized = np.asarray(x8, np.float32) * np.repeat(np.asarray(descale), rows, axis=2).transpose(0, 2, 1)[..., None]
+  dequantized = np.asarray(x8, np.float64) * per_row(descale, rows)
   # e4m3 keeps 3 mantissa bits: half an ulp is 2^-4 of the value, or 2^-10 * descale below 2^-6.
-  bound = np.maximum(np.abs(rotated) * 2.0 ** -4, np.repeat(np.asarray(descale), rows, axis=2).transpose(0, 2, 1)[..., None] * 2.0 ** -10)
+  bound = np.maximum(np.abs(rotated) * 2.0 ** -4, per_row(descale, rows) * 2.0 ** -10)
   assert np.all(np.abs(dequantized - rotated) <= bound * (1 + 1e-6))
 
 
@@ -169,7 +176,8 @@ def test_a_nan_poisons_its_own_block_only(normal):
   descale = np.asarray(descale)
   assert np.isnan(descale[0, 1, 1]) and np.all(np.isnan(np.asarray(x8, np.float32)[0, 16:, 1]))
   assert np.all(np.isfinite(np.delete(descale.reshape(-1), 3)))
-  assert np.all(np.isfinite(np.asarray(x8, np.float32)[0, :16])) and np.all(np.isfinite(np.asarray(x8, np.float32)[0, :, 0]))
+  values = np.asarray(x8, np.float32)
+  assert np.all(np.isfinite(values[0, :16])) and np.all(np.isfinite(values[0, :, 0]))
 
 
 def test_tiny_blocks_keep_their_precision(normal):
@@ -272,7 +280,8 @@ PINNED_SIGNS_SEED0 = "---+++-+--++--+-"
     (lambda x: quantize_fp8(x, block_rows=1.5), TypeError, "block_rows .* must be an int; got 1.5"),
     (lambda x: quantize_fp8(x, block_rows=True), TypeError, "block_rows .* must be an int"),
     (lambda x: quantize_fp8(x[0], block_rows=8), ValueError, r"x must be \[batch, seqlen, heads, head_dim\]"),
-    (lambda x: quantize_fp8(x.astype(jnp.int32), block_rows=8), TypeError, "x must be bfloat16, float16 or float32; got int32"),
+    (lambda x: quantize_fp8(x.astype(jnp.int32), block_rows=8), TypeError,
+     "x must be bfloat16, float16 or float32; got int32"),
     (lambda x: quantize_fp8(x.astype(jnp.float8_e4m3fn), block_rows=8), TypeError, "got float8_e4m3fn"),
     (lambda x: random_signs(0), ValueError, "head_dim must be >= 1"),
 ])

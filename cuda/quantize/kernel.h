@@ -27,7 +27,9 @@ __device__ __forceinline__ float cta_max(float x, float* scratch) {
   return result;
 }
 
-// x8 = e4m3(x' * (448 / amax)), descale = amax / 448; a block with amax 0 gets descale 1.
+// x8 = e4m3(x' * (448 / amax)), descale = amax * float32(1 / 448) (a product, not a quotient:
+// XLA turns a division by a constant into that product anyway, and the reference must match
+// bit for bit); a block with amax 0 gets descale 1.
 // Where 448 / amax would overflow (amax < 2^-64), x' and amax are first multiplied by 2^64,
 // which is exact, so x8 is still x' * 448 / amax rounded once.
 struct BlockScale {
@@ -36,7 +38,7 @@ struct BlockScale {
   __device__ __forceinline__ explicit BlockScale(float amax) {
     pre = amax < 0x1p-64f ? 0x1p64f : 1.f;
     scale = amax == 0.f ? 1.f : 448.f / (amax * pre);
-    descale = amax == 0.f ? 1.f : amax / 448.f;
+    descale = amax == 0.f ? 1.f : amax * static_cast<float>(1.0 / 448.0);
   }
 };
 
