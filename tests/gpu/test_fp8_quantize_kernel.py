@@ -126,6 +126,7 @@ def test_the_public_function_runs_the_kernel_under_jit_and_vmap(normal):
 
 def test_other_head_dims_run_as_xla_ops(normal):
   x = inputs(normal, (1, 50, 2, 96), jnp.bfloat16)
+  fp8_quantize._warn_once.cache_clear()  # pylint: disable=protected-access
   with pytest.warns(UserWarning, match="compiled for head dims"):
     text = jax.jit(lambda x: quantize_fp8(x, block_rows=16)).lower(x).as_text()
   assert TARGET not in text
