@@ -6,6 +6,7 @@
 #include <cutlass/version.h>
 
 #include "ffi/attention_ffi.h"
+#include "ffi/quantize_ffi.h"
 #include "ffi/registry.h"
 
 namespace py = pybind11;
@@ -18,6 +19,7 @@ PYBIND11_MODULE(_fa3_cuda, m) {
     targets["jax_fa3_fwd"] = py::capsule(reinterpret_cast<void*>(&JaxFa3Fwd));
     targets["jax_fa3_bwd"] = py::capsule(reinterpret_cast<void*>(&JaxFa3Bwd));
     targets["jax_fa3_decode"] = py::capsule(reinterpret_cast<void*>(&JaxFa3Decode));
+    targets["jax_fa3_fp8_quantize"] = py::capsule(reinterpret_cast<void*>(&JaxFa3Fp8Quantize));
     return targets;
   }, "FFI target name -> handler capsule, for jax.ffi.register_ffi_target(..., platform='CUDA').");
 
