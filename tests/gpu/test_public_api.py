@@ -1,5 +1,6 @@
 """The public API on the GPU: it must lower to the kernels and agree with the oracle."""
 
+import functools
 import math
 
 import jax
@@ -196,20 +197,24 @@ def test_gradients_past_a_grid_dimension(batch, heads, kv_heads):
     rest; the forward and main backward kernels number their tiles along x."""
     q, k, v = _qkv(31, batch, 8, 8, heads, kv_heads, 64)
     dout = _qkv(32, batch, 8, 8, heads, kv_heads, 64)[0]
-    out, pullback = jax.vjp(lambda q, k, v: jax_fa3.flash_attention(q, k, v, causal=True), q, k, v)
-    grads = jax.jit(pullback)(dout)
 
-    def reference(dtype):
+    @jax.jit
+    def ours(q, k, v, dout):
+        out, pullback = jax.vjp(lambda q, k, v: jax_fa3.flash_attention(q, k, v, causal=True), q, k, v)
+        return (out, *pullback(dout))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def reference(dtype, q, k, v, dout):  # operands, not constants: XLA would fold them
         f = lambda q, k, v: jax.nn.dot_product_attention(
             *(x.astype(dtype) for x in (q, k, v)), is_causal=True).astype(dtype)
         o, pull = jax.vjp(f, q, k, v)
         return (o, *pull(dout.astype(dtype)))
 
     axis = 0 if batch > heads else 2
-    for name, ours, ref, base in zip(("out", "dq", "dk", "dv"), (out, *grads),
-                                     jax.jit(lambda: reference(jnp.float32))(),
-                                     jax.jit(lambda: reference(jnp.bfloat16))(), strict=True):
-        _check(ours, ref, base)
-        if ours.shape[axis] > 65535:
-            tail = np.asarray(jax.lax.slice_in_dim(ours, 65535, ours.shape[axis], axis=axis), np.float32)
+    for name, result, ref, base in zip(("out", "dq", "dk", "dv"), ours(q, k, v, dout),
+                                       reference(jnp.float32, q, k, v, dout),
+                                       reference(jnp.bfloat16, q, k, v, dout), strict=True):
+        _check(result, ref, base)
+        if result.shape[axis] > 65535:
+            tail = np.asarray(jax.lax.slice_in_dim(result, 65535, result.shape[axis], axis=axis), np.float32)
             assert np.abs(tail).max() > 0, f"{name}: the entries past 65535 along axis {axis} were not written"
