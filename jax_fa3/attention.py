@@ -8,16 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from jax_fa3 import reference, segments, sharding
+from jax_fa3 import _checks, reference, segments, sharding
 from jax_fa3.primitives import AttentionParams
 
 # The one list of the dtypes jax_fa3 takes (the Flax adapters read it too).
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _MAX_HEAD_DIM = 256
-# The largest softmax_scale taken. Scores q·k·scale are float32: up to this bound they stay
-# finite for any |q·k| < 3.4e34. A larger scale is far outside any model's use and is refused
-# rather than risk scores that overflow to inf and an output of zeros or NaN.
-_MAX_SOFTMAX_SCALE = 1e4
 # jax.nn's masked logit (-0.7 * float32 max): what it reports as the lse of a row that sees no key.
 _JAX_NN_MASKED_LSE = np.float32(-0.7 * np.finfo(np.float32).max)
 
@@ -42,14 +38,15 @@ def flash_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, softmax_s
     kv_segment_ids: integer `[batch, seqlen_k]`, the keys' documents; defaults to
       `segment_ids` (then seqlen_q must equal seqlen_k).
     softmax_scale: multiplies q kᵀ; defaults to `1 / sqrt(head_dim)`. A static number
-      in (0, 1e4]: the scaled scores are float32, and up to 1e4 they stay finite for any
-      |q kᵀ| < 3.4e34; a larger scale (or a non-finite one) raises a ValueError.
+      in [1e-30, 1e4]: the scaled scores are float32, and up to 1e4 they stay finite for
+      any |q kᵀ| < 3.4e34; a scale outside (or a non-finite one) raises a ValueError.
     causal: query `i` sees key `j` iff `j <= i + seqlen_k - seqlen_q`, i.e. the
       mask's diagonal is aligned bottom-right, as in FlashAttention. Same as
       `window_size=(left, 0)`.
     window_size: `(left, right)`: query `i` sees keys
       `[i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]`; -1 is unbounded.
-    softcap: if positive, scores become `softcap * tanh(scores / softcap)`.
+    softcap: if positive, scores become `softcap * tanh(scores / softcap)`. 0 (off) or
+      a static number in [1e-30, 1e30] (the kernels' float32 arithmetic stays finite).
     sinks: attention sinks (as in gpt-oss): a float `[heads]` array, one learnable logit
       per query head that joins every row's softmax with no value:
       `lse_i = log(exp(sinks[h]) + sum_j exp(s_ij))`, `out_i = sum_j exp(s_ij - lse_i) v_j`.
@@ -133,6 +130,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=
       raise ValueError(f"flash_attention_varlen: {name} must have rank 3 [total_tokens, heads, "
                        f"head_dim], got shape {x.shape}")
   for name, bound in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+    _checks.refuse_traced(name, bound, "FlashAttention takes it as a Python int (jax_fa3 "
+                          "needs none: None will do)")
     if bound is not None and not (_is_int(bound) and bound >= 0):
       raise ValueError(f"flash_attention_varlen: {name} must be an int >= 0, got {bound!r}")
   cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q)
@@ -187,13 +186,18 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     "fa3": jax_fa3, or a ValueError/TypeError naming what it does not support.
     "xla", "cudnn": passed through to `jax.nn.dot_product_attention`.
 
-  With None and "fa3", arguments that break jax.nn's own rules raise a ValueError or
-  TypeError naming the argument, whichever implementation would run: ranks other than
-  3 or 4, non-floating inputs, a `bias` or `mask` that does not broadcast to
-  [batch, heads, T, S], a window that is not an int or a pair of ints, a non-finite
-  `scale`, flags that are not static bools. Empty sequences and head dims run on jax.nn,
-  which returns an empty (or all-zero) result.
+  `is_causal` and `return_residual` must be static bools with every implementation (a
+  string such as "False" would otherwise be taken as true). With None and "fa3",
+  arguments that break jax.nn's own rules raise a ValueError or TypeError naming the
+  argument, whichever implementation would run: ranks other than 3 or 4, non-floating
+  inputs, a `bias` or `mask` that does not broadcast to [batch, heads, T, S], a complex
+  `bias`, a window that is not an int or a pair of ints, a non-finite `scale`. Should
+  jax.nn still refuse arguments that jax_fa3 can't take either, the error says both
+  reasons. Empty sequences and head dims run on jax.nn, which returns an empty (or
+  all-zero) result.
   """
+  is_causal, return_residual = _check_flags(is_causal=is_causal,
+                                            return_residual=return_residual)
   if implementation in ("xla", "cudnn"):
     return _jax_nn(query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
                    key_value_seq_lengths, local_window_size, implementation, return_residual)
@@ -201,8 +205,6 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     raise ValueError(f"Unsupported implementation option: {implementation!r}; "
                      "choose None, 'fa3', 'xla' or 'cudnn'")
   query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-  is_causal, return_residual = _check_flags(is_causal=is_causal,
-                                            return_residual=return_residual)
   if _is_int(local_window_size):
     local_window_size = (local_window_size, local_window_size)
   bias, mask, query_seq_lengths, key_value_seq_lengths = _check_like_jax_nn(
@@ -212,8 +214,11 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   if unsupported:
     if implementation == "fa3":
       raise unsupported
-    return _jax_nn(query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
-                   key_value_seq_lengths, local_window_size, None, return_residual)
+    try:
+      return _jax_nn(query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
+                     key_value_seq_lengths, local_window_size, None, return_residual)
+    except (TypeError, ValueError) as jax_nn_error:  # what the checks above did not foresee
+      raise _checks.refused_by_both(unsupported, jax_nn_error) from jax_nn_error
 
   output_shape = query.shape
   if query.ndim == 3:
@@ -429,6 +434,7 @@ def _tokens_of(flagged, cu_seqlens, total):
 
 
 def _check_window(name, window):
+  _checks.refuse_traced(name, window, "it selects the kernel's mask")
   if (not isinstance(window, (tuple, list)) or len(window) != 2
       or not all(_is_int(w) and w >= -1 for w in window)):
     raise ValueError(f"{name} must be a pair (left, right) of ints >= -1 "
@@ -438,17 +444,15 @@ def _check_window(name, window):
 
 def _check_softcap(softcap):
   softcap = _static_float("softcap", softcap, 0.0)
-  if softcap < 0 or not np.isfinite(softcap):
-    raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap}")
+  if rule := _checks.softcap_rule(softcap):
+    raise ValueError(f"softcap {rule}, got {softcap}")
   return softcap
 
 
 def _softmax_scale(softmax_scale, head_dim):
   scale = _static_float("softmax_scale", softmax_scale, head_dim ** -0.5)
-  if not 0 < scale <= _MAX_SOFTMAX_SCALE:  # NaN fails too
-    raise ValueError(f"softmax_scale must be a finite number > 0 and at most "
-                     f"{_MAX_SOFTMAX_SCALE:g} (beyond it the float32 scores may overflow), "
-                     f"got {softmax_scale!r}")
+  if rule := _checks.softmax_scale_rule(scale):
+    raise ValueError(f"softmax_scale {rule}, got {softmax_scale!r}")
   return scale
 
 
@@ -462,7 +466,7 @@ def _static_float(name, value, default):
   if not _is_real_scalar(value):
     raise TypeError(f"{name} must be a static Python number (it is a kernel attribute), "
                     f"got {value!r} of type {type(value).__name__}")
-  return float(value)
+  return _checks.as_float(name, value)
 
 
 def _is_real_scalar(x):
@@ -536,9 +540,8 @@ def _unsupported_by_fa3(query, key, value, bias, mask, scale, local_window_size)
     if isinstance(scale, jax.core.Tracer):
       return TypeError("implementation='fa3' needs a static `scale` (a kernel attribute), "
                        f"got {scale!r}")
-    if not 0 < float(scale) <= _MAX_SOFTMAX_SCALE:
-      return ValueError(f"implementation='fa3' needs a `scale` > 0 and at most "
-                        f"{_MAX_SOFTMAX_SCALE:g}, got {scale!r}")
+    if rule := _checks.softmax_scale_rule(float(scale)):
+      return ValueError(f"implementation='fa3': `scale` {rule}, got {scale!r}")
   if local_window_size is not None and not (
       isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2
       and all(_is_int(w) and w >= 0 for w in local_window_size)):
@@ -588,6 +591,8 @@ def _check_like_jax_nn(query, key, value, bias, mask, scale, query_seq_lengths,
         d in (1, n) for d, n in zip((1,) * (4 - x.ndim) + x.shape, logits_shape))):
       raise ValueError(f"{name} must broadcast to [batch, heads, T, S] = {list(logits_shape)} "
                        f"(each axis that size or 1), got shape {x.shape}")
+  if bias is not None and jnp.issubdtype(bias.dtype, jnp.complexfloating):
+    raise TypeError(f"bias must be real (it is added to the scores), got dtype {bias.dtype}")
   if mask is not None and mask.dtype != np.bool_:
     raise TypeError(f"mask must be boolean (True where a query attends to a key), got dtype "
                     f"{mask.dtype}")
@@ -595,7 +600,7 @@ def _check_like_jax_nn(query, key, value, bias, mask, scale, query_seq_lengths,
   if scale is not None:
     if not _is_real_scalar(scale):
       raise TypeError(f"scale must be a real number or a scalar array, got {scale!r}")
-    if not isinstance(scale, jax.core.Tracer) and not np.isfinite(float(scale)):
+    if not isinstance(scale, jax.core.Tracer) and not np.isfinite(_checks.as_float("scale", scale)):
       raise ValueError(f"scale must be finite, got {scale!r}")
   if local_window_size is not None and not (
       isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2

@@ -16,7 +16,6 @@
 #include <cuda_runtime_api.h>
 
 #include "common/bwd_params.h"
-#include "common/launch.h"
 #include "common/params.h"
 #include "ffi/buffers.h"
 #include "ffi/registry.h"
@@ -73,7 +72,10 @@ ffi::Error check_inputs(ffi::AnyBuffer const& q, ffi::AnyBuffer const& k, ffi::A
     return invalid("batch, seqlens and heads must be >= 1; got q " + shape_str(q) + ", k " + shape_str(k));
   }
   if (d.seqlen_q > kMaxSeqlen || d.seqlen_k > kMaxSeqlen) { return invalid("seqlens must be <= 2^30"); }
-  if (d.heads > kMaxGridY) { return invalid("at most 65535 query heads (a grid dimension of the backward)"); }
+  // The kernels count their tiles (of >= 64 rows or keys) per (batch, head) in int32.
+  if (d.batch * d.heads * ((std::max(d.seqlen_q, d.seqlen_k) + 63) / 64) > kMaxGridBlocks) {
+    return invalid("batch * heads * ceil(max(seqlen_q, seqlen_k) / 64) must be < 2^31 (the kernels' tile count)");
+  }
   if (d.heads % d.kv_heads != 0) {
     return invalid("q heads (" + std::to_string(d.heads) + ") must be a multiple of k/v heads (" +
                    std::to_string(d.kv_heads) + ")");
