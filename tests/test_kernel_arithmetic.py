@@ -99,3 +99,31 @@ def test_a_missing_compiler_fails_in_ci_and_skips_elsewhere(ci, monkeypatch, tmp
     outcome = pytest.fail.Exception if ci else pytest.skip.Exception
     with pytest.raises(outcome, match="C\\+\\+ compiler"):
         _build(tmp_path, "workspace_check")
+
+
+def test_fp8_v_transpose_layouts(tmp_path):
+    """The FP8 forward's on-chip V transpose (cuda/fwd/transpose_v.h), emulated on the host
+    against cute's layouts (tests/cpp/transpose_v_check.cu): every V^T byte in the key order
+    P's registers use, and no shared-memory bank conflicts, at every FP8 head dim."""
+    nvcc = shutil.which("nvcc")
+    try:
+        import cutlass_library
+    except ImportError:
+        cutlass_library = None
+    if nvcc is None or cutlass_library is None:
+        missing = "nvcc" if nvcc is None else "nvidia-cutlass (the test extra)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI: {missing} missing for the FP8 transpose check")
+        pytest.skip(f"needs {missing}")
+    include = pathlib.Path(cutlass_library.__file__).parent / "source" / "include"
+    binary = tmp_path / "transpose_v_check"
+    subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-arch=sm_90a", "-x", "cu",
+                    f"-I{ROOT / 'cuda'}", f"-I{include}",
+                    str(ROOT / "tests" / "cpp" / "transpose_v_check.cu"), "-o", str(binary)],
+                   check=True)
+    result = subprocess.run([str(binary)], capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("d")]
+    dims = sorted(int(line.split()[0][1:]) for line in lines)
+    assert result.returncode == 0 and dims == compiled_head_dims("fwd", "e4m3"), result.stdout
+    for line in lines:
+        assert " 0 wrong V^T bytes" in line and line.endswith("ldmatrix 1 stmatrix 1"), line

@@ -1,5 +1,8 @@
-// Host check of fwd/transpose_v.h: emulates ldmatrix.x4.trans / stmatrix.x4 on the offsets the
-// transposer computes, against cute's swizzled layouts; counts bank conflicts per 8x8 matrix.
+// Host check of the FP8 forward's V transpose (cuda/fwd/transpose_v.h), no GPU needed:
+// emulates ldmatrix.x4.trans / byte permutes / stmatrix.x4 on the shared-memory offsets the
+// transposer computes, and checks every V^T byte against cute's swizzled layouts and the key
+// order P's registers use; counts bank conflicts per 8x8 matrix (ways; 1 = none).
+// Built by tests/test_kernel_arithmetic.py with nvcc (host code only).
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
