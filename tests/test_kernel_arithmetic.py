@@ -111,7 +111,7 @@ def test_fp8_v_transpose_layouts(tmp_path):
     except ImportError:
         cutlass_library = None
     if nvcc is None or cutlass_library is None:
-        missing = "nvcc" if nvcc is None else "nvidia-cutlass (the test extra)"
+        missing = "nvcc" if nvcc is None else "nvidia-cutlass (a build requirement; make test installs it)"
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI: {missing} missing for the FP8 transpose check")
         pytest.skip(f"needs {missing}")
