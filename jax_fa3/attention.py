@@ -615,6 +615,8 @@ _FLAG_ROLES = {
     "causal": "it selects the kernel's mask",
     "is_causal": "it selects the attention mask",
     "deterministic": "it selects the backward kernel's mode",
+    "hadamard": "it selects how the inputs are quantized",
+    "block_quantize": "it selects how the inputs are quantized",
     "return_lse": "it sets how many arrays the call returns",
     "return_max_logit": "it sets how many arrays the call returns",
     "return_residual": "it sets how many arrays the call returns",
