@@ -445,36 +445,37 @@ def _is_python_number(x):
 
 # --- Argument checks -------------------------------------------------------------
 
-def _check_qkv(q, k, v):
-  """Checks q, k, v; returns whether they are FP8 (float8_e4m3fn)."""
+def _check_qkv(q, k, v, function="flash_attention"):
+  """Checks q, k, v for `function` (named in the errors); returns whether they are FP8
+  (float8_e4m3fn)."""
   for name, x in (("q", q), ("k", k), ("v", v)):
     if x.ndim != 4:
-      raise ValueError(f"flash_attention: {name} must have rank 4 "
+      raise ValueError(f"{function}: {name} must have rank 4 "
                        f"[batch, seqlen, heads, head_dim], got shape {x.shape}")
     if x.dtype not in (*DTYPES, FP8_DTYPE):
-      raise TypeError(f"flash_attention: {name} has dtype {x.dtype}; it takes bfloat16 or "
+      raise TypeError(f"{function}: {name} has dtype {x.dtype}; it takes bfloat16 or "
                       "float16 (or float8_e4m3fn q, k and v with descale factors). Cast "
                       "float32 inputs with .astype(jnp.bfloat16), or use "
                       "jax_fa3.dot_product_attention, which hands float32 to jax.nn.")
     if 0 in x.shape:
-      raise ValueError(f"flash_attention: {name} has an empty dimension: shape {x.shape}")
+      raise ValueError(f"{function}: {name} has an empty dimension: shape {x.shape}")
   if not q.dtype == k.dtype == v.dtype:
     fp8_rule = (" (FP8 attention takes q, k and v all float8_e4m3fn)"
                 if FP8_DTYPE in (q.dtype, k.dtype, v.dtype) else "")
-    raise TypeError(f"flash_attention: q, k and v must share one dtype{fp8_rule}, got "
+    raise TypeError(f"{function}: q, k and v must share one dtype{fp8_rule}, got "
                     f"{q.dtype}, {k.dtype}, {v.dtype}")
   shapes = f"q {q.shape}, k {k.shape}, v {v.shape}"
   if not q.shape[0] == k.shape[0] == v.shape[0]:
-    raise ValueError(f"flash_attention: q, k and v must have the same batch size: {shapes}")
+    raise ValueError(f"{function}: q, k and v must have the same batch size: {shapes}")
   if k.shape[3] != q.shape[3]:
-    raise ValueError(f"flash_attention: k's head dim must equal q's: {shapes}")
+    raise ValueError(f"{function}: k's head dim must equal q's: {shapes}")
   if v.shape[1:3] != k.shape[1:3]:
-    raise ValueError(f"flash_attention: v must have k's seqlen and heads: {shapes}")
+    raise ValueError(f"{function}: v must have k's seqlen and heads: {shapes}")
   if q.shape[2] % k.shape[2]:
-    raise ValueError(f"flash_attention: q's heads ({q.shape[2]}) must be a multiple of "
+    raise ValueError(f"{function}: q's heads ({q.shape[2]}) must be a multiple of "
                      f"k/v's heads ({k.shape[2]}): {shapes}")
   if max(q.shape[3], v.shape[3]) > _MAX_HEAD_DIM:
-    raise ValueError(f"flash_attention: head dims must be at most {_MAX_HEAD_DIM}: {shapes}")
+    raise ValueError(f"{function}: head dims must be at most {_MAX_HEAD_DIM}: {shapes}")
   return q.dtype == FP8_DTYPE
 
 

@@ -78,7 +78,7 @@ def fp8_attention(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0,
     `out [batch, seqlen_q, heads, head_dim_v]` in q's dtype, and `lse` with `return_lse`.
   """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-  if attention._check_qkv(q, k, v):  # pylint: disable=protected-access
+  if attention._check_qkv(q, k, v, "fp8_attention"):  # pylint: disable=protected-access
     raise TypeError("fp8_attention takes bfloat16 or float16 q, k and v and quantizes them "
                     "itself; for float8_e4m3fn inputs with descale factors use "
                     "jax_fa3.flash_attention(q8, k8, v8, descale_q=..., ...)")
