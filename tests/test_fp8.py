@@ -448,3 +448,20 @@ def test_kernel_status_lists_fp8_variants_and_their_blocks():
   assert status.out_dtypes("fwd", E4M3) == ("bfloat16",)
   assert status.descale_block(E4M3, jnp.bfloat16, 64) == (64, 160)
   assert KernelStatus(()).descale_block(E4M3, jnp.bfloat16, 64) == _kernels.DEFAULT_DESCALE_BLOCK
+
+
+def test_accuracy_benchmark_writes_its_table(tmp_path, monkeypatch):
+  """benchmarks/fp8_accuracy.py at a tiny size: every method, on the reference path, says so."""
+  import json
+  import pathlib
+  monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+  import fp8_accuracy
+  fp8_accuracy.main(["--head-dims", "64", "--seqlen", "128", "--hidden", "128", "--tokens", "256",
+                     "--out", str(tmp_path)])
+  records = json.loads((tmp_path / "fp8_accuracy.json").read_text())
+  assert [r["method"] for r in records] == list(fp8_accuracy.METHODS)
+  assert all(r["path"] == "reference" and r["batch"] == 2 and r["heads"] == 2 for r in records)
+  rmse = {r["method"]: r["rmse"] for r in records}
+  assert rmse["bf16"] < rmse["FP8 + both"] < rmse["FP8 plain"]
+  table = (tmp_path / "fp8_accuracy.md").read_text()
+  assert "| FP8 + both | " in table and "(reference)" in table and "NO GPU" in table
