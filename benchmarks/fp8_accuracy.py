@@ -56,7 +56,7 @@ class Setup:
 
 
 GPU_SETUP = Setup(hidden=2048, tokens=16384, seqlen=4096, head_dims=(64, 128, 256))
-CPU_SETUP = Setup(hidden=256, tokens=512, seqlen=512, head_dims=(64, 128))
+CPU_SETUP = Setup(hidden=512, tokens=1024, seqlen=1024, head_dims=(64, 128))
 
 
 def paper_inputs(rng, shape):
