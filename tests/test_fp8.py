@@ -340,7 +340,7 @@ FP8_ATTENTION_ERRORS = [
     ((Q16, K16, K16), {"hadamard": "yes"}, TypeError, r"hadamard must be a bool \(True or False\), got 'yes'"),
     ((Q16, K16, K16), {"block_quantize": 1}, TypeError, r"block_quantize must be a bool .*got 1 of type int"),
     ((Q16, K16, K16), {"window_size": (-2, 0)}, ValueError, r"window_size must be a pair"),
-    ((Q16, K16, K16), {"softcap": -1.0}, ValueError, r"softcap must be a finite number >= 0"),
+    ((Q16, K16, K16), {"softcap": -1.0}, ValueError, r"softcap must be 0 \(off\) or a finite number"),
 ]
 
 
