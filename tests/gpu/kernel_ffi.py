@@ -183,11 +183,12 @@ def gradient_oracle_and_baseline(q, k, v, dout, dlse=None, **kwargs):
     return grads(jnp.float32), grads(q.dtype)
 
 
-def assert_accurate(name, ours, ref, base):
+def assert_accurate(name, ours, ref, base, slack=0.0):
     """FlashAttention's accuracy rule: the kernel's error against the float32 oracle `ref` is at
-    most twice that of `base` (the same computation in the input dtype), plus 1e-5; no NaN
-    (an element the kernel did not write: outputs are NaN-poisoned before each launch)."""
+    most twice that of `base` (the same computation in the input dtype), plus 1e-5 (plus
+    `slack`, where a caller states why); no NaN (an element the kernel did not write: outputs
+    are NaN-poisoned before each launch)."""
     ours, ref, base = (np.asarray(x, np.float32) for x in (ours, ref, base))
     assert not np.isnan(ours).any(), f"{name}: NaN (an element the kernel did not write)"
     err, base_err = np.max(np.abs(ours - ref)), np.max(np.abs(base - ref))
-    assert err <= 2 * base_err + 1e-5, f"{name}: error {err} > 2 * {base_err} + 1e-5"
+    assert err <= 2 * base_err + 1e-5 + slack, f"{name}: error {err} > 2 * {base_err} + 1e-5 + {slack}"

@@ -39,6 +39,15 @@ def assert_bitwise_equal(got, want):
         f"kernel {a_float.ravel()[mismatched[0]]}, reference {b_float.ravel()[mismatched[0]]}")
 
 
+def assert_within_one_e4m3_step(got, want):
+  """XLA's GPU ops against its CPU ops: the float32 steps may round differently (division,
+  fusion), so an x8 value may land one e4m3 step away; descales agree to float32 rounding."""
+  a, b = (np.asarray(x, np.float32) for x in (got[0], want[0]))
+  step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(b), 2.0 ** -6))) - 3)  # e4m3: 3 mantissa bits
+  assert np.all(np.abs(a - b) <= step), f"x8: {np.sum(np.abs(a - b) > step)} values more than one e4m3 step apart"
+  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-6)
+
+
 def kernel(x, block_rows, signs, workspace=None, descale_blocks=None):
   """The FFI target called directly, bypassing the primitive."""
   _registered()
@@ -130,7 +139,7 @@ def test_other_head_dims_run_as_xla_ops(normal):
   with pytest.warns(UserWarning, match="compiled for head dims"):
     text = jax.jit(lambda x: quantize_fp8(x, block_rows=16)).lower(x).as_text()
   assert TARGET not in text
-  assert_bitwise_equal(quantize_fp8(x, block_rows=16), on_cpu(x, 16, None))
+  assert_within_one_e4m3_step(quantize_fp8(x, block_rows=16), on_cpu(x, 16, None))
 
 
 @pytest.mark.parametrize("call, message", [
