@@ -65,11 +65,15 @@ struct TmaRing {
     return storage.full[p.stage];
   }
 
-  // A stage filled by threads rather than TMA (or completed with no load at all): wait until
-  // it is free to overwrite ...
+  // A stage filled by threads rather than TMA: wait until it is free to overwrite ...
   __device__ void wait_empty(Position p) { cutlass::arch::ClusterBarrier::wait(&storage.empty[p.stage], p.phase ^ 1); }
   // ... and, once written (and fenced for the async proxy), announce it with one arrival.
   __device__ void publish(Position p) { cutlass::arch::ClusterBarrier::arrive(&storage.full[p.stage]); }
+
+  // Waits a while (the hardware's suspend time limit) for the stage; false if it is not full yet.
+  __device__ bool try_full(Position p) {
+    return cutlass::arch::ClusterBarrier::try_wait(&storage.full[p.stage], p.phase);
+  }
 
   __device__ void wait_full(Position p) {
     cutlass::arch::ClusterTransactionBarrier::wait(&storage.full[p.stage], p.phase);

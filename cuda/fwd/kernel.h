@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(CUTE_GRID_CONS
     if constexpr (Traits::kFp8) {  // V loads go to the transposing warps, V^T to the consumers
       TmaRing<Traits::kStages>::init(smem.v_ring, 1);
       TmaRing<Traits::kStages>::init(smem.transposed.vt_ring, Traits::kConsumerWarpgroups);
-      for (int i = 0; i < Traits::kStages; ++i) { smem.transposed.v_stop[i] = 0; }
+      cutlass::arch::ClusterBarrier::init(&smem.transposed.v_done, 1);
     } else {
       TmaRing<Traits::kStages>::init(smem.v_ring, Traits::kConsumerWarpgroups);
     }

@@ -115,11 +115,13 @@ struct FwdProducer {
       if (!range.empty()) { load_tile(tile, range); }
       tile_index = scheduler.producer_next(tile_index);
     }
-    if constexpr (Traits::kFp8) {  // tells the transposing warps to stop
-      if (leader) {  // in place of a load, once the stage is free
-        v_ring.wait_empty(v_pos);
-        smem.transposed.v_stop[v_pos.stage] = 1;
-        v_ring.publish(v_pos);
+    if constexpr (Traits::kFp8) {  // tells the transposing warps to stop, once they drained the ring
+      if (leader) {
+        for (int i = 0; i < Traits::kStages; ++i) {
+          v_ring.wait_empty(v_pos);
+          v_pos.advance();
+        }
+        cutlass::arch::ClusterBarrier::arrive(&smem.transposed.v_done);
       }
     }
     scheduler.producer_finish();

@@ -108,7 +108,7 @@ struct FwdTraits {
   // FP8 only: V^T written by the transposing warps, and their ring to the consumers.
   struct TransposedVStorage {
     typename TmaRing<kStages>::Storage vt_ring;  // full: one arrival per transposed stage
-    int v_stop[kStages];  // the producer's "no more V" token, sent in place of a load
+    uint64_t v_done;  // the producer loaded its last V and every load was transposed
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutVt>> vt;
   };
   struct NoTransposedVStorage {};

@@ -96,8 +96,13 @@ struct VTransposer {
     uint32_t const odd_select = Addressing::odd_select(lane);
 
     while (true) {
-      load_ring.wait_full(load_pos);
-      if (smem.transposed.v_stop[load_pos.stage]) { break; }
+      // A staged V, or the producer's "done" (sent only once every load was transposed). Both
+      // are mbarriers, so no flag in shared memory crosses between the warps.
+      bool done = false;
+      while (!load_ring.try_full(load_pos) && !done) {
+        done = cutlass::arch::ClusterBarrier::test_wait(&smem.transposed.v_done, 0, 1);
+      }
+      if (done) { break; }
       vt_ring.wait_empty(vt_pos);
       uint32_t const v_stage = v_base + load_pos.stage * Addressing::kStageBytes;
       uint32_t const vt_stage = vt_base + vt_pos.stage * Addressing::kStageBytes;
