@@ -30,10 +30,9 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir, xla
+from jax.interpreters import ad, batching
 
-from jax_fa3 import _kernels
+from jax_fa3 import _kernels, primitives
 
 E4M3_MAX = 448.0
 QUANTIZE_TARGET = "jax_fa3_fp8_quantize"
@@ -295,12 +294,6 @@ def _no_gradient(primals, tangents, **params):
       "does: its backward runs on the dequantized inputs).")
 
 
-fp8_quantize_p = Primitive("fa3_fp8_quantize")
-fp8_quantize_p.multiple_results = True
-fp8_quantize_p.def_impl(functools.partial(xla.apply_primitive, fp8_quantize_p))
-fp8_quantize_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(fp8_quantize_p, mlir.lower_fun(_quantize_xla, multiple_results=True))
-mlir.register_lowering(fp8_quantize_p, mlir.lower_fun(_quantize_cuda, multiple_results=True),
-                       platform="cuda")
-batching.primitive_batchers[fp8_quantize_p] = _batch
+fp8_quantize_p = primitives.define_primitive(
+    "fa3_fp8_quantize", _abstract_eval, _quantize_xla, _quantize_cuda, batcher=lambda _: _batch)
 ad.primitive_jvps[fp8_quantize_p] = _no_gradient

@@ -433,7 +433,10 @@ def decode_batch(primitive, args, dims, **params):
 
 # --- Registration ----------------------------------------------------------------
 
-def _define(name, abstract_eval, reference_rule, cuda_rule):
+def define_primitive(name, abstract_eval, reference_rule, cuda_rule, batcher=None):
+  """A multiple-result primitive lowered to `cuda_rule` on CUDA and to `reference_rule`
+  elsewhere; vmap folds the mapped axis into the batch unless `batcher(primitive)` gives
+  another rule."""
   primitive = Primitive(name)
   primitive.multiple_results = True
   primitive.def_impl(functools.partial(xla.apply_primitive, primitive))
@@ -441,23 +444,19 @@ def _define(name, abstract_eval, reference_rule, cuda_rule):
   mlir.register_lowering(primitive, mlir.lower_fun(reference_rule, multiple_results=True))
   mlir.register_lowering(primitive, mlir.lower_fun(cuda_rule, multiple_results=True),
                          platform="cuda")
-  batching.primitive_batchers[primitive] = functools.partial(
-      fold_vmap_axis_into_batch, primitive)
+  batching.primitive_batchers[primitive] = (batcher or fold_vmap_axis_into_batch_rule)(primitive)
   return primitive
 
 
-fwd_p = _define("fa3_fwd_local", _fwd_abstract_eval, reference.attention_fwd, _fwd_cuda)
-bwd_p = _define("fa3_bwd_local", _bwd_abstract_eval, reference.attention_bwd, _bwd_cuda)
+def fold_vmap_axis_into_batch_rule(primitive):
+  return functools.partial(fold_vmap_axis_into_batch, primitive)
 
-# The decode primitive: the same lowerings, its own batching rule (a paged cache is not
-# batched by sequence) and a JVP that says there is no gradient.
-decode_p = Primitive("fa3_decode_local")
-decode_p.multiple_results = True
-decode_p.def_impl(functools.partial(xla.apply_primitive, decode_p))
-decode_p.def_abstract_eval(_decode_abstract_eval)
-mlir.register_lowering(decode_p, mlir.lower_fun(reference.kvcache_attention,
-                                                multiple_results=True))
-mlir.register_lowering(decode_p, mlir.lower_fun(_decode_cuda, multiple_results=True),
-                       platform="cuda")
+
+fwd_p = define_primitive("fa3_fwd_local", _fwd_abstract_eval, reference.attention_fwd, _fwd_cuda)
+bwd_p = define_primitive("fa3_bwd_local", _bwd_abstract_eval, reference.attention_bwd, _bwd_cuda)
+
+# The decode primitive: its own batching rule (a paged cache is not batched by sequence) and
+# a JVP that says there is no gradient.
+decode_p = define_primitive("fa3_decode_local", _decode_abstract_eval, reference.kvcache_attention,
+                            _decode_cuda, batcher=lambda p: functools.partial(decode_batch, p))
 ad.primitive_jvps[decode_p] = _no_decode_gradient
-batching.primitive_batchers[decode_p] = functools.partial(decode_batch, decode_p)
