@@ -21,11 +21,19 @@ DECODE_TARGET = "jax_fa3_decode"
 
 
 class Variant(NamedTuple):
-  """One compiled kernel: direction "fwd"/"bwd"/"decode", dtype name, q/k and v head dims."""
+  """One compiled kernel: direction "fwd"/"bwd"/"decode", the input and output dtype names
+  (equal for the 16-bit kernels; FP8 ones read float8_e4m3fn and write bfloat16), q/k and v
+  head dims."""
   direction: str
   dtype: str
+  out_dtype: str
   head_dim: int
   head_dim_v: int
+
+
+# The rows one FP8 descale block covers where the extension does not say (not built, or no
+# FP8 kernel for that head dim): the kernels' query tile (64) and a key block of 128.
+DEFAULT_DESCALE_BLOCK = (64, 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +50,10 @@ class KernelStatus:
   # split-count heuristic (primitives.decode_num_splits).
   decode_shapes: Mapping[tuple[str, int], tuple[int, int]] = dataclasses.field(
       default_factory=dict)
+  # (dtype name, out dtype name, head_dim) -> (q_block_rows, k_block_rows) of the FP8
+  # forward kernels: the query rows and keys one block of descale_q / descale_k covers.
+  descale_blocks: Mapping[tuple[str, str, int], tuple[int, int]] = dataclasses.field(
+      default_factory=dict)
 
   def __bool__(self):
     return bool(self.variants)
@@ -49,8 +61,9 @@ class KernelStatus:
   def __str__(self):
     if not self.variants:
       return f"jax_fa3 CUDA kernels: none ({self.unavailable_reason})"
-    lines = [f"  {v.direction} {v.dtype} head_dim={v.head_dim} head_dim_v={v.head_dim_v}"
-             for v in self.variants]
+    lines = [f"  {v.direction} {v.dtype}"
+             + (f" -> {v.out_dtype}" if v.out_dtype != v.dtype else "")
+             + f" head_dim={v.head_dim} head_dim_v={v.head_dim_v}" for v in self.variants]
     built = ", ".join(f"{key}={value}" for key, value in self.build_info.items())
     why_not_here = gpu_problem()
     if why_not_here:
@@ -58,14 +71,29 @@ class KernelStatus:
     return "\n".join([f"jax_fa3 CUDA kernels ({built}):" if built else "jax_fa3 CUDA kernels:",
                       *lines])
 
-  def head_dims_for(self, direction: str, dtype, head_dim: int,
-                    head_dim_v: int) -> tuple[int, int] | None:
-    """The smallest compiled (head_dim, head_dim_v) that holds the given ones, or None."""
+  def head_dims_for(self, direction: str, dtype, head_dim: int, head_dim_v: int,
+                    out_dtype=None) -> tuple[int, int] | None:
+    """The smallest compiled (head_dim, head_dim_v) that holds the given ones, or None.
+    `out_dtype` defaults to `dtype` (the 16-bit kernels write what they read)."""
     dtype_name = np.dtype(dtype).name
+    out_name = dtype_name if out_dtype is None else np.dtype(out_dtype).name
     fits = [(v.head_dim, v.head_dim_v) for v in self.variants
-            if v.direction == direction and v.dtype == dtype_name
+            if v.direction == direction and v.dtype == dtype_name and v.out_dtype == out_name
             and v.head_dim >= head_dim and v.head_dim_v >= head_dim_v]
     return min(fits, key=lambda dims: (dims[0] + dims[1], dims[0]), default=None)
+
+  def out_dtypes(self, direction: str, dtype) -> tuple[str, ...]:
+    """The output dtype names of the compiled kernels that read `dtype`, sorted."""
+    dtype_name = np.dtype(dtype).name
+    return tuple(sorted({v.out_dtype for v in self.variants
+                         if v.direction == direction and v.dtype == dtype_name}))
+
+  def descale_block(self, dtype, out_dtype, head_dim: int) -> tuple[int, int]:
+    """(q_block_rows, k_block_rows) of the FP8 forward kernel for the compiled `head_dim`:
+    the query rows and keys one descale block covers. Where no such kernel is compiled
+    (the reference path), DEFAULT_DESCALE_BLOCK: 64 query rows, 128 keys."""
+    key = (np.dtype(dtype).name, np.dtype(out_dtype).name, head_dim)
+    return self.descale_blocks.get(key, DEFAULT_DESCALE_BLOCK)
 
   def segment_tile(self, direction: str, dtype, head_dim: int) -> tuple[int, int]:
     """The (block_m, block_n) tile of a compiled packed-sequence kernel."""
@@ -139,12 +167,14 @@ def _load() -> KernelStatus:
     return KernelStatus((), _missing_extension_reason(e, pathlib.Path(__file__).parent))
   for name, capsule in _fa3_cuda.registrations().items():
     jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
-  variants = tuple(Variant(d, t, int(h), int(hv)) for d, t, h, hv in _fa3_cuda.variants())
+  variants = tuple(Variant(d, t, o, int(h), int(hv)) for d, t, o, h, hv in _fa3_cuda.variants())
   reason = None if variants else "the extension was built with an empty variant list"
   segment_tiles = {(d, t, int(h)): (int(m), int(n)) for d, t, h, m, n in _fa3_cuda.segment_tiles()}
   decode_shapes = {(t, int(h)): (int(n), int(c)) for t, h, n, c in _fa3_cuda.decode_shapes()}
+  descale_blocks = {(t, o, int(h)): (int(m), int(n))
+                    for t, o, h, m, n in _fa3_cuda.descale_blocks()}
   return KernelStatus(variants, reason, dict(_fa3_cuda.build_info()), segment_tiles,
-                      decode_shapes)
+                      decode_shapes, descale_blocks)
 
 
 _status = _load()

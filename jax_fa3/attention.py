@@ -8,27 +8,27 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from jax_fa3 import reference, segments, sharding
-from jax_fa3.primitives import AttentionParams
+from jax_fa3 import _checks, reference, segments, sharding
+from jax_fa3.primitives import AttentionParams, Fp8Params
 
 # The one list of the dtypes jax_fa3 takes (the Flax adapters read it too).
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# FP8 inputs (forward only, with descale factors); the outputs are in one of DTYPES.
+FP8_DTYPE = jnp.dtype(jnp.float8_e4m3fn)
 _MAX_HEAD_DIM = 256
-# The largest softmax_scale taken. Scores q·k·scale are float32: up to this bound they stay
-# finite for any |q·k| < 3.4e34. A larger scale is far outside any model's use and is refused
-# rather than risk scores that overflow to inf and an output of zeros or NaN.
-_MAX_SOFTMAX_SCALE = 1e4
 # jax.nn's masked logit (-0.7 * float32 max): what it reports as the lse of a row that sees no key.
 _JAX_NN_MASKED_LSE = np.float32(-0.7 * np.finfo(np.float32).max)
 
 
 def flash_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, softmax_scale=None,
                     causal=False, window_size=(-1, -1), softcap=0.0, sinks=None,
-                    return_lse=False, return_max_logit=False, deterministic=False):
+                    return_lse=False, return_max_logit=False, deterministic=False,
+                    descale_q=None, descale_k=None, descale_v=None, out_dtype=None):
   """FlashAttention-3: softmax(q kᵀ · softmax_scale) v, on Hopper kernels where compiled.
 
   Args:
-    q: queries, `[batch, seqlen_q, heads, head_dim]`, bfloat16 or float16.
+    q: queries, `[batch, seqlen_q, heads, head_dim]`, bfloat16 or float16, or
+      float8_e4m3fn (FP8: q, k and v all, see `descale_q`).
       float32 is refused with a TypeError: cast with `.astype(jnp.bfloat16)`,
       or use `dot_product_attention`, which hands float32 to `jax.nn`.
     k: keys, `[batch, seqlen_k, kv_heads, head_dim]`; `heads % kv_heads == 0`
@@ -42,14 +42,15 @@ def flash_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, softmax_s
     kv_segment_ids: integer `[batch, seqlen_k]`, the keys' documents; defaults to
       `segment_ids` (then seqlen_q must equal seqlen_k).
     softmax_scale: multiplies q kᵀ; defaults to `1 / sqrt(head_dim)`. A static number
-      in (0, 1e4]: the scaled scores are float32, and up to 1e4 they stay finite for any
-      |q kᵀ| < 3.4e34; a larger scale (or a non-finite one) raises a ValueError.
+      in [1e-30, 1e4]: the scaled scores are float32, and up to 1e4 they stay finite for
+      any |q kᵀ| < 3.4e34; a scale outside (or a non-finite one) raises a ValueError.
     causal: query `i` sees key `j` iff `j <= i + seqlen_k - seqlen_q`, i.e. the
       mask's diagonal is aligned bottom-right, as in FlashAttention. Same as
       `window_size=(left, 0)`.
     window_size: `(left, right)`: query `i` sees keys
       `[i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]`; -1 is unbounded.
-    softcap: if positive, scores become `softcap * tanh(scores / softcap)`.
+    softcap: if positive, scores become `softcap * tanh(scores / softcap)`. 0 (off) or
+      a static number in [1e-30, 1e30] (the kernels' float32 arithmetic stays finite).
     sinks: attention sinks (as in gpt-oss): a float `[heads]` array, one learnable logit
       per query head that joins every row's softmax with no value:
       `lse_i = log(exp(sinks[h]) + sum_j exp(s_ij))`, `out_i = sum_j exp(s_ij - lse_i) v_j`.
@@ -60,10 +61,25 @@ def flash_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, softmax_s
       each (batch, head), float32 `[batch, heads]`, -inf where no row sees a key: what
       QK-clip / MuonClip needs. Taken from the kernel's running maximum; no gradient.
     deterministic: make the backward pass bitwise reproducible (slower).
+    descale_q, descale_k, descale_v: FP8 only: the float32 factors that turn the e4m3
+      values back into the real ones (x = x8 * descale), each a scalar or
+      `[batch, kv_heads]` (FlashAttention-3's convention, for descale_q too: query head h
+      takes the factor of its k/v head h // (heads // kv_heads)); None is 1. The scores
+      become `(q8 · k8) * descale_q * descale_k * softmax_scale` and the output is
+      multiplied by descale_v.
+    out_dtype: the output dtype. For float8_e4m3fn inputs bfloat16 (the default) or
+      float16 where a kernel writes it (`kernels_available()`; the reference path writes
+      both); for 16-bit inputs None or their own dtype.
 
   `causal`, `return_lse`, `return_max_logit` and `deterministic` are static Python (or
   NumPy) bools, and `softmax_scale`, `softcap` and `window_size` static numbers: they
   select the kernel and the outputs, so a traced value raises a TypeError that says so.
+
+  FP8 (float8_e4m3fn q, k, v) runs the FP8 forward kernels: the probabilities are rounded
+  to e4m3 before they multiply v (with an exact row sum), and nothing else changes. It
+  takes no `segment_ids`/`kv_segment_ids` and no `deterministic` (there is no FP8
+  backward), and has no gradient: `jax.grad` through it raises an error; use
+  `jax_fa3.fp8_attention`, which takes 16-bit inputs, quantizes them and is differentiable.
 
   Head dims up to 256 are supported; sizes without a compiled kernel are padded
   up to the next one. A query row that sees no key gets output 0 and lse -inf (the
@@ -75,13 +91,27 @@ def flash_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, softmax_s
     `lse [batch, heads, seqlen_q]` float32 (natural log).
   """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-  _check_qkv(q, k, v)
+  fp8 = _check_qkv(q, k, v)
   causal, return_lse, return_max_logit, deterministic = _check_flags(
       causal=causal, return_lse=return_lse, return_max_logit=return_max_logit,
       deterministic=deterministic)
   params = _flash_params(q.shape[3], softmax_scale, causal, window_size, softcap,
                          diagonal_offset=k.shape[1] - q.shape[1])
   sinks = _check_sinks("flash_attention", sinks, q.shape[0], q.shape[2])
+  out_dtype = _check_out_dtype(out_dtype, q.dtype)
+  descales = _check_descales(q, k, descale_q=descale_q, descale_k=descale_k,
+                             descale_v=descale_v)
+  if fp8:
+    for name, used in (("segment_ids", segment_ids is not None),
+                       ("kv_segment_ids", kv_segment_ids is not None),
+                       ("deterministic", deterministic)):
+      if used:
+        raise ValueError(f"flash_attention: {name} is not supported with float8_e4m3fn "
+                         f"inputs (the FP8 kernels are forward only, without packed "
+                         f"sequences); run this call in bfloat16 or float16")
+    out, lse, *max_logit = fp8_forward(q, k, v, descales, sinks, params,
+                                       Fp8Params(out_dtype), return_max_logit)
+    return _results(out, lse if return_lse else None, *max_logit)
   absent = jnp.zeros((0,), jnp.int32)
   q_rows, kv_rows = absent, absent
   if segment_ids is not None or kv_segment_ids is not None:
@@ -133,6 +163,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=
       raise ValueError(f"flash_attention_varlen: {name} must have rank 3 [total_tokens, heads, "
                        f"head_dim], got shape {x.shape}")
   for name, bound in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+    _checks.refuse_traced(name, bound, "FlashAttention takes it as a Python int (jax_fa3 "
+                          "needs none: None will do)")
     if bound is not None and not (_is_int(bound) and bound >= 0):
       raise ValueError(f"flash_attention_varlen: {name} must be an int >= 0, got {bound!r}")
   cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q)
@@ -144,7 +176,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=
   used_q = _check_seq_lengths("seqused_q", seqused_q, num_seqs)
   used_k = _check_seq_lengths("seqused_k", seqused_k, num_seqs)
   q4, k4, v4 = q[None], k[None], v[None]
-  _check_qkv(q4, k4, v4)
+  if _check_qkv(q4, k4, v4):
+    raise TypeError("flash_attention_varlen: float8_e4m3fn inputs are not supported (the FP8 "
+                    "kernels have no variable-length form); use flash_attention with "
+                    "[batch, seqlen, heads, head_dim] arrays, or bfloat16/float16 here")
   causal, return_lse, return_max_logit, deterministic = _check_flags(
       causal=causal, return_lse=return_lse, return_max_logit=return_max_logit,
       deterministic=deterministic)
@@ -187,13 +222,18 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     "fa3": jax_fa3, or a ValueError/TypeError naming what it does not support.
     "xla", "cudnn": passed through to `jax.nn.dot_product_attention`.
 
-  With None and "fa3", arguments that break jax.nn's own rules raise a ValueError or
-  TypeError naming the argument, whichever implementation would run: ranks other than
-  3 or 4, non-floating inputs, a `bias` or `mask` that does not broadcast to
-  [batch, heads, T, S], a window that is not an int or a pair of ints, a non-finite
-  `scale`, flags that are not static bools. Empty sequences and head dims run on jax.nn,
-  which returns an empty (or all-zero) result.
+  `is_causal` and `return_residual` must be static bools with every implementation (a
+  string such as "False" would otherwise be taken as true). With None and "fa3",
+  arguments that break jax.nn's own rules raise a ValueError or TypeError naming the
+  argument, whichever implementation would run: ranks other than 3 or 4, non-floating
+  inputs, a `bias` or `mask` that does not broadcast to [batch, heads, T, S], a complex
+  `bias`, a window that is not an int or a pair of ints, a non-finite `scale`. Should
+  jax.nn still refuse arguments that jax_fa3 can't take either, the error says both
+  reasons. Empty sequences and head dims run on jax.nn, which returns an empty (or
+  all-zero) result.
   """
+  is_causal, return_residual = _check_flags(is_causal=is_causal,
+                                            return_residual=return_residual)
   if implementation in ("xla", "cudnn"):
     return _jax_nn(query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
                    key_value_seq_lengths, local_window_size, implementation, return_residual)
@@ -201,8 +241,6 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     raise ValueError(f"Unsupported implementation option: {implementation!r}; "
                      "choose None, 'fa3', 'xla' or 'cudnn'")
   query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-  is_causal, return_residual = _check_flags(is_causal=is_causal,
-                                            return_residual=return_residual)
   if _is_int(local_window_size):
     local_window_size = (local_window_size, local_window_size)
   bias, mask, query_seq_lengths, key_value_seq_lengths = _check_like_jax_nn(
@@ -212,8 +250,11 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   if unsupported:
     if implementation == "fa3":
       raise unsupported
-    return _jax_nn(query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
-                   key_value_seq_lengths, local_window_size, None, return_residual)
+    try:
+      return _jax_nn(query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
+                     key_value_seq_lengths, local_window_size, None, return_residual)
+    except (TypeError, ValueError) as jax_nn_error:  # what the checks above did not foresee
+      raise _checks.refused_by_both(unsupported, jax_nn_error) from jax_nn_error
 
   output_shape = query.shape
   if query.ndim == 3:
@@ -317,34 +358,130 @@ def _attention_bwd(params, deterministic, return_max_logit, residuals, cotangent
 _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 
 
+# --- FP8 --------------------------------------------------------------------------
+
+def fp8_forward(q, k, v, descales, sinks, params: AttentionParams, fp8: Fp8Params,
+                return_max_logit=False):
+  """The FP8 forward on float8_e4m3fn q, k, v and their descales in the contract's block
+  forms (CONTRACT.md): (descale_q [B, H, QB], descale_k [B, Hk, KB], descale_v [B, Hk]),
+  each None or shape [0] when absent, a block covering fp8.q_block_rows query rows or
+  fp8.k_block_rows keys. Returns (out, lse[, max_logit]); no gradient (an error that
+  names fp8_attention). `sinks` is float32 [B, H] or absent (shape [0])."""
+  descales = tuple(jnp.zeros((0,), jnp.float32) if x is None else x for x in descales)
+  return _fp8_forward(q, k, v, sinks, *descales, params, fp8, bool(return_max_logit))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(7, 8, 9))
+def _fp8_forward(q, k, v, sinks, descale_q, descale_k, descale_v, params, fp8,
+                 return_max_logit):
+  absent = jnp.zeros((0,), jnp.int32)
+  return tuple(sharding.attention_fwd(q, k, v, absent, absent, absent, absent, sinks, params,
+                                      return_max_logit, (descale_q, descale_k, descale_v),
+                                      fp8))
+
+
+@_fp8_forward.defjvp
+def _no_fp8_gradient(params, fp8, return_max_logit, primals, tangents):
+  del params, fp8, return_max_logit, primals, tangents
+  raise TypeError(
+      "flash_attention has no gradient for float8_e4m3fn inputs: there is no FP8 backward "
+      "kernel. For a differentiable FP8 forward use jax_fa3.fp8_attention(q, k, v, ...) on "
+      "bfloat16/float16 inputs: it quantizes them itself and takes its gradient from the "
+      "16-bit backward on the dequantized inputs.")
+
+
+def _check_out_dtype(out_dtype, dtype):
+  """The output dtype's name for FP8 inputs (default bfloat16), or None for 16-bit ones,
+  whose output has their own dtype."""
+  if out_dtype is not None:
+    try:
+      out_dtype = jnp.dtype(out_dtype)
+    except TypeError as e:
+      raise TypeError(f"flash_attention: out_dtype must be a dtype, got {out_dtype!r}") from e
+  if dtype != FP8_DTYPE:
+    if out_dtype not in (None, dtype):
+      raise ValueError(f"flash_attention: out_dtype={out_dtype} is for float8_e4m3fn inputs; "
+                       f"{dtype} inputs give {dtype} outputs (pass out_dtype=None)")
+    return None
+  if out_dtype is None:
+    return "bfloat16"
+  if out_dtype not in DTYPES:
+    raise ValueError(f"flash_attention: out_dtype must be bfloat16 or float16 for "
+                     f"float8_e4m3fn inputs, got {out_dtype}")
+  return out_dtype.name
+
+
+def _check_descales(q, k, **descales):
+  """descale_q, descale_k, descale_v (each None, a positive number or a float32 array of
+  shape [] or [batch, kv_heads]) as the FP8 forward's block forms: float32 [B, H, 1],
+  [B, Hk, 1], [B, Hk], None where not given. Given with 16-bit inputs: a ValueError."""
+  given = [name for name, x in descales.items() if x is not None]
+  if q.dtype != FP8_DTYPE:
+    if given:
+      raise ValueError(f"flash_attention: {given[0]} is only for float8_e4m3fn inputs; q, k "
+                       f"and v have dtype {q.dtype}, which needs no descaling")
+    return (None,) * 3
+  batch, _, heads, _ = q.shape
+  kv_heads = k.shape[2]
+  shaped = []
+  for name, x in descales.items():
+    if x is None:
+      shaped.append(None)
+      continue
+    if _is_python_number(x):
+      if not 0 < float(x) < np.inf:
+        raise ValueError(f"flash_attention: {name} must be a finite number > 0, got {x!r}")
+      x = jnp.float32(x)
+    x = jnp.asarray(x)
+    if x.dtype != np.float32 or x.shape not in ((), (batch, kv_heads)):
+      raise ValueError(f"flash_attention: {name} must be a number or a float32 array of shape "
+                       f"[] or [batch, kv_heads] = [{batch}, {kv_heads}], got "
+                       f"{x.dtype}{list(x.shape)}")
+    x = jnp.broadcast_to(x, (batch, kv_heads))
+    if name == "descale_q":  # per query head: its k/v head's factor
+      x = jnp.repeat(x, heads // kv_heads, axis=1)
+    shaped.append(x if name == "descale_v" else x[:, :, None])
+  return tuple(shaped)
+
+
+def _is_python_number(x):
+  return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
 # --- Argument checks -------------------------------------------------------------
 
-def _check_qkv(q, k, v):
+def _check_qkv(q, k, v, function="flash_attention"):
+  """Checks q, k, v for `function` (named in the errors); returns whether they are FP8
+  (float8_e4m3fn)."""
   for name, x in (("q", q), ("k", k), ("v", v)):
     if x.ndim != 4:
-      raise ValueError(f"flash_attention: {name} must have rank 4 "
+      raise ValueError(f"{function}: {name} must have rank 4 "
                        f"[batch, seqlen, heads, head_dim], got shape {x.shape}")
-    if x.dtype not in DTYPES:
-      raise TypeError(f"flash_attention: {name} has dtype {x.dtype}; it takes bfloat16 or "
-                      "float16. Cast float32 inputs with .astype(jnp.bfloat16), or use "
+    if x.dtype not in (*DTYPES, FP8_DTYPE):
+      raise TypeError(f"{function}: {name} has dtype {x.dtype}; it takes bfloat16 or "
+                      "float16 (or float8_e4m3fn q, k and v with descale factors). Cast "
+                      "float32 inputs with .astype(jnp.bfloat16), or use "
                       "jax_fa3.dot_product_attention, which hands float32 to jax.nn.")
     if 0 in x.shape:
-      raise ValueError(f"flash_attention: {name} has an empty dimension: shape {x.shape}")
+      raise ValueError(f"{function}: {name} has an empty dimension: shape {x.shape}")
   if not q.dtype == k.dtype == v.dtype:
-    raise TypeError(f"flash_attention: q, k and v must share one dtype, got "
+    fp8_rule = (" (FP8 attention takes q, k and v all float8_e4m3fn)"
+                if FP8_DTYPE in (q.dtype, k.dtype, v.dtype) else "")
+    raise TypeError(f"{function}: q, k and v must share one dtype{fp8_rule}, got "
                     f"{q.dtype}, {k.dtype}, {v.dtype}")
   shapes = f"q {q.shape}, k {k.shape}, v {v.shape}"
   if not q.shape[0] == k.shape[0] == v.shape[0]:
-    raise ValueError(f"flash_attention: q, k and v must have the same batch size: {shapes}")
+    raise ValueError(f"{function}: q, k and v must have the same batch size: {shapes}")
   if k.shape[3] != q.shape[3]:
-    raise ValueError(f"flash_attention: k's head dim must equal q's: {shapes}")
+    raise ValueError(f"{function}: k's head dim must equal q's: {shapes}")
   if v.shape[1:3] != k.shape[1:3]:
-    raise ValueError(f"flash_attention: v must have k's seqlen and heads: {shapes}")
+    raise ValueError(f"{function}: v must have k's seqlen and heads: {shapes}")
   if q.shape[2] % k.shape[2]:
-    raise ValueError(f"flash_attention: q's heads ({q.shape[2]}) must be a multiple of "
+    raise ValueError(f"{function}: q's heads ({q.shape[2]}) must be a multiple of "
                      f"k/v's heads ({k.shape[2]}): {shapes}")
   if max(q.shape[3], v.shape[3]) > _MAX_HEAD_DIM:
-    raise ValueError(f"flash_attention: head dims must be at most {_MAX_HEAD_DIM}: {shapes}")
+    raise ValueError(f"{function}: head dims must be at most {_MAX_HEAD_DIM}: {shapes}")
+  return q.dtype == FP8_DTYPE
 
 
 def _flash_params(head_dim, softmax_scale, causal, window_size, softcap, diagonal_offset):
@@ -429,6 +566,7 @@ def _tokens_of(flagged, cu_seqlens, total):
 
 
 def _check_window(name, window):
+  _checks.refuse_traced(name, window, "it selects the kernel's mask")
   if (not isinstance(window, (tuple, list)) or len(window) != 2
       or not all(_is_int(w) and w >= -1 for w in window)):
     raise ValueError(f"{name} must be a pair (left, right) of ints >= -1 "
@@ -438,17 +576,15 @@ def _check_window(name, window):
 
 def _check_softcap(softcap):
   softcap = _static_float("softcap", softcap, 0.0)
-  if softcap < 0 or not np.isfinite(softcap):
-    raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap}")
+  if rule := _checks.softcap_rule(softcap):
+    raise ValueError(f"softcap {rule}, got {softcap}")
   return softcap
 
 
 def _softmax_scale(softmax_scale, head_dim):
   scale = _static_float("softmax_scale", softmax_scale, head_dim ** -0.5)
-  if not 0 < scale <= _MAX_SOFTMAX_SCALE:  # NaN fails too
-    raise ValueError(f"softmax_scale must be a finite number > 0 and at most "
-                     f"{_MAX_SOFTMAX_SCALE:g} (beyond it the float32 scores may overflow), "
-                     f"got {softmax_scale!r}")
+  if rule := _checks.softmax_scale_rule(scale):
+    raise ValueError(f"softmax_scale {rule}, got {softmax_scale!r}")
   return scale
 
 
@@ -462,7 +598,7 @@ def _static_float(name, value, default):
   if not _is_real_scalar(value):
     raise TypeError(f"{name} must be a static Python number (it is a kernel attribute), "
                     f"got {value!r} of type {type(value).__name__}")
-  return float(value)
+  return _checks.as_float(name, value)
 
 
 def _is_real_scalar(x):
@@ -484,6 +620,8 @@ _FLAG_ROLES = {
     "causal": "it selects the kernel's mask",
     "is_causal": "it selects the attention mask",
     "deterministic": "it selects the backward kernel's mode",
+    "hadamard": "it selects how the inputs are quantized",
+    "block_quantize": "it selects how the inputs are quantized",
     "return_lse": "it sets how many arrays the call returns",
     "return_max_logit": "it sets how many arrays the call returns",
     "return_residual": "it sets how many arrays the call returns",
@@ -536,9 +674,8 @@ def _unsupported_by_fa3(query, key, value, bias, mask, scale, local_window_size)
     if isinstance(scale, jax.core.Tracer):
       return TypeError("implementation='fa3' needs a static `scale` (a kernel attribute), "
                        f"got {scale!r}")
-    if not 0 < float(scale) <= _MAX_SOFTMAX_SCALE:
-      return ValueError(f"implementation='fa3' needs a `scale` > 0 and at most "
-                        f"{_MAX_SOFTMAX_SCALE:g}, got {scale!r}")
+    if rule := _checks.softmax_scale_rule(float(scale)):
+      return ValueError(f"implementation='fa3': `scale` {rule}, got {scale!r}")
   if local_window_size is not None and not (
       isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2
       and all(_is_int(w) and w >= 0 for w in local_window_size)):
@@ -588,6 +725,8 @@ def _check_like_jax_nn(query, key, value, bias, mask, scale, query_seq_lengths,
         d in (1, n) for d, n in zip((1,) * (4 - x.ndim) + x.shape, logits_shape))):
       raise ValueError(f"{name} must broadcast to [batch, heads, T, S] = {list(logits_shape)} "
                        f"(each axis that size or 1), got shape {x.shape}")
+  if bias is not None and jnp.issubdtype(bias.dtype, jnp.complexfloating):
+    raise TypeError(f"bias must be real (it is added to the scores), got dtype {bias.dtype}")
   if mask is not None and mask.dtype != np.bool_:
     raise TypeError(f"mask must be boolean (True where a query attends to a key), got dtype "
                     f"{mask.dtype}")
@@ -595,7 +734,7 @@ def _check_like_jax_nn(query, key, value, bias, mask, scale, query_seq_lengths,
   if scale is not None:
     if not _is_real_scalar(scale):
       raise TypeError(f"scale must be a real number or a scalar array, got {scale!r}")
-    if not isinstance(scale, jax.core.Tracer) and not np.isfinite(float(scale)):
+    if not isinstance(scale, jax.core.Tracer) and not np.isfinite(_checks.as_float("scale", scale)):
       raise ValueError(f"scale must be finite, got {scale!r}")
   if local_window_size is not None and not (
       isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2

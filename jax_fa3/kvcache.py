@@ -9,7 +9,7 @@ which lowers to `jax_fa3_decode` on Hopper and to `reference.kvcache_attention` 
 import jax.numpy as jnp
 import numpy as np
 
-from jax_fa3 import attention, primitives, reference, sharding
+from jax_fa3 import _checks, attention, primitives, reference, sharding
 
 _NAME = "flash_attention_with_kvcache"
 
@@ -95,6 +95,7 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
       raise ValueError(f"{_NAME}: k_new {k_new.shape} and v_new {v_new.shape} must have one shape")
     if k_new.shape[1] == 0:
       k_new = v_new = None
+  _checks.refuse_traced("num_splits", num_splits, "it sets the shape of the kernels' workspace")
   if not (attention._is_int(num_splits) and 0 <= num_splits <= primitives.DECODE_MAX_SPLITS):
     raise ValueError(f"{_NAME}: num_splits must be an int in [0, {primitives.DECODE_MAX_SPLITS}] "
                      f"(0 = automatic), got {num_splits!r}")

@@ -4,16 +4,20 @@ Their operands, results and parameters are those of the FFI contract
 (`cuda/ffi/CONTRACT.md`); `reference.py` states their semantics in JAX.
 `sharding.py` lifts them to a device mesh as the `fa3_fwd` and `fa3_bwd` primitives
 that attention.py binds.
-- fwd: (q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks) -> (out, lse[, max_logit])
+- fwd: (q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q, descale_k,
+  descale_v) -> (out, lse[, max_logit])
 - bwd: (dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks)
   -> (dq, dk, dv[, dsinks])
 - decode: (q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table)
   -> (out, lse, k_cache, v_cache), the caches updated in place (no VJP; its vmap rule is
   `decode_batch`; sharding.py lifts it to a mesh for kvcache.py)
 An absent `seqused_*` or rows (packed sequences, `segments.py`) is an int32 array of
-shape [0], absent sinks a float32 one. With rows, the CUDA lowering adds their tile plans
-to the FFI call. Sinks, max_logit and dsinks are float32 [batch, heads]; max_logit is a
-result when the forward's `return_max_logit` parameter is set, dsinks when sinks are given.
+shape [0], absent sinks and descales float32 ones. With rows, the CUDA lowering adds their
+tile plans to the FFI call. Sinks, max_logit and dsinks are float32 [batch, heads]; max_logit
+is a result when the forward's `return_max_logit` parameter is set, dsinks when sinks are
+given. The descales (float8_e4m3fn inputs only) are float32 `[batch, heads, QB]`,
+`[batch, kv_heads, KB]` and `[batch, kv_heads]`; the forward's `fp8` parameter (`Fp8Params`,
+None for 16-bit inputs) gives the output dtype and the rows one descale block covers.
 
 On CUDA they lower to the FFI targets where a kernel is compiled for the
 dtype and head dims, padding head dims up to the next compiled ones; anywhere
@@ -44,13 +48,27 @@ class AttentionParams:
   diagonal_offset: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class Fp8Params:
+  """The forward's parameters for float8_e4m3fn inputs: the output dtype name, and how many
+  query rows (keys) one block of descale_q (descale_k) covers when it has more than one
+  block (CONTRACT.md; the CUDA lowering checks them against the kernel's)."""
+  out_dtype: str = "bfloat16"
+  q_block_rows: int = 64
+  k_block_rows: int = 128
+
+
 def attention_fwd(q, k, v, seqused_q, seqused_k, params: AttentionParams, q_rows=None,
-                  kv_rows=None, sinks=None, return_max_logit=False):
+                  kv_rows=None, sinks=None, return_max_logit=False, descales=None,
+                  fp8: Fp8Params | None = None):
   """Binds the forward primitive: returns (out, lse), and max_logit with `return_max_logit`.
-  A seqused, rows or sinks may be None (absent)."""
+  A seqused, rows, sinks or descale may be None (absent); `descales` is None or the tuple
+  (descale_q, descale_k, descale_v)."""
+  descales = (None,) * 3 if descales is None else descales
   return fwd_p.bind(q, k, v, *map(absent_if_none, (seqused_q, seqused_k, q_rows, kv_rows)),
-                    absent_if_none(sinks, jnp.float32), **dataclasses.asdict(params),
-                    return_max_logit=bool(return_max_logit))
+                    *(absent_if_none(x, jnp.float32) for x in (sinks, *descales)),
+                    **dataclasses.asdict(params), return_max_logit=bool(return_max_logit),
+                    fp8=fp8)
 
 
 def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
@@ -139,13 +157,13 @@ def _round_up(x, multiple):
 # --- Abstract evaluation ------------------------------------------------------
 # `aval.update` keeps the operands' sharding and varying manual axes.
 
-def _fwd_abstract_eval(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, *,
-                       return_max_logit, **params):
-  del k, seqused_q, seqused_k, q_rows, kv_rows, sinks, params
+def _fwd_abstract_eval(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q,
+                       descale_k, descale_v, *, return_max_logit, fp8, **params):
+  del k, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q, descale_k, descale_v, params
   batch, seqlen_q, heads, _ = q.shape
   spec_b, spec_t, spec_n, _ = q.sharding.spec
   lse_sharding = q.sharding.update(spec=jax.sharding.PartitionSpec(spec_b, spec_n, spec_t))
-  results = (q.update(shape=(batch, seqlen_q, heads, v.shape[3])),
+  results = (q.update(shape=(batch, seqlen_q, heads, v.shape[3]), dtype=_out_dtype(q, fp8)),
              q.update(shape=(batch, heads, seqlen_q), dtype=jnp.float32, sharding=lse_sharding))
   if not return_max_logit:
     return results
@@ -162,27 +180,50 @@ def _bwd_abstract_eval(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv
 
 # --- CUDA lowering -------------------------------------------------------------
 
-def _fwd_cuda(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, *, return_max_logit,
-              **params):
-  dims = _kernel_head_dims("fwd", q, v)
+def _out_dtype(q, fp8):
+  return q.dtype if fp8 is None else jnp.dtype(fp8.out_dtype)
+
+
+def _fwd_cuda(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q, descale_k,
+              descale_v, *, return_max_logit, fp8, **params):
+  out_dtype = _out_dtype(q, fp8)
+  dims = _kernel_head_dims("fwd", q, v, out_dtype)
   if dims is None:
     return reference.attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks,
-                                   return_max_logit=return_max_logit, **params)
+                                   descale_q, descale_k, descale_v,
+                                   return_max_logit=return_max_logit, fp8=fp8, **params)
   head_dim, head_dim_v = dims
+  if fp8 is not None:
+    _check_descale_blocks(fp8, q, k, head_dim, descale_q, descale_k)
   batch, seqlen_q, heads, _ = q.shape
   tile_plan = absent_if_none(None)
   if q_rows.size:
     tile_plan = segments.forward_plan(q_rows, *_segment_tile("fwd", q.dtype, head_dim))
   out, lse, _, max_logit_keys = jax.ffi.ffi_call(_kernels.FWD_TARGET, (
-      jax.ShapeDtypeStruct((batch, seqlen_q, heads, head_dim_v), q.dtype),
+      jax.ShapeDtypeStruct((batch, seqlen_q, heads, head_dim_v), out_dtype),
       jax.ShapeDtypeStruct((batch, heads, seqlen_q), jnp.float32),
       jax.ShapeDtypeStruct((fwd_workspace_bytes(),), jnp.uint8),
       jax.ShapeDtypeStruct((batch, heads) if return_max_logit else (1,), jnp.uint32),
   ))(_pad_head_dim(q, head_dim), _pad_head_dim(k, head_dim),
      _pad_head_dim(v, head_dim_v), seqused_q, seqused_k, q_rows, kv_rows, tile_plan, sinks,
+     descale_q, descale_k, descale_v,
      **_ffi_attributes(**params), return_max_logit=bool(return_max_logit))
   results = (out[..., :v.shape[3]], lse)
   return (*results, decode_max_logit(max_logit_keys)) if return_max_logit else results
+
+
+def _check_descale_blocks(fp8, q, k, head_dim, descale_q, descale_k):
+  """Descales with several blocks must be cut as the compiled kernel's tiles are."""
+  kernel_rows = _kernels.kernels_available().descale_block(q.dtype, fp8.out_dtype, head_dim)
+  for name, descale, seqlen, rows, kernel in (
+      ("descale_q", descale_q, q.shape[1], fp8.q_block_rows, kernel_rows[0]),
+      ("descale_k", descale_k, k.shape[1], fp8.k_block_rows, kernel_rows[1])):
+    if descale.ndim == 3 and descale.shape[2] > 1 and rows != kernel:
+      raise ValueError(
+          f"jax_fa3: {name} has {descale.shape[2]} blocks of {rows} rows (of {seqlen}), but the "
+          f"compiled float8_e4m3fn kernel for head_dim={head_dim} reads blocks of {kernel}; "
+          f"quantize with jax_fa3.fp8_attention, or with "
+          f"kernels_available().descale_block(...)")
 
 
 def decode_max_logit(keys):
@@ -263,10 +304,11 @@ def _segment_tile(direction, dtype, head_dim):
   return _kernels.kernels_available().segment_tile(direction, dtype, head_dim)
 
 
-def _kernel_head_dims(direction, q, v):
+def _kernel_head_dims(direction, q, v, out_dtype=None):
   """The compiled head dims to pad to, or None (with a one-time warning) if none fits.
 
-  Raises RuntimeError when the extension is missing altogether.
+  Raises RuntimeError when the extension is missing altogether, and ValueError when kernels
+  read q's dtype but none writes `out_dtype` (default: q's dtype).
   """
   kernels = _kernels.kernels_available()
   if not kernels:
@@ -276,7 +318,13 @@ def _kernel_head_dims(direction, q, v):
     _warn_once(f"jax_fa3: the kernels are built for Hopper (sm_90a), not for "
                f"{', '.join(other_gpus)}; running the float32 reference instead (slow).")
     return None
-  dims = kernels.head_dims_for(direction, q.dtype, q.shape[3], v.shape[3])
+  out_dtype = q.dtype if out_dtype is None else jnp.dtype(out_dtype)
+  written = kernels.out_dtypes(direction, q.dtype)
+  if written and out_dtype.name not in written:
+    raise ValueError(f"jax_fa3: out_dtype={out_dtype.name} has no compiled {direction} kernel "
+                     f"for {q.dtype} inputs; the compiled ones write {', '.join(written)}. "
+                     f"See jax_fa3.kernels_available().")
+  dims = kernels.head_dims_for(direction, q.dtype, q.shape[3], v.shape[3], out_dtype)
   if dims is None:
     _warn_once(f"jax_fa3: no {direction} kernel is compiled for {q.dtype} with "
                f"head_dim={q.shape[3]}, head_dim_v={v.shape[3]}; running the float32 "
@@ -385,7 +433,10 @@ def decode_batch(primitive, args, dims, **params):
 
 # --- Registration ----------------------------------------------------------------
 
-def _define(name, abstract_eval, reference_rule, cuda_rule):
+def define_primitive(name, abstract_eval, reference_rule, cuda_rule, batcher=None):
+  """A multiple-result primitive lowered to `cuda_rule` on CUDA and to `reference_rule`
+  elsewhere; vmap folds the mapped axis into the batch unless `batcher(primitive)` gives
+  another rule."""
   primitive = Primitive(name)
   primitive.multiple_results = True
   primitive.def_impl(functools.partial(xla.apply_primitive, primitive))
@@ -393,23 +444,19 @@ def _define(name, abstract_eval, reference_rule, cuda_rule):
   mlir.register_lowering(primitive, mlir.lower_fun(reference_rule, multiple_results=True))
   mlir.register_lowering(primitive, mlir.lower_fun(cuda_rule, multiple_results=True),
                          platform="cuda")
-  batching.primitive_batchers[primitive] = functools.partial(
-      fold_vmap_axis_into_batch, primitive)
+  batching.primitive_batchers[primitive] = (batcher or fold_vmap_axis_into_batch_rule)(primitive)
   return primitive
 
 
-fwd_p = _define("fa3_fwd_local", _fwd_abstract_eval, reference.attention_fwd, _fwd_cuda)
-bwd_p = _define("fa3_bwd_local", _bwd_abstract_eval, reference.attention_bwd, _bwd_cuda)
+def fold_vmap_axis_into_batch_rule(primitive):
+  return functools.partial(fold_vmap_axis_into_batch, primitive)
 
-# The decode primitive: the same lowerings, its own batching rule (a paged cache is not
-# batched by sequence) and a JVP that says there is no gradient.
-decode_p = Primitive("fa3_decode_local")
-decode_p.multiple_results = True
-decode_p.def_impl(functools.partial(xla.apply_primitive, decode_p))
-decode_p.def_abstract_eval(_decode_abstract_eval)
-mlir.register_lowering(decode_p, mlir.lower_fun(reference.kvcache_attention,
-                                                multiple_results=True))
-mlir.register_lowering(decode_p, mlir.lower_fun(_decode_cuda, multiple_results=True),
-                       platform="cuda")
+
+fwd_p = define_primitive("fa3_fwd_local", _fwd_abstract_eval, reference.attention_fwd, _fwd_cuda)
+bwd_p = define_primitive("fa3_bwd_local", _bwd_abstract_eval, reference.attention_bwd, _bwd_cuda)
+
+# The decode primitive: its own batching rule (a paged cache is not batched by sequence) and
+# a JVP that says there is no gradient.
+decode_p = define_primitive("fa3_decode_local", _decode_abstract_eval, reference.kvcache_attention,
+                            _decode_cuda, batcher=lambda p: functools.partial(decode_batch, p))
 ad.primitive_jvps[decode_p] = _no_decode_gradient
-batching.primitive_batchers[decode_p] = functools.partial(decode_batch, decode_p)

@@ -11,6 +11,12 @@ gradient. Absent `seqused_*` and rows have shape `[0]`.
 
 Heads are grouped as in `jax.nn.dot_product_attention`: query head `h` reads
 key/value head `h // (heads // kv_heads)`.
+
+float8_e4m3fn inputs follow the FP8 kernels' numerics (CONTRACT.md): the e4m3 values are
+used exactly, the scores are multiplied by the descale factors, the unnormalised
+probabilities exp(s - m) * 256 (exp2 with the +8 offset in the kernels, m the row max) are
+rounded to e4m3 before they multiply v, the row sum is taken from the unrounded ones, and
+the output is multiplied by descale_v.
 """
 
 import jax
@@ -21,16 +27,28 @@ from jax_fa3 import segments
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, *, softmax_scale,
-                  softcap, window_left, window_right, diagonal_offset, return_max_logit=False):
-  """Returns `(out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] float32)`, and with
-  `return_max_logit` the largest visible scaled score of each (batch, head), float32 [B, H]
-  (-inf where none). `sinks` (float32 [B, H] or absent, shape [0]) adds one logit per row to
-  the softmax's sum, with no value: a row within seqused_q that sees no key then has
-  output 0 and lse = its sink."""
+# The FP8 kernels' unnormalised probabilities are exp2(x - m + 8), in (0, 256]: the +8
+# keeps them clear of e4m3's subnormals.
+_FP8_PROBS_SCALE = 256.0
+
+
+def attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q=None,
+                  descale_k=None, descale_v=None, *, softmax_scale, softcap, window_left,
+                  window_right, diagonal_offset, return_max_logit=False, fp8=None):
+  """Returns `(out [B, Sq, H, Dv], lse [B, H, Sq] float32)`, out in q's dtype (with `fp8`,
+  a primitives.Fp8Params: its out_dtype), and with `return_max_logit` the largest visible
+  scaled score of each (batch, head), float32 [B, H] (-inf where none). `sinks` (float32
+  [B, H] or absent, shape [0]) adds one logit per row to the softmax's sum, with no value:
+  a row within seqused_q that sees no key then has output 0 and lse = its sink. The
+  descales (float8_e4m3fn inputs; absent: None or shape [0], factor 1) are float32
+  `[B, H, QB]`, `[B, Hk, KB]` and `[B, Hk]`, a block covering fp8.q_block_rows query rows
+  or fp8.k_block_rows keys."""
   visible = _visible(q.shape[1], k.shape[1], seqused_q, seqused_k, q_rows, kv_rows,
                      window_left, window_right, diagonal_offset)
-  scores, _ = _scores(q, k, softmax_scale, softcap)
+  if fp8 is None:
+    scores, _ = _scores(q, k, softmax_scale, softcap)
+  else:
+    scores = _fp8_scores(q, k, descale_q, descale_k, softmax_scale, softcap, fp8)
   scores = jnp.where(visible, scores, -jnp.inf)
   row_max = jnp.max(scores, axis=-1, keepdims=True)
   max_logit = jnp.max(row_max, axis=(3, 4)).reshape(q.shape[0], q.shape[2])
@@ -38,11 +56,14 @@ def attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, *, soft
   probs = jnp.exp(scores - row_max)
   row_sum = jnp.sum(probs, axis=-1, keepdims=True)
   seen_any = row_sum > 0
-  probs = probs / jnp.where(seen_any, row_sum, 1.0)
   lse = jnp.where(seen_any, row_max + jnp.log(jnp.where(seen_any, row_sum, 1.0)),
                   -jnp.inf)
-  out = _ungroup(jnp.einsum("bhgqk,bkhd->bhgqd", probs, v.astype(jnp.float32),
-                            precision=_HIGHEST))
+  if fp8 is None:
+    probs = probs / jnp.where(seen_any, row_sum, 1.0)
+    out = _ungroup(jnp.einsum("bhgqk,bkhd->bhgqd", probs, v.astype(jnp.float32),
+                              precision=_HIGHEST))
+  else:
+    out = _fp8_probs_times_values(probs, row_sum, seen_any, v, descale_v)
   batch, seqlen_q, heads = q.shape[:3]
   lse = lse.reshape(batch, heads, seqlen_q)
   if sinks.size:
@@ -50,8 +71,48 @@ def attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, *, soft
     if seqused_q.size:  # rows past the used length are not rows: no sink there
       rows = (jnp.arange(seqlen_q) < seqused_q[:, None])[:, None]
     out, lse = with_sinks(out, lse, sinks, rows)
-  results = (out.astype(q.dtype), lse)
+  results = (out.astype(q.dtype if fp8 is None else fp8.out_dtype), lse)
   return (*results, max_logit) if return_max_logit else results
+
+
+def _fp8_scores(q, k, descale_q, descale_k, softmax_scale, softcap, fp8):
+  """Scores `[B, Hk, G, Sq, Sk]` in float32 from exact e4m3 products, times the descales of
+  each query's and key's block and the softmax scale, then softcapped."""
+  batch, seqlen_q, heads, _ = q.shape
+  seqlen_k, kv_heads = k.shape[1:3]
+  q_g = _group(jnp.swapaxes(q, 1, 2).astype(jnp.float32), k)
+  scores = jnp.einsum("bhgqd,bkhd->bhgqk", q_g, k.astype(jnp.float32), precision=_HIGHEST)
+  factor = jnp.float32(softmax_scale)
+  if _present(descale_q):  # [B, H, QB] -> per query row, [B, Hk, G, Sq, 1]
+    rows = _per_row(descale_q, fp8.q_block_rows, seqlen_q)
+    factor = factor * rows.reshape(batch, kv_heads, heads // kv_heads, seqlen_q, 1)
+  if _present(descale_k):  # [B, Hk, KB] -> per key, [B, Hk, 1, 1, Sk]
+    keys = _per_row(descale_k, fp8.k_block_rows, seqlen_k)
+    factor = factor * keys[:, :, None, None, :]
+  scores = scores * factor
+  return softcap * jnp.tanh(scores / softcap) if softcap else scores
+
+
+def _fp8_probs_times_values(probs, row_sum, seen_any, v, descale_v):
+  """(P8 . v8) * descale_v / row_sum as `[B, Sq, H, Dv]` float32: P = probs * 256 rounded to
+  e4m3 (nearest even; 256 and below never saturate), row_sum the unrounded probs' sum."""
+  weights = (probs * _FP8_PROBS_SCALE).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+  out = jnp.einsum("bhgqk,bkhd->bhgqd", weights, v.astype(jnp.float32), precision=_HIGHEST)
+  scale = 1.0 / (_FP8_PROBS_SCALE * jnp.where(seen_any, row_sum, 1.0))
+  if _present(descale_v):  # [B, Hk] -> [B, Hk, 1, 1, 1]
+    scale = scale * descale_v[:, :, None, None, None]
+  return _ungroup(out * scale)
+
+
+def _present(operand):
+  return operand is not None and operand.size > 0
+
+
+def _per_row(descale, block_rows, seqlen):
+  """`[B, H, blocks]` -> `[B, H, seqlen]`: the factor of each row's block (one block: all)."""
+  if descale.shape[2] == 1:
+    return jnp.broadcast_to(descale, (*descale.shape[:2], seqlen))
+  return jnp.repeat(descale, block_rows, axis=2)[:, :, :seqlen]
 
 
 def with_sinks(out, lse, sinks, rows=None):

@@ -84,6 +84,19 @@ class Split:
       return PartitionSpec(None)
     return PartitionSpec(_entry(self.batch), _entry(self.heads))
 
+  def descale_spec(self, x, of_kv_heads):
+    """The FP8 descales: [batch, heads, blocks] (descale_q), [batch, kv_heads, blocks]
+    (descale_k) and [batch, kv_heads] (descale_v, `of_kv_heads`), split with q's or k's
+    heads; an absent one (shape [0]) is replicated."""
+    if len(x.shape) == 1:
+      return PartitionSpec(None)
+    heads = self.heads if self.kv_heads_split or not of_kv_heads else ()
+    return PartitionSpec(_entry(self.batch), _entry(heads), *[None] * (len(x.shape) - 2))
+
+  def descale_specs(self, descale_q, descale_k, descale_v):
+    return (self.descale_spec(descale_q, False), self.descale_spec(descale_k, True),
+            self.descale_spec(descale_v, True))
+
 
 # Packed sequences on a ring: the layout. The ring takes both (ring.packed_attention_fwd:
 # the rows are cut to each block exactly, and a block with no visible pair is skipped at run
@@ -105,7 +118,7 @@ _PACKED_RING = False
 
 
 def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: AttentionParams,
-                 packed: bool = False) -> Split:
+                 packed: bool = False, fp8: bool = False) -> Split:
   """How to run attention on q and k sharded as `q_spec` and `k_spec` over a mesh of
   `axis_sizes` ({axis name: size}).
 
@@ -119,6 +132,7 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
   (`packed`: segment ids, varlen) keep the sequence whole (gathered) unless `_PACKED_RING`
   is on; then they are split whenever P divides both lengths, whatever the mask (their rows
   hold it in positions of the whole row), and contiguous: see `_PACKED_STRIPED`.
+  FP8 inputs (`fp8`) have no ring: a sequence the ring would split raises a ValueError.
   """
   batch, seqlen_q, heads, _ = q_shape
   _, seqlen_k, kv_heads, _ = k_shape
@@ -146,9 +160,19 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
   elif bounded_sides and not striped and seqlen_q != seqlen_k:
     taken -= set(sequence)
     sequence = ()
+  if fp8 and sequence:
+    raise ValueError(
+        f"jax_fa3: float8_e4m3fn attention does not run as ring attention: q and k are split "
+        f"over their sequence by mesh axes {sequence} (q {_spec_text(q_spec)}, k "
+        f"{_spec_text(k_spec)}). Keep the sequence whole (split the batch or the heads), "
+        f"or run this call in bfloat16.")
   return Split(batch=split_batch, sequence=sequence, heads=split_heads,
                kv_heads_split=kv_heads % head_shards == 0,
                striped=bool(sequence) and striped)
+
+
+def _spec_text(spec):
+  return "P(" + ", ".join(repr(entry) for entry in spec) + ")"
 
 
 def _pick(axis_sizes, taken, candidates, *sizes):
@@ -162,17 +186,23 @@ def _pick(axis_sizes, taken, candidates, *sizes):
   return ()
 
 
-def local_fwd(split: Split, axis_sizes, params: AttentionParams, return_max_logit, q, k, v,
-              seqused_q, seqused_k, q_rows=None, kv_rows=None, sinks=None):
+def local_fwd(split: Split, axis_sizes, params: AttentionParams, return_max_logit, fp8, q, k,
+              v, seqused_q, seqused_k, q_rows=None, kv_rows=None, sinks=None, descale_q=None,
+              descale_k=None, descale_v=None):
   """The forward on one device's shards, split as `split`: returns (out, lse), and
-  max_logit with `return_max_logit`."""
+  max_logit with `return_max_logit`. `fp8` (primitives.Fp8Params or None) and the
+  descales are the FP8 forward's, which choose_split never puts on a ring."""
   seqused_q, seqused_k = primitives.none_if_absent(seqused_q), primitives.none_if_absent(seqused_k)
   sinks = primitives.none_if_absent(sinks)
   k, v = (_kv_head_of_device(split, axis_sizes, x) for x in (k, v))
   if not split.sequence:
+    descale_k, descale_v = (_kv_head_of_device(split, axis_sizes, x, axis=1)
+                            for x in _present(descale_k, descale_v))
     return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params,
                                           *_present(q_rows, kv_rows), sinks=sinks,
-                                          return_max_logit=return_max_logit))
+                                          return_max_logit=return_max_logit,
+                                          descales=(primitives.none_if_absent(descale_q),
+                                                    descale_k, descale_v), fp8=fp8))
   the_ring = _ring(split, axis_sizes)
   if primitives.none_if_absent(q_rows) is not None:
     out, lse, *max_logit = ring.packed_attention_fwd(the_ring, q, k, v, q_rows, kv_rows, params,
@@ -239,12 +269,14 @@ def _present(*operands):
   return tuple(primitives.none_if_absent(x) for x in operands)
 
 
-def _kv_head_of_device(split, axis_sizes, x):
-  """k or v as the device's query heads read it: the one head they share when the
-  k/v heads are fewer than the head shards; else as given."""
-  if not split.heads or split.kv_heads_split:
+def _kv_head_of_device(split, axis_sizes, x, axis=2):
+  """k or v (or an FP8 descale of theirs, heads on `axis` 1) as the device's query heads read
+  it: the one head they share when the k/v heads are fewer than the head shards; else as
+  given (None stays None)."""
+  if x is None or not split.heads or split.kv_heads_split:
     return x
-  return lax.dynamic_slice_in_dim(x, _kv_head_index(split, axis_sizes, x.shape[2]), 1, 2)
+  return lax.dynamic_slice_in_dim(x, _kv_head_index(split, axis_sizes, x.shape[axis]), 1,
+                                  axis)
 
 
 def _kv_head_index(split, axis_sizes, kv_heads):
@@ -279,17 +311,22 @@ def _entry(axes: tuple[str, ...]):
 # --- The primitives attention.py binds --------------------------------------------
 
 def attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, params: AttentionParams,
-                  return_max_logit: bool = False):
+                  return_max_logit: bool = False, descales=None,
+                  fp8: primitives.Fp8Params | None = None):
   """The forward on arrays sharded any way: returns (out, lse), and max_logit with
-  `return_max_logit`. Absent seqused, rows and sinks are arrays of shape [0]."""
+  `return_max_logit`. Absent seqused, rows and sinks are arrays of shape [0]; `descales`
+  is None (absent) or (descale_q, descale_k, descale_v), each maybe of shape [0]."""
+  descales = tuple(primitives.absent_if_none(x, jnp.float32)
+                   for x in (descales or (None,) * 3))
   if _in_shard_map():
     return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params, q_rows,
-                                          kv_rows, sinks, return_max_logit))
+                                          kv_rows, sinks, return_max_logit, descales, fp8))
   mesh = _explicit_mesh(q, k, v)
   if mesh is None:
-    return fwd_p.bind(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks,
-                      **dataclasses.asdict(params), return_max_logit=bool(return_max_logit))
-  split = _split_of(mesh, q, k, params, q_rows)
+    return fwd_p.bind(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, *descales,
+                      **dataclasses.asdict(params), return_max_logit=bool(return_max_logit),
+                      fp8=fp8)
+  split = _split_of(mesh, q, k, params, q_rows, fp8=fp8 is not None)
   q_spec = _spec(q)
   out_specs = (split.q_spec(), split.lse_spec())
   result_specs = (q_spec, PartitionSpec(q_spec[0], q_spec[2], q_spec[1]))
@@ -298,11 +335,12 @@ def attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, params:
     result_specs += (PartitionSpec(q_spec[0], q_spec[2]),)
   return _run_explicit(
       mesh, split, functools.partial(local_fwd, split, dict(mesh.shape), params,
-                                     bool(return_max_logit)),
-      args=(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks),
+                                     bool(return_max_logit), fp8),
+      args=(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, *descales),
       in_specs=(split.q_spec(), split.kv_spec(), split.kv_spec(),
                 split.seqused_spec(seqused_q), split.seqused_spec(seqused_k),
-                split.rows_spec(q_rows), split.rows_spec(kv_rows), split.per_head_spec(sinks)),
+                split.rows_spec(q_rows), split.rows_spec(kv_rows), split.per_head_spec(sinks),
+                *split.descale_specs(*descales)),
       out_specs=out_specs, result_specs=result_specs)
 
 
@@ -352,9 +390,9 @@ def _spec(x):
   return jax.typeof(x).sharding.spec
 
 
-def _split_of(mesh, q, k, params, q_rows):
+def _split_of(mesh, q, k, params, q_rows, fp8=False):
   return choose_split(dict(mesh.shape), _spec(q), _spec(k), q.shape, k.shape, params,
-                      packed=q_rows.ndim == 3)
+                      packed=q_rows.ndim == 3, fp8=fp8)
 
 
 def _run_explicit(mesh, split, program, *, args, in_specs, out_specs, result_specs):
@@ -389,10 +427,11 @@ def _reshard(x, mesh, spec):
 
 # --- Automatic partitioning: custom_partitioning with a Shardy rule -----------------
 
-def _fwd_on_one_device(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, params,
-                       return_max_logit):
+def _fwd_on_one_device(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q,
+                       descale_k, descale_v, params, return_max_logit, fp8):
   return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params, q_rows,
-                                        kv_rows, sinks, return_max_logit))
+                                        kv_rows, sinks, return_max_logit,
+                                        (descale_q, descale_k, descale_v), fp8))
 
 
 def _bwd_on_one_device(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks,
@@ -401,20 +440,22 @@ def _bwd_on_one_device(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv
                                         params, deterministic, q_rows, kv_rows, sinks))
 
 
-def _partition_fwd(params, return_max_logit, mesh, arg_shapes, result_shape):
+def _partition_fwd(params, return_max_logit, fp8, mesh, arg_shapes, result_shape):
   del result_shape
-  q, k, _, seqused_q, seqused_k, q_rows, kv_rows, sinks = arg_shapes
+  q, k, _, seqused_q, seqused_k, q_rows, kv_rows, sinks, *descales = arg_shapes
   split = choose_split(dict(mesh.shape), q.sharding.spec, k.sharding.spec, q.shape, k.shape,
-                       params, packed=len(q_rows.shape) == 3)
+                       params, packed=len(q_rows.shape) == 3, fp8=fp8 is not None)
   named = functools.partial(NamedSharding, mesh)
   arg_shardings = (named(split.q_spec()), named(split.kv_spec()), named(split.kv_spec()),
                    named(split.seqused_spec(seqused_q)), named(split.seqused_spec(seqused_k)),
                    named(split.rows_spec(q_rows)), named(split.rows_spec(kv_rows)),
-                   named(split.per_head_spec(sinks)))
+                   named(split.per_head_spec(sinks)),
+                   *map(named, split.descale_specs(*descales)))
   result_shardings = (named(split.q_spec()), named(split.lse_spec()))
   if return_max_logit:
     result_shardings += (named(split.per_head_spec()),)
-  program = functools.partial(local_fwd, split, dict(mesh.shape), params, return_max_logit)
+  program = functools.partial(local_fwd, split, dict(mesh.shape), params, return_max_logit,
+                              fp8)
   return mesh, program, result_shardings, arg_shardings
 
 
@@ -436,18 +477,23 @@ def _partition_bwd(params, deterministic, mesh, arg_shapes, result_shape):
   return mesh, program, result_shardings, arg_shardings
 
 
-def _fwd_rule(params, return_max_logit, mesh, operand_types, result_types):
-  del params, mesh, result_types
-  q, k, _, seqused_q, seqused_k, q_rows, kv_rows, sinks = (ir.RankedTensorType(t).shape
-                                                           for t in operand_types)
+def _fwd_rule(params, return_max_logit, fp8, mesh, operand_types, result_types):
+  del params, fp8, mesh, result_types
+  (q, k, _, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q, descale_k,
+   descale_v) = (ir.RankedTensorType(t).shape for t in operand_types)
   heads, kv_heads = _head_factors(q[2], k[2])
   rule = (f"b t {heads} d, b s {kv_heads} d, b s {kv_heads} e, "
           f"{_seqused_factor(seqused_q, 'uq')}, {_seqused_factor(seqused_k, 'uk')}, "
           f"{_rows_factors(q_rows, 't', 'rq')}, {_rows_factors(kv_rows, 's', 'rk')}, "
-          f"{_per_head_factors(sinks, heads, 'us')} "
+          f"{_per_head_factors(sinks, heads, 'us')}, "
+          f"{_descale_factors(descale_q, heads, 'qb', 'aq')}, "
+          f"{_descale_factors(descale_k, kv_heads, 'kb', 'ak')}, "
+          f"{_descale_factors(descale_v, kv_heads, None, 'av')} "
           f"-> b t {heads} e, b {heads} t" + (f", b {heads}" if return_max_logit else ""))
-  # The head dims are never split; Shardy wants these in order of first appearance.
-  return rule, dict(need_replication_factors=("d", "e"))
+  # The head dims and the descales' blocks are never split; Shardy wants these in order of
+  # first appearance.
+  blocks = tuple(f for f, x in (("qb", descale_q), ("kb", descale_k)) if len(x) == 3)
+  return rule, dict(need_replication_factors=("d", "e", *blocks))
 
 
 def _bwd_rule(params, deterministic, mesh, operand_types, result_types):
@@ -487,21 +533,30 @@ def _per_head_factors(shape, heads, absent_factor):
   return f"b {heads}" if len(shape) == 2 else absent_factor
 
 
+def _descale_factors(shape, heads, blocks, absent_factor):
+  """FP8 descales share the batch and q's (descale_q) or k's heads; their blocks are a
+  factor of their own."""
+  if len(shape) == 1:
+    return absent_factor
+  return f"b {heads} {blocks}" if blocks else f"b {heads}"
+
+
 def _rows_factors(shape, sequence, absent_factor):
   """Rows share the batch and the sequence of their side; their last axis is a field."""
   return f"b {sequence} {absent_factor}" if len(shape) == 3 else absent_factor
 
 
-_fwd_partitioned = custom_partitioning(_fwd_on_one_device, static_argnums=(8, 9))
+_fwd_partitioned = custom_partitioning(_fwd_on_one_device, static_argnums=(11, 12, 13))
 _fwd_partitioned.def_partition(_partition_fwd, sharding_rule=_fwd_rule)
 _bwd_partitioned = custom_partitioning(_bwd_on_one_device, static_argnums=(11, 12))
 _bwd_partitioned.def_partition(_partition_bwd, sharding_rule=_bwd_rule)
 
 
-def _lower_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, *, return_max_logit,
-               **params):
-  return _fwd_partitioned(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks,
-                          AttentionParams(**params), return_max_logit)
+def _lower_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q, descale_k,
+               descale_v, *, return_max_logit, fp8, **params):
+  return _fwd_partitioned(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q,
+                          descale_k, descale_v, AttentionParams(**params), return_max_logit,
+                          fp8)
 
 
 def _lower_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks, *,

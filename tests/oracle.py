@@ -7,6 +7,7 @@ A row that sees no key has output 0, lse -inf and no gradient. A dense `mask`
 `[B, Sq, Sk]` (packed sequences) replaces that rule.
 """
 
+import ml_dtypes
 import numpy as np
 
 
@@ -77,6 +78,65 @@ def attention_with_sinks(q, k, v, dout, dlse=None, *, sinks=None, scale, softcap
       dq[b, :, h] = scale * dscores @ k[b, :, kh]
       dk[b, :, kh] += scale * dscores.T @ q[b, :, h]
   return out, lse, dq, dk, dv, dsinks, max_logit
+
+
+def fp8_attention(q8, k8, v8, descale_q, descale_k, descale_v, *, scale, softcap=0.0,
+                  window=(-1, -1), diagonal_offset=0, sinks=None, ambiguity=1e-4):
+  """The FP8 kernels' numerics (CONTRACT.md) in float64, from their definition.
+
+  q8, k8, v8 hold e4m3 values (any dtype); descale_q [B, H, Sq] is each query row's factor,
+  descale_k [B, Hk, Sk] each key's, descale_v [B, Hk] each k/v head's. Scores are
+  s = (q8 . k8) descale_q descale_k scale (then softcapped); with m the row max, the
+  probabilities exp(s - m) * 256 are rounded to e4m3 (nearest even) before they multiply v8,
+  and out = (P8 . v8) descale_v / (sum of the unrounded ones, plus exp(sink - m) * 256 with
+  `sinks` [H]); lse = m + log(that sum / 256). A row that sees no key gets out 0 and lse
+  -inf (its sink with sinks).
+
+  Returns (out [B, Sq, H, Dv], lse [B, H, Sq], slack [B, Sq, H, Dv]). `slack` is what a
+  correct implementation in float32 may differ by through the P elements within `ambiguity`
+  (relative) of an e4m3 rounding midpoint, which its own rounding errors may send the
+  other way: the sum of one e4m3 step times |v8| descale_v / row sum over those elements.
+  """
+  q8, k8, v8 = (np.asarray(x, np.float64) for x in (q8, k8, v8))
+  batch, seqlen_q, heads, _ = q8.shape
+  seqlen_k, kv_heads = k8.shape[1:3]
+  group = heads // kv_heads
+  out = np.zeros(q8.shape[:3] + v8.shape[3:])
+  slack = np.zeros_like(out)
+  lse = np.full((batch, heads, seqlen_q), -np.inf)
+  visible = _visible(seqlen_q, seqlen_k, window, diagonal_offset, seqlen_q, seqlen_k)
+  for b in range(batch):
+    for h in range(heads):
+      kh = h // group
+      raw = (q8[b, :, h] @ k8[b, :, kh].T) * scale
+      raw = raw * np.asarray(descale_q, np.float64)[b, h][:, None]
+      raw = raw * np.asarray(descale_k, np.float64)[b, kh][None, :]
+      scores = softcap * np.tanh(raw / softcap) if softcap else raw
+      scores = np.where(visible, scores, -np.inf)
+      row_max = scores.max(axis=1, initial=-np.inf)
+      top = np.where(np.isfinite(row_max), row_max, 0.0)
+      probs = np.where(visible, np.exp(scores - top[:, None]), 0.0) * 256.0
+      total = probs.sum(axis=1)
+      if sinks is not None:
+        total = total + np.exp(float(sinks[h]) - top) * 256.0
+      has_mass = total > 0
+      rounded = probs.astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+      steps = _e4m3_step(probs)
+      near_midpoint = np.abs(probs / steps - np.floor(probs / steps) - 0.5) * steps
+      ambiguous = visible & (near_midpoint <= ambiguity * probs)
+      value_scale = float(np.asarray(descale_v, np.float64)[b, kh])
+      divisor = np.where(has_mass, total, 1.0)[:, None]
+      out[b, :, h] = (rounded @ v8[b, :, kh]) * value_scale / divisor
+      slack[b, :, h] = (np.where(ambiguous, steps, 0.0) @ np.abs(v8[b, :, kh])) * value_scale / divisor
+      lse[b, h] = np.where(has_mass, top + np.log(np.where(has_mass, total, 1.0) / 256.0), -np.inf)
+  return out, lse, slack
+
+
+def _e4m3_step(x):
+  """The spacing of e4m3 values around x >= 0: 2^(e - 3) in binade [2^e, 2^(e+1)), 2^-9 below
+  2^-6 (subnormals)."""
+  exponent = np.floor(np.log2(np.maximum(x, 2.0 ** -6)))
+  return np.where(x >= 2.0 ** -6, 2.0 ** (exponent - 3), 2.0 ** -9)
 
 
 def _visible(seqlen_q, seqlen_k, window, diagonal_offset, used_q, used_k):

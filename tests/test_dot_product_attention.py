@@ -129,6 +129,7 @@ FA3_ONLY_REFUSES = {
     # name: (query, key shapes, keyword arguments); each valid for jax.nn.
     "negative_scale": ((2, 16, 4, 32), (2, 16, 2, 32), dict(scale=-0.5)),
     "scale_above_1e4": ((2, 16, 4, 32), (2, 16, 2, 32), dict(scale=2e4)),
+    "scale_below_1e-30": ((2, 16, 4, 32), (2, 16, 2, 32), dict(scale=1e-35)),  # 0 in the kernels' float32
     "mixed_ranks": ((16, 4, 32), (1, 16, 2, 32), {}),  # rank 3 and a batch of 1
     "mask_2d": ((2, 16, 4, 32), (2, 16, 2, 32), dict(mask=np.tri(16, dtype=bool))),
     "empty_query_seq": ((2, 0, 4, 32), (2, 16, 2, 32), {}),

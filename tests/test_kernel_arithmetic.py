@@ -22,10 +22,10 @@ from jax_fa3 import primitives
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def compiled_head_dims(direction):
+def compiled_head_dims(direction, dtype="*"):
     """The head dims cuda/instantiations/ compiles for "fwd" or "bwd" (as CMakeLists.txt
-    globs them: <direction>_<dtype>_hdim<d>.cu)."""
-    names = (path.name for path in (ROOT / "cuda" / "instantiations").glob(f"{direction}_*.cu"))
+    globs them: <direction>_<dtype>_hdim<d>.cu), of one dtype ("e4m3") or all."""
+    names = (path.name for path in (ROOT / "cuda" / "instantiations").glob(f"{direction}_{dtype}_*.cu"))
     return sorted({int(m.group(1)) for m in (re.fullmatch(r".*_hdim(\d+)\.cu", n) for n in names) if m})
 
 
@@ -44,9 +44,11 @@ def _build(tmp_path, name, defines=()):
 def test_block_ranges_match_brute_force(tmp_path):
     """Every tile shape of the forward and backward tile tables, at every compiled head dim."""
     fwd, bwd = compiled_head_dims("fwd"), compiled_head_dims("bwd")
-    assert fwd and bwd, "no instantiations found under cuda/instantiations/"
+    fp8 = compiled_head_dims("fwd", "e4m3")
+    assert fwd and bwd and fp8, "no instantiations found under cuda/instantiations/"
     binary = _build(tmp_path, "block_ranges_check",
                     [f"-DJAX_FA3_FWD_HEAD_DIMS={','.join(map(str, fwd))}",
+                     f"-DJAX_FA3_FP8_FWD_HEAD_DIMS={','.join(map(str, fp8))}",
                      f"-DJAX_FA3_BWD_HEAD_DIMS={','.join(map(str, bwd))}"])
     result = subprocess.run([str(binary)], capture_output=True, text=True)
     lines = result.stdout.split("\n")
@@ -54,6 +56,7 @@ def test_block_ranges_match_brute_force(tmp_path):
     checked = {tuple(line.split()[1:4]) for line in lines if line.startswith("tile fwd")}
     checked |= {tuple(line.split()[1:3]) for line in lines if line.startswith("tile bwd")}
     expected = {("fwd", f"d{d}", window) for d in fwd for window in ("no-window", "window")}
+    expected |= {("fwd-fp8", f"d{d}", window) for d in fp8 for window in ("no-window", "window")}
     expected |= {("bwd", f"d{d}") for d in bwd}
     assert checked == expected, result.stdout
 
@@ -96,3 +99,31 @@ def test_a_missing_compiler_fails_in_ci_and_skips_elsewhere(ci, monkeypatch, tmp
     outcome = pytest.fail.Exception if ci else pytest.skip.Exception
     with pytest.raises(outcome, match="C\\+\\+ compiler"):
         _build(tmp_path, "workspace_check")
+
+
+def test_fp8_v_transpose_layouts(tmp_path):
+    """The FP8 forward's on-chip V transpose (cuda/fwd/transpose_v.h), emulated on the host
+    against cute's layouts (tests/cpp/transpose_v_check.cu): every V^T byte in the key order
+    P's registers use, and no shared-memory bank conflicts, at every FP8 head dim."""
+    nvcc = shutil.which("nvcc")
+    try:
+        import cutlass_library
+    except ImportError:
+        cutlass_library = None
+    if nvcc is None or cutlass_library is None:
+        missing = "nvcc" if nvcc is None else "nvidia-cutlass (a build requirement; make test installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI: {missing} missing for the FP8 transpose check")
+        pytest.skip(f"needs {missing}")
+    include = pathlib.Path(cutlass_library.__file__).parent / "source" / "include"
+    binary = tmp_path / "transpose_v_check"
+    subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-arch=sm_90a", "-x", "cu",
+                    f"-I{ROOT / 'cuda'}", f"-I{include}",
+                    str(ROOT / "tests" / "cpp" / "transpose_v_check.cu"), "-o", str(binary)],
+                   check=True)
+    result = subprocess.run([str(binary)], capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("d")]
+    dims = sorted(int(line.split()[0][1:]) for line in lines)
+    assert result.returncode == 0 and dims == compiled_head_dims("fwd", "e4m3"), result.stdout
+    for line in lines:
+        assert " 0 wrong V^T bytes" in line and line.endswith("ldmatrix 1 stmatrix 1"), line

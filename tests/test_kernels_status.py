@@ -13,7 +13,7 @@ import pytest
 from jax_fa3 import _kernels
 from jax_fa3._kernels import KernelStatus, Variant
 
-VARIANTS = (Variant("fwd", "bfloat16", 128, 128),)
+VARIANTS = (Variant("fwd", "bfloat16", "bfloat16", 128, 128),)
 TESTS = pathlib.Path(__file__).parent
 NO_MODULE = ImportError("No module named 'jax_fa3._fa3_cuda'")
 

@@ -215,7 +215,8 @@ def test_bad_arguments_are_named(change, error, match):
 
 
 def test_cuda_lowering_aliases_the_caches(monkeypatch):
-  variants = (Variant("decode", "bfloat16", 64, 64), Variant("decode", "bfloat16", 128, 128))
+  variants = (Variant("decode", "bfloat16", "bfloat16", 64, 64),
+              Variant("decode", "bfloat16", "bfloat16", 128, 128))
   monkeypatch.setattr(_kernels, "_status", KernelStatus(
       variants, decode_shapes={("bfloat16", 64): (64, 2), ("bfloat16", 128): (64, 2)}))
   q = jnp.zeros((1, 1, 8, 96), jnp.bfloat16)

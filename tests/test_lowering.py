@@ -8,7 +8,7 @@ import jax_fa3
 from jax_fa3 import _kernels, primitives
 from jax_fa3._kernels import KernelStatus, Variant
 
-VARIANTS = tuple(Variant(direction, "bfloat16", d, d)
+VARIANTS = tuple(Variant(direction, "bfloat16", "bfloat16", d, d)
                  for direction in ("fwd", "bwd") for d in (64, 96, 128, 256))
 # The packed-sequence kernels' tiles, as the extension would report them.
 SEGMENT_TILES = {("fwd", "bfloat16", d): (128, 128) for d in (64, 96, 128, 256)} | {
@@ -77,7 +77,8 @@ def test_sinks_and_max_logit_are_operands_and_results(compiled):
   text = cuda_text(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3)),
                    q, k, v, sinks)
   (fwd,), (bwd,) = custom_calls(text, "jax_fa3_fwd"), custom_calls(text, "jax_fa3_bwd")
-  assert "tensor<0xi32>, tensor<2x4xf32>)" in fwd and "return_max_logit = true" in fwd
+  assert "tensor<0xi32>, tensor<2x4xf32>, tensor<0xf32>, tensor<0xf32>, tensor<0xf32>)" in fwd  # sinks, then absent descales
+  assert "return_max_logit = true" in fwd
   assert "tensor<256xui8>, tensor<2x4xui32>)" in fwd
   workspace = primitives.bwd_workspace_bytes(2, 100, 130, 4, 2, 64, 64, sinks=True)
   assert workspace > primitives.bwd_workspace_bytes(2, 100, 130, 4, 2, 64, 64)
@@ -87,7 +88,7 @@ def test_sinks_and_max_logit_are_operands_and_results(compiled):
 
 def test_operands_follow_the_contract(compiled):
   """q, k, v, then the seqused arrays: [B] int32 when given, [0] when absent; then the
-  packed-sequence rows and plan, absent."""
+  packed-sequence rows and plan, sinks and the three FP8 descales, absent."""
   q, k, v = arrays(seqlen_k=100, kv_heads=4)
   lengths = jnp.array([60, 100], jnp.int32)
   text = cuda_text(lambda q, k, v: jax_fa3.dot_product_attention(
@@ -95,7 +96,7 @@ def test_operands_follow_the_contract(compiled):
   (fwd,) = custom_calls(text, "jax_fa3_fwd")
   assert ("(tensor<2x100x4x64xbf16>, tensor<2x100x4x64xbf16>, tensor<2x100x4x64xbf16>, "
           "tensor<2xi32>, tensor<0xi32>, tensor<0xi32>, tensor<0xi32>, tensor<0xi32>, "
-          "tensor<0xf32>)") in fwd
+          "tensor<0xf32>, tensor<0xf32>, tensor<0xf32>, tensor<0xf32>)") in fwd
   assert "diagonal_offset = 0 : i64" in fwd and "window_right = 0 : i64" in fwd
 
 
@@ -107,7 +108,7 @@ def test_segment_ids_pass_rows_and_plans_for_the_kernels_tiles(compiled):
                                                                  causal=True)), q, k, v)
   (fwd,), (bwd,) = custom_calls(text, "jax_fa3_fwd"), custom_calls(text, "jax_fa3_bwd")
   assert ("tensor<0xi32>, tensor<0xi32>, tensor<2x100x4xi32>, tensor<2x100x4xi32>, "
-          "tensor<2x1x4xi32>, tensor<0xf32>)") in fwd  # one forward tile of 128 rows
+          "tensor<2x1x4xi32>, tensor<0xf32>, tensor<0xf32>, tensor<0xf32>, tensor<0xf32>)") in fwd  # one forward tile of 128 rows
   assert ("tensor<0xi32>, tensor<0xi32>, tensor<2x100x4xi32>, tensor<2x100x4xi32>, "
           "tensor<2x2x4xi32>, tensor<2x1x2xi32>, tensor<0xf32>)") in bwd  # two 64-row tiles, one 128-key block
 
@@ -170,8 +171,8 @@ def test_kernels_available_reports_why_not(compiled):
 
 
 def test_smallest_compiled_head_dims():
-  status = KernelStatus((Variant("fwd", "bfloat16", 64, 64), Variant("fwd", "bfloat16", 192, 128),
-                         Variant("fwd", "bfloat16", 256, 256)))
+  status = KernelStatus(tuple(Variant("fwd", "bfloat16", "bfloat16", *dims)
+                              for dims in ((64, 64), (192, 128), (256, 256))))
   assert status.head_dims_for("fwd", jnp.bfloat16, 64, 64) == (64, 64)
   assert status.head_dims_for("fwd", jnp.bfloat16, 100, 100) == (192, 128)
   assert status.head_dims_for("fwd", jnp.bfloat16, 100, 200) == (256, 256)

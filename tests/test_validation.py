@@ -35,16 +35,22 @@ FLASH_ATTENTION_ERRORS = [
     ((Q, K, K), {"window_size": (3,)}, ValueError, r"window_size .* got \(3,\)"),
     ((Q, K, K), {"window_size": (1.5, 2)}, ValueError, r"window_size .* got \(1.5, 2\)"),
     ((Q, K, K), {"window_size": 4}, ValueError, r"window_size .* got 4"),
-    ((Q, K, K), {"softcap": -1.0}, ValueError, r"softcap must be a finite number >= 0.*-1.0"),
+    ((Q, K, K), {"softcap": -1.0}, ValueError, r"softcap must be 0 \(off\) or a finite number in \[1e-30, 1e\+30\] .*got -1.0"),
+    # Finite in Python, but 0 or inf in the kernels' float32 (softcap * log2(e), scale / softcap).
+    ((Q, K, K), {"softcap": 1e-300}, ValueError, r"softcap must be 0 \(off\) or a finite number in \[1e-30, 1e\+30\] .*got 1e-300"),
+    ((Q, K, K), {"softcap": 3e38}, ValueError, r"softcap must be 0 \(off\) .*in float32\), got 3e\+38"),
     ((Q, K, K), {"softcap": "big"}, TypeError, r"softcap must be a static Python number .*, got 'big'"),
     ((Q, K, K), {"softmax_scale": [0.1]}, TypeError, r"softmax_scale must be a static Python number"),
     ((Q, K, K), {"softcap": "30"}, TypeError, r"softcap must be a static Python number .*, got '30' of type str"),
     ((Q, K, K), {"softcap": True}, TypeError, r"softcap must be a static Python number .*, got True of type bool"),
     ((Q, K, K), {"softmax_scale": "0.125"}, TypeError, r"softmax_scale must be a static Python number .*'0.125'"),
-    ((Q, K, K), {"softmax_scale": 0.0}, ValueError, r"softmax_scale must be a finite number > 0 and at most 10000 .*got 0.0"),
-    ((Q, K, K), {"softmax_scale": float("inf")}, ValueError, r"softmax_scale must be a finite number > 0 .*got inf"),
-    ((Q, K, K), {"softmax_scale": float("nan")}, ValueError, r"softmax_scale must be a finite number > 0 .*got nan"),
-    ((Q, K, K), {"softmax_scale": 2e4}, ValueError, r"softmax_scale .* at most 10000 \(beyond it the float32 scores may overflow\), got 20000.0"),
+    ((Q, K, K), {"softmax_scale": 0.0}, ValueError, r"softmax_scale must be a finite number in \[1e-30, 10000\] .*got 0.0"),
+    ((Q, K, K), {"softmax_scale": float("inf")}, ValueError, r"softmax_scale must be a finite number in .*got inf"),
+    ((Q, K, K), {"softmax_scale": float("nan")}, ValueError, r"softmax_scale must be a finite number in .*got nan"),
+    ((Q, K, K), {"softmax_scale": 2e4}, ValueError, r"softmax_scale .*\(above, the float32 scores may overflow; .*got 20000.0"),
+    # 0 in float32: the handler would refuse it on the GPU only, when the call runs.
+    ((Q, K, K), {"softmax_scale": 1e-300}, ValueError, r"softmax_scale .*below, it is no usable scale\), got 1e-300"),
+    ((Q, K, K), {"softmax_scale": 10 ** 400}, ValueError, r"softmax_scale must be a finite number, got 1000.*which overflows float"),
     ((Q, K, K), {"causal": "False"}, TypeError, r"causal must be a bool \(True or False\), got 'False' of type str"),
     ((Q, K, K), {"causal": None}, TypeError, r"causal must be a bool .*got None"),
     ((Q, K, K), {"deterministic": "no"}, TypeError, r"deterministic must be a bool .*got 'no' of type str"),
@@ -126,8 +132,14 @@ DROP_IN_ERRORS = [
     ((Q, K, K), {"implementation": "triton"}, ValueError, r"Unsupported implementation option: 'triton'"),
     # Valid for jax.nn, refused by implementation="fa3" only (None runs jax.nn).
     ((Q3, K[:1], K[:1]), {"implementation": "fa3"}, ValueError, r"all of rank 4 \(BTNH\) or all of rank 3 \(TNH\), got ranks \(3, 4, 4\)"),
-    ((Q, K, K), {"scale": -0.5, "implementation": "fa3"}, ValueError, r"needs a `scale` > 0 and at most 10000, got -0.5"),
-    ((Q, K, K), {"scale": 2e4, "implementation": "fa3"}, ValueError, r"needs a `scale` > 0 and at most 10000, got 20000.0"),
+    ((Q, K, K), {"scale": -0.5, "implementation": "fa3"}, ValueError, r"implementation='fa3': `scale` must be a finite number in \[1e-30, 10000\] .*got -0.5"),
+    ((Q, K, K), {"scale": 2e4, "implementation": "fa3"}, ValueError, r"implementation='fa3': `scale` must be .*got 20000.0"),
+    ((Q, K, K), {"scale": 1e-35, "implementation": "fa3"}, ValueError, r"implementation='fa3': `scale` must be .*got 1e-35"),
+    # Refused whichever implementation runs.
+    ((Q, K, K), {"scale": 10 ** 400}, ValueError, r"scale must be a finite number, got 1000.*which overflows float"),
+    ((Q, K, K), {"bias": jnp.zeros((2, 4, 8, 12), jnp.complex64)}, TypeError, r"bias must be real .*got dtype complex64"),
+    ((Q, K, K), {"is_causal": "False", "implementation": "xla"}, TypeError, r"is_causal must be a bool \(True or False\), got 'False'"),
+    ((Q, K, K), {"return_residual": 0, "implementation": "cudnn"}, TypeError, r"return_residual must be a bool .*got 0 of type int"),
     ((Q[:, :0], K, K), {"implementation": "fa3"}, ValueError, r"needs query and key without an empty dimension, got query \(2, 0, 4, 64\)"),
 ]
 
@@ -143,3 +155,36 @@ def test_nan_scale_is_refused_under_jit():
   """A NaN scale used to reach jax.nn under jit and return finite numbers."""
   with pytest.raises(ValueError, match="scale must be finite, got nan"):
     jax.jit(lambda q: jax_fa3.dot_product_attention(q, K, K, scale=float("nan")))(Q)
+
+
+@pytest.mark.parametrize("entry, name, role", [
+    (lambda x: jax_fa3.flash_attention(Q, K, K, window_size=(x, 0)), "window_size", "selects the kernel's mask"),
+    (lambda x: jax_fa3.flash_attention_varlen(Q[0], K[0], K[0], jnp.array([0, 8], jnp.int32),
+                                              jnp.array([0, 12], jnp.int32), max_seqlen_q=x),
+     "max_seqlen_q", "FlashAttention takes it as a Python int"),
+    (lambda x: jax_fa3.flash_attention_with_kvcache(Q[:, :1], K, K, jnp.array([3, 4], jnp.int32),
+                                                    window_size=(-1, x)), "window_size", "selects the kernel's mask"),
+    (lambda x: jax_fa3.flash_attention_with_kvcache(Q[:, :1], K, K, jnp.array([3, 4], jnp.int32),
+                                                    num_splits=x), "num_splits", "workspace"),
+], ids=["flash_attention-window_size", "varlen-max_seqlen_q", "kvcache-window_size", "kvcache-num_splits"])
+def test_traced_static_ints_are_refused_as_not_static(entry, name, role):
+  """A traced window or split count: a TypeError that says it must be static and why, not a
+  ValueError that prints a tracer as if it were a wrong number."""
+  with pytest.raises(TypeError, match=f"{name} must be static, not a traced value: .*{role}"):
+    jax.jit(entry)(2)
+
+
+def test_jax_nn_refusing_what_fa3_cannot_take_raises_both_reasons(monkeypatch):
+  """implementation=None falls back to jax.nn for what the kernels can't take; should jax.nn
+  refuse it too (here simulated), the error names jax_fa3's reason and jax.nn's, in the type
+  of jax_fa3's, instead of leaving jax.nn's alone."""
+  def refuse(*args, **kwargs):
+    raise ValueError("too many values to unpack (expected 4)")
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", refuse)
+  with pytest.raises(ValueError, match=r"jax.nn.dot_product_attention refused these arguments "
+                                       r"\(ValueError: too many values to unpack \(expected 4\)\), "
+                                       r"and jax_fa3 cannot take them either: implementation='fa3' "
+                                       r"does not support `bias`") as raised:
+    jax_fa3.dot_product_attention(Q, K, K, bias=zeros(2, 4, 8, 12))
+  assert isinstance(raised.value.__cause__, ValueError)

@@ -54,7 +54,8 @@ cudaError_t launch_bwd(BwdParams const& b, cudaStream_t stream) {
   int const pre_blocks = int(preprocess_blocks<kHeadDim>(b.seqlen_q));
   static_assert(kBlockM == BwdTileConfig<kHeadDim>::kBlockM);
   bwd_preprocess_kernel<Element, kHeadDim>
-      <<<dim3(pre_blocks, b.heads, std::min(b.batch, kMaxGridZ)), Pre::kThreads, 0, stream>>>(pre);
+      <<<dim3(pre_blocks, std::min(b.heads, kMaxGridY), std::min(b.batch, kMaxGridZ)), Pre::kThreads, 0, stream>>>(
+          pre);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) { return e; }
   if (b.sinks) {
     bwd_sink_grad_kernel<<<b.batch * b.heads, 128, 0, stream>>>(w.sink_partials, pre_blocks, b.dsinks);
@@ -131,7 +132,8 @@ cudaError_t launch_bwd(BwdParams const& b, cudaStream_t stream) {
   BwdPostprocessParams<Traits> post{w.dq_accum, static_cast<Element*>(b.dq), b.q_row_stride, b.q_head_stride,
                                     b.q_batch_stride, b.softmax_scale, b.seqlen_q, b.heads, num_m_blocks, b.batch};
   bwd_convert_dq_kernel<Traits>
-      <<<dim3(num_m_blocks, b.heads, std::min(b.batch, kMaxGridZ)), Traits::kConsumerThreads, 0, stream>>>(post);
+      <<<dim3(num_m_blocks, std::min(b.heads, kMaxGridY), std::min(b.batch, kMaxGridZ)), Traits::kConsumerThreads, 0,
+         stream>>>(post);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) { return e; }
 
   if (gqa) {

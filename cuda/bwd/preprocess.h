@@ -50,44 +50,45 @@ __device__ __forceinline__ float block_sum(float x) {
   return total;
 }
 
-// grid (preprocess_blocks, heads, batch), 256 threads.
+// grid (preprocess_blocks, min(heads, 65535), min(batch, 65535)), 256 threads.
 template <class Element, int kHeadDimV>
 __global__ void __launch_bounds__(PreprocessShape<kHeadDimV>::kThreads) bwd_preprocess_kernel(BwdPreprocessParams const p) {
   using Shape = PreprocessShape<kHeadDimV>;
   static_assert(sizeof(Element) == 2);
   int const lane_in_row = threadIdx.x % Shape::kLanesPerRow;
   int const row = blockIdx.x * Shape::kRowsPerBlock + threadIdx.x / Shape::kLanesPerRow;
-  int const head = blockIdx.y;
-  // A grid's z dimension stops at 65535: more batch rows than that take turns.
+  // A grid's y and z dimensions stop at 65535: more heads or batch rows than that take turns.
   for (int batch = blockIdx.z; batch < p.batch; batch += gridDim.z) {
-    int const used_rows = used_length(p.seqused_q, batch, p.seqlen_q);
-    float lse = -INFINITY, sum = 0.f;
-    if (row < used_rows) {
-      int64_t const offset = batch * p.o_batch_stride + row * p.o_row_stride + head * p.o_head_stride +
-                             lane_in_row * Shape::kVector;
-      // Rows are 16-byte aligned: dO is read by TMA, which requires it, and O has its layout.
-      uint4 const dout_raw = *reinterpret_cast<uint4 const*>(static_cast<Element const*>(p.dout) + offset);
-      uint4 const out_raw = *reinterpret_cast<uint4 const*>(static_cast<Element const*>(p.out) + offset);
-      Element const* dout = reinterpret_cast<Element const*>(&dout_raw);
-      Element const* out = reinterpret_cast<Element const*>(&out_raw);
+    for (int head = blockIdx.y; head < p.heads; head += gridDim.y) {
+      int const used_rows = used_length(p.seqused_q, batch, p.seqlen_q);
+      float lse = -INFINITY, sum = 0.f;
+      if (row < used_rows) {
+        int64_t const offset = batch * p.o_batch_stride + row * p.o_row_stride + head * p.o_head_stride +
+                               lane_in_row * Shape::kVector;
+        // Rows are 16-byte aligned: dO is read by TMA, which requires it, and O has its layout.
+        uint4 const dout_raw = *reinterpret_cast<uint4 const*>(static_cast<Element const*>(p.dout) + offset);
+        uint4 const out_raw = *reinterpret_cast<uint4 const*>(static_cast<Element const*>(p.out) + offset);
+        Element const* dout = reinterpret_cast<Element const*>(&dout_raw);
+        Element const* out = reinterpret_cast<Element const*>(&out_raw);
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < Shape::kVector; ++i) { sum += float(dout[i]) * float(out[i]); }
+        lse = p.lse[(int64_t(batch) * p.heads + head) * p.seqlen_q + row];
+      }
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < Shape::kVector; ++i) { sum += float(dout[i]) * float(out[i]); }
-      lse = p.lse[(int64_t(batch) * p.heads + head) * p.seqlen_q + row];
-    }
-    CUTLASS_PRAGMA_UNROLL
-    for (int width = Shape::kLanesPerRow / 2; width > 0; width /= 2) { sum += __shfl_xor_sync(0xffffffff, sum, width); }
-    int64_t const head_index = int64_t(batch) * p.heads + head;
-    if (lane_in_row == 0) {
-      int64_t const stat = head_index * p.seqlen_q_rounded + row;
-      p.dpsum[stat] = sum;
-      p.lse_log2[stat] = lse == -INFINITY ? INFINITY : lse * float(M_LOG2E);
-    }
-    if (p.sinks) {
-      // lse >= sink wherever the row is used (the sink is part of its sum), so the weight is in [0, 1].
-      float const sink_weight = lse == -INFINITY ? 0.f : expf(p.sinks[head_index] - lse);
-      float part = lane_in_row == 0 ? -sink_weight * sum : 0.f;
-      float const total = block_sum<Shape::kThreads>(part);
-      if (threadIdx.x == 0) { p.sink_partials[head_index * gridDim.x + blockIdx.x] = total; }
+      for (int width = Shape::kLanesPerRow / 2; width > 0; width /= 2) { sum += __shfl_xor_sync(0xffffffff, sum, width); }
+      int64_t const head_index = int64_t(batch) * p.heads + head;
+      if (lane_in_row == 0) {
+        int64_t const stat = head_index * p.seqlen_q_rounded + row;
+        p.dpsum[stat] = sum;
+        p.lse_log2[stat] = lse == -INFINITY ? INFINITY : lse * float(M_LOG2E);
+      }
+      if (p.sinks) {
+        // lse >= sink wherever the row is used (the sink is part of its sum), so the weight is in [0, 1].
+        float const sink_weight = lse == -INFINITY ? 0.f : expf(p.sinks[head_index] - lse);
+        float part = lane_in_row == 0 ? -sink_weight * sum : 0.f;
+        float const total = block_sum<Shape::kThreads>(part);
+        if (threadIdx.x == 0) { p.sink_partials[head_index * gridDim.x + blockIdx.x] = total; }
+      }
     }
   }
 }

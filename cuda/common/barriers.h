@@ -15,6 +15,7 @@ enum class Barrier : int {
   kDQFull = 7,            // backward, 7..8: one per consumer warpgroup -> its dQ writer warp,
                           // the warpgroup's part of the step's dQ is in shared memory
   kDQEmpty = 9,           // backward, 9..10: dQ writer -> its warpgroup, the bulk reduce has read it
+  kTransposeV = 11,       // FP8 forward: the warps transposing V finished a stage
 };
 
 __device__ __forceinline__ void barrier_sync(Barrier id, int num_threads, int offset = 0) {
@@ -62,6 +63,16 @@ struct TmaRing {
     cutlass::arch::ClusterBarrier::wait(&storage.empty[p.stage], p.phase ^ 1);
     cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&storage.full[p.stage], bytes);
     return storage.full[p.stage];
+  }
+
+  // A stage filled by threads rather than TMA: wait until it is free to overwrite ...
+  __device__ void wait_empty(Position p) { cutlass::arch::ClusterBarrier::wait(&storage.empty[p.stage], p.phase ^ 1); }
+  // ... and, once written (and fenced for the async proxy), announce it with one arrival.
+  __device__ void publish(Position p) { cutlass::arch::ClusterBarrier::arrive(&storage.full[p.stage]); }
+
+  // Waits a while (the hardware's suspend time limit) for the stage; false if it is not full yet.
+  __device__ bool try_full(Position p) {
+    return cutlass::arch::ClusterBarrier::try_wait(&storage.full[p.stage], p.phase);
   }
 
   __device__ void wait_full(Position p) {

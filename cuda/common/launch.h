@@ -8,7 +8,7 @@
 namespace jax_fa3 {
 
 // CUDA's limit on a grid's y and z dimensions; kernels with a batch or head axis there
-// loop over what does not fit (the handlers refuse more heads than this).
+// loop over what does not fit.
 constexpr int kMaxGridZ = 65535;
 constexpr int kMaxGridY = 65535;
 

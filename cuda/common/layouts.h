@@ -54,6 +54,46 @@ CUTE_HOST_DEVICE constexpr auto acc_as_operand_a(AccLayout acc) {
                      coalesce(make_layout(get<2, 1>(split), get<2>(acc))));
 }
 
+// FP8: the registers of P as the A operand of a register-sourced FP8 WGMMA (k-blocks of 32):
+// per k-block, 16 values ((4 keys, 2 row halves, 2 key halves), 1, N/32), compact.
+template <int kBlockN>
+CUTE_HOST_DEVICE constexpr auto fp8_operand_a_layout() {
+  static_assert(kBlockN % 32 == 0, "FP8 P·V needs key tiles of a multiple of 32");
+  return make_layout(Shape<Shape<_4, _2, _2>, _1, Int<kBlockN / 32>>{});
+}
+
+// Rounds the float32 probabilities (an accumulator ((2, 2, N/8), 1, 1)) to e4m3 in the FP8
+// A-operand registers without moving data between threads. The accumulator gives a thread,
+// in each 8-key group, keys 2t and 2t+1 (t = its lane in the quad); the A operand wants keys
+// 4t..4t+3 of each 16. Both are read as the same 4 registers of a row, so A's key 4t+i is
+// taken to be key 2t + (i & 1) + 8 (i >> 1) of the accumulator, and V^T's keys are stored in
+// that order (fwd/transpose_v.h); the sum over keys is unchanged.
+template <class AccEngine, class AccLayout, class OpEngine, class OpLayout>
+CUTE_DEVICE void convert_to_fp8_operand_a(Tensor<AccEngine, AccLayout> const& acc, Tensor<OpEngine, OpLayout>& op) {
+  using To = typename OpEngine::value_type;
+  static_assert(sizeof(To) == 1);
+  constexpr int kBlocks = decltype(size<2>(op))::value;
+  static_assert(decltype(size(acc))::value == 16 * kBlocks);
+  uint32_t* words = reinterpret_cast<uint32_t*>(raw_pointer_cast(op.data()));
+  cutlass::NumericArrayConverter<To, float, 4> convert;
+  CUTLASS_PRAGMA_UNROLL
+  for (int block = 0; block < kBlocks; ++block) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int key_half = 0; key_half < 2; ++key_half) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int row_half = 0; row_half < 2; ++row_half) {
+        // Accumulator index: column parity + 2 * row half + 4 * 8-key group.
+        int const group = 4 * block + 2 * key_half;
+        cutlass::Array<float, 4> const four{acc(2 * row_half + 4 * group), acc(1 + 2 * row_half + 4 * group),
+                                            acc(2 * row_half + 4 * (group + 1)),
+                                            acc(1 + 2 * row_half + 4 * (group + 1))};
+        cutlass::Array<To, 4> const packed = convert(four);
+        words[4 * block + 2 * key_half + row_half] = reinterpret_cast<uint32_t const&>(packed);
+      }
+    }
+  }
+}
+
 // Element-wise numeric conversion of a register fragment into another of equal size.
 template <class SrcEngine, class SrcLayout, class DstEngine, class DstLayout>
 CUTE_DEVICE void convert_into(Tensor<SrcEngine, SrcLayout> const& src, Tensor<DstEngine, DstLayout>& dst) {

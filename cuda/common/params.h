@@ -21,6 +21,13 @@ struct FwdParams {
   int* tile_counter;          // the dynamic scheduler's counter, zeroed on-stream per launch
   float const* sinks;         // [batch, heads] attention-sink logits, or nullptr
   uint32_t* max_logit;        // [batch, heads] common/max_logit.h keys, or nullptr (not wanted)
+  // FP8 descale factors, or nullptr (1): q [batch, heads, descale_q_blocks] (blocks of
+  // kFp8DescaleQRows rows), k [batch, kv_heads, descale_k_blocks] (blocks of one key tile),
+  // v [batch, kv_heads]. One block means one factor per head.
+  float const* descale_q;
+  float const* descale_k;
+  float const* descale_v;
+  int descale_q_blocks, descale_k_blocks;
 
   int batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, head_dim_v;
 
@@ -39,6 +46,9 @@ struct FwdParams {
 
   int num_sms;
 };
+
+// Query rows per FP8 q descale factor: one consumer warpgroup's rows.
+constexpr int kFp8DescaleQRows = 64;
 
 // A kernel's (query rows, keys) tile, for the plans made in JAX.
 struct TileShape {

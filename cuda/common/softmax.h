@@ -49,9 +49,16 @@ __device__ __forceinline__ void scale_rows(Tensor<Engine, Layout>& acc, float co
 
 // Running row maximum and row sum of exp over the key tiles seen so far. Scores are kept
 // raw; scale_log2 turns them into log2 units, so each probability costs one FFMA + one EX2.
-template <int kRows>
+//
+// kFp8: the scale may change from key tile to key tile (per-block descale factors), so the
+// running maximum is kept in log2 units, and the probabilities come out as
+// exp2(x - max + kFp8Offset) in (0, 256], which uses e4m3's range (max 448) rather than
+// rounding small probabilities to its subnormals. The offset cancels in the normalisation;
+// the lse and the max logit take it back out.
+template <int kRows, bool kFp8 = false>
 struct OnlineSoftmax {
-  float row_max[kRows];
+  static constexpr float kFp8Offset = 8.f;
+  float row_max[kRows];  // raw scores; kFp8: log2 units
   float row_sum[kRows];  // per-thread partial sums, reduced across the quad in finalize()
   float scale_log2;
 
@@ -64,14 +71,23 @@ struct OnlineSoftmax {
     static_assert(decltype(size<0>(s))::value == kRows);
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      float new_max = kFirst ? -INFINITY : row_max[r];
+      float new_max = kFirst || kFp8 ? -INFINITY : row_max[r];
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < size<1>(s); ++c) { new_max = fmaxf(new_max, s(r, c)); }
       new_max = quad_max(new_max);
-      // A row that has seen only masked keys keeps max = -inf; shifting by 0 instead
-      // keeps exp2 at 0 rather than NaN.
-      float const shift = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-      o_scale[r] = kFirst ? 1.f : exp2f(row_max[r] * scale_log2 - shift);
+      float shift;
+      if constexpr (kFp8) {
+        new_max *= scale_log2;  // scale_log2 > 0 keeps the order (and -inf)
+        if (!kFirst) { new_max = fmaxf(new_max, row_max[r]); }
+        float const top = new_max == -INFINITY ? 0.f : new_max;
+        o_scale[r] = kFirst ? 1.f : exp2f(row_max[r] - top);
+        shift = top - kFp8Offset;
+      } else {
+        // A row that has seen only masked keys keeps max = -inf; shifting by 0 instead
+        // keeps exp2 at 0 rather than NaN.
+        shift = new_max == -INFINITY ? 0.f : new_max * scale_log2;
+        o_scale[r] = kFirst ? 1.f : exp2f(row_max[r] * scale_log2 - shift);
+      }
       row_max[r] = new_max;
       float sum = 0.f;
       CUTLASS_PRAGMA_UNROLL
@@ -80,6 +96,15 @@ struct OnlineSoftmax {
         sum += s(r, c);
       }
       row_sum[r] = kFirst ? sum : row_sum[r] * o_scale[r] + sum;
+    }
+  }
+
+  // The maximum in log2 units that the row sum is relative to (-inf for a row that saw no key).
+  __device__ __forceinline__ float sum_reference_log2(int r) const {
+    if constexpr (kFp8) {
+      return row_max[r] - kFp8Offset;
+    } else {
+      return row_max[r] * scale_log2;
     }
   }
 
@@ -94,7 +119,7 @@ struct OnlineSoftmax {
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
       float const sum = quad_sum(row_sum[r]);
-      float const max_log2 = row_max[r] * scale_log2;  // -inf for a row that saw no key
+      float const max_log2 = sum_reference_log2(r);  // -inf for a row that saw no key
       float const top = fmaxf(max_log2, sink_log2);
       bool const keyless = max_log2 == -INFINITY;
       float const keys_weight = exp2f(max_log2 - top);  // 0 for a row that saw no key
@@ -112,7 +137,7 @@ struct OnlineSoftmax {
     for (int r = 0; r < kRows; ++r) { m = counted[r] ? fmaxf(m, row_max[r]) : m; }
     CUTLASS_PRAGMA_UNROLL
     for (int width = 16; width > 0; width /= 2) { m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, width)); }
-    return m * scale_log2 * float(M_LN2);
+    return kFp8 ? m * float(M_LN2) : m * scale_log2 * float(M_LN2);
   }
 };
 

@@ -19,9 +19,8 @@ template <class Element>
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(DecodeParams const p) {
   __shared__ float weight[kDecodeMaxSplits][kDecodeRows];  // exp(lse_s - lse) per split and row
   __shared__ float row_lse[kDecodeRows];
-  int const batch = blockIdx.x / p.kv_heads;
-  int const kv_head = blockIdx.x % p.kv_heads;
-  int const m_block = blockIdx.y;
+  DecodeTile const tile = decode_tile(p);
+  int const batch = tile.batch, kv_head = tile.kv_head, m_block = tile.m_block;
   int const group = p.heads / p.kv_heads;
   int const valid_rows = min(kDecodeRows, group * p.seqlen_q - m_block * kDecodeRows);
   int const splits = p.num_splits;

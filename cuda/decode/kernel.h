@@ -1,5 +1,5 @@
 // The decode kernel: one CTA per (batch, KV head) x m-block (16 query rows) x split of the
-// keys. Grid (batch * kv_heads, num_splits, num_m_blocks).
+// keys. Grid (batch * kv_heads * num_m_blocks, num_splits): see decode_tile.
 //
 //   1. m-block 0 copies its share of k_new/v_new into the cache (append.h);
 //   2. Q -> shared memory, each warp starts its K/V ring (mainloop.h);
@@ -40,6 +40,19 @@ __device__ void load_q(typename Cfg::Element* sq, DecodeParams const& p, int bat
   }
 }
 
+// A CTA's (batch, KV head) and m-block. They share the grid's x axis, (batch, KV head)
+// fastest, because a long chunk of queries has more m-blocks than a y or z dimension's
+// 65535 (x takes 2^31 - 1).
+struct DecodeTile {
+  int batch, kv_head, m_block;
+};
+
+__device__ __forceinline__ DecodeTile decode_tile(DecodeParams const& p) {
+  unsigned const sequence_heads = unsigned(p.batch * p.kv_heads);
+  int const batch_head = int(blockIdx.x % sequence_heads);
+  return {batch_head / p.kv_heads, batch_head % p.kv_heads, int(blockIdx.x / sequence_heads)};
+}
+
 // Element offsets of row `row` of a CTA: in out [b, token, head] and lse [b, head, token] ...
 struct RowOffsets {
   int64_t out, lse;
@@ -73,10 +86,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) decode_kernel(
   float* const stat_max = reinterpret_cast<float*>(smem + Cfg::kQBytes + Cfg::kKvBytes);  // [kWarps][rows]
   float* const stat_sum = stat_max + Cfg::kWarps * kDecodeRows;
 
-  int const batch = blockIdx.x / p.kv_heads;
-  int const kv_head = blockIdx.x % p.kv_heads;
+  DecodeTile const tile = decode_tile(p);
+  int const batch = tile.batch, kv_head = tile.kv_head, m_block = tile.m_block;
   int const split = blockIdx.y;
-  int const m_block = blockIdx.z;
   int const warp = threadIdx.x / 32;
   int const lane = threadIdx.x % 32;
   int const group = p.heads / p.kv_heads;

@@ -16,12 +16,13 @@ template <class Cfg, bool kPaged>
 cudaError_t launch_decode(DecodeParams const& p, cudaStream_t stream) {
   constexpr auto kernel = decode::decode_kernel<Cfg, kPaged>;
   if (cudaError_t e = set_shared_memory<kernel>(Cfg::kSmemBytes); e != cudaSuccess) { return e; }
-  dim3 const grid(p.batch * p.kv_heads, p.num_splits, p.num_m_blocks);
+  // The handler keeps batch * kv_heads * num_m_blocks below 2^31 (decode_tile).
+  unsigned const tiles = unsigned(p.batch * p.kv_heads * p.num_m_blocks);
+  dim3 const grid(tiles, p.num_splits);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) { return e; }
   if (p.num_splits > 1) {
-    dim3 const combine_grid(p.batch * p.kv_heads, p.num_m_blocks);
-    decode::combine_kernel<typename Cfg::Element><<<combine_grid, decode::kCombineThreads, 0, stream>>>(p);
+    decode::combine_kernel<typename Cfg::Element><<<tiles, decode::kCombineThreads, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }

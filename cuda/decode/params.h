@@ -43,10 +43,6 @@ struct DecodeShape {
   int block_n, ctas_per_sm;
 };
 
-inline int decode_m_blocks(int group, int seqlen_q) {
-  return (group * seqlen_q + kDecodeRows - 1) / kDecodeRows;
-}
-
 // The split-KV partials: O [batch, kv_heads, m_blocks, splits, rows, head_dim] then
 // lse [batch, kv_heads, m_blocks, splits, rows], float32, each rounded up to 256 bytes.
 // None without splits. jax_fa3/primitives.py's decode_workspace_bytes is the same formula.

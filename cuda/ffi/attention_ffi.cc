@@ -16,7 +16,6 @@
 #include <cuda_runtime_api.h>
 
 #include "common/bwd_params.h"
-#include "common/launch.h"
 #include "common/params.h"
 #include "ffi/buffers.h"
 #include "ffi/registry.h"
@@ -52,12 +51,14 @@ struct Dims {
 ffi::Error check_inputs(ffi::AnyBuffer const& q, ffi::AnyBuffer const& k, ffi::AnyBuffer const& v,
                         ffi::AnyBuffer const& seqused_q, ffi::AnyBuffer const& seqused_k, float softmax_scale,
                         float softcap, int64_t window_left, int64_t window_right, int64_t diagonal_offset,
-                        Dims& d) {
+                        Dims& d, bool fp8_allowed = false) {
   if (q.dimensions().size() != 4 || k.dimensions().size() != 4 || v.dimensions().size() != 4) {
     return invalid("q, k, v must be rank 4 [batch, seqlen, heads, head_dim]; got q " + shape_str(q) + ", k " +
                    shape_str(k) + ", v " + shape_str(v));
   }
-  if (!dtype_name(q.element_type())) { return invalid("q must be bfloat16 or float16"); }
+  if (!(fp8_allowed ? fwd_input_dtype_name(q.element_type()) : dtype_name(q.element_type()))) {
+    return invalid(fp8_allowed ? "q must be bfloat16, float16 or float8_e4m3fn" : "q must be bfloat16 or float16");
+  }
   if (k.element_type() != q.element_type() || v.element_type() != q.element_type()) {
     return invalid("k and v must have q's dtype");
   }
@@ -71,7 +72,10 @@ ffi::Error check_inputs(ffi::AnyBuffer const& q, ffi::AnyBuffer const& k, ffi::A
     return invalid("batch, seqlens and heads must be >= 1; got q " + shape_str(q) + ", k " + shape_str(k));
   }
   if (d.seqlen_q > kMaxSeqlen || d.seqlen_k > kMaxSeqlen) { return invalid("seqlens must be <= 2^30"); }
-  if (d.heads > kMaxGridY) { return invalid("at most 65535 query heads (a grid dimension of the backward)"); }
+  // The kernels count their tiles (of >= 64 rows or keys) per (batch, head) in int32.
+  if (d.batch * d.heads * ((std::max(d.seqlen_q, d.seqlen_k) + 63) / 64) > kMaxGridBlocks) {
+    return invalid("batch * heads * ceil(max(seqlen_q, seqlen_k) / 64) must be < 2^31 (the kernels' tile count)");
+  }
   if (d.heads % d.kv_heads != 0) {
     return invalid("q heads (" + std::to_string(d.heads) + ") must be a multiple of k/v heads (" +
                    std::to_string(d.kv_heads) + ")");
@@ -203,6 +207,51 @@ ffi::Error check_sinks(Dims const& d, ffi::AnyBuffer const& buffer, float const*
   return ffi::Error::Success();
 }
 
+// FP8 descale factors (CONTRACT.md): each float32 [0] (absent: 1) or, with FP8 inputs only,
+// q [batch, heads, 1 or ceil(seqlen_q / 64)], k [batch, kv_heads, 1 or ceil(seqlen_k /
+// key tile)], v [batch, kv_heads].
+ffi::Error check_descales(Dims const& d, bool fp8, int key_tile, ffi::AnyBuffer const& q, ffi::AnyBuffer const& k,
+                          ffi::AnyBuffer const& v, FwdParams& p) {
+  auto absent = [](ffi::AnyBuffer const& b) {
+    return b.element_type() == ffi::DataType::F32 && b.dimensions().size() == 1 && b.dimensions()[0] == 0;
+  };
+  p.descale_q = p.descale_k = p.descale_v = nullptr;
+  p.descale_q_blocks = p.descale_k_blocks = 1;
+  if (absent(q) && absent(k) && absent(v)) { return ffi::Error::Success(); }
+  if (!fp8) { return invalid("descale_q/descale_k/descale_v are for float8_e4m3fn inputs only; pass [0] arrays"); }
+  auto blocks_match = [](ffi::AnyBuffer const& b, int64_t batch, int64_t heads, int64_t blocks) {
+    auto s = b.dimensions();
+    return b.element_type() == ffi::DataType::F32 && s.size() == 3 && s[0] == batch && s[1] == heads &&
+           (s[2] == 1 || s[2] == blocks);
+  };
+  int64_t const q_blocks = (d.seqlen_q + kFp8DescaleQRows - 1) / kFp8DescaleQRows;
+  int64_t const k_blocks = (d.seqlen_k + key_tile - 1) / key_tile;
+  if (!absent(q)) {
+    if (!blocks_match(q, d.batch, d.heads, q_blocks)) {
+      return invalid("descale_q must be float32 [batch, heads, 1 or " + std::to_string(q_blocks) +
+                     " (blocks of 64 rows)] or [0]; got " + shape_str(q));
+    }
+    p.descale_q = static_cast<float const*>(q.untyped_data());
+    p.descale_q_blocks = int(q.dimensions()[2]);
+  }
+  if (!absent(k)) {
+    if (!blocks_match(k, d.batch, d.kv_heads, k_blocks)) {
+      return invalid("descale_k must be float32 [batch, kv_heads, 1 or " + std::to_string(k_blocks) + " (blocks of " +
+                     std::to_string(key_tile) + " keys)] or [0]; got " + shape_str(k));
+    }
+    p.descale_k = static_cast<float const*>(k.untyped_data());
+    p.descale_k_blocks = int(k.dimensions()[2]);
+  }
+  if (!absent(v)) {
+    auto s = v.dimensions();
+    if (v.element_type() != ffi::DataType::F32 || s.size() != 2 || s[0] != d.batch || s[1] != d.kv_heads) {
+      return invalid("descale_v must be float32 [batch, kv_heads] or [0]; got " + shape_str(v));
+    }
+    p.descale_v = static_cast<float const*>(v.untyped_data());
+  }
+  return ffi::Error::Success();
+}
+
 // A float32 or uint32 [batch, heads] result that is wanted, or [1] (untouched) when not.
 ffi::Error check_per_head_result(Dims const& d, ffi::AnyBuffer const& buffer, ffi::DataType type, bool wanted,
                                  char const* name, char const* when) {
@@ -224,20 +273,23 @@ std::string no_kernel(char const* direction, std::string const& dtype, Dims cons
 
 ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::AnyBuffer seqused_q, ffi::AnyBuffer seqused_k, ffi::AnyBuffer q_rows, ffi::AnyBuffer kv_rows,
-                   ffi::AnyBuffer tile_plan, ffi::AnyBuffer sinks, ffi::Result<ffi::AnyBuffer> out,
+                   ffi::AnyBuffer tile_plan, ffi::AnyBuffer sinks, ffi::AnyBuffer descale_q,
+                   ffi::AnyBuffer descale_k, ffi::AnyBuffer descale_v, ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> workspace,
                    ffi::Result<ffi::AnyBuffer> max_logit, float softmax_scale, float softcap, int64_t window_left,
                    int64_t window_right, int64_t diagonal_offset, bool return_max_logit) {
   Dims d;
   if (ffi::Error e = check_inputs(q, k, v, seqused_q, seqused_k, softmax_scale, softcap, window_left, window_right,
-                                  diagonal_offset, d);
+                                  diagonal_offset, d, /*fp8_allowed=*/true);
       e.failure()) {
     return e;
   }
+  bool const fp8 = q.element_type() == ffi::DataType::F8E4M3FN;
   auto od = out->dimensions();
-  if (out->element_type() != q.element_type() || od.size() != 4 || od[0] != d.batch || od[1] != d.seqlen_q ||
-      od[2] != d.heads || od[3] != d.head_dim_v) {
-    return invalid("out must be [batch, seqlen_q, heads, head_dim_v] in q's dtype; got " + shape_str(*out));
+  if ((fp8 ? !dtype_name(out->element_type()) : out->element_type() != q.element_type()) || od.size() != 4 ||
+      od[0] != d.batch || od[1] != d.seqlen_q || od[2] != d.heads || od[3] != d.head_dim_v) {
+    return invalid("out must be [batch, seqlen_q, heads, head_dim_v] in q's dtype (bfloat16 or float16 for "
+                   "float8_e4m3fn inputs); got " + shape_str(*out));
   }
   auto ld = lse->dimensions();
   if (lse->element_type() != ffi::DataType::F32 || ld.size() != 3 || ld[0] != d.batch || ld[1] != d.heads ||
@@ -256,12 +308,15 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   }
   float const* sink_logits = nullptr;
   if (ffi::Error e = check_sinks(d, sinks, sink_logits); e.failure()) { return e; }
-  std::string const dtype = dtype_name(q.element_type());
-  FwdVariant const* variant = find_fwd_variant(dtype, int(d.head_dim), int(d.head_dim_v));
-  if (!variant) { return invalid(no_kernel("forward", dtype, d)); }
+  std::string const dtype = fwd_input_dtype_name(q.element_type());
+  std::string const out_dtype = dtype_name(out->element_type());
+  FwdVariant const* variant = find_fwd_variant(dtype, out_dtype, int(d.head_dim), int(d.head_dim_v));
+  if (!variant) { return invalid(no_kernel("forward", dtype + " -> " + out_dtype, d)); }
+  if (fp8 && q_rows.size_bytes() > 0) { return invalid("float8_e4m3fn inputs take no packed sequences (q_rows)"); }
   bool segments = false;
   if (ffi::Error e = check_segments(
-          d, q_rows, kv_rows, {{&tile_plan, blocks_of(d.seqlen_q, variant->segment_tile.block_m), 4, "tile_plan"}},
+          d, q_rows, kv_rows,
+          {{&tile_plan, fp8 ? 0 : blocks_of(d.seqlen_q, variant->segment_tile.block_m), 4, "tile_plan"}},
           seqused_q.size_bytes() || seqused_k.size_bytes(), segments);
       e.failure()) {
     return e;
@@ -278,6 +333,9 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   p.tile_counter = static_cast<int*>(workspace->untyped_data());
   p.sinks = sink_logits;
   p.max_logit = return_max_logit ? static_cast<uint32_t*>(max_logit->untyped_data()) : nullptr;
+  if (ffi::Error e = check_descales(d, fp8, variant->tile.block_n, descale_q, descale_k, descale_v, p); e.failure()) {
+    return e;
+  }
   if (segments) {
     p.q_rows = static_cast<int const*>(q_rows.untyped_data());
     p.kv_rows = static_cast<int const*>(kv_rows.untyped_data());
@@ -433,6 +491,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFa3Fwd, jax_fa3::FwdImpl,
                                   .Arg<xla::ffi::AnyBuffer>()  // kv_rows
                                   .Arg<xla::ffi::AnyBuffer>()  // tile_plan
                                   .Arg<xla::ffi::AnyBuffer>()  // sinks
+                                  .Arg<xla::ffi::AnyBuffer>()  // descale_q
+                                  .Arg<xla::ffi::AnyBuffer>()  // descale_k
+                                  .Arg<xla::ffi::AnyBuffer>()  // descale_v
                                   .Ret<xla::ffi::AnyBuffer>()  // out
                                   .Ret<xla::ffi::AnyBuffer>()  // lse
                                   .Ret<xla::ffi::AnyBuffer>()  // workspace

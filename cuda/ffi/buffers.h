@@ -30,6 +30,11 @@ inline char const* dtype_name(xla::ffi::DataType t) {
   }
 }
 
+// The forward also reads FP8 (e4m3) q, k, v.
+inline char const* fwd_input_dtype_name(xla::ffi::DataType t) {
+  return t == xla::ffi::DataType::F8E4M3FN ? "float8_e4m3fn" : dtype_name(t);
+}
+
 inline bool aligned16(void const* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // JAX_FA3_DEBUG_POISON=1 fills outputs with NaN before each launch so that tests see

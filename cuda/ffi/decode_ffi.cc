@@ -9,7 +9,6 @@
 
 #include <cuda_runtime_api.h>
 
-#include "common/launch.h"
 #include "decode/params.h"
 #include "ffi/attention_ffi.h"
 #include "ffi/buffers.h"
@@ -107,8 +106,10 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   }
   int64_t const group = heads / kv_heads;
   int64_t const m_blocks = (group * seqlen_q + kDecodeRows - 1) / kDecodeRows;
-  if (batch * kv_heads > kMaxGridX || m_blocks > kMaxGridZ) {
-    return invalid("decode: batch * kv_heads must be < 2^31 and heads * seqlen_q / kv_heads <= 65535 * 16");
+  // One grid axis holds every (batch, KV head, m-block) (decode/kernel.h); query rows are int32.
+  if (batch * kv_heads * m_blocks > kMaxGridX || group * seqlen_q > kMaxGridX) {
+    return invalid("decode: batch * kv_heads * ceil(heads / kv_heads * seqlen_q / 16) and heads / kv_heads * "
+                   "seqlen_q must be < 2^31");
   }
   if (num_splits < 1 || num_splits > kDecodeMaxSplits) {
     return invalid("decode: num_splits must be in [1, " + std::to_string(kDecodeMaxSplits) + "]");

@@ -6,6 +6,7 @@
 #include <cutlass/version.h>
 
 #include "ffi/attention_ffi.h"
+#include "ffi/quantize_ffi.h"
 #include "ffi/registry.h"
 
 namespace py = pybind11;
@@ -18,21 +19,41 @@ PYBIND11_MODULE(_fa3_cuda, m) {
     targets["jax_fa3_fwd"] = py::capsule(reinterpret_cast<void*>(&JaxFa3Fwd));
     targets["jax_fa3_bwd"] = py::capsule(reinterpret_cast<void*>(&JaxFa3Bwd));
     targets["jax_fa3_decode"] = py::capsule(reinterpret_cast<void*>(&JaxFa3Decode));
+    targets["jax_fa3_fp8_quantize"] = py::capsule(reinterpret_cast<void*>(&JaxFa3Fp8Quantize));
     return targets;
   }, "FFI target name -> handler capsule, for jax.ffi.register_ffi_target(..., platform='CUDA').");
 
   m.def("variants", [] {
     py::list out;
-    for (auto const& v : jax_fa3::fwd_variants()) { out.append(py::make_tuple("fwd", v.dtype, v.head_dim, v.head_dim_v)); }
-    for (auto const& v : jax_fa3::bwd_variants()) { out.append(py::make_tuple("bwd", v.dtype, v.head_dim, v.head_dim_v)); }
-    for (auto const& v : jax_fa3::decode_variants()) { out.append(py::make_tuple("decode", v.dtype, v.head_dim, v.head_dim)); }
+    for (auto const& v : jax_fa3::fwd_variants()) {
+      out.append(py::make_tuple("fwd", v.dtype, v.out_dtype, v.head_dim, v.head_dim_v));
+    }
+    for (auto const& v : jax_fa3::bwd_variants()) {
+      out.append(py::make_tuple("bwd", v.dtype, v.dtype, v.head_dim, v.head_dim_v));
+    }
+    for (auto const& v : jax_fa3::decode_variants()) {
+      out.append(py::make_tuple("decode", v.dtype, v.dtype, v.head_dim, v.head_dim));
+    }
     return out;
-  }, "The compiled (direction, dtype, head_dim, head_dim_v) kernel variants.");
+  }, "The compiled (direction, dtype, out_dtype, head_dim, head_dim_v) kernel variants.");
+
+  m.def("descale_blocks", [] {
+    py::list out;
+    for (auto const& v : jax_fa3::fwd_variants()) {
+      if (v.dtype == "float8_e4m3fn") {
+        out.append(py::make_tuple(v.dtype, v.out_dtype, v.head_dim, jax_fa3::kFp8DescaleQRows, v.tile.block_n));
+      }
+    }
+    return out;
+  }, "(dtype, out_dtype, head_dim, q_block_rows, k_block_rows) of the FP8 forward kernels: the rows one "
+     "per-block q descale factor covers, and the keys one k factor covers (a key tile).");
 
   m.def("segment_tiles", [] {
     py::list out;
     for (auto const& v : jax_fa3::fwd_variants()) {
-      out.append(py::make_tuple("fwd", v.dtype, v.head_dim, v.segment_tile.block_m, v.segment_tile.block_n));
+      if (v.segment_tile.block_m > 0) {
+        out.append(py::make_tuple("fwd", v.dtype, v.head_dim, v.segment_tile.block_m, v.segment_tile.block_n));
+      }
     }
     for (auto const& v : jax_fa3::bwd_variants()) {
       out.append(py::make_tuple("bwd", v.dtype, v.head_dim, v.segment_tile.block_m, v.segment_tile.block_n));

@@ -7,9 +7,12 @@ std::vector<FwdVariant>& fwd_variants() {
   return table;
 }
 
-FwdVariant const* find_fwd_variant(std::string const& dtype, int head_dim, int head_dim_v) {
+FwdVariant const* find_fwd_variant(std::string const& dtype, std::string const& out_dtype, int head_dim,
+                                   int head_dim_v) {
   for (FwdVariant const& v : fwd_variants()) {
-    if (v.dtype == dtype && v.head_dim == head_dim && v.head_dim_v == head_dim_v) { return &v; }
+    if (v.dtype == dtype && v.out_dtype == out_dtype && v.head_dim == head_dim && v.head_dim_v == head_dim_v) {
+      return &v;
+    }
   }
   return nullptr;
 }

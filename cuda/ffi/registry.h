@@ -14,12 +14,16 @@
 
 namespace jax_fa3 {
 
+// Input and output element types are separate axes: the FP8 forward reads float8_e4m3fn
+// and writes bfloat16.
 struct FwdVariant {
-  std::string dtype;  // numpy name: "bfloat16" or "float16"
+  std::string dtype;      // numpy name of q, k, v: "bfloat16", "float16" or "float8_e4m3fn"
+  std::string out_dtype;  // numpy name of the output
   int head_dim;
   int head_dim_v;
   cudaError_t (*run)(FwdParams const&, cudaStream_t);
-  TileShape segment_tile;  // the packed-sequence kernel's tile
+  TileShape segment_tile;  // the packed-sequence kernel's tile ({0, 0}: none)
+  TileShape tile;          // the kernel's tile without a mask
 };
 
 struct BwdVariant {
@@ -40,7 +44,8 @@ struct DecodeVariant {
 };
 
 std::vector<FwdVariant>& fwd_variants();
-FwdVariant const* find_fwd_variant(std::string const& dtype, int head_dim, int head_dim_v);
+FwdVariant const* find_fwd_variant(std::string const& dtype, std::string const& out_dtype, int head_dim,
+                                   int head_dim_v);
 
 std::vector<BwdVariant>& bwd_variants();
 BwdVariant const* find_bwd_variant(std::string const& dtype, int head_dim, int head_dim_v);

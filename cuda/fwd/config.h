@@ -1,5 +1,5 @@
-// The forward tile table: one row per head dim. kBlockM is 64 query rows per consumer
-// warpgroup; kBlockN is bounded by registers (one fp32 score tile, its 16-bit
+// The forward tile tables, one row per head dim: 16-bit and FP8 inputs. kBlockM is 64 query
+// rows per consumer warpgroup; kBlockN is bounded by registers (one fp32 score tile, its
 // probabilities and the output accumulator live at once) and by shared memory.
 #pragma once
 
@@ -17,12 +17,12 @@ constexpr bool kAblateIntraWarpgroupOverlap = true;
 constexpr bool kAblateIntraWarpgroupOverlap = false;
 #endif
 
-template <int kHeadDim, bool kHasWindow>
+template <int kElementBytes, int kHeadDim, bool kHasWindow>
 struct FwdTileConfig;
 
 #define JAX_FA3_FWD_TILE(HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_WINDOW, PINGPONG)           \
   template <bool kHasWindow>                                                              \
-  struct FwdTileConfig<HEAD_DIM, kHasWindow> {                                            \
+  struct FwdTileConfig<2, HEAD_DIM, kHasWindow> {                                         \
     static constexpr int kBlockM = BLOCK_M;                                               \
     static constexpr int kBlockN = kHasWindow ? BLOCK_N_WINDOW : BLOCK_N;                 \
     static constexpr int kStages = 2;                                                     \
@@ -43,5 +43,26 @@ JAX_FA3_FWD_TILE(192,      128, 112, 96,              false)
 JAX_FA3_FWD_TILE(256,      128, 80,  64,              false)
 
 #undef JAX_FA3_FWD_TILE
+
+// FP8 (e4m3): half the bytes per score's probability, so longer key tiles fit. One kBlockN per
+// head dim whatever the mask: per-block K descale factors (fp8_attention) cover one key tile.
+// V is transposed on chip from a staging buffer (fwd/transpose_v.h).
+#define JAX_FA3_FWD_FP8_TILE(HEAD_DIM, BLOCK_M, BLOCK_N)                                 \
+  template <bool kHasWindow>                                                              \
+  struct FwdTileConfig<1, HEAD_DIM, kHasWindow> {                                         \
+    static constexpr int kBlockM = BLOCK_M;                                               \
+    static constexpr int kBlockN = BLOCK_N;                                               \
+    static constexpr int kStages = 2;                                                     \
+    static constexpr bool kPingpong = !kAblatePingpong;                                   \
+    static constexpr bool kIntraWarpgroupOverlap = !kAblateIntraWarpgroupOverlap;         \
+    static constexpr bool kRescaleOBeforeGemm = false;                                    \
+  };
+
+//                    head dim  M    N
+JAX_FA3_FWD_FP8_TILE(64,       192, 160)
+JAX_FA3_FWD_FP8_TILE(128,      128, 224)
+JAX_FA3_FWD_FP8_TILE(256,      128, 128)
+
+#undef JAX_FA3_FWD_FP8_TILE
 
 }  // namespace jax_fa3

@@ -15,7 +15,7 @@ using namespace cute;
 
 template <class Traits>
 struct FwdEpilogue {
-  using Element = typename Traits::Element;
+  using Element = typename Traits::ElementOut;
   using Params = typename Traits::Params;
   using Storage = typename Traits::SharedStorage;
   static constexpr int kBlockM = Traits::kBlockM;

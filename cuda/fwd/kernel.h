@@ -15,6 +15,7 @@
 #include "fwd/key_blocks.h"
 #include "fwd/mainloop.h"
 #include "fwd/producer.h"
+#include "fwd/transpose_v.h"
 
 namespace jax_fa3 {
 
@@ -33,7 +34,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(CUTE_GRID_CONS
     cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
     cute::prefetch_tma_descriptor(p.tma_o.get_tma_descriptor());
     TmaRing<Traits::kStages>::init(smem.k_ring, Traits::kConsumerWarpgroups);
-    TmaRing<Traits::kStages>::init(smem.v_ring, Traits::kConsumerWarpgroups);
+    if constexpr (Traits::kFp8) {  // V loads go to the transposing warps, V^T to the consumers
+      TmaRing<Traits::kStages>::init(smem.v_ring, 1);
+      TmaRing<Traits::kStages>::init(smem.transposed.vt_ring, Traits::kConsumerWarpgroups);
+      cutlass::arch::ClusterBarrier::init(&smem.transposed.v_done, 1);
+    } else {
+      TmaRing<Traits::kStages>::init(smem.v_ring, Traits::kConsumerWarpgroups);
+    }
     cutlass::arch::ClusterTransactionBarrier::init(&smem.q_full, 1);
     cutlass::arch::ClusterBarrier::init(&smem.q_empty, Traits::kConsumerWarpgroups);
     cutlass::arch::ClusterBarrier::init(&smem.o_free, 1);
@@ -53,9 +60,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(CUTE_GRID_CONS
 
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
-    if (warp == 0) {  // one warp issues every load; the other three retire
+    if (warp == 0) {  // one warp issues every load; the other three retire (16-bit) or transpose V (FP8)
       FwdProducer<Traits> producer{p, smem, bool(cute::elect_one_sync())};
       producer.run(scheduler);
+    } else if constexpr (Traits::kFp8) {
+      VTransposer<Traits> transposer{smem, int(threadIdx.x) - 32};
+      transposer.run();
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();

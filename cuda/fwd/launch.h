@@ -27,16 +27,28 @@ inline int heads_per_l2_section(FwdParams const& fp, int element_bytes) {
 template <class Traits>
 cudaError_t launch_fwd(FwdParams const& fp, cudaStream_t stream) {
   using Element = typename Traits::Element;
+  using ElementOut = typename Traits::ElementOut;
   auto gmem = [](void const* ptr, auto shape, auto stride) {
     return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)), shape, stride);
+  };
+  auto gmem_out = [](void const* ptr, auto shape, auto stride) {
+    return make_tensor(make_gmem_ptr(static_cast<ElementOut const*>(ptr)), shape, stride);
   };
   auto const q = gmem(fp.q, make_shape(fp.seqlen_q, fp.head_dim, fp.heads, fp.batch),
                       make_stride(fp.q_row_stride, _1{}, fp.q_head_stride, fp.q_batch_stride));
   auto const k = gmem(fp.k, make_shape(fp.seqlen_k, fp.head_dim, fp.kv_heads, fp.batch),
                       make_stride(fp.k_row_stride, _1{}, fp.k_head_stride, fp.k_batch_stride));
-  auto const vt = gmem(fp.v, make_shape(fp.head_dim_v, fp.seqlen_k, fp.kv_heads, fp.batch),
-                       make_stride(_1{}, fp.v_row_stride, fp.v_head_stride, fp.v_batch_stride));
-  auto const o = gmem(fp.out, make_shape(fp.seqlen_q, fp.head_dim_v, fp.heads, fp.batch),
+  // 16-bit: V read as V^T (TMA transposes); FP8: V as it is (transposed on chip).
+  auto const v = [&] {
+    if constexpr (Traits::kFp8) {
+      return gmem(fp.v, make_shape(fp.seqlen_k, fp.head_dim_v, fp.kv_heads, fp.batch),
+                  make_stride(fp.v_row_stride, _1{}, fp.v_head_stride, fp.v_batch_stride));
+    } else {
+      return gmem(fp.v, make_shape(fp.head_dim_v, fp.seqlen_k, fp.kv_heads, fp.batch),
+                  make_stride(_1{}, fp.v_row_stride, fp.v_head_stride, fp.v_batch_stride));
+    }
+  }();
+  auto const o = gmem_out(fp.out, make_shape(fp.seqlen_q, fp.head_dim_v, fp.heads, fp.batch),
                       make_stride(fp.o_row_stride, _1{}, fp.o_head_stride, fp.o_batch_stride));
 
   constexpr int kBlockM = Traits::kBlockM;
@@ -45,11 +57,10 @@ cudaError_t launch_fwd(FwdParams const& fp, cudaStream_t stream) {
   p.tma_q = make_tma_atom(SM90_TMA_LOAD{}, q, typename Traits::SmemLayoutQ{}, Shape<Int<kBlockM>, Int<Traits::kHeadDim>>{});
   p.tma_k = make_tma_atom(SM90_TMA_LOAD{}, k, take<0, 2>(typename Traits::SmemLayoutK{}),
                           Shape<Int<kBlockN>, Int<Traits::kHeadDim>>{});
-  p.tma_v = make_tma_atom(SM90_TMA_LOAD{}, vt, take<0, 2>(typename Traits::SmemLayoutVt{}),
-                          Shape<Int<Traits::kHeadDimV>, Int<kBlockN>>{});
+  p.tma_v = make_tma_atom(SM90_TMA_LOAD{}, v, take<0, 2>(typename Traits::SmemLayoutVLoad{}), typename Traits::TileV{});
   p.tma_o = make_tma_atom(SM90_TMA_STORE{}, o, typename Traits::SmemLayoutO{},
                           Shape<Int<kBlockM>, Int<Traits::kHeadDimV>>{});
-  p.out = static_cast<Element*>(fp.out);
+  p.out = static_cast<ElementOut*>(fp.out);
   p.o_row_stride = fp.o_row_stride;
   p.o_head_stride = fp.o_head_stride;
   p.o_batch_stride = fp.o_batch_stride;
@@ -62,6 +73,13 @@ cudaError_t launch_fwd(FwdParams const& fp, cudaStream_t stream) {
   p.tile_counter = fp.tile_counter;
   p.sinks = fp.sinks;
   p.max_logit = fp.max_logit;
+  p.descale_q = fp.descale_q;
+  p.descale_k = fp.descale_k;
+  p.descale_v = fp.descale_v;
+  p.descale_q_blocks = fp.descale_q_blocks;
+  p.descale_q_block_stride = fp.descale_q_blocks > 1 ? 1 : 0;
+  p.descale_k_blocks = fp.descale_k_blocks;
+  p.descale_k_block_stride = fp.descale_k_blocks > 1 ? 1 : 0;
   p.batch = fp.batch;
   p.seqlen_q = fp.seqlen_q;
   p.seqlen_k = fp.seqlen_k;
@@ -99,18 +117,27 @@ cudaError_t launch_fwd(FwdParams const& fp, cudaStream_t stream) {
 }
 
 // The variant entry point: picks the kernel for packed sequences, a mask window, or none.
-template <class Element, int kHeadDim>
+template <class Element, class ElementOut, int kHeadDim>
 cudaError_t run_fwd(FwdParams const& fp, cudaStream_t stream) {
-  if (fp.q_rows) { return launch_fwd<FwdTraits<Element, kHeadDim, kHeadDim, true, true>>(fp, stream); }
+  if constexpr (sizeof(Element) > 1) {  // FP8 takes no packed sequences (checked by the FFI)
+    if (fp.q_rows) { return launch_fwd<FwdTraits<Element, ElementOut, kHeadDim, kHeadDim, true, true>>(fp, stream); }
+  }
   bool const has_window = fp.window_left >= 0 || fp.window_right >= 0;
-  return has_window ? launch_fwd<FwdTraits<Element, kHeadDim, kHeadDim, true>>(fp, stream)
-                    : launch_fwd<FwdTraits<Element, kHeadDim, kHeadDim, false>>(fp, stream);
+  return has_window ? launch_fwd<FwdTraits<Element, ElementOut, kHeadDim, kHeadDim, true>>(fp, stream)
+                    : launch_fwd<FwdTraits<Element, ElementOut, kHeadDim, kHeadDim, false>>(fp, stream);
 }
 
 // The forward's tile for packed sequences, (kBlockM, kBlockN): its plan is made in JAX.
 template <int kHeadDim>
 constexpr TileShape fwd_segment_tile() {
-  using Traits = FwdTraits<cutlass::bfloat16_t, kHeadDim, kHeadDim, true, true>;
+  using Traits = FwdTraits<cutlass::bfloat16_t, cutlass::bfloat16_t, kHeadDim, kHeadDim, true, true>;
+  return {Traits::kBlockM, Traits::kBlockN};
+}
+
+// The tile of the kernel without a mask; an FP8 k descale factor covers one of its key tiles.
+template <class Element, int kHeadDim>
+constexpr TileShape fwd_tile() {
+  using Traits = FwdTraits<Element, cutlass::bfloat16_t, kHeadDim, kHeadDim, false>;
   return {Traits::kBlockM, Traits::kBlockN};
 }
 

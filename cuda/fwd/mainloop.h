@@ -40,7 +40,7 @@ struct FwdMainloop {
   int const thread_idx;  // among the consumer threads
   int const warpgroup;   // consumer warpgroup index
   Ring k_ring{smem.k_ring};
-  Ring v_ring{smem.v_ring};
+  Ring v_ring{v_ring_storage(smem)};  // V^T as P·V reads it
   typename Ring::Position k_pos, v_pos;
   int computed_tiles = 0;
 
@@ -60,6 +60,34 @@ struct FwdMainloop {
     if constexpr (Traits::kPingpong) {
       if (warpgroup == kConsumerWarpgroups - 1) { barrier_arrive(Barrier::kPingpong, 256, 0); }
     }
+  }
+
+  static __host__ __device__ typename Ring::Storage& v_ring_storage(Storage& s) {
+    if constexpr (Traits::kFp8) {
+      return s.transposed.vt_ring;
+    } else {
+      return s.v_ring;
+    }
+  }
+  static __device__ auto* vt_data(Storage& s) {
+    if constexpr (Traits::kFp8) {
+      return s.transposed.vt.data();
+    } else {
+      return s.vo.v.data();
+    }
+  }
+
+  // FP8: the descale factors of q (this warpgroup's 64 rows) and k (one key tile); 1 when absent.
+  __device__ float q_descale(QueryTile const& tile) const {
+    if (!p.descale_q) { return 1.f; }
+    int const block = tile.m_block * kConsumerWarpgroups + warpgroup;
+    return p.descale_q[(int64_t(tile.batch) * p.heads + tile.head) * p.descale_q_blocks +
+                       block * p.descale_q_block_stride];
+  }
+  __device__ float k_descale(QueryTile const& tile, int n_block) const {
+    if (!p.descale_k) { return 1.f; }
+    return p.descale_k[(int64_t(tile.batch) * p.kv_heads + tile.head / p.kv_group) * p.descale_k_blocks +
+                       n_block * p.descale_k_block_stride];
   }
 
   __device__ bool warpgroup_leader() const { return thread_idx % 128 == 0; }
@@ -94,7 +122,7 @@ struct FwdMainloop {
     auto thread_pv = mma_pv.get_thread_slice(thread_idx);
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
-    Tensor sVt = make_tensor(make_smem_ptr(smem.vo.v.data()), typename Traits::SmemLayoutVt{});
+    Tensor sVt = make_tensor(make_smem_ptr(vt_data(smem)), typename Traits::SmemLayoutVt{});
     Tensor tSrQ = thread_qk.partition_fragment_A(sQ);
     Tensor tSrK = thread_qk.partition_fragment_B(sK);
     Tensor tOrVt = thread_pv.partition_fragment_B(sVt);
@@ -112,10 +140,22 @@ struct FwdMainloop {
         return AttentionMask{seqlen_k, p.window_left, p.window_right, p.diagonal_offset};
       }
     }();
-    OnlineSoftmax<kRows> softmax;
+    OnlineSoftmax<kRows, Traits::kFp8> softmax;
     softmax.scale_log2 = p.scale_log2;
-    auto prepare_scores = [&](auto& scores, int n_block, auto masked) {
-      if (p.softcap_prescale != 0.f) { apply_softcap(scores, p.softcap_prescale); }
+    float const scale_q = Traits::kFp8 ? q_descale(tile) : 1.f;
+    // FP8 descales scale the scores before the softcap, or else fold into the exp2 scale.
+    // k_scale: k_descale of the tile, loaded before its Q·K^T is issued.
+    auto prepare_scores = [&](auto& scores, int n_block, auto masked, float k_scale) {
+      if constexpr (Traits::kFp8) {
+        float const descale = scale_q * k_scale;
+        if (p.softcap_prescale != 0.f) {
+          apply_softcap(scores, p.softcap_prescale * descale);
+        } else {
+          softmax.scale_log2 = p.scale_log2 * descale;
+        }
+      } else {
+        if (p.softcap_prescale != 0.f) { apply_softcap(scores, p.softcap_prescale); }
+      }
       if constexpr (decltype(masked)::value) {
         if constexpr (Traits::kHasSegments) {
           mask.template apply<kBlockN>(scores, thread0_coords, int64_t(n_block) * kBlockN + column_offset,
@@ -134,6 +174,7 @@ struct FwdMainloop {
     // diagonal edge whenever there is one).
     cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full, computed_tiles & 1);
     int n_block = range.n_block_max - 1;
+    float const first_k_scale = Traits::kFp8 ? k_descale(tile, n_block) : 1.f;
     Tensor scores = new_scores();
     k_ring.wait_full(k_pos);
     wait_turn();
@@ -141,12 +182,26 @@ struct FwdMainloop {
     pass_turn();
     warpgroup_wait<0>();
     release_k();
-    prepare_scores(scores, n_block, std::true_type{});
+    prepare_scores(scores, n_block, std::true_type{}, first_k_scale);
     softmax.template update</*first=*/true>(scores, o_scale);
-    Tensor tOrP = make_tensor<Element>(acc_as_operand_a(scores.layout()));
-    convert_into(scores, tOrP);
+    auto const into_operand = [](auto const& probabilities, auto& operand) {
+      if constexpr (Traits::kFp8) {
+        convert_to_fp8_operand_a(probabilities, operand);
+      } else {
+        convert_into(probabilities, operand);
+      }
+    };
+    Tensor tOrP = [&] {
+      if constexpr (Traits::kFp8) {
+        return make_tensor<Element>(fp8_operand_a_layout<kBlockN>());
+      } else {
+        return make_tensor<Element>(acc_as_operand_a(scores.layout()));
+      }
+    }();
+    into_operand(scores, tOrP);
 
     auto step = [&](int n, auto masked) {
+      float const k_scale = Traits::kFp8 ? k_descale(tile, n) : 1.f;
       Tensor next_scores = new_scores();
       k_ring.wait_full(k_pos);
       wait_turn();
@@ -158,14 +213,14 @@ struct FwdMainloop {
       if constexpr (!Traits::kIntraWarpgroupOverlap) { warpgroup_wait<0>(); }  // ablation: serial
       warpgroup_wait<1>();  // Q·K^T done; P·V still running under the softmax below
       release_k();
-      prepare_scores(next_scores, n, masked);
+      prepare_scores(next_scores, n, masked, k_scale);
       softmax.template update<false>(next_scores, o_scale);
       // row_sum depends on every probability of the tile.
       finish_before_next_wait(softmax.row_sum[0] + softmax.row_sum[1], p.num_tiles < 0, &smem.unused_sink);
       warpgroup_wait<0>();
       release_v();
       if constexpr (!Traits::kRescaleOBeforeGemm) { scale_rows(acc_o, o_scale); }
-      convert_into(next_scores, tOrP);
+      into_operand(next_scores, tOrP);
     };
     --n_block;
     for (; n_block >= range.n_block_min && n_block >= range.n_block_right_masked; --n_block) {
@@ -186,6 +241,13 @@ struct FwdMainloop {
     pass_turn();
     int64_t const head_index = int64_t(tile.batch) * p.heads + tile.head;
     softmax.finalize(o_scale, lse, p.sinks ? p.sinks[head_index] : -INFINITY);
+    if constexpr (Traits::kFp8) {
+      if (p.descale_v) {
+        float const scale_v = p.descale_v[int64_t(tile.batch) * p.kv_heads + tile.head / p.kv_group];
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < kRows; ++r) { o_scale[r] *= scale_v; }
+      }
+    }
     bool inside[kRows];
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {

@@ -38,20 +38,30 @@ struct FwdProducer {
     int const kv_head = tile.head / p.kv_group;
     Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.seqlen_q, int(Traits::kHeadDim), p.heads, p.batch));
     Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.seqlen_k, int(Traits::kHeadDim), p.kv_heads, p.batch));
-    Tensor mVt = p.tma_v.get_tma_tensor(make_shape(int(Traits::kHeadDimV), p.seqlen_k, p.kv_heads, p.batch));
+    // 16-bit: V^T tiles (Dv, N); FP8: V tiles (N, Dv), staged for the transposing warps.
+    auto const v_tiles = [&] {
+      if constexpr (Traits::kFp8) {
+        Tensor mV = p.tma_v.get_tma_tensor(make_shape(p.seqlen_k, int(Traits::kHeadDimV), p.kv_heads, p.batch));
+        return local_tile(mV(_, _, kv_head, tile.batch), Shape<Int<kBlockN>, Int<Traits::kHeadDimV>>{},
+                          make_coord(_, _0{}));  // (N, Dv, n)
+      } else {
+        Tensor mVt = p.tma_v.get_tma_tensor(make_shape(int(Traits::kHeadDimV), p.seqlen_k, p.kv_heads, p.batch));
+        return local_tile(mVt(_, _, kv_head, tile.batch), Shape<Int<Traits::kHeadDimV>, Int<kBlockN>>{},
+                          make_coord(_0{}, _));  // (Dv, N, n)
+      }
+    };
     Tensor gQ = local_tile(mQ(_, _, tile.head, tile.batch), Shape<Int<kBlockM>, Int<Traits::kHeadDim>>{},
                            make_coord(tile.m_block, _0{}));
     Tensor gK = local_tile(mK(_, _, kv_head, tile.batch), Shape<Int<kBlockN>, Int<Traits::kHeadDim>>{},
                            make_coord(_, _0{}));  // (N, D, n)
-    Tensor gVt = local_tile(mVt(_, _, kv_head, tile.batch), Shape<Int<Traits::kHeadDimV>, Int<kBlockN>>{},
-                            make_coord(_0{}, _));  // (Dv, N, n)
+    Tensor gV = v_tiles();
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
-    Tensor sVt = make_tensor(make_smem_ptr(smem.vo.v.data()), typename Traits::SmemLayoutVt{});
+    Tensor sV = make_tensor(make_smem_ptr(smem.vo.v.data()), typename Traits::SmemLayoutVLoad{});
     // TMA-partitioned (global, shared) views.
     auto q_parts = tma_partition(p.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
     auto k_parts = tma_partition(p.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-    auto v_parts = tma_partition(p.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
+    auto v_parts = tma_partition(p.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
     Tensor tQg = get<0>(q_parts);
     Tensor tQs = get<1>(q_parts);
     Tensor tKg = get<0>(k_parts);
@@ -104,6 +114,15 @@ struct FwdProducer {
       auto const range = key_blocks<Traits>(p, tile, seqlen_q, seqlen_k);
       if (!range.empty()) { load_tile(tile, range); }
       tile_index = scheduler.producer_next(tile_index);
+    }
+    if constexpr (Traits::kFp8) {  // tells the transposing warps to stop, once they drained the ring
+      if (leader) {
+        for (int i = 0; i < Traits::kStages; ++i) {
+          v_ring.wait_empty(v_pos);
+          v_pos.advance();
+        }
+        cutlass::arch::ClusterBarrier::arrive(&smem.transposed.v_done);
+      }
     }
     scheduler.producer_finish();
   }

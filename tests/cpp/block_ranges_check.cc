@@ -20,8 +20,8 @@
 #include "common/block_ranges.h"
 #include "fwd/config.h"
 
-#if !defined(JAX_FA3_FWD_HEAD_DIMS) || !defined(JAX_FA3_BWD_HEAD_DIMS)
-#error "define JAX_FA3_FWD_HEAD_DIMS and JAX_FA3_BWD_HEAD_DIMS, e.g. -DJAX_FA3_FWD_HEAD_DIMS=64,128"
+#if !defined(JAX_FA3_FWD_HEAD_DIMS) || !defined(JAX_FA3_BWD_HEAD_DIMS) || !defined(JAX_FA3_FP8_FWD_HEAD_DIMS)
+#error "define JAX_FA3_FWD_HEAD_DIMS, JAX_FA3_FP8_FWD_HEAD_DIMS and JAX_FA3_BWD_HEAD_DIMS, e.g. -DJAX_FA3_FWD_HEAD_DIMS=64,128"
 #endif
 
 namespace {
@@ -81,14 +81,16 @@ bool check(Problem const& pr, char const* label) {
   return true;
 }
 
-// The forward's two rows of a head dim (without and with a window), and the backward's one.
-template <int kHeadDim>
+// The forward's two rows of a head dim (without and with a window) for 16-bit (2) or FP8 (1)
+// inputs, and the backward's one.
+template <int kHeadDim, int kElementBytes = 2>
 bool check_fwd(Problem const& pr, bool print) {
-  using Plain = jax_fa3::FwdTileConfig<kHeadDim, false>;
-  using Windowed = jax_fa3::FwdTileConfig<kHeadDim, true>;
+  using Plain = jax_fa3::FwdTileConfig<kElementBytes, kHeadDim, false>;
+  using Windowed = jax_fa3::FwdTileConfig<kElementBytes, kHeadDim, true>;
+  char const* direction = kElementBytes == 1 ? "fwd-fp8" : "fwd";
   if (print) {
-    std::printf("tile fwd d%d no-window %dx%d\n", kHeadDim, Plain::kBlockM, Plain::kBlockN);
-    std::printf("tile fwd d%d window %dx%d\n", kHeadDim, Windowed::kBlockM, Windowed::kBlockN);
+    std::printf("tile %s d%d no-window %dx%d\n", direction, kHeadDim, Plain::kBlockM, Plain::kBlockN);
+    std::printf("tile %s d%d window %dx%d\n", direction, kHeadDim, Windowed::kBlockM, Windowed::kBlockN);
   }
   return check<Plain::kBlockM, Plain::kBlockN>(pr, "fwd no-window") &&
          check<Windowed::kBlockM, Windowed::kBlockN>(pr, "fwd window");
@@ -101,10 +103,11 @@ bool check_bwd(Problem const& pr, bool print) {
   return check<Config::kBlockM, Config::kBlockN>(pr, "bwd");
 }
 
-template <int... kFwdHeadDims, int... kBwdHeadDims>
+template <int... kFwdHeadDims, int... kFp8HeadDims, int... kBwdHeadDims>
 bool check_all(Problem const& pr, bool print, std::integer_sequence<int, kFwdHeadDims...>,
-               std::integer_sequence<int, kBwdHeadDims...>) {
-  return (check_fwd<kFwdHeadDims>(pr, print) && ...) && (check_bwd<kBwdHeadDims>(pr, print) && ...);
+               std::integer_sequence<int, kFp8HeadDims...>, std::integer_sequence<int, kBwdHeadDims...>) {
+  return (check_fwd<kFwdHeadDims>(pr, print) && ...) && (check_fwd<kFp8HeadDims, 1>(pr, print) && ...) &&
+         (check_bwd<kBwdHeadDims>(pr, print) && ...);
 }
 
 }  // namespace
@@ -126,6 +129,7 @@ int main() {
       default: pr.diagonal_offset = uniform(-700, 700); break;
     }
     if (!check_all(pr, trial == 0, std::integer_sequence<int, JAX_FA3_FWD_HEAD_DIMS>{},
+                   std::integer_sequence<int, JAX_FA3_FP8_FWD_HEAD_DIMS>{},
                    std::integer_sequence<int, JAX_FA3_BWD_HEAD_DIMS>{})) {
       return 1;
     }

@@ -139,3 +139,24 @@ def test_out_of_range_lengths_and_pages(page_size):
   assert not np.isnan(out[~nan_rows]).any()
   np.testing.assert_array_equal(np.asarray(k_out, np.float64), want[2])
   np.testing.assert_array_equal(np.asarray(v_out, np.float64), want[3])
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_query_rows_past_a_grid_dimension(num_splits):
+  """A chunk of 65600 queries over 16 heads sharing one KV head: 65600 m-blocks of 16 rows,
+  more than a grid's y or z dimension takes (65535); the split kernel and the combine fold
+  them into x. Without a causal mask every row sees every key, so each m-block is checked."""
+  rng = np.random.default_rng(11)
+  q, k_cache, v_cache, new, table = _inputs(rng, 1, 65600, 16, 1, 64, 64, 4, jnp.bfloat16)
+  lengths = jnp.array([40], jnp.int32)
+  scale = 64 ** -0.5
+  want_out, want_lse, want_k, want_v = oracle.kvcache(q, k_cache, v_cache, lengths, *new, table,
+                                                      scale=scale)
+  out, lse, k_out, v_out = _run(q, k_cache, v_cache, lengths, new, table, causal=False,
+                                num_splits=num_splits)
+  np.testing.assert_array_equal(np.asarray(k_out, np.float64), want_k)
+  base = _baseline(q, want_k, want_v, table, lengths, 4, (-1, -1), 0.0, scale)
+  assert not np.isnan(out).any(), "a row was not written"
+  err, base_err = np.max(np.abs(out - want_out)), np.max(np.abs(base - want_out))
+  assert err <= 2 * base_err + 1e-4, (err, base_err)
+  np.testing.assert_allclose(lse, want_lse, atol=2e-3, rtol=1e-4)

@@ -1,5 +1,6 @@
 """The public API on the GPU: it must lower to the kernels and agree with the oracle."""
 
+import functools
 import math
 
 import jax
@@ -125,13 +126,13 @@ def test_gradients_at_every_head_dim(d):
 # --- The lse's gradient, against the float32 oracle ------------------------------
 # flash_attention differentiates its lse with the backward kernel run on v with a column
 # of ones appended (attention.py's _attention_bwd), so head_dim_v = d + 1, padded up to
-# the next compiled backward kernel: d64 runs the d128 kernel, d128 the d256 one. At d256
-# no kernel holds 257 columns: that backward lowers to the float32 reference (with a
-# warning), hence the expected failure below.
+# the next compiled backward kernel: d64 and d96 run the d128 kernel, d128 and d192 the
+# d256 one. At d256 no kernel holds 257 columns: that backward lowers to the float32
+# reference (with a warning), hence the expected failure below.
 LSE_GRADIENT_CASES = [
     # (head_dim, dtype, batch, seqlen_q, seqlen_k, heads, kv_heads, causal)
     (d, dtype, b, sq, sk, h, hk, causal)
-    for d in (64, 128, 256)
+    for d in (64, 96, 128, 192, 256)
     for dtype, b, sq, sk, h, hk, causal in [
         ("bfloat16", 2, 1000, 1000, 4, 4, False),
         ("float16", 1, 333, 777, 8, 2, True),   # GQA, causal aligned bottom-right
@@ -178,7 +179,7 @@ def test_lse_gradient_matches_oracle(case, cotangents):
         assert err <= 2 * base_err + 1e-5, f"{name} error {err:.3e} > 2 x baseline {base_err:.3e} + 1e-5"
 
 
-@pytest.mark.parametrize("d", [64, 128, pytest.param(256, marks=pytest.mark.xfail(
+@pytest.mark.parametrize("d", [64, 96, 128, 192, pytest.param(256, marks=pytest.mark.xfail(
     strict=True, reason="no backward kernel holds head_dim_v 257 (v + the ones column): the "
                         "lse's gradient at d256 runs the float32 reference"))])
 def test_lse_gradient_uses_the_backward_kernel(d):
@@ -188,22 +189,32 @@ def test_lse_gradient_uses_the_backward_kernel(d):
     assert "jax_fa3_bwd" in text, "the lse's gradient does not run the backward kernel"
 
 
-def test_gradients_with_more_batch_rows_than_a_grid_dimension():
-    """70000 batch rows (a vmapped or windowed model's size): the backward's pre- and
-    postprocess grids stop at 65535 in z and loop over the rest."""
-    q, k, v = _qkv(31, 70000, 8, 8, 2, 1, 64)
-    dout = _qkv(32, 70000, 8, 8, 2, 1, 64)[0]
-    out, pullback = jax.vjp(lambda q, k, v: jax_fa3.flash_attention(q, k, v, causal=True), q, k, v)
-    grads = jax.jit(pullback)(dout)
+@pytest.mark.parametrize("batch, heads, kv_heads", [(70000, 2, 1), (1, 70000, 7000)],
+                         ids=["batch_70000", "heads_70000"])
+def test_gradients_past_a_grid_dimension(batch, heads, kv_heads):
+    """70000 batch rows or heads (sizes a vmapped or windowed model reaches): the backward's
+    pre- and postprocess grids stop at 65535 in y (heads) and z (batch) and loop over the
+    rest; the forward and main backward kernels number their tiles along x."""
+    q, k, v = _qkv(31, batch, 8, 8, heads, kv_heads, 64)
+    dout = _qkv(32, batch, 8, 8, heads, kv_heads, 64)[0]
 
-    def reference(dtype):
+    @jax.jit
+    def ours(q, k, v, dout):
+        out, pullback = jax.vjp(lambda q, k, v: jax_fa3.flash_attention(q, k, v, causal=True), q, k, v)
+        return (out, *pullback(dout))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def reference(dtype, q, k, v, dout):  # operands, not constants: XLA would fold them
         f = lambda q, k, v: jax.nn.dot_product_attention(
             *(x.astype(dtype) for x in (q, k, v)), is_causal=True).astype(dtype)
         o, pull = jax.vjp(f, q, k, v)
         return (o, *pull(dout.astype(dtype)))
 
-    for ours, ref, base in zip((out, *grads), jax.jit(lambda: reference(jnp.float32))(),
-                               jax.jit(lambda: reference(jnp.bfloat16))()):
-        _check(ours, ref, base)
-        tail = np.asarray(ours[65535:], np.float32)
-        assert np.abs(tail).max() > 0, "the rows past 65535 were not written"
+    axis = 0 if batch > heads else 2
+    for name, result, ref, base in zip(("out", "dq", "dk", "dv"), ours(q, k, v, dout),
+                                       reference(jnp.float32, q, k, v, dout),
+                                       reference(jnp.bfloat16, q, k, v, dout), strict=True):
+        _check(result, ref, base)
+        if result.shape[axis] > 65535:
+            tail = np.asarray(jax.lax.slice_in_dim(result, 65535, result.shape[axis], axis=axis), np.float32)
+            assert np.abs(tail).max() > 0, f"{name}: the entries past 65535 along axis {axis} were not written"

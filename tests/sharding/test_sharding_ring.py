@@ -152,7 +152,7 @@ def test_the_kernel_path_composes_the_ffi_calls(causal, calls, offsets, normal, 
                                                 forward_and_vjp, monkeypatch):
   """Lowered for CUDA (with a faked kernel table), each ring step calls the FFI targets
   with its static mask."""
-  variants = tuple(Variant(d, "bfloat16", 16, 16) for d in ("fwd", "bwd"))
+  variants = tuple(Variant(d, "bfloat16", "bfloat16", 16, 16) for d in ("fwd", "bwd"))
   monkeypatch.setattr(_kernels, "_status", KernelStatus(variants))
   fn, arrays = ring_program(normal, make_mesh, forward_and_vjp, causal)
   text = jax.jit(lambda *a: fn(*a)).trace(*arrays).lower(lowering_platforms=("cuda",)).as_text()

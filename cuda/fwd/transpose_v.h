@@ -1,0 +1,138 @@
+// FP8 forward: V^T on chip. FP8 WGMMA reads its B operand K-major only, but V arrives
+// row-major (keys x head dim). Producer warps 1-3 turn each staged V tile into V^T in shared
+// memory between TMA and the consumers, so V is never transposed in HBM.
+//
+// The keys of V^T are permuted within every group of 16: V^T column 4t + i holds key
+// 2t + (i & 1) + 8 (i >> 1), which is the order in which a thread's probability registers
+// already form the FP8 A operand (common/layouts.h, convert_to_fp8_operand_a).
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "common/barriers.h"
+
+namespace jax_fa3 {
+
+using namespace cute;
+
+// Byte offsets (within one stage) of the rows a lane addresses. A warp moves one unit per
+// step, 16 keys x 32 dims: one ldmatrix.x4.trans reads it as four 8x8 matrices of 16-bit
+// pairs (keys x dim pairs), which leaves each lane two keys of a dim pair per register; one
+// byte permute per output word pairs them with the keys 8 further on, which is V^T's key
+// order; one stmatrix.x4 writes the four 8x8 results (even and odd dims). The swizzled
+// layouts are linear in each of the lane part and the unit part (neither carries into the
+// other), so a lane adds its precomputed part to the unit's and applies the swizzle once.
+template <class Traits>
+struct VTransposeAddressing {
+  static constexpr int kBlockN = Traits::kBlockN;
+  static constexpr int kHeadDimV = Traits::kHeadDimV;
+  static_assert(sizeof(typename Traits::Element) == 1, "byte offsets: FP8 only");
+  static_assert(kBlockN % 16 == 0 && kHeadDimV % 32 == 0);
+  static constexpr int kKeyGroups = kBlockN / 16;
+  static constexpr int kUnits = kKeyGroups * (kHeadDimV / 32);
+
+  using LoadLayout = decltype(take<0, 2>(typename Traits::SmemLayoutVLoad{}));  // (N, Dv)
+  using StoreLayout = decltype(take<0, 2>(typename Traits::SmemLayoutVt{}));    // (Dv, N)
+  static constexpr int kStageBytes = cosize_v<LoadLayout>;
+  static_assert(cosize_v<StoreLayout> == kStageBytes);
+
+  template <class L>
+  CUTE_HOST_DEVICE static int linear(L, int row, int col) {
+    return get_nonswizzle_portion(L{})(row, col);
+  }
+  template <class L>
+  CUTE_HOST_DEVICE static int swizzled(L, int offset) {
+    return get_swizzle_portion(L{})(offset);
+  }
+
+  // ldmatrix: lanes 8m..8m+7 address the rows of matrix m: keys 8 (m & 1) + r, dims 16 (m >> 1).
+  CUTE_HOST_DEVICE static int lane_key(int lane) { return lane % 8 + 8 * ((lane / 8) & 1); }
+  CUTE_HOST_DEVICE static int lane_load_dim(int lane) { return 16 * (lane / 16); }
+  // stmatrix: row r of matrix m is dim 16 (m >> 1) + 2 r + ((m & 1) ^ (r >= 4)), 16 keys each:
+  // its rows 4-7 take the other parity, so the 8 rows fall in 8 distinct bank groups.
+  CUTE_HOST_DEVICE static int lane_store_dim(int lane) {
+    int const r = lane % 8;
+    return 16 * (lane / 16) + 2 * r + (((lane / 8) & 1) ^ (r >= 4));
+  }
+  // Rows 4-7 of each matrix come from lanes 16-31: they swap their even and odd words.
+  CUTE_HOST_DEVICE static uint32_t even_select(int lane) { return lane >= 16 ? 0x7531 : 0x6420; }
+  CUTE_HOST_DEVICE static uint32_t odd_select(int lane) { return lane >= 16 ? 0x6420 : 0x7531; }
+  CUTE_HOST_DEVICE static int unit_key(int unit) { return 16 * (unit % kKeyGroups); }
+  CUTE_HOST_DEVICE static int unit_dim(int unit) { return 32 * (unit / kKeyGroups); }
+
+  CUTE_HOST_DEVICE static int lane_load(int lane) { return linear(LoadLayout{}, lane_key(lane), lane_load_dim(lane)); }
+  CUTE_HOST_DEVICE static int lane_store(int lane) { return linear(StoreLayout{}, lane_store_dim(lane), 0); }
+  CUTE_HOST_DEVICE static int unit_load(int unit) { return linear(LoadLayout{}, unit_key(unit), unit_dim(unit)); }
+  CUTE_HOST_DEVICE static int unit_store(int unit) { return linear(StoreLayout{}, unit_dim(unit), unit_key(unit)); }
+  CUTE_HOST_DEVICE static int load_offset(int lane_part, int unit_part) {
+    return swizzled(LoadLayout{}, lane_part + unit_part);
+  }
+  CUTE_HOST_DEVICE static int store_offset(int lane_part, int unit_part) {
+    return swizzled(StoreLayout{}, lane_part + unit_part);
+  }
+};
+
+template <class Traits>
+struct VTransposer {
+  using Storage = typename Traits::SharedStorage;
+  using Ring = TmaRing<Traits::kStages>;
+  using Addressing = VTransposeAddressing<Traits>;
+  static constexpr int kWarps = Traits::kTransposeThreads / 32;
+
+  Storage& smem;
+  int const thread_idx;  // among the transposing threads
+  Ring load_ring{smem.v_ring};
+  Ring vt_ring{smem.transposed.vt_ring};
+  typename Ring::Position load_pos, vt_pos;
+
+  __device__ void run() {
+    uint32_t const v_base = cast_smem_ptr_to_uint(smem.vo.v.data());
+    uint32_t const vt_base = cast_smem_ptr_to_uint(smem.transposed.vt.data());
+    int const lane = thread_idx % 32;
+    int const lane_load = Addressing::lane_load(lane);
+    int const lane_store = Addressing::lane_store(lane);
+    uint32_t const even_select = Addressing::even_select(lane);
+    uint32_t const odd_select = Addressing::odd_select(lane);
+
+    while (true) {
+      // A staged V, or the producer's "done" (sent only once every load was transposed). Both
+      // are mbarriers, so no flag in shared memory crosses between the warps.
+      bool done = false;
+      while (!load_ring.try_full(load_pos) && !done) {
+        done = cutlass::arch::ClusterBarrier::test_wait(&smem.transposed.v_done, 0, 1);
+      }
+      if (done) { break; }
+      vt_ring.wait_empty(vt_pos);
+      uint32_t const v_stage = v_base + load_pos.stage * Addressing::kStageBytes;
+      uint32_t const vt_stage = vt_base + vt_pos.stage * Addressing::kStageBytes;
+#pragma unroll 2
+      for (int unit = thread_idx / 32; unit < Addressing::kUnits; unit += kWarps) {
+        uint32_t pairs[4];  // matrix m: keys 2q, 2q+1 (+ 8 (m & 1)) of dims 2p, 2p+1 (+ 16 (m >> 1))
+        asm volatile("ldmatrix.sync.aligned.x4.trans.m8n8.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(pairs[0]), "=r"(pairs[1]), "=r"(pairs[2]), "=r"(pairs[3])
+                     : "r"(v_stage + Addressing::load_offset(lane_load, Addressing::unit_load(unit))));
+        // V^T words: keys 2q, 2q+1, 2q+8, 2q+9 of dims 2p, 2p+1, 2p+16, 2p+17 (rows 4-7 of
+        // each matrix: the odd dim first).
+        uint32_t const even = __byte_perm(pairs[0], pairs[1], even_select);
+        uint32_t const odd = __byte_perm(pairs[0], pairs[1], odd_select);
+        uint32_t const even_high = __byte_perm(pairs[2], pairs[3], even_select);
+        uint32_t const odd_high = __byte_perm(pairs[2], pairs[3], odd_select);
+        asm volatile("stmatrix.sync.aligned.x4.m8n8.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                         vt_stage + Addressing::store_offset(lane_store, Addressing::unit_store(unit))),
+                     "r"(even), "r"(odd), "r"(even_high), "r"(odd_high));
+      }
+      // Written through the generic proxy, read by WGMMA through the async proxy.
+      cutlass::arch::fence_view_async_shared();
+      barrier_sync(Barrier::kTransposeV, Traits::kTransposeThreads);
+      if (thread_idx == 0) {
+        load_ring.release(load_pos);
+        vt_ring.publish(vt_pos);
+      }
+      load_pos.advance();
+      vt_pos.advance();
+    }
+  }
+};
+
+}  // namespace jax_fa3

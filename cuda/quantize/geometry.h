@@ -1,0 +1,47 @@
+// How the FP8 quantizer cuts the rows of each (batch, head) into CTAs. Plain C++ with no
+// CUDA header, so that tests/cpp/quantize_geometry_check.cc compiles it on the host.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace jax_fa3 {
+
+// A CTA keeps its rows in registers between the amax and the write: 32 float32 values per
+// thread, at most 1024 threads, so 32768 / head_dim rows (512, 256, 128 for d 64, 128, 256).
+constexpr int kQuantizeValuesPerThread = 32;
+constexpr int kQuantizeMaxThreads = 1024;
+constexpr int64_t quantize_rows_per_cta(int64_t head_dim) {
+  return kQuantizeValuesPerThread * kQuantizeMaxThreads / head_dim;
+}
+
+// How the rows of one (batch, head) are cut: blocks (one scale each) of chunks (one CTA
+// each). A block of one chunk is read once and written in one pass. A longer block is read
+// twice: one pass writes each chunk's amax to the workspace, a second reduces them and writes.
+struct QuantizeGeometry {
+  int64_t block_rows;        // rows per scale: the block_rows attribute, or seqlen for one per head
+  int64_t num_blocks;        // scales per (batch, head)
+  int64_t chunks_per_block;  // CTAs per block
+  int64_t chunk_rows;        // rows per CTA (the last chunk of a block may have fewer)
+
+  bool two_pass() const { return chunks_per_block > 1; }
+  int64_t chunks_per_head() const { return num_blocks * chunks_per_block; }
+  // float32 partial amax per chunk in the two-pass case; nothing otherwise.
+  int64_t workspace_bytes(int64_t batch, int64_t heads) const {
+    return two_pass() ? int64_t(sizeof(float)) * batch * heads * chunks_per_head() : 0;
+  }
+};
+
+// block_rows = 0 means one block per (batch, head) (Python's block_rows=None).
+inline QuantizeGeometry quantize_geometry(int64_t seqlen, int64_t head_dim, int64_t block_rows) {
+  QuantizeGeometry g{};
+  g.block_rows = block_rows > 0 ? block_rows : seqlen;
+  g.num_blocks = block_rows > 0 ? (seqlen + block_rows - 1) / block_rows : 1;
+  int64_t const rows = std::min(g.block_rows, seqlen);  // rows in the largest block
+  int64_t const capacity = quantize_rows_per_cta(head_dim);
+  g.chunks_per_block = std::max<int64_t>(1, (rows + capacity - 1) / capacity);
+  g.chunk_rows = g.chunks_per_block > 1 ? capacity : rows;
+  return g;
+}
+
+}  // namespace jax_fa3
