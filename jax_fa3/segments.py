@@ -130,6 +130,69 @@ def forward_plan(q_rows, block_m, block_n):
   return jnp.stack([n_min, n_max, right, left], axis=-1).astype(jnp.int32)
 
 
+def forward_tiles(q_rows, block_m, block_n):
+  """The packed forward's query tiles, cut at the documents: `[1 + B * C, 8]` int32.
+
+  Row 0 holds the number of tiles R; rows 1..R hold one tile each, in (batch, query) order:
+  `{batch, q_begin, q_end, key_offset, n_blocks, right_masked, left_masked, 0}`. The tile's
+  queries `[q_begin, q_end)` (at most block_m) visit the key blocks `[0, n_blocks)`, block n
+  being the keys from `key_offset + n * block_n`; of those it sees `[left_masked,
+  right_masked)` whole. Every query is in exactly one tile.
+
+  Tiles start every block_m queries from the start of each *stretch*: a run of one id at
+  least block_m long, or the queries between two such runs. So a long document's tiles and
+  key blocks line up with it, as they would in a call of its own (one masked block on the
+  causal diagonal, none at its start), and short documents share tiles.
+  C = 3 * ceil(Sq / block_m) + 1 bounds the tiles of a row: a stretch of n queries has at
+  most n / block_m + 1 tiles, and there are at most 2 Sq / block_m + 1 stretches."""
+  batch, seqlen_q = q_rows.shape[:2]
+  capacity = 3 * -(-seqlen_q // block_m) + 1
+
+  def one_row(rows):
+    ids, first, end, interleaved = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+    queries = jnp.arange(seqlen_q, dtype=jnp.int32)
+    run_start = jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
+    run_begin = lax.cummax(jnp.where(run_start, queries, 0))
+    next_run = lax.cummin(jnp.where(run_start, queries, seqlen_q), reverse=True)
+    run_end = jnp.concatenate([next_run[1:], jnp.array([seqlen_q], jnp.int32)])
+    long_run = run_end - run_begin >= block_m
+    after_long = jnp.concatenate([jnp.zeros((1,), bool), long_run[:-1]])
+    stretch_start = run_start & (long_run | after_long)
+    stretch_begin = lax.cummax(jnp.where(stretch_start, queries, 0))
+    tile_start = (queries - stretch_begin) % block_m == 0
+    tile = jnp.cumsum(tile_start, dtype=jnp.int32) - 1  # each query's tile
+    count = tile[-1] + 1
+    reduce = lambda op, x: op(x, tile, num_segments=capacity, indices_are_sorted=True)
+    q_begin = reduce(jax.ops.segment_min, queries)
+    q_end = reduce(jax.ops.segment_max, queries) + 1
+    sees = first < end
+    lowest = reduce(jax.ops.segment_min, jnp.where(sees, first, _FAR))
+    highest = reduce(jax.ops.segment_max, jnp.where(sees, end, 0))
+    empty = highest == 0
+    key_offset = jnp.where(empty, 0, lowest)
+    n_blocks = jnp.where(empty, 0, -(-(highest - key_offset) // block_n))
+    # Keys every query of the tile sees; one that sees none, or needs the id comparison,
+    # leaves every block masked.
+    whole = sees & (interleaved == 0)
+    common_first = reduce(jax.ops.segment_max, jnp.where(whole, first, _FAR))
+    common_end = reduce(jax.ops.segment_min, jnp.where(whole, end, 0))
+    left = jnp.clip(-(-(common_first - key_offset) // block_n), 0, n_blocks)
+    right = jnp.clip((common_end - key_offset) // block_n, left, n_blocks)
+    none_whole = right <= left
+    right, left = jnp.where(none_whole, 0, right), jnp.where(none_whole, 0, left)
+    zero = jnp.zeros_like(q_begin)
+    return count, jnp.stack([zero, q_begin, q_end, key_offset, n_blocks, right, left, zero], -1)
+
+  counts, tiles = jax.vmap(one_row)(q_rows)
+  tiles = tiles.at[..., 0].set(jnp.arange(batch, dtype=jnp.int32)[:, None])
+  # The rows' tiles one after another: tile t of row b goes to 1 + offset[b] + t.
+  offsets = jnp.cumsum(counts) - counts
+  slots = jnp.arange(capacity, dtype=jnp.int32)
+  index = jnp.where(slots[None] < counts[:, None], 1 + offsets[:, None] + slots[None], batch * capacity + 1)
+  plan = jnp.zeros((1 + batch * capacity, 8), jnp.int32).at[0, 0].set(jnp.sum(counts))
+  return plan.at[index.reshape(-1)].set(tiles.reshape(-1, 8), mode="drop")
+
+
 def backward_plans(q_rows, seqlen_k, block_m, block_n):
   """The backward's plans: per query tile its `forward_plan` in the backward's tiles, and per
   key block `{m_begin, m_end}` `[B, blocks, 2]`, bounds of the query tiles whose plan holds the

@@ -105,9 +105,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) decode_kernel(
   int const key_begin = first_row.begin;
   int const key_end = max(key_begin, last_row.end);
   int const num_tiles = bad ? 0 : (key_end - key_begin + Cfg::kBlockN - 1) / Cfg::kBlockN;
-  int const tiles_per_split = (num_tiles + p.num_splits - 1) / p.num_splits;
-  int const tile_begin = min(num_tiles, split * tiles_per_split);
-  int const tile_end = min(num_tiles, tile_begin + tiles_per_split);
+  // Split s takes tiles [s * n / splits, (s + 1) * n / splits): every split gets floor or
+  // ceil of n / splits, so none idles while another runs a tile more than it needs to.
+  int const tile_begin = int(int64_t(split) * num_tiles / p.num_splits);
+  int const tile_end = int(int64_t(split + 1) * num_tiles / p.num_splits);
   int const steps = tile_end - tile_begin;
 
   // This warp's 16 keys of tile t start at warp_key(t); lane l < 16 fetches key l's row code.
