@@ -2,6 +2,8 @@
 // one stream. Instantiated once per (dtype, head dim) in cuda/instantiations/decode_*.cu.
 #pragma once
 
+#include <algorithm>
+
 #include <cuda_runtime.h>
 
 #include "common/launch.h"
@@ -22,7 +24,8 @@ cudaError_t launch_decode(DecodeParams const& p, cudaStream_t stream) {
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) { return e; }
   if (p.num_splits > 1) {
-    decode::combine_kernel<typename Cfg::Element><<<tiles, decode::kCombineThreads, 0, stream>>>(p);
+    dim3 const rows(tiles, unsigned(std::min(kDecodeRows, p.heads / p.kv_heads * p.seqlen_q)));
+    decode::combine_kernel<typename Cfg::Element><<<rows, decode::kCombineThreads, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }
