@@ -547,7 +547,8 @@ def _sequence_of_tokens(cu_seqlens, seqused, total):
     length = jnp.clip(seqused, 0, length)
   tokens = jnp.arange(total, dtype=jnp.int32)
   # Well-formed bounds are sorted; searchsorted on others still gives an index in range.
-  sequence = jnp.clip(jnp.searchsorted(stop, tokens, side="right"), 0, start.shape[0] - 1)
+  sequence = jnp.clip(jnp.searchsorted(stop, tokens, side="right", method="scan_unrolled"), 0,
+                      start.shape[0] - 1)
   sequence = sequence.astype(jnp.int32)
   inside = (tokens >= start[sequence]) & (tokens < start[sequence] + length[sequence])
   ids = jnp.where(inside & ~bad[sequence], sequence, -1)

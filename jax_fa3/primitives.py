@@ -198,7 +198,7 @@ def _fwd_cuda(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q, 
   batch, seqlen_q, heads, _ = q.shape
   tile_plan = absent_if_none(None)
   if q_rows.size:
-    tile_plan = segments.forward_plan(q_rows, *_segment_tile("fwd", q.dtype, head_dim))
+    tile_plan = segments.forward_tiles(q_rows, *_segment_tile("fwd", q.dtype, head_dim))
   out, lse, _, max_logit_keys = jax.ffi.ffi_call(_kernels.FWD_TARGET, (
       jax.ShapeDtypeStruct((batch, seqlen_q, heads, head_dim_v), out_dtype),
       jax.ShapeDtypeStruct((batch, heads, seqlen_q), jnp.float32),

@@ -14,7 +14,7 @@ usual packed documents never need the id comparison.
 
 The tile plans (`forward_plan`, `backward_plans`) say which key blocks each query tile
 visits and which of them it sees fully (those run without the mask). They are computed
-from the rows in O(seqlen log seqlen) for the kernels' tile shapes.
+from the rows for the kernels' tile shapes, without a sort: a few XLA kernels per call.
 """
 
 import jax
@@ -72,23 +72,47 @@ def _whole_rows(*arrays):
 
 def _row_spans(ids, other_ids, *, low, high):
   """Each row's `{id, first, end, interleaved}` over the other side's positions: the span of
-  its id there, cut to `[low, high)`."""
-  order = jnp.argsort(other_ids, stable=True).astype(jnp.int32)
-  sorted_ids = other_ids[order]
-  start = jnp.searchsorted(sorted_ids, ids, side="left").astype(jnp.int32)
-  stop = jnp.searchsorted(sorted_ids, ids, side="right").astype(jnp.int32)
+  its id there, cut to `[low, high)`.
+
+  Without a sort: the other side's runs of one id are hashed by id into a table of slots
+  holding the runs' count and their positions' first and end. A slot with one run gives
+  that run's span exactly, when it is the row's id (else the id is absent there). A slot
+  with more (the id recurs, or two ids share the slot) gives a span holding all of them,
+  marked interleaved so the kernels compare ids inside it: exact for any ids, and as fast
+  as a run of its own for the usual documents."""
+  size = 1 << max(1, 2 * other_ids.shape[0] - 1).bit_length()  # at least 2x the positions
+  runs, slot_first, slot_end = _run_table(other_ids, size)
+  slot = _slot(ids, size)
+  count, first, end = runs[slot], slot_first[slot], slot_end[slot]
   last_index = other_ids.shape[0] - 1
-  span_first = order[jnp.minimum(start, last_index)]
-  span_end = order[jnp.clip(stop - 1, 0, last_index)] + 1
-  count = stop - start
-  first = span_first if low is None else jnp.maximum(span_first, low)
-  end = span_end if high is None else jnp.minimum(span_end, high)
-  sees = (ids >= 0) & (count > 0) & (first < end)
-  # The id's positions over there are contiguous iff they fill its span.
-  interleaved = sees & (span_end - span_first != count)
+  same_id = other_ids[jnp.clip(first, 0, last_index)] == ids
+  exact = (count == 1) & same_id
+  first = first if low is None else jnp.maximum(first, low)
+  end = end if high is None else jnp.minimum(end, high)
+  sees = (ids >= 0) & ((count > 1) | exact) & (first < end)
+  interleaved = sees & ~exact
   zero = jnp.zeros_like(first)
   return jnp.stack([ids, jnp.where(sees, first, zero), jnp.where(sees, end, zero),
                     interleaved.astype(jnp.int32)], axis=-1)
+
+
+def _slot(ids, size):
+  """A hash of each id into [0, size), size a power of two (Fibonacci hashing)."""
+  product = ids.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)
+  return (product >> (32 - (size.bit_length() - 1))).astype(jnp.int32)
+
+
+def _run_table(ids, size):
+  """Per slot of `_slot`: how many runs of one non-negative id start there, and the first
+  and one-past-last positions of those runs' ids."""
+  positions = jnp.arange(ids.shape[0], dtype=jnp.int32)
+  valid = ids >= 0
+  head = valid & jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
+  slot = _slot(ids, size)
+  runs = jnp.zeros((size,), jnp.int32).at[slot].add(head.astype(jnp.int32))
+  first = jnp.full((size,), _FAR, jnp.int32).at[slot].min(jnp.where(valid, positions, _FAR))
+  end = jnp.zeros((size,), jnp.int32).at[slot].max(jnp.where(valid, positions + 1, 0))
+  return runs, first, end
 
 
 def visible(q_rows, kv_rows):
@@ -205,6 +229,8 @@ def backward_plans(q_rows, seqlen_k, block_m, block_n):
   reach = lax.cummax(jnp.where(empty, 0, n_max), axis=1)
   start = lax.cummin(jnp.where(empty, _FAR, n_min), axis=1, reverse=True)
   blocks = jnp.arange(-(-seqlen_k // block_n), dtype=jnp.int32)
-  search = jax.vmap(lambda sorted_values: jnp.searchsorted(sorted_values, blocks, side="right"))
+  # An unrolled binary search: a few fused gathers, where the default loops on the device.
+  search = jax.vmap(lambda sorted_values: jnp.searchsorted(sorted_values, blocks, side="right",
+                                                           method="scan_unrolled"))
   key_blocks = jnp.stack([search(reach), search(start)], axis=-1).astype(jnp.int32)
   return query_tiles, key_blocks

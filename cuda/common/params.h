@@ -50,6 +50,12 @@ struct FwdParams {
 // Query rows per FP8 q descale factor: one consumer warpgroup's rows.
 constexpr int kFp8DescaleQRows = 64;
 
+// The packed forward's tile plan (jax_fa3/segments.py, forward_tiles): a batch row of
+// seqlen_q queries is cut into at most 3 * ceil(seqlen_q / block_m) + 1 tiles.
+inline int64_t fwd_plan_capacity(int64_t batch, int64_t seqlen_q, int block_m) {
+  return batch * (3 * ((seqlen_q + block_m - 1) / block_m) + 1);
+}
+
 // A kernel's (query rows, keys) tile, for the plans made in JAX.
 struct TileShape {
   int block_m, block_n;

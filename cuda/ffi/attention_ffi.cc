@@ -157,10 +157,13 @@ ffi::Error set_common(Params& p, Dims const& d, ffi::AnyBuffer const& q, ffi::An
 // Packed sequences: the rows and plans of common/segments.h, all absent (shape [0]) or all
 // present. `plans` pairs each plan with its expected [batch, blocks, width]. The plans come
 // from jax_fa3/segments.py; the kernels clamp what they index memory with.
+// A tile plan: int32 [batch, blocks, width], or [blocks, width] when `flat` (one list for
+// every batch row).
 struct Plan {
   ffi::AnyBuffer const* buffer;
   int64_t blocks, width;
   char const* name;
+  bool flat = false;
 };
 
 ffi::Error check_segments(Dims const& d, ffi::AnyBuffer const& q_rows, ffi::AnyBuffer const& kv_rows,
@@ -186,9 +189,13 @@ ffi::Error check_segments(Dims const& d, ffi::AnyBuffer const& q_rows, ffi::AnyB
     return invalid("kv_rows must be int32 [batch, seqlen_k, 4]; got " + shape_str(kv_rows));
   }
   for (Plan const& plan : plans) {
-    if (!has_shape(*plan.buffer, d.batch, plan.blocks, plan.width)) {
-      return invalid(std::string(plan.name) + " must be int32 [batch, " + std::to_string(plan.blocks) + ", " +
-                     std::to_string(plan.width) + "]; got " + shape_str(*plan.buffer));
+    auto s = plan.buffer->dimensions();
+    bool const flat_ok = plan.buffer->element_type() == ffi::DataType::S32 && s.size() == 2 && s[0] == plan.blocks &&
+                         s[1] == plan.width && aligned16(plan.buffer->untyped_data());
+    if (plan.flat ? !flat_ok : !has_shape(*plan.buffer, d.batch, plan.blocks, plan.width)) {
+      return invalid(std::string(plan.name) + " must be int32 [" + (plan.flat ? "" : "batch, ") +
+                     std::to_string(plan.blocks) + ", " + std::to_string(plan.width) + "]; got " +
+                     shape_str(*plan.buffer));
     }
   }
   return ffi::Error::Success();
@@ -316,10 +323,15 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   bool segments = false;
   if (ffi::Error e = check_segments(
           d, q_rows, kv_rows,
-          {{&tile_plan, fp8 ? 0 : blocks_of(d.seqlen_q, variant->segment_tile.block_m), 4, "tile_plan"}},
+          {{&tile_plan, fp8 ? 0 : 1 + fwd_plan_capacity(d.batch, d.seqlen_q, variant->segment_tile.block_m), 8,
+            "tile_plan", true}},
           seqused_q.size_bytes() || seqused_k.size_bytes(), segments);
       e.failure()) {
     return e;
+  }
+  if (segments && fwd_plan_capacity(d.batch, d.seqlen_q, variant->segment_tile.block_m) * d.heads > kMaxGridBlocks) {
+    return invalid("packed sequences: batch * heads * (3 * ceil(seqlen_q / " +
+                   std::to_string(variant->segment_tile.block_m) + ") + 1) must be < 2^31");
   }
 
   FwdParams p{};

@@ -72,6 +72,44 @@ struct FwdEpilogue {
     }
   }
 
+  // Packed sequences: rows [row_begin, row_end) of the tile's batch row, through shared memory
+  // and 16-byte stores by every consumer thread (a TMA store of the whole tile would also
+  // write the next tile's rows).
+  template <int kRows, class AccO>
+  __device__ void store_rows(QueryTile const& tile, int row_begin, int row_end, AccO const& acc_o,
+                             float const (&lse)[kRows], int const (&rows_in_tile)[kRows]) {
+    int const rows = min(kBlockM, min(row_end, p.seqlen_q) - row_begin);
+    if (thread_idx % 4 == 0) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        if (rows_in_tile[r] < rows) { p.lse[lse_offset(tile) + row_begin + rows_in_tile[r]] = lse[r]; }
+      }
+    }
+    Tensor o = convert_fragment<Element>(acc_o);
+    // With O in V's buffers every warpgroup must have finished its last P·V; with its own
+    // buffer, every thread must have read the previous tile's O.
+    barrier_sync(Barrier::kConsumers, kConsumerThreads);
+    Tensor sO = make_tensor(make_smem_ptr(smem.vo.o.data()), typename Traits::SmemLayoutO{});
+    auto smem_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, typename Traits::TiledMmaPV{});
+    auto thread_copy = smem_copy.get_thread_slice(thread_idx);
+    copy(smem_copy, thread_copy.retile_S(o), thread_copy.partition_D(sO));
+    barrier_sync(Barrier::kConsumers, kConsumerThreads);
+
+    constexpr int kPerChunk = 16 / sizeof(Element);  // 16-byte pieces of a row stay whole in the swizzle
+    constexpr int kChunksPerRow = kHeadDimV / kPerChunk;
+    Element* const out = p.out + tile.batch * p.o_batch_stride + tile.head * p.o_head_stride +
+                         int64_t(row_begin) * p.o_row_stride;
+    for (int i = thread_idx; i < rows * kChunksPerRow; i += kConsumerThreads) {
+      int const row = i / kChunksPerRow, column = i % kChunksPerRow * kPerChunk;
+      uint4 const piece = *reinterpret_cast<uint4 const*>(raw_pointer_cast(sO.data() + sO.layout()(row, column)));
+      *reinterpret_cast<uint4*>(out + int64_t(row) * p.o_row_stride + column) = piece;
+    }
+    if constexpr (Traits::kOAliasesV) {  // V may take the buffers back once every thread has read O
+      barrier_sync(Barrier::kConsumers, kConsumerThreads);
+      if (is_store_thread()) { cutlass::arch::ClusterBarrier::arrive(&smem.o_free); }
+    }
+  }
+
   // The last warp stores: it is the last in the pingpong order, so its waits for the
   // store delay the next tile the least.
   __device__ bool is_store_thread() const { return thread_idx == kConsumerThreads - 32; }
@@ -84,8 +122,12 @@ struct FwdEpilogue {
   // A tile in which no row sees any key: out = 0, lse = the sink (-inf without one) for rows
   // before seqlen_q (the used length), -inf after.
   __device__ void store_empty(QueryTile const& tile, int seqlen_q) {
-    int const first_row = tile.m_block * kBlockM;
-    int const rows = min(kBlockM, p.seqlen_q - first_row);
+    store_empty(tile, tile.m_block * kBlockM, p.seqlen_q, seqlen_q);
+  }
+
+  // The same for rows [first_row, min(first_row + kBlockM, end_row)) (a packed tile's).
+  __device__ void store_empty(QueryTile const& tile, int first_row, int end_row, int seqlen_q) {
+    int const rows = min(kBlockM, min(end_row, p.seqlen_q) - first_row);
     constexpr int kChunksPerRow = kHeadDimV * sizeof(Element) / sizeof(uint4);
     Element* const out = p.out + tile.batch * p.o_batch_stride + tile.head * p.o_head_stride +
                          int64_t(first_row) * p.o_row_stride;

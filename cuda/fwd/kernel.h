@@ -51,7 +51,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(CUTE_GRID_CONS
   using Scheduler = std::conditional_t<Traits::kHasWindow, DynamicTileScheduler<Traits::kConsumerThreads>,
                                        StaticTileScheduler>;
   Scheduler scheduler;
-  if constexpr (Traits::kHasWindow) {
+  if constexpr (Traits::kHasSegments) {  // the plan's tiles, each with its batch row, times the heads
+    int const tiles = planned_tiles(p);
+    scheduler = Scheduler{tiles, p.heads, tiles * p.heads, min(p.heads_per_l2_section, p.heads), p.heads,
+                          p.tile_counter, &smem.next_tile};
+  } else if constexpr (Traits::kHasWindow) {
     scheduler = Scheduler{p.num_m_blocks, p.heads, p.num_tiles, p.heads_per_l2_section, p.batch * p.heads,
                           p.tile_counter, &smem.next_tile};
   } else {
@@ -75,21 +79,39 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(CUTE_GRID_CONS
     int rows[FwdMainloop<Traits>::kRows];
     mainloop.rows_in_tile(rows);
     mainloop.init_turns();
-    for (int tile_index = scheduler.first(); tile_index < p.num_tiles;) {
-      QueryTile const tile = scheduler.decode(tile_index);
-      int const seqlen_q = used_length(p.seqused_q, tile.batch, p.seqlen_q);
-      int const seqlen_k = used_length(p.seqused_k, tile.batch, p.seqlen_k);
-      auto const range = key_blocks<Traits>(p, tile, seqlen_q, seqlen_k);
-      if (range.empty()) {
-        epilogue.store_empty(tile, seqlen_q);
-      } else {
-        Tensor acc_o = partition_fragment_C(typename Traits::TiledMmaPV{},
-                                            select<0, 1>(typename Traits::TileShapePV{}));
-        float lse[FwdMainloop<Traits>::kRows];
-        mainloop.compute(tile, range, seqlen_q, seqlen_k, acc_o, lse, rows);
-        epilogue.store(tile, acc_o, lse, rows);
+    if constexpr (Traits::kHasSegments) {
+      for (int tile_index = scheduler.first(); tile_index < scheduler.num_tiles;) {
+        QueryTile tile = scheduler.decode(tile_index);
+        auto const planned = planned_tile<Traits>(p, tile);
+        tile.batch = planned.batch;
+        if (planned.blocks.empty()) {
+          epilogue.store_empty(tile, planned.row_begin, planned.row_end, p.seqlen_q);
+        } else {
+          Tensor acc_o = partition_fragment_C(typename Traits::TiledMmaPV{},
+                                              select<0, 1>(typename Traits::TileShapePV{}));
+          float lse[FwdMainloop<Traits>::kRows];
+          mainloop.compute(tile, planned, acc_o, lse, rows);
+          epilogue.store_rows(tile, planned.row_begin, planned.row_end, acc_o, lse, rows);
+        }
+        tile_index = scheduler.consumer_next(tile_index);
       }
-      tile_index = scheduler.consumer_next(tile_index);
+    } else {
+      for (int tile_index = scheduler.first(); tile_index < p.num_tiles;) {
+        QueryTile const tile = scheduler.decode(tile_index);
+        int const seqlen_q = used_length(p.seqused_q, tile.batch, p.seqlen_q);
+        int const seqlen_k = used_length(p.seqused_k, tile.batch, p.seqlen_k);
+        auto const range = key_blocks<Traits>(p, tile, seqlen_q, seqlen_k);
+        if (range.empty()) {
+          epilogue.store_empty(tile, seqlen_q);
+        } else {
+          Tensor acc_o = partition_fragment_C(typename Traits::TiledMmaPV{},
+                                              select<0, 1>(typename Traits::TileShapePV{}));
+          float lse[FwdMainloop<Traits>::kRows];
+          mainloop.compute(tile, range, seqlen_q, seqlen_k, acc_o, lse, rows);
+          epilogue.store(tile, acc_o, lse, rows);
+        }
+        tile_index = scheduler.consumer_next(tile_index);
+      }
     }
     epilogue.finish();
   }

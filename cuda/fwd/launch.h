@@ -88,6 +88,10 @@ cudaError_t launch_fwd(FwdParams const& fp, cudaStream_t stream) {
   p.kv_group = fp.heads / fp.kv_heads;
   p.num_m_blocks = (fp.seqlen_q + kBlockM - 1) / kBlockM;
   p.num_tiles = p.num_m_blocks * fp.heads * fp.batch;
+  if constexpr (Traits::kHasSegments) {  // the plan holds at most this many tiles (the kernel reads how many)
+    p.plan_capacity = fwd_plan_capacity(fp.batch, fp.seqlen_q, kBlockM);
+    p.num_tiles = p.plan_capacity * fp.heads;
+  }
   p.heads_per_l2_section = heads_per_l2_section(fp, sizeof(Element));
   float const log2e = float(M_LOG2E);
   if (fp.softcap > 0.f) {

@@ -111,11 +111,27 @@ struct FwdMainloop {
     for (int r = 0; r < kRows; ++r) { rows[r] = get<0>(rc(r, 0)); }
   }
 
+  // Packed sequences: a planned tile (fwd/key_blocks.h). Rows past row_end come out as 0 and -inf.
+  template <class AccO>
+  __device__ void compute(QueryTile const& tile, PlannedTile<kBlockM, kBlockN> const& planned, AccO& acc_o,
+                          float (&lse)[kRows], int const (&rows)[kRows]) {
+    compute(tile, planned.blocks, planned.row_end, p.seqlen_k, acc_o, lse, rows, &planned);
+  }
+
   // Computes one query tile into acc_o (normalised) and lse. Rows at or past seqlen_q
   // come out as 0 and -inf.
   template <class AccO>
   __device__ void compute(QueryTile const& tile, KeyBlockRange<kBlockM, kBlockN> const& range, int seqlen_q,
-                          int seqlen_k, AccO& acc_o, float (&lse)[kRows], int const (&rows)[kRows]) {
+                          int seqlen_k, AccO& acc_o, float (&lse)[kRows], int const (&rows)[kRows],
+                          PlannedTile<kBlockM, kBlockN> const* planned = nullptr) {
+    // Where the tile's rows start: planned, or by its m_block.
+    auto const first_row = [&] {
+      if constexpr (Traits::kHasSegments) {
+        return planned->row_begin;
+      } else {
+        return tile.m_block * kBlockM;
+      }
+    };
     typename Traits::TiledMmaQK mma_qk;
     typename Traits::TiledMmaPV mma_pv;
     auto thread_qk = mma_qk.get_thread_slice(thread_idx);
@@ -134,7 +150,7 @@ struct FwdMainloop {
     auto const mask = [&] {
       if constexpr (Traits::kHasSegments) {
         RowSpans<kRows> spans;
-        spans.load(p.q_rows + int64_t(tile.batch) * p.seqlen_q, p.seqlen_q, int64_t(tile.m_block) * kBlockM, rows);
+        spans.load(p.q_rows + int64_t(tile.batch) * p.seqlen_q, p.seqlen_q, first_row(), rows);
         return spans;
       } else {
         return AttentionMask{seqlen_k, p.window_left, p.window_right, p.diagonal_offset};
@@ -158,7 +174,8 @@ struct FwdMainloop {
       }
       if constexpr (decltype(masked)::value) {
         if constexpr (Traits::kHasSegments) {
-          mask.template apply<kBlockN>(scores, thread0_coords, int64_t(n_block) * kBlockN + column_offset,
+          int64_t const first_key = planned->key_offset;  // key block 0's first key
+          mask.template apply<kBlockN>(scores, thread0_coords, first_key + int64_t(n_block) * kBlockN + column_offset,
                                        p.kv_rows + int64_t(tile.batch) * p.seqlen_k, p.seqlen_k);
         } else {
           mask.template apply<kBlockM, kBlockN>(scores, thread0_coords, rows, column_offset, tile.m_block, n_block);
@@ -251,7 +268,7 @@ struct FwdMainloop {
     bool inside[kRows];
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      inside[r] = tile.m_block * kBlockM + rows[r] < seqlen_q;
+      inside[r] = first_row() + rows[r] < seqlen_q;
       if (!inside[r]) {
         o_scale[r] = 0.f;
         lse[r] = -INFINITY;

@@ -34,10 +34,23 @@ struct FwdProducer {
   // Keys are visited right to left (the masked edge first): K[n_max-1], Q, then
   // {K[n-1], V[n]} pairs, then the last V. V runs one tile behind K because each
   // consumer step issues Q·K[n-1]^T together with P·V[n].
-  __device__ void load_tile(QueryTile const& tile, KeyBlockRange<kBlockM, kBlockN> const& range) {
+  // first_row, first_key: where the tile's rows and its key block 0 start (packed sequences;
+  // else its m_block's rows and key 0).
+  __device__ void load_tile(QueryTile const& tile, KeyBlockRange<kBlockM, kBlockN> const& range, int first_row = 0,
+                            int first_key = 0) {
     int const kv_head = tile.head / p.kv_group;
     Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.seqlen_q, int(Traits::kHeadDim), p.heads, p.batch));
     Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.seqlen_k, int(Traits::kHeadDim), p.kv_heads, p.batch));
+    // A packed tile's K and V blocks start at first_key: the keys mode is 0 in K, 1 in V^T.
+    auto const keys_from = [&](auto tensor, auto keys_mode) {
+      if constexpr (!Traits::kHasSegments) {
+        return tensor;
+      } else if constexpr (decltype(keys_mode)::value == 0) {
+        return domain_offset(make_coord(first_key, 0), tensor);
+      } else {
+        return domain_offset(make_coord(0, first_key), tensor);
+      }
+    };
     // 16-bit: V^T tiles (Dv, N); FP8: V tiles (N, Dv), staged for the transposing warps.
     auto const v_tiles = [&] {
       if constexpr (Traits::kFp8) {
@@ -46,13 +59,21 @@ struct FwdProducer {
                           make_coord(_, _0{}));  // (N, Dv, n)
       } else {
         Tensor mVt = p.tma_v.get_tma_tensor(make_shape(int(Traits::kHeadDimV), p.seqlen_k, p.kv_heads, p.batch));
-        return local_tile(mVt(_, _, kv_head, tile.batch), Shape<Int<Traits::kHeadDimV>, Int<kBlockN>>{},
-                          make_coord(_0{}, _));  // (Dv, N, n)
+        return local_tile(keys_from(mVt(_, _, kv_head, tile.batch), _1{}),
+                          Shape<Int<Traits::kHeadDimV>, Int<kBlockN>>{}, make_coord(_0{}, _));  // (Dv, N, n)
       }
     };
-    Tensor gQ = local_tile(mQ(_, _, tile.head, tile.batch), Shape<Int<kBlockM>, Int<Traits::kHeadDim>>{},
-                           make_coord(tile.m_block, _0{}));
-    Tensor gK = local_tile(mK(_, _, kv_head, tile.batch), Shape<Int<kBlockN>, Int<Traits::kHeadDim>>{},
+    auto const q_tile = [&] {
+      if constexpr (Traits::kHasSegments) {
+        return local_tile(domain_offset(make_coord(first_row, 0), mQ(_, _, tile.head, tile.batch)),
+                          Shape<Int<kBlockM>, Int<Traits::kHeadDim>>{}, make_coord(0, _0{}));
+      } else {
+        return local_tile(mQ(_, _, tile.head, tile.batch), Shape<Int<kBlockM>, Int<Traits::kHeadDim>>{},
+                          make_coord(tile.m_block, _0{}));
+      }
+    };
+    Tensor gQ = q_tile();
+    Tensor gK = local_tile(keys_from(mK(_, _, kv_head, tile.batch), _0{}), Shape<Int<kBlockN>, Int<Traits::kHeadDim>>{},
                            make_coord(_, _0{}));  // (N, D, n)
     Tensor gV = v_tiles();
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
@@ -107,13 +128,23 @@ struct FwdProducer {
 
   template <class Scheduler>
   __device__ void run(Scheduler& scheduler) {
-    for (int tile_index = scheduler.first(); tile_index < p.num_tiles;) {
-      QueryTile const tile = scheduler.decode(tile_index);
-      int const seqlen_q = used_length(p.seqused_q, tile.batch, p.seqlen_q);
-      int const seqlen_k = used_length(p.seqused_k, tile.batch, p.seqlen_k);
-      auto const range = key_blocks<Traits>(p, tile, seqlen_q, seqlen_k);
-      if (!range.empty()) { load_tile(tile, range); }
-      tile_index = scheduler.producer_next(tile_index);
+    if constexpr (Traits::kHasSegments) {
+      for (int tile_index = scheduler.first(); tile_index < scheduler.num_tiles;) {
+        QueryTile tile = scheduler.decode(tile_index);
+        auto const planned = planned_tile<Traits>(p, tile);
+        tile.batch = planned.batch;
+        if (!planned.blocks.empty()) { load_tile(tile, planned.blocks, planned.row_begin, planned.key_offset); }
+        tile_index = scheduler.producer_next(tile_index);
+      }
+    } else {
+      for (int tile_index = scheduler.first(); tile_index < p.num_tiles;) {
+        QueryTile const tile = scheduler.decode(tile_index);
+        int const seqlen_q = used_length(p.seqused_q, tile.batch, p.seqlen_q);
+        int const seqlen_k = used_length(p.seqused_k, tile.batch, p.seqlen_k);
+        auto const range = key_blocks<Traits>(p, tile, seqlen_q, seqlen_k);
+        if (!range.empty()) { load_tile(tile, range); }
+        tile_index = scheduler.producer_next(tile_index);
+      }
     }
     if constexpr (Traits::kFp8) {  // tells the transposing warps to stop, once they drained the ring
       if (leader) {

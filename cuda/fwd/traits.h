@@ -169,7 +169,7 @@ struct FwdTraits {
     int const* seqused_k;
     int4 const* q_rows;     // [batch, seqlen_q] (kHasSegments)
     int4 const* kv_rows;    // [batch, seqlen_k] (kHasSegments)
-    int4 const* tile_plan;  // [batch, num_m_blocks]: a KeyBlockRange each (kHasSegments)
+    int4 const* tile_plan;  // the planned tiles (kHasSegments, fwd/key_blocks.h)
     int* tile_counter;
     float const* sinks;   // [batch, heads] or nullptr
     uint32_t* max_logit;  // [batch, heads] or nullptr
@@ -185,6 +185,7 @@ struct FwdTraits {
     float const* descale_k;
     float const* descale_v;
     int descale_q_blocks, descale_q_block_stride, descale_k_blocks, descale_k_block_stride;
+    int plan_capacity;  // entries the tile plan has room for (kHasSegments)
   };
 };
 
