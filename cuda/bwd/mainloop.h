@@ -242,6 +242,7 @@ struct BwdMainloop {
       add_dq_to_global(acc_dq, head, batch, m, blocks);
     };
 
+    // One query tile: S^T and dP^T, P^T and dS^T from them, then the gradient GEMMs.
     auto step = [&](int m, int step_index, auto masked) {
       ring.wait_full(position);
       int const stage = position.stage;
