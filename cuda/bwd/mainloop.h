@@ -192,11 +192,14 @@ struct BwdMainloop {
       }
     };
 
+    // The gradient GEMMs, one lambda per strategy, both always_inline: left to the inliner,
+    // the split by head dim compiled to other SASS than the same code written in the step.
+    //
     // Split by keys. The GEMMs go to the tensor cores in the order dV, dQ, dK, so that each
     // waits on the next: dV (P^T from registers) runs under the dS arithmetic and the dS
     // hand-off, and dK under dQ's hand-off to the writer warp.
     auto gradients_split_by_keys = [&](auto const& acc_s, auto const& acc_dp, int m, int step_index, int stage,
-                                       int buffer) {
+                                       int buffer) __attribute__((always_inline)) {
       Tensor p16 = convert_fragment<Element>(acc_s);
       Tensor tOrP = make_tensor(p16.data(), acc_as_operand_a(p16.layout()));
       warpgroup_gemm<false, -1>(mma_kv, tOrP, tKVrdOt(_, _, _, stage), acc_dv);
@@ -221,7 +224,8 @@ struct BwdMainloop {
 
     // Split by head dim. Each warpgroup's dV and dK columns need every key's P^T and dS^T:
     // both go through shared memory, and dQ goes to global memory from registers.
-    auto gradients_split_by_head_dim = [&](auto const& acc_s, auto const& acc_dp, int m, int stage, int buffer) {
+    auto gradients_split_by_head_dim = [&](auto const& acc_s, auto const& acc_dp, int m, int stage,
+                                           int buffer) __attribute__((always_inline)) {
       Tensor p16 = convert_fragment<Element>(acc_s);
       Tensor ds16 = convert_fragment<Element>(acc_dp);
       Tensor sPt = make_tensor(make_smem_ptr(pt_data()), typename Traits::SmemLayoutDSt{});
