@@ -13,7 +13,6 @@
 #include "bwd/key_tiles.h"
 #include "bwd/mainloop.h"
 #include "bwd/producer.h"
-#include "bwd/query_blocks.h"
 #include "common/mask.h"
 
 namespace jax_fa3 {
@@ -44,18 +43,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(CUTE_GRID_CONS
   auto for_each_tile = [&](auto&& f) {
     auto visit = [&](int t, int i) {
       KeyTile const tile = order(t);
-      if constexpr (Traits::kHasSegments) {
-        int2 const queries = __ldg(p.key_block_plan + int64_t(tile.batch) * p.num_n_blocks + tile.n_block);
-        // Clamped: the plan indexes the dQ accumulator.
-        typename Traits::Blocks const blocks{tile.n_block, max(queries.x, 0), min(queries.y, p.num_m_blocks),
-                                             p.query_tile_plan + int64_t(tile.batch) * p.num_m_blocks};
-        f(tile, blocks, i);
-      } else {
-        QueryBlocks<Traits::kBlockM, Traits::kBlockN> const blocks(
-            tile.n_block, used_length(p.seqused_q, tile.batch, p.seqlen_q),
-            used_length(p.seqused_k, tile.batch, p.seqlen_k), p.window_left, p.window_right, p.diagonal_offset);
-        f(tile, blocks, i);
-      }
+      f(tile, query_blocks<Traits>(p, tile), i);
     };
     if constexpr (Traits::kPersistent) {
       for (int t = blockIdx.x, i = 0; t < p.num_tiles; t += gridDim.x, ++i) { visit(t, i); }

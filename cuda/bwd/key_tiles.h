@@ -11,6 +11,10 @@
 // done, so the waits cannot deadlock.
 #pragma once
 
+#include <cstdint>
+
+#include "bwd/query_blocks.h"
+
 namespace jax_fa3 {
 
 struct KeyTile {
@@ -26,5 +30,20 @@ struct KeyTileOrder {
     return {descending ? num_n_blocks - 1 - x : x, head_batch % heads, head_batch / heads};
   }
 };
+
+// The query blocks a tile visits: by the window rule, or as planned for packed sequences.
+// The loader, the dQ writers and the consumers all walk these.
+template <class Traits>
+__device__ __forceinline__ typename Traits::Blocks query_blocks(typename Traits::Params const& p, KeyTile const& tile) {
+  if constexpr (Traits::kHasSegments) {
+    int2 const queries = __ldg(p.key_block_plan + int64_t(tile.batch) * p.num_n_blocks + tile.n_block);
+    // Clamped: the plan indexes the dQ accumulator.
+    return {tile.n_block, max(queries.x, 0), min(queries.y, p.num_m_blocks),
+            p.query_tile_plan + int64_t(tile.batch) * p.num_m_blocks};
+  } else {
+    return {tile.n_block, used_length(p.seqused_q, tile.batch, p.seqlen_q),
+            used_length(p.seqused_k, tile.batch, p.seqlen_k), p.window_left, p.window_right, p.diagonal_offset};
+  }
+}
 
 }  // namespace jax_fa3

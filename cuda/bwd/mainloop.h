@@ -51,6 +51,15 @@ struct BwdMainloop {
 
   __device__ bool warpgroup_leader() const { return thread_idx % 128 == 0; }
 
+  // The P^T tiles, which only the split by head dim has.
+  __device__ Element* pt_data() {
+    if constexpr (Traits::kSplitHeadDim) {
+      return smem.p.data.data();
+    } else {
+      return nullptr;
+    }
+  }
+
   // The CTA's tile_index-th tile (see KeyTileOrder).
   template <class AccDK, class AccDV>
   __device__ void run(int head, int batch, typename Traits::Blocks const& blocks, AccDK& acc_dk,
@@ -130,16 +139,13 @@ struct BwdMainloop {
     static constexpr bool kPreloadLse = kHeadDim == 128;
     auto column_of = [&](int c) { return column_offset + get<1>(thread0_rc(0, c)); };
 
-    auto step = [&](int m, int step_index, auto masked) {
-      ring.wait_full(position);
-      int const stage = position.stage;
-      int const buffer = step_index & 1;  // of the dS (and P) shared-memory tiles
-      Tensor lse_log2 = make_tensor<float>(Int<kPreloadLse ? kCols : 1>{});
-      if constexpr (kPreloadLse) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < kCols; ++c) { lse_log2(c) = smem.lse_log2[stage][column_of(c)]; }
-        warpgroup_fence_operand(lse_log2);  // loaded before the GEMMs below are issued
-      }
+    // P^T = exp2(S^T·scale_log2 - lse_log2) in place of S^T and dS^T = P^T ∘ (dP^T - dpsum)
+    // in place of dP^T, with both GEMMs awaited on either branch. Each branch ends with the
+    // same WGMMA batches in flight, so that ptxas, which does not correlate branches, sees
+    // no accumulator read under a running WGMMA.
+    auto probabilities_and_ds = [&](auto& acc_s, auto& acc_dp, int m, auto masked, int stage, auto const& lse_log2) {
+      Tensor s = make_tensor(acc_s.data(), acc_rows_cols(acc_s.layout()));
+      Tensor dp = make_tensor(acc_dp.data(), acc_rows_cols(acc_dp.layout()));
       auto lse_at = [&](int c) {
         if constexpr (kPreloadLse) {
           return lse_log2(c);
@@ -148,15 +154,9 @@ struct BwdMainloop {
         }
       };
       auto dpsum_at = [&](int c) { return smem.dpsum[stage][column_of(c)]; };
-      Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
-      Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
-      warpgroup_gemm</*zero_init=*/true, /*wait=*/-1>(mma_sdp, tSrK, tSrQ(_, _, _, stage), acc_s);
-      warpgroup_gemm<true, -1>(mma_sdp, tSrV, tSrdO(_, _, _, stage), acc_dp);
-      Tensor s = make_tensor(acc_s.data(), acc_rows_cols(acc_s.layout()));
-      Tensor dp = make_tensor(acc_dp.data(), acc_rows_cols(acc_dp.layout()));
-      // Without a softcap: P^T = exp2(S^T·scale_log2 - lse_log2), once S^T is ready (dP^T
-      // still runs), then dS^T = P^T ∘ (dP^T - dpsum) in place of dP^T once dP^T is.
-      auto probabilities = [&] {
+      bool const softcap = p.softcap_prescale != 0.f;
+      if (!softcap) {
+        // P^T once S^T is ready (dP^T still runs), then dS^T once dP^T is.
         warpgroup_wait<1>();
         apply_mask(acc_s, m, masked);
         CUTLASS_PRAGMA_UNROLL
@@ -164,16 +164,18 @@ struct BwdMainloop {
           CUTLASS_PRAGMA_UNROLL
           for (int c = 0; c < kCols; ++c) { s(r, c) = exp2f(s(r, c) * p.scale_log2 - lse_at(c)); }
         }
-      };
-      auto compute_ds = [&] {
+        float probability_sum = 0.f;  // depends on every exponential: keeps them ahead of the wait
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(acc_s); ++i) { probability_sum += acc_s(i); }
+        finish_before_next_wait(probability_sum, p.num_m_blocks < 0, &smem.unused_sink);
+        warpgroup_wait<0>();
         CUTLASS_PRAGMA_UNROLL
         for (int r = 0; r < kRows; ++r) {
           CUTLASS_PRAGMA_UNROLL
           for (int c = 0; c < kCols; ++c) { dp(r, c) = s(r, c) * (dp(r, c) - dpsum_at(c)); }
         }
-      };
-      // With a softcap dS also needs tanh's derivative: both GEMMs are awaited first.
-      auto softcapped_probabilities_and_ds = [&] {
+      } else {
+        // dS also needs tanh's derivative: both GEMMs are awaited first.
         warpgroup_wait<0>();
         apply_softcap(acc_s, p.softcap_prescale);
         apply_mask(acc_s, m, masked);
@@ -187,70 +189,83 @@ struct BwdMainloop {
             dp(r, c) = prob > 0.f ? prob * (dp(r, c) - dpsum_at(c)) * (1.f - t * t) : 0.f;
           }
         }
-      };
-      // Each branch below ends with the same WGMMA batches in flight, so that ptxas, which
-      // does not correlate branches, sees no accumulator read under a running WGMMA.
-      bool const softcap = p.softcap_prescale != 0.f;
-      // P^T and dS^T in place of S^T and dP^T, with both GEMMs awaited on either branch.
-      auto probabilities_and_ds = [&] {
-        if (!softcap) {
-          probabilities();
-          float probability_sum = 0.f;  // depends on every exponential: keeps them ahead of the wait
-          CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < size(acc_s); ++i) { probability_sum += acc_s(i); }
-          finish_before_next_wait(probability_sum, p.num_m_blocks < 0, &smem.unused_sink);
-          warpgroup_wait<0>();
-          compute_ds();
-        } else {
-          softcapped_probabilities_and_ds();
-        }
-      };
-      Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+      }
+    };
 
-      if constexpr (Traits::kSplitHeadDim) {
-        probabilities_and_ds();
-        Tensor p16 = convert_fragment<Element>(acc_s);
-        Tensor ds16 = convert_fragment<Element>(acc_dp);
-        // Each warpgroup's dV and dK columns need every key's P^T and dS^T.
-        Tensor sPt = make_tensor(make_smem_ptr(smem.p.data.data()), typename Traits::SmemLayoutDSt{});
-        Tensor tPsPt = thread_ds_copy.partition_D(sPt);
-        Tensor tKVsPt = thread_kv.partition_fragment_A(sPt);  // (MMA, N, K, buffer) descriptors
-        Tensor tKVsdSt = thread_kv.partition_fragment_A(sdSt);
-        copy(ds_copy, thread_ds_copy.retile_S(p16), tPsPt(_, _, _, buffer));
-        copy(ds_copy, thread_ds_copy.retile_S(ds16), tDSsdSt(_, _, _, buffer));
-        cutlass::arch::fence_view_async_shared();  // read next by WGMMA (async proxy)
-        barrier_sync(Barrier::kConsumers, kConsumerThreads);
-        warpgroup_gemm<false, -1>(mma_kv, tKVsPt(_, _, _, buffer), tKVrdOt(_, _, _, stage), acc_dv);
-        warpgroup_gemm<false, -1>(mma_kv, tKVsdSt(_, _, _, buffer), tKVrQt(_, _, _, stage), acc_dk);
-        warpgroup_gemm<true, -1>(mma_dq, tDQrdS(_, _, _, buffer), tDQrKt, acc_dq);
-        warpgroup_wait<0>();  // dV, dK and dQ done: the Q/dO stage is free
-        if (warpgroup_leader()) { ring.release(position); }
-        position.advance();
+    // The gradient GEMMs, one lambda per strategy, both always_inline: left to the inliner,
+    // the split by head dim compiled to other SASS than the same code written in the step.
+    //
+    // Split by keys. The GEMMs go to the tensor cores in the order dV, dQ, dK, so that each
+    // waits on the next: dV (P^T from registers) runs under the dS arithmetic and the dS
+    // hand-off, and dK under dQ's hand-off to the writer warp.
+    auto gradients_split_by_keys = [&](auto const& acc_s, auto const& acc_dp, int m, int step_index, int stage,
+                                       int buffer) __attribute__((always_inline)) {
+      Tensor p16 = convert_fragment<Element>(acc_s);
+      Tensor tOrP = make_tensor(p16.data(), acc_as_operand_a(p16.layout()));
+      warpgroup_gemm<false, -1>(mma_kv, tOrP, tKVrdOt(_, _, _, stage), acc_dv);
+      Tensor ds16 = convert_fragment<Element>(acc_dp);
+      copy(ds_copy, thread_ds_copy.retile_S(ds16), tDSsdSt(_, _, _, buffer));
+      cutlass::arch::fence_view_async_shared();  // dS is read next by WGMMA (async proxy)
+      barrier_sync(Barrier::kConsumers, kConsumerThreads);
+      Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+      warpgroup_gemm<true, -1>(mma_dq, tDQrdS(_, _, _, buffer), tDQrKt, acc_dq);
+      Tensor tOrdS = make_tensor(ds16.data(), acc_as_operand_a(ds16.layout()));
+      warpgroup_gemm<false, -1>(mma_kv, tOrdS, tKVrQt(_, _, _, stage), acc_dk);
+      warpgroup_wait<1>();  // dV and dQ done; dK runs on
+      if constexpr (Traits::kDQAtomics) {
         add_dq_to_global(acc_dq, head, batch, m, blocks);
       } else {
-        // Split by keys. The GEMMs go to the tensor cores in the order dV, dQ, dK, so that
-        // each waits on the next: dV (P^T from registers) runs under the dS arithmetic and
-        // the dS hand-off, and dK under dQ's hand-off to the writer warp.
-        probabilities_and_ds();
-        Tensor p16 = convert_fragment<Element>(acc_s);
-        Tensor tOrP = make_tensor(p16.data(), acc_as_operand_a(p16.layout()));
-        warpgroup_gemm<false, -1>(mma_kv, tOrP, tKVrdOt(_, _, _, stage), acc_dv);
-        Tensor ds16 = convert_fragment<Element>(acc_dp);
-        copy(ds_copy, thread_ds_copy.retile_S(ds16), tDSsdSt(_, _, _, buffer));
-        cutlass::arch::fence_view_async_shared();  // dS is read next by WGMMA (async proxy)
-        barrier_sync(Barrier::kConsumers, kConsumerThreads);
-        warpgroup_gemm<true, -1>(mma_dq, tDQrdS(_, _, _, buffer), tDQrKt, acc_dq);
-        Tensor tOrdS = make_tensor(ds16.data(), acc_as_operand_a(ds16.layout()));
-        warpgroup_gemm<false, -1>(mma_kv, tOrdS, tKVrQt(_, _, _, stage), acc_dk);
-        warpgroup_wait<1>();  // dV and dQ done; dK runs on
-        if constexpr (Traits::kDQAtomics) {
-          add_dq_to_global(acc_dq, head, batch, m, blocks);
-        } else {
-          hand_dq_to_writer(acc_dq, step_index);
-        }
-        warpgroup_wait<0>();  // dK done too: the Q/dO stage is free
-        if (warpgroup_leader()) { ring.release(position); }
-        position.advance();
+        hand_dq_to_writer(acc_dq, step_index);
+      }
+      warpgroup_wait<0>();  // dK done too: the Q/dO stage is free
+      if (warpgroup_leader()) { ring.release(position); }
+      position.advance();
+    };
+
+    // Split by head dim. Each warpgroup's dV and dK columns need every key's P^T and dS^T:
+    // both go through shared memory, and dQ goes to global memory from registers.
+    auto gradients_split_by_head_dim = [&](auto const& acc_s, auto const& acc_dp, int m, int stage,
+                                           int buffer) __attribute__((always_inline)) {
+      Tensor p16 = convert_fragment<Element>(acc_s);
+      Tensor ds16 = convert_fragment<Element>(acc_dp);
+      Tensor sPt = make_tensor(make_smem_ptr(pt_data()), typename Traits::SmemLayoutDSt{});
+      Tensor tPsPt = thread_ds_copy.partition_D(sPt);
+      Tensor tKVsPt = thread_kv.partition_fragment_A(sPt);  // (MMA, N, K, buffer) descriptors
+      Tensor tKVsdSt = thread_kv.partition_fragment_A(sdSt);
+      copy(ds_copy, thread_ds_copy.retile_S(p16), tPsPt(_, _, _, buffer));
+      copy(ds_copy, thread_ds_copy.retile_S(ds16), tDSsdSt(_, _, _, buffer));
+      cutlass::arch::fence_view_async_shared();  // read next by WGMMA (async proxy)
+      barrier_sync(Barrier::kConsumers, kConsumerThreads);
+      Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+      warpgroup_gemm<false, -1>(mma_kv, tKVsPt(_, _, _, buffer), tKVrdOt(_, _, _, stage), acc_dv);
+      warpgroup_gemm<false, -1>(mma_kv, tKVsdSt(_, _, _, buffer), tKVrQt(_, _, _, stage), acc_dk);
+      warpgroup_gemm<true, -1>(mma_dq, tDQrdS(_, _, _, buffer), tDQrKt, acc_dq);
+      warpgroup_wait<0>();  // dV, dK and dQ done: the Q/dO stage is free
+      if (warpgroup_leader()) { ring.release(position); }
+      position.advance();
+      add_dq_to_global(acc_dq, head, batch, m, blocks);
+    };
+
+    // One query tile: S^T and dP^T, P^T and dS^T from them, then the gradient GEMMs.
+    auto step = [&](int m, int step_index, auto masked) {
+      ring.wait_full(position);
+      int const stage = position.stage;
+      int const buffer = step_index & 1;  // of the dS (and P) shared-memory tiles
+      Tensor lse_log2 = make_tensor<float>(Int<kPreloadLse ? kCols : 1>{});
+      if constexpr (kPreloadLse) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kCols; ++c) { lse_log2(c) = smem.lse_log2[stage][column_of(c)]; }
+        warpgroup_fence_operand(lse_log2);  // loaded before the GEMMs below are issued
+      }
+      Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
+      Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
+      warpgroup_gemm</*zero_init=*/true, /*wait=*/-1>(mma_sdp, tSrK, tSrQ(_, _, _, stage), acc_s);
+      warpgroup_gemm<true, -1>(mma_sdp, tSrV, tSrdO(_, _, _, stage), acc_dp);
+      probabilities_and_ds(acc_s, acc_dp, m, masked, stage, lse_log2);
+      if constexpr (Traits::kSplitHeadDim) {
+        gradients_split_by_head_dim(acc_s, acc_dp, m, stage, buffer);
+      } else {
+        gradients_split_by_keys(acc_s, acc_dp, m, step_index, stage, buffer);
       }
     };
 

@@ -9,38 +9,11 @@
 
 #include "bwd/query_blocks.h"
 #include "common/barriers.h"
+#include "common/ptx.h"
 
 namespace jax_fa3 {
 
 using namespace cute;
-
-// A 1-D bulk copy global -> shared that completes bytes on the stage's barrier.
-__device__ __forceinline__ void bulk_load(void* shared, void const* global, uint32_t bytes, uint64_t& barrier) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-          cute::cast_smem_ptr_to_uint(shared)),
-      "l"(global), "r"(bytes), "r"(cute::cast_smem_ptr_to_uint(&barrier))
-      : "memory");
-}
-
-__device__ __forceinline__ void bulk_reduce_add_f32(float* global, float const* shared, int bytes) {
-  uint32_t const shared_address = cute::cast_smem_ptr_to_uint(shared);
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
-               "cp.async.bulk.commit_group;" ::"l"(global), "r"(shared_address), "r"(bytes)
-               : "memory");
-}
-
-// One 16-byte reduction (no return value) into global memory.
-__device__ __forceinline__ void reduce_add_f32x4(float* global, float a, float b, float c, float d) {
-  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(global), "f"(a), "f"(b), "f"(c), "f"(d)
-               : "memory");
-}
-
-__device__ __forceinline__ int load_acquire(int const* address) {
-  int value;
-  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
-  return value;
-}
 
 // `add()` on every consumer thread; when `ordered` (deterministic mode), in this CTA's turn
 // on `semaphore`: thread 0 waits for the count to reach `turn`, all threads add, and the
@@ -165,11 +138,11 @@ struct BwdDQWriter {
                             kPartFloats * sizeof(float));
         if (p.deterministic) {
           // The add must have landed in global memory before the next block's turn.
-          asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+          bulk_wait_all();
           __threadfence();
           atomicAdd(semaphore, 1);
         } else {
-          asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // shared memory reusable
+          bulk_wait_all_read();  // shared memory reusable
         }
       }
       __syncwarp();
@@ -179,7 +152,7 @@ struct BwdDQWriter {
   }
 
   __device__ void finish() {
-    if (threadIdx.x % 32 == 0) { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+    if (threadIdx.x % 32 == 0) { bulk_wait_all(); }
   }
 };
 

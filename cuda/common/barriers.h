@@ -4,6 +4,8 @@
 
 #include <cutlass/arch/barrier.h>
 
+#include "common/ptx.h"
+
 namespace jax_fa3 {
 
 // Named barrier ids; id 0 belongs to __syncthreads.
@@ -19,11 +21,11 @@ enum class Barrier : int {
 };
 
 __device__ __forceinline__ void barrier_sync(Barrier id, int num_threads, int offset = 0) {
-  asm volatile("bar.sync %0, %1;" ::"r"(static_cast<int>(id) + offset), "r"(num_threads) : "memory");
+  named_barrier_sync(static_cast<int>(id) + offset, num_threads);
 }
 
 __device__ __forceinline__ void barrier_arrive(Barrier id, int num_threads, int offset = 0) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(static_cast<int>(id) + offset), "r"(num_threads) : "memory");
+  named_barrier_arrive(static_cast<int>(id) + offset, num_threads);
 }
 
 // A ring of shared-memory stages filled by TMA and drained by consumer warpgroups.

@@ -5,6 +5,7 @@
 #include <cute/tensor.hpp>
 
 #include "common/layouts.h"
+#include "common/ptx.h"
 
 namespace jax_fa3 {
 
@@ -20,12 +21,6 @@ __device__ __forceinline__ float quad_max(float x) {
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffff, x, 1);
   return x + __shfl_xor_sync(0xffffffff, x, 2);
-}
-
-__device__ __forceinline__ float tanh_approx(float x) {
-  float y;
-  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // scores <- tanh(scores * prescale); the softcap itself is folded into the exp2 scale.

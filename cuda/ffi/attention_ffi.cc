@@ -354,14 +354,7 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
     p.tile_plan = static_cast<int const*>(tile_plan.untyped_data());
   }
 
-  if (poison_outputs()) {
-    if (cudaError_t e = poison(out, stream); e != cudaSuccess) { return ffi::Error::Internal(cudaGetErrorString(e)); }
-    if (cudaError_t e = poison(lse, stream); e != cudaSuccess) { return ffi::Error::Internal(cudaGetErrorString(e)); }
-  }
-  if (cudaError_t e = variant->run(p, stream); e != cudaSuccess) {
-    return ffi::Error::Internal(std::string("jax_fa3 forward launch failed: ") + cudaGetErrorString(e));
-  }
-  return ffi::Error::Success();
+  return poison_and_launch("forward", stream, {&out, &lse}, [&] { return variant->run(p, stream); });
 }
 
 ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer dout, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
@@ -448,15 +441,7 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer dout, ffi::AnyBuffer q, f
     return invalid("workspace must be uint8 of at least " + std::to_string(needed) + " bytes; got " +
                    std::to_string(p.workspace_bytes));
   }
-  if (poison_outputs()) {
-    for (auto* grad : {&dq, &dk, &dv, &dsinks}) {
-      if (cudaError_t e = poison(*grad, stream); e != cudaSuccess) { return ffi::Error::Internal(cudaGetErrorString(e)); }
-    }
-  }
-  if (cudaError_t e = variant->run(p, stream); e != cudaSuccess) {
-    return ffi::Error::Internal(std::string("jax_fa3 backward launch failed: ") + cudaGetErrorString(e));
-  }
-  return ffi::Error::Success();
+  return poison_and_launch("backward", stream, {&dq, &dk, &dv, &dsinks}, [&] { return variant->run(p, stream); });
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 
 #include <cuda_runtime_api.h>
@@ -47,8 +48,26 @@ inline bool poison_outputs() {
   return enabled;
 }
 
-inline cudaError_t poison(xla::ffi::Result<xla::ffi::AnyBuffer>& buffer, cudaStream_t stream) {
-  return cudaMemsetAsync(buffer->untyped_data(), 0xFF, buffer->size_bytes(), stream);  // NaN in bf16/f16/f32
+// Poisons the (non-empty) outputs if asked to, then calls launch(), which enqueues the
+// kernels on the stream and returns their CUDA error; an error comes back as Internal.
+template <class Launch>
+xla::ffi::Error poison_and_launch(char const* what, cudaStream_t stream,
+                                  std::initializer_list<xla::ffi::Result<xla::ffi::AnyBuffer>*> outputs,
+                                  Launch&& launch) {
+  if (poison_outputs()) {
+    for (xla::ffi::Result<xla::ffi::AnyBuffer>* output : outputs) {
+      if ((*output)->size_bytes() == 0) { continue; }
+      // 0xFF bytes are NaN in bf16/f16/f32.
+      if (cudaError_t e = cudaMemsetAsync((*output)->untyped_data(), 0xFF, (*output)->size_bytes(), stream);
+          e != cudaSuccess) {
+        return xla::ffi::Error::Internal(cudaGetErrorString(e));
+      }
+    }
+  }
+  if (cudaError_t e = launch(); e != cudaSuccess) {
+    return xla::ffi::Error::Internal(std::string("jax_fa3 ") + what + " launch failed: " + cudaGetErrorString(e));
+  }
+  return xla::ffi::Error::Success();
 }
 
 }  // namespace jax_fa3

@@ -177,15 +177,7 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   p.num_splits = int(num_splits);
   p.num_m_blocks = int(m_blocks);
 
-  if (poison_outputs()) {
-    for (auto* result : {&out, &lse}) {
-      if (cudaError_t e = poison(*result, stream); e != cudaSuccess) { return ffi::Error::Internal(cudaGetErrorString(e)); }
-    }
-  }
-  if (cudaError_t e = variant->run(p, stream); e != cudaSuccess) {
-    return ffi::Error::Internal(std::string("jax_fa3 decode launch failed: ") + cudaGetErrorString(e));
-  }
-  return ffi::Error::Success();
+  return poison_and_launch("decode", stream, {&out, &lse}, [&] { return variant->run(p, stream); });
 }
 
 }  // namespace

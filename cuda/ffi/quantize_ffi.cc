@@ -89,16 +89,7 @@ ffi::Error QuantizeImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer si
   p.hadamard_scale = static_cast<float>(1.0 / std::sqrt(double(head_dim)));
   p.geometry = g;
 
-  if (poison_outputs()) {
-    for (auto* result : {&x8, &descale}) {
-      if ((*result)->size_bytes() == 0) { continue; }
-      if (cudaError_t e = poison(*result, stream); e != cudaSuccess) { return ffi::Error::Internal(cudaGetErrorString(e)); }
-    }
-  }
-  if (cudaError_t e = run_fp8_quantize(p, stream); e != cudaSuccess) {
-    return ffi::Error::Internal(std::string("jax_fa3 fp8_quantize launch failed: ") + cudaGetErrorString(e));
-  }
-  return ffi::Error::Success();
+  return poison_and_launch("fp8_quantize", stream, {&x8, &descale}, [&] { return run_fp8_quantize(p, stream); });
 }
 
 }  // namespace

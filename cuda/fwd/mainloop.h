@@ -62,7 +62,7 @@ struct FwdMainloop {
     }
   }
 
-  static __host__ __device__ typename Ring::Storage& v_ring_storage(Storage& s) {
+  static __device__ typename Ring::Storage& v_ring_storage(Storage& s) {
     if constexpr (Traits::kFp8) {
       return s.transposed.vt_ring;
     } else {

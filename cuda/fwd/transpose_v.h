@@ -11,6 +11,7 @@
 #include <cutlass/arch/barrier.h>
 
 #include "common/barriers.h"
+#include "common/ptx.h"
 
 namespace jax_fa3 {
 
@@ -109,18 +110,15 @@ struct VTransposer {
 #pragma unroll 2
       for (int unit = thread_idx / 32; unit < Addressing::kUnits; unit += kWarps) {
         uint32_t pairs[4];  // matrix m: keys 2q, 2q+1 (+ 8 (m & 1)) of dims 2p, 2p+1 (+ 16 (m >> 1))
-        asm volatile("ldmatrix.sync.aligned.x4.trans.m8n8.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(pairs[0]), "=r"(pairs[1]), "=r"(pairs[2]), "=r"(pairs[3])
-                     : "r"(v_stage + Addressing::load_offset(lane_load, Addressing::unit_load(unit))));
+        ldmatrix_x4_trans(v_stage + Addressing::load_offset(lane_load, Addressing::unit_load(unit)), pairs);
         // V^T words: keys 2q, 2q+1, 2q+8, 2q+9 of dims 2p, 2p+1, 2p+16, 2p+17 (rows 4-7 of
         // each matrix: the odd dim first).
         uint32_t const even = __byte_perm(pairs[0], pairs[1], even_select);
         uint32_t const odd = __byte_perm(pairs[0], pairs[1], odd_select);
         uint32_t const even_high = __byte_perm(pairs[2], pairs[3], even_select);
         uint32_t const odd_high = __byte_perm(pairs[2], pairs[3], odd_select);
-        asm volatile("stmatrix.sync.aligned.x4.m8n8.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
-                         vt_stage + Addressing::store_offset(lane_store, Addressing::unit_store(unit))),
-                     "r"(even), "r"(odd), "r"(even_high), "r"(odd_high));
+        stmatrix_x4(vt_stage + Addressing::store_offset(lane_store, Addressing::unit_store(unit)), even, odd,
+                    even_high, odd_high);
       }
       // Written through the generic proxy, read by WGMMA through the async proxy.
       cutlass::arch::fence_view_async_shared();
