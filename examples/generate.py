@@ -79,7 +79,7 @@ PERIOD = 5  # the task's: each digit is the one PERIOD positions back plus one
 TINY = Config(train_gpt.TINY, batch=4, prompt_len=10, new_tokens=24, page_size=16,
               train_steps=200)
 GPU = Config(train_gpt.GPU, batch=16, prompt_len=512, new_tokens=512, page_size=64,
-             train_steps=300)
+             train_steps=500)
 
 
 def on_gpu():
@@ -119,6 +119,8 @@ def trained_model(config):
   size and length (its learning rate; warmup at most a fifth of the steps): (model, each
   step's loss, seconds spent training)."""
   model = new_model(config)
+  if not config.train_steps:
+    return model, np.zeros(0), 0.0
   training = dataclasses.replace(config.model, steps=config.train_steps,
                                  warmup_steps=min(config.model.warmup_steps,
                                                   config.train_steps // 5))
