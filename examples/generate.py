@@ -376,7 +376,8 @@ def summary(config, results):
     verdict = "-" if name == "no cache" else agreement(run.tokens, truth, logits)
     lines.append(f"{name:22} {run.tokens_per_s:10.1f}  {verdict}")
   margin, bound = top_two_margins(logits).min(), rounding_bound(logits)
-  lines += ["", f"no-cache tokens that follow the task's rule: {np.mean(truth == results.rule):.1%}",
+  follow = np.mean(truth == results.rule)
+  lines += ["", f"no-cache tokens that follow the task's rule: {follow:.1%}",
             f"smallest top-1/top-2 logit margin of the {truth.size} no-cache predictions: "
             f"{margin:.4f}; bfloat16 roundings may move one by {bound:.4f}: "
             + ("the equality is not decided by ties" if margin > bound else

@@ -96,7 +96,8 @@ def test_generate_task_sequences_follow_the_rule():
   generate = _load("generate")
   sequences = generate.task_sequences(np.random.default_rng(0), 6, 40)
   period = generate.PERIOD
-  assert sequences.shape == (6, 40) and sequences.dtype == np.int32 and sequences.max() <= 9 and sequences.min() >= 0
+  assert sequences.shape == (6, 40) and sequences.dtype == np.int32
+  assert sequences.min() >= 0 and sequences.max() <= 9
   np.testing.assert_array_equal(sequences[:, period:], (sequences[:, :-period] + 1) % 10)
   prompt, rule = generate.prompts_and_rule(generate.TINY)
   assert prompt.shape == (generate.TINY.batch, generate.TINY.prompt_len)
