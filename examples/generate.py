@@ -1,6 +1,17 @@
 """Greedy generation with the example GPT (train_gpt.py's model, Flax NNX, `jax.jit`) on
 jax_fa3's KV-cache decode, checked token for token against generation without a cache.
 
+The model is first trained briefly (train_gpt.fit, `--train-steps`) on a task whose next
+token is certain: each sequence starts with PERIOD random digits, and every later digit is
+the one PERIOD positions back plus one (mod 10), so each prediction needs attention to an
+earlier token, which generation reads from the cache. With untrained weights the logits are
+nearly flat, and bfloat16 roundings alone (any two correct attention implementations round
+differently) flip greedy choices between near ties; a trained model predicts with wide
+margins, so equal tokens say that the cache is right. The script prints the smallest margin
+between the two best logits over all the no-cache loop's predictions, beside what bfloat16
+roundings can move, and fails unless the cached tokens equal the no-cache ones and that
+margin is wider.
+
 Three loops generate the same tokens from the same prompts and weights:
 - "jax_fa3 paged cache": one paged KV cache per layer (`[num_pages, page_size, heads,
   head_dim]`, each sequence's pages given by a shuffled page table), donated to every jitted
@@ -12,13 +23,14 @@ Three loops generate the same tokens from the same prompts and weights:
 - the same cached loop on a contiguous cache with `jax.nn.dot_product_attention`, cuDNN's
   implementation on a GPU (XLA's elsewhere), the lengths as `key_value_seq_lengths`.
 
-It prints tokens/s of each loop (compilation excluded) and whether their tokens agree with
-the no-cache loop's. Without a GPU it runs a tiny model on jax_fa3's float32 reference path,
-and says so: its timings then say nothing of the kernels. The weights are the random
-initial ones: the point is the equality of the tokens, not their sense.
+It prints tokens/s of each loop (compilation excluded), whether their tokens agree with
+the no-cache loop's, and how many of those follow the task's rule. Without a GPU it trains
+and runs a tiny model on jax_fa3's float32 reference path, and says so: its timings then
+say nothing of the kernels.
 
     python examples/generate.py                  # GPU: batch 16, 512-token prompts, 512 new
     python examples/generate.py --tiny           # the CPU size, also on a GPU
+    python examples/generate.py --train-steps 0  # untrained: the check is left to ties
     python examples/generate.py --batch 64 --new-tokens 256 --page-size 64
 """
 
@@ -46,11 +58,13 @@ class Config:
   prompt_len: int
   new_tokens: int
   page_size: int
+  train_steps: int  # on the task, before generating
   seed: int = 0
 
   def __post_init__(self):
-    if self.prompt_len < 1 or self.new_tokens < 1:
-      raise ValueError(f"prompt_len and new_tokens must be >= 1, got {self}")
+    if self.prompt_len < PERIOD or self.new_tokens < 1 or self.train_steps < 0:
+      raise ValueError(f"prompt_len must be >= {PERIOD} (the task's period), new_tokens >= 1 "
+                       f"and train_steps >= 0, got {self}")
     if self.prompt_len + self.new_tokens > self.model.seqlen:
       raise ValueError(f"prompt_len + new_tokens = {self.prompt_len + self.new_tokens} is "
                        f"past the model's {self.model.seqlen} positions")
@@ -60,8 +74,12 @@ class Config:
     return -(-self.model.seqlen // self.page_size)
 
 
-TINY = Config(train_gpt.TINY, batch=4, prompt_len=10, new_tokens=24, page_size=16)
-GPU = Config(train_gpt.GPU, batch=16, prompt_len=512, new_tokens=512, page_size=64)
+PERIOD = 5  # the task's: each digit is the one PERIOD positions back plus one
+
+TINY = Config(train_gpt.TINY, batch=4, prompt_len=10, new_tokens=24, page_size=16,
+              train_steps=200)
+GPU = Config(train_gpt.GPU, batch=16, prompt_len=512, new_tokens=512, page_size=64,
+             train_steps=500)
 
 
 def on_gpu():
@@ -73,16 +91,45 @@ def baseline_implementation():
   return "cudnn" if on_gpu() else "xla"
 
 
-def prompts(config):
-  """Random prompts [batch, prompt_len] of additions text, cut as train_gpt cuts its windows."""
-  windows = train_gpt.batches(dataclasses.replace(config.model, steps=1, batch=config.batch,
-                                                  seed=config.seed))
-  return jnp.asarray(windows[0, :, :config.prompt_len])
+# --- The task and the training -----------------------------------------------------------
+
+def task_sequences(rng, count, length):
+  """`count` sequences [count, length] of the task: PERIOD random digits (tokens 0-9 are
+  the digits), then each digit the one PERIOD positions back plus one, mod 10."""
+  start = rng.integers(0, 10, (count, PERIOD), dtype=np.int32)
+  position = np.arange(length)
+  return ((start[:, position % PERIOD] + position // PERIOD) % 10).astype(np.int32)
+
+
+def prompts_and_rule(config):
+  """Prompts [batch, prompt_len] of the task, drawn apart from the training data, and the
+  rule's continuation of them [batch, new_tokens]."""
+  sequences = task_sequences(np.random.default_rng([config.seed, 1]), config.batch,
+                             config.prompt_len + config.new_tokens)
+  return jnp.asarray(sequences[:, :config.prompt_len]), sequences[:, config.prompt_len:]
 
 
 def new_model(config):
   return train_gpt.GPT(config.model, train_gpt.ATTENTION["jax_fa3"],
                        nnx.Rngs(config.model.seed))
+
+
+def trained_model(config):
+  """A new model trained on the task for `config.train_steps` steps of train_gpt's batch
+  size and length (its learning rate; warmup at most a fifth of the steps): (model, each
+  step's loss, seconds spent training)."""
+  model = new_model(config)
+  if not config.train_steps:
+    return model, np.zeros(0), 0.0
+  training = dataclasses.replace(config.model, steps=config.train_steps,
+                                 warmup_steps=min(config.model.warmup_steps,
+                                                  config.train_steps // 5))
+  rng = np.random.default_rng([config.seed, 0])
+  data = ((jnp.asarray(task_sequences(rng, training.batch, training.seqlen + 1)), None)
+          for _ in range(config.train_steps))
+  start = time.perf_counter()
+  losses, _ = train_gpt.fit(model, training, data)
+  return model, losses, time.perf_counter() - start
 
 
 # --- The model, one block at a time, with a cache -------------------------------------------
@@ -242,10 +289,19 @@ def timed(name, generate, prompt, batch, new_tokens):
   return Run(name, tokens, batch * new_tokens / seconds)
 
 
+@dataclasses.dataclass(frozen=True)
+class Results:
+  runs: dict              # loop name -> Run
+  logits: np.ndarray      # the no-cache loop's, each new token's [batch, new_tokens, vocab]
+  rule: np.ndarray        # the task's continuation of the prompts [batch, new_tokens]
+  losses: np.ndarray      # the training's, one a step
+  train_seconds: float
+
+
 def run_all(config):
-  """The three loops on one model and prompt: (runs by name, the no-cache loop's logits)."""
-  model = new_model(config)
-  prompt = prompts(config)
+  """Trains the model, then runs the three loops on it and the same prompts."""
+  model, losses, train_seconds = trained_model(config)
+  prompt, rule = prompts_and_rule(config)
   page_table, new_paged = paged_caches(config, model)
   runs, logits = {}, None
 
@@ -263,35 +319,71 @@ def run_all(config):
   }
   for name, generate in loops.items():
     runs[name] = timed(name, generate, prompt, config.batch, config.new_tokens)
-  return runs, np.asarray(logits, np.float32)
+  return Results(runs, np.asarray(logits, np.float32), rule, losses, train_seconds)
+
+
+def top_two_margins(logits):
+  """Each prediction's best logit minus its second best: [...] of logits [..., vocab]."""
+  top2 = np.sort(logits, axis=-1)[..., -2:]
+  return top2[..., 1] - top2[..., 0]
+
+
+def rounding_bound(logits):
+  """What bfloat16 roundings of the activations may move a top-1/top-2 margin by: two
+  roundings (2^-8 each, relative) of the largest best logit. A greedy choice between logits
+  closer than this is a near tie, which two correct implementations may break apart."""
+  return 2 * 2.0 ** -8 * float(np.abs(np.max(logits, axis=-1)).max())
 
 
 def agreement(tokens, truth, truth_logits):
-  """How `tokens` compare with the no-cache loop's `truth`: ("equal", True), or where each
-  sequence first differs and whether the no-cache loop's two best logits there were a near
-  tie (within two bfloat16 roundings of the larger), which rounding differences in the
-  bfloat16 activations may flip: (description, every difference starts at a near tie)."""
+  """How `tokens` compare with the no-cache loop's `truth`: "equal", or where each sequence
+  first differs, with the no-cache loop's top-1/top-2 logit margin there."""
   if np.array_equal(tokens, truth):
-    return "equal", True
-  notes, near_ties = [], True
+    return "equal"
+  margins = top_two_margins(truth_logits)
+  notes = []
   for b in np.flatnonzero((tokens != truth).any(axis=1)):
     t = int(np.argmax(tokens[b] != truth[b]))
-    top2 = np.sort(truth_logits[b, t])[-2:]
-    margin = float(top2[1] - top2[0])
-    tie = margin <= 2 * 2.0 ** -8 * abs(float(top2[1]))
-    near_ties &= tie
-    notes.append(f"seq {b} from token {t} (logit margin {margin:.4f}{', a near tie' if tie else ''})")
-  return "differ: " + "; ".join(notes), near_ties
+    notes.append(f"seq {b} from token {t} (logit margin {margins[b, t]:.4f})")
+  return "differ: " + "; ".join(notes)
 
 
-def summary(config, runs, logits):
+def decisive(results):
+  """Whether every no-cache prediction's margin is wider than bfloat16 roundings can move."""
+  return top_two_margins(results.logits).min() > rounding_bound(results.logits)
+
+
+def passed(results):
+  """The example's check: the jax_fa3 loop's tokens equal the no-cache loop's, and no
+  greedy choice of those was a near tie."""
+  runs = results.runs
+  return (agreement(runs["jax_fa3 paged cache"].tokens, runs["no cache"].tokens,
+                    results.logits) == "equal" and decisive(results))
+
+
+def summary(config, results):
+  runs, logits = results.runs, results.logits
   truth = runs["no cache"].tokens
-  lines = [f"{config}; {jax.devices()[0].device_kind}, jax {jax.__version__}", "",
-           f"{'loop':22} {'tokens/s':>10}  tokens vs no cache"]
+  losses = results.losses
+  lines = [f"{config}; {jax.devices()[0].device_kind}, jax {jax.__version__}", ""]
+  if len(losses):
+    lines.append(f"trained {len(losses)} steps in {results.train_seconds:.1f} s: loss "
+                 f"{losses[0]:.4f} -> {losses[-1]:.4f}")
+  else:
+    lines.append("untrained (--train-steps 0): random weights")
+  lines += ["", f"{'loop':22} {'tokens/s':>10}  tokens vs no cache"]
   for name, run in runs.items():
-    verdict = "-" if name == "no cache" else agreement(run.tokens, truth, logits)[0]
+    verdict = "-" if name == "no cache" else agreement(run.tokens, truth, logits)
     lines.append(f"{name:22} {run.tokens_per_s:10.1f}  {verdict}")
-  first = "".join(train_gpt.VOCAB[t] for t in np.asarray(prompts(config))[0])
+  margin, bound = top_two_margins(logits).min(), rounding_bound(logits)
+  follow = np.mean(truth == results.rule)
+  lines += ["", f"no-cache tokens that follow the task's rule: {follow:.1%}",
+            f"smallest top-1/top-2 logit margin of the {truth.size} no-cache predictions: "
+            f"{margin:.4f}; bfloat16 roundings may move one by {bound:.4f}: "
+            + ("the equality is not decided by ties" if margin > bound else
+               "NOT decisive: a near tie (train longer: --train-steps)")]
+  prompt, _ = prompts_and_rule(config)
+  first = "".join(train_gpt.VOCAB[t] for t in np.asarray(prompt)[0])
   lines += ["", f"sequence 0: {first!r} -> "
                 f"{''.join(train_gpt.VOCAB[t] for t in runs['jax_fa3 paged cache'].tokens[0])!r}"]
   if not on_gpu():
@@ -300,28 +392,28 @@ def summary(config, runs, logits):
   return "\n".join(lines)
 
 
+FIELDS = ("batch", "prompt_len", "new_tokens", "page_size", "train_steps", "seed")
+
+
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--tiny", action="store_true", help="the CPU size, also on a GPU")
-  for name in ("batch", "prompt_len", "new_tokens", "page_size", "seed"):
+  for name in FIELDS:
     parser.add_argument("--" + name.replace("_", "-"), type=int)
   return parser.parse_args(argv)
 
 
 def config_from(args):
   config = TINY if args.tiny or not on_gpu() else GPU
-  overrides = {name: getattr(args, name)
-               for name in ("batch", "prompt_len", "new_tokens", "page_size", "seed")
-               if getattr(args, name) is not None}
+  overrides = {name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None}
   return dataclasses.replace(config, **overrides)
 
 
 def main(argv=None):
   config = config_from(parse_args(argv))
-  runs, logits = run_all(config)
-  print(summary(config, runs, logits))
-  ok = agreement(runs["jax_fa3 paged cache"].tokens, runs["no cache"].tokens, logits)[1]
-  return 0 if ok else 1
+  results = run_all(config)
+  print(summary(config, results))
+  return 0 if passed(results) else 1
 
 
 if __name__ == "__main__":

@@ -186,6 +186,19 @@ def train(config, attention, attention_fn=None):
   """Trains a fresh GPT with `config` and the attention named `attention`."""
   model = GPT(config, attention_fn or ATTENTION[attention], nnx.Rngs(config.seed),
               takes_segment_ids=attention in TAKES_SEGMENT_IDS)
+  if config.packed:
+    data = zip(*map(jnp.asarray, packed_batches(config)))
+  else:
+    data = ((tokens, None) for tokens in jnp.asarray(batches(config)))
+  losses, seconds = fit(model, config, data)
+  return Run(attention, losses, 1e3 * statistics.median(seconds[1:]), seconds[0])
+
+
+def fit(model, config, data):
+  """Trains `model` in place: AdamW on a warmup-cosine schedule (config's learning rate,
+  warmup and steps), one step for each `(tokens, segment_ids)` of `data`: tokens
+  [batch, seqlen + 1], each position predicting the next; segment_ids of that shape (packed
+  documents) or None. Returns each step's loss and wall-clock seconds."""
   graphdef, params = nnx.split(model, nnx.Param)
   schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate,
                                                 config.warmup_steps, config.steps)
@@ -210,16 +223,13 @@ def train(config, attention, attention_fn=None):
     return optax.apply_updates(params, updates), opt_state, loss
 
   losses, seconds = [], []
-  if config.packed:
-    data = zip(*map(jnp.asarray, packed_batches(config)))
-  else:
-    data = ((tokens, None) for tokens in jnp.asarray(batches(config)))
   for tokens, segment_ids in data:
     start = time.perf_counter()
     params, opt_state, loss = train_step(params, opt_state, tokens, segment_ids)
     losses.append(float(loss))  # waits for the step
     seconds.append(time.perf_counter() - start)
-  return Run(attention, np.array(losses), 1e3 * statistics.median(seconds[1:]), seconds[0])
+  nnx.update(model, params)
+  return np.array(losses), seconds
 
 
 def compare(config, choices):

@@ -58,23 +58,52 @@ def test_train_gpt_packed_loss_curves_match_within_bf16_noise():
 
 
 def test_generate_paged_cache_tokens_equal_no_cache_tokens():
-  """The example's claim: greedy generation on the paged KV cache (prefill, then one token a
-  step, caches donated) picks the same tokens as recomputing the whole sequence each step."""
+  """The example's claim: after its brief training, greedy generation on the paged KV cache
+  (prefill, then one token a step, caches donated) picks the same tokens as recomputing the
+  whole sequence each step, and no choice was a near tie: the model continues the task's
+  rule with wide logit margins."""
   generate = _load("generate")
   config = dataclasses.replace(generate.TINY, new_tokens=20)
-  runs, logits = generate.run_all(config)
+  results = generate.run_all(config)
+  runs, logits = results.runs, results.logits
   truth = runs["no cache"].tokens
+  report = generate.summary(config, results)
   assert truth.shape == (config.batch, config.new_tokens)
   assert logits.shape == (config.batch, config.new_tokens, len(generate.train_gpt.VOCAB))
+  assert len(results.losses) == config.train_steps and results.losses[-1] < 0.5, report
+  # The model learned the task: every token is the rule's, so it attended to the cache.
+  np.testing.assert_array_equal(truth, results.rule, err_msg=report)
   assert len(np.unique(truth)) > 2, truth  # not a degenerate constant stream
   for name, run in runs.items():
-    assert generate.agreement(run.tokens, truth, logits) == ("equal", True), \
-        generate.summary(config, runs, logits)
-  # The check itself can fail: one changed token is reported, at its position.
+    assert generate.agreement(run.tokens, truth, logits) == "equal", report
+  margin = generate.top_two_margins(logits).min()
+  assert margin > 4 * generate.rounding_bound(logits) and generate.decisive(results), report
+  assert generate.passed(results)
+  assert f"logit margin of the {truth.size} no-cache predictions: {margin:.4f}" in report
+  # The check itself can fail: one changed token is reported, at its position and margin.
   changed = truth.copy()
   changed[1, 7] = (changed[1, 7] + 1) % len(generate.train_gpt.VOCAB)
-  verdict, _ = generate.agreement(changed, truth, logits)
-  assert verdict.startswith("differ: seq 1 from token 7"), verdict
+  verdict = generate.agreement(changed, truth, logits)
+  assert verdict.startswith("differ: seq 1 from token 7 (logit margin "), verdict
+  wrong = dataclasses.replace(results, runs={**runs, "jax_fa3 paged cache": dataclasses.replace(
+      runs["jax_fa3 paged cache"], tokens=changed)})
+  assert not generate.passed(wrong)
+  flat = dataclasses.replace(results, logits=np.zeros_like(logits))  # all ties
+  assert not generate.decisive(flat) and not generate.passed(flat)
+
+
+def test_generate_task_sequences_follow_the_rule():
+  generate = _load("generate")
+  sequences = generate.task_sequences(np.random.default_rng(0), 6, 40)
+  period = generate.PERIOD
+  assert sequences.shape == (6, 40) and sequences.dtype == np.int32
+  assert sequences.min() >= 0 and sequences.max() <= 9
+  np.testing.assert_array_equal(sequences[:, period:], (sequences[:, :-period] + 1) % 10)
+  prompt, rule = generate.prompts_and_rule(generate.TINY)
+  assert prompt.shape == (generate.TINY.batch, generate.TINY.prompt_len)
+  assert rule.shape == (generate.TINY.batch, generate.TINY.new_tokens)
+  whole = np.concatenate([np.asarray(prompt), rule], axis=1)
+  np.testing.assert_array_equal(whole[:, period:], (whole[:, :-period] + 1) % 10)
 
 
 def test_generate_page_table_scatters_pages():

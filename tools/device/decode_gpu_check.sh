@@ -2,7 +2,7 @@
 # The device call for KV-cache decode (issue 16), run from the repo root on the GPU machine
 # with the extension carried in .carry/orig (tools/device/prepare_device_run.sh):
 #   1. import check: the decode variants are in the extension;
-#   2. the decode GPU tests (tests/gpu/test_decode_kernel.py);
+#   2. the decode GPU tests (tests/gpu/test_decode_kernel.py, test_decode_transforms.py);
 #   3. compute-sanitizer memcheck of out-of-range lengths and pages (tools/sanitize_decode.py);
 #   4. the decode benchmark (benchmarks/decode.py, DECODE_ARGS), files under $OUT and copied to
 #      benchmarks/results/2026-11-30_nvidia-h200/.
@@ -40,7 +40,7 @@ for step in $STEPS; do
     import) ;;
     test)
       echo "== decode GPU tests" | tee -a "$LOG"
-      timeout -s KILL ${TEST_TIMEOUT:-240} python3 -m pytest tests/gpu/test_decode_kernel.py -q -x -n ${WORKERS:-4} \
+      timeout -s KILL ${TEST_TIMEOUT:-240} python3 -m pytest tests/gpu/test_decode_kernel.py tests/gpu/test_decode_transforms.py -q -x -n ${WORKERS:-4} \
         -p no:cacheprovider 2>&1 | tee -a "$LOG" | grep -v PASSED | tail -30
       report test $? "124/137 = timed out" ;;
     sanitize)

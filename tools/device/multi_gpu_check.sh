@@ -27,7 +27,7 @@ sys.exit(0 if len(gpus) >= 2 and jax_fa3.kernels_available() else 'needs 2 or mo
 " 2>&1 | tee "$OUT/import.log" || exit 1
 # The tests compile one small XLA graph per case: skip GEMM autotuning.
 env XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${TEST_TIMEOUT:-200} \
-  python3 -m pytest tests/gpu/test_multi_gpu.py -v -rs -p no:cacheprovider --durations=8 2>&1 \
+  python3 -m pytest tests/gpu/test_multi_gpu.py tests/gpu/test_multi_gpu_decode.py -v -rs -p no:cacheprovider --durations=8 2>&1 \
   | tee "$OUT/multi_gpu_tests.log" | tail -50
 echo "tests: exit ${PIPESTATUS[0]} (124: timed out)"
 # The benchmark runs whatever the tests said: its timings stand apart from their verdict.
