@@ -1,6 +1,6 @@
 """Packed sequences on any machine: segment ids and varlen through the reference path
-against the float64 oracle, the tile plans the kernels rely on against brute force, and
-the argument checks."""
+against the float64 oracle, the tile plans the kernels rely on against brute force, the
+argument checks, and benchmarks/packed.py at a small size."""
 
 import jax
 import jax.numpy as jnp
@@ -201,3 +201,37 @@ def test_varlen_argument_errors(normal):
     jax_fa3.flash_attention_varlen(q, q, q, cu, cu[:2])
   with pytest.raises(ValueError, match="q must have rank 3"):
     jax_fa3.flash_attention_varlen(q[None], q, q, cu, cu)
+
+
+# --- The benchmark --------------------------------------------------------------------
+
+def test_packed_benchmark_writes_its_records(tmp_path, monkeypatch):
+  """benchmarks/packed.py at a small size (the notebook's section 3 runs the same code):
+  issue 13's record schema, the useful FLOPs of the documents measured, and the table."""
+  import json
+  import pathlib
+  monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+  import bench
+  import packed
+  import timing
+  for module in (bench, packed, timing):  # the reference path's sizes and timing, GPU or not
+    monkeypatch.setattr(module, "on_gpu", lambda: False)
+  packed.main(["--head-dims", "64", "--row-lengths", "512", "--mean-docs", "128", "--causal", "yes",
+               "--impls", "jax_fa3", "jax_fa3_per_document", "--iterations", "1", "--out", str(tmp_path)])
+  records = json.loads((tmp_path / "packed.json").read_text())
+  assert [(r["impl"], r["mode"]) for r in records] == [
+      (impl, mode) for mode in packed.MODES for impl in ("jax_fa3", "jax_fa3_per_document")]
+  problem, = packed.problems(packed.CPU_SIZES, (True,), [64], [512], [128])
+  lengths = [n for row in problem.documents() for n in row]
+  for r in records:
+    assert set(r) == {"impl", "mode", "dtype", "head_dim", "causal", "batch", "heads", "seqlen_q",
+                      "seqlen_k", "mean_doc_len", "documents", "ms", "useful_tflops", "card"}
+    assert (r["batch"], r["seqlen_q"], r["heads"], r["documents"]) == (2, 512, 2, len(lengths))
+    assert r["mean_doc_len"] == np.mean(lengths) and r["ms"] > 0
+    assert r["useful_tflops"] == pytest.approx(problem.useful_flops(r["mode"]) / r["ms"] / 1e9)
+  # In-document work only, halved when causal; forward+backward 3.5x the forward.
+  assert problem.useful_flops("packed_fwd") == 2 * 2 * 64 * sum(n * n for n in lengths)
+  assert problem.useful_flops("packed_fwdbwd") == 3.5 * problem.useful_flops("packed_fwd")
+  table = (tmp_path / "packed.md").read_text()
+  assert "## packed_fwd" in table and "## packed_fwdbwd" in table
+  assert f"| 64 | yes | 512 | {np.mean(lengths):.0f} | " in table and "NO GPU" in table
