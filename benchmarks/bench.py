@@ -225,14 +225,14 @@ def markdown(records, header):
               "| head dim | causal | seqlen | batch | " + " | ".join(labels) + " |",
               "|---|---|---|---|" + "---|" * len(labels)]
     for size in sorted({key[:4] for key in tflops}):
-      cells = [_format(tflops.get((*size, label))) for label in labels]
+      cells = [format_tflops(tflops.get((*size, label))) for label in labels]
       lines.append("| {} | {} | {} | {} | ".format(size[0], "yes" if size[1] else "no",
                                                    *size[2:]) + " | ".join(cells) + " |")
     lines.append("")
   return "\n".join(lines)
 
 
-def _format(tflops):
+def format_tflops(tflops):
   if tflops is None:
     return "-"
   return f"{tflops:.0f}" if tflops >= 10 else f"{tflops:.2g}"

@@ -9,6 +9,7 @@ Compares, on the same inputs:
 when causal (forward; x3.5 for forward+backward), whatever each implementation computes.
 
 Writes packed.json, packed.md and packed.png to benchmarks/results/<date>_<card>/ (or --out).
+The notebook (attention_benchmark.ipynb) runs the same sizes through `problems` and `run`.
 
     python benchmarks/packed.py --head-dims 128 --row-lengths 16384 --mean-docs 512
 """
@@ -23,13 +24,29 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_fa3
-from bench import card_name, default_out_dir, pyplot, results_header
+from bench import card_name, default_out_dir, format_tflops, pyplot, results_header
 from timing import on_gpu, time_ms
 
 IMPLS = ("jax_fa3", "jax_fa3_per_document", "cudnn_dense_mask", "pallas_triton_segment_ids")
 MODES = ("packed_fwd", "packed_fwdbwd")
 FLOP_FACTOR = {"packed_fwd": 1.0, "packed_fwdbwd": 3.5}
-TOKENS = 16384  # per problem: batch = TOKENS / row length
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """The problems measured when no flag says otherwise."""
+  hidden: int      # heads = hidden / head_dim
+  tokens: int      # per problem: batch = tokens / row length
+  head_dims: tuple[int, ...]
+  row_lengths: tuple[int, ...]
+  mean_docs: tuple[int, ...]
+  iterations: int
+
+
+# Issue 13's sizes. Without a GPU, the reference path at sizes that compile in seconds: one
+# jitted function holds a call per document, so fewer tokens than on a GPU.
+GPU_SIZES = Sizes(2048, 16384, (64, 128, 256), (8192, 16384), (512, 2048), 10)
+CPU_SIZES = Sizes(128, 1024, (64,), (256,), (64,), 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +87,13 @@ class Packed:
     return [jax.random.normal(key, shape, jnp.dtype(self.dtype)) for key in keys]
 
 
-def problems(head_dims, row_lengths, mean_docs, causal, hidden):
-  return [Packed(row, doc, d, hidden // d, c, max(1, TOKENS // row))
-          for d, c, row, doc in itertools.product(head_dims, causal, row_lengths, mean_docs)]
+def problems(sizes, causal=(False, True), head_dims=None, row_lengths=None, mean_docs=None):
+  """The problems of `sizes` (or of the head dims, row lengths and mean document lengths given):
+  per head dim, causal or not, per row length and mean document length."""
+  return [Packed(row, doc, d, sizes.hidden // d, c, max(1, sizes.tokens // row))
+          for d, c, row, doc in itertools.product(head_dims or sizes.head_dims, causal,
+                                                  row_lengths or sizes.row_lengths,
+                                                  mean_docs or sizes.mean_docs)]
 
 
 def timed(impl, problem, mode):
@@ -147,7 +168,7 @@ def markdown(records, header):
               "| head dim | causal | row | mean doc | " + " | ".join(labels) + " | vs per-doc | vs cuDNN |",
               "|---|---|---|---|" + "---|" * (len(labels) + 2)]
     for size in sorted({key[:4] for key in value}):
-      cells = [f"{value[(*size, l)]:.0f}" if (*size, l) in value else "-" for l in labels]
+      cells = [format_tflops(value.get((*size, l))) for l in labels]
       ours = value.get((*size, "jax_fa3"))
       ratios = [f"{ours / value[(*size, other)]:.2f}x" if ours and (*size, other) in value else "-"
                 for other in ("jax_fa3_per_document", "cudnn_dense_mask")]
@@ -172,8 +193,9 @@ def plot(records, header, out_dir):
                 for r in rows if r["impl"] == impl}
       ax.bar([c + i * width for c in range(len(cells))], [values.get(cell, 0) for cell in cells],
              width, label=impl)
+    row_label = lambda row: f"{row // 1024}k" if row % 1024 == 0 else str(row)
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cells))],
-                  [f"d{d}\n{'causal' if c else 'full'}\nrow {row // 1024}k\ndoc {doc}" for d, c, row, doc in cells],
+                  [f"d{d}\n{'causal' if c else 'full'}\nrow {row_label(row)}\ndoc {doc}" for d, c, row, doc in cells],
                   fontsize=7)
     ax.set_ylabel("useful TFLOP/s")
     ax.set_title(mode)
@@ -198,19 +220,15 @@ def main(argv=None):
   parser.add_argument("--iterations", type=int, default=None)
   parser.add_argument("--out", type=__import__("pathlib").Path)
   args = parser.parse_args(argv)
-  gpu = on_gpu()
-  head_dims = args.head_dims or ((64, 128, 256) if gpu else (64,))
-  row_lengths = args.row_lengths or ((8192, 16384) if gpu else (256,))
-  mean_docs = args.mean_docs or ((512, 2048) if gpu else (64,))
+  sizes = GPU_SIZES if on_gpu() else CPU_SIZES
   causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
-  iterations = args.iterations or (10 if gpu else 2)
-  hidden = 2048 if gpu else 128
+  iterations = args.iterations or sizes.iterations
   card = card_name()
   out_dir = args.out or default_out_dir(card)
   out_dir.mkdir(parents=True, exist_ok=True)
   save = lambda records: (out_dir / "packed.json").write_text(json.dumps(records, indent=1))
-  records = run(problems(head_dims, row_lengths, mean_docs, causal, hidden), args.modes, args.impls,
-                iterations, card, save)
+  records = run(problems(sizes, causal, args.head_dims, args.row_lengths, args.mean_docs), args.modes,
+                args.impls, iterations, card, save)
   save(records)
   header = results_header(card, "bfloat16", iterations)
   table = markdown(records, header)

@@ -1,6 +1,6 @@
 """Packed sequences on any machine: segment ids and varlen through the reference path
-against the float64 oracle, the tile plans the kernels rely on against brute force, and
-the argument checks."""
+against the float64 oracle, the tile plans the kernels rely on against brute force, the
+argument checks, and benchmarks/packed.py at a small size."""
 
 import jax
 import jax.numpy as jnp
@@ -9,17 +9,10 @@ import pytest
 
 import jax_fa3
 import oracle
+from documents import random_documents
 from jax_fa3 import segments
 
 pytestmark = pytest.mark.usefixtures("on_cpu")
-
-
-def _documents(rng, length, mean, pad=0):
-  ids, doc = [], 0
-  while len(ids) < length - pad:
-    ids += [doc] * int(rng.integers(1, 2 * mean))
-    doc += 1
-  return np.array(ids[:length - pad] + [-1] * pad, np.int32)
 
 
 def _dense_mask(q_ids, kv_ids, window, diagonal_offset):
@@ -49,7 +42,7 @@ def _oracle(q, k, v, mask, scale):
 def test_segment_ids_match_the_oracle(causal, window, recurring, normal):
   rng = np.random.default_rng(int(causal) + 2 * int(recurring) + 4 * (window[0] + 1))
   sq, sk = 45, 45
-  ids = np.stack([_documents(rng, sq, 6, pad=4), _documents(rng, sq, 9)])
+  ids = np.stack([random_documents(rng, sq, 6, pad=4), random_documents(rng, sq, 9)])
   if recurring:
     ids[:, ::7] = 1
   q, k, v = normal((2, sq, 4, 16)), normal((2, sk, 2, 16)), normal((2, sk, 2, 16))
@@ -73,7 +66,7 @@ def test_kv_segment_ids_for_cross_attention(normal):
 
 def test_segment_gradients_match_the_oracle(normal):
   rng = np.random.default_rng(1)
-  ids = np.stack([_documents(rng, 33, 5, pad=3)])
+  ids = np.stack([random_documents(rng, 33, 5, pad=3)])
   q, k, v = normal((1, 33, 2, 8)), normal((1, 33, 1, 8)), normal((1, 33, 1, 8))
   weights = normal((1, 33, 2, 8)).astype(jnp.float32)
   mask = jnp.asarray(_dense_mask(ids, ids, (-1, 0), 0))[:, None]
@@ -149,8 +142,8 @@ def test_plans_cover_every_visible_pair_and_skip_masks_only_where_whole(seed):
   sq = int(rng.integers(1, 300))
   sk = sq if seed % 3 else int(rng.integers(1, 300))
   block_m, block_n = [(64, 64), (128, 176), (192, 128), (128, 80), (64, 128)][seed % 5]
-  q_ids = _documents(rng, sq, int(rng.integers(1, 120)), pad=int(rng.integers(0, 10)) if sq > 20 else 0)
-  kv_ids = q_ids if sk == sq else _documents(rng, sk, int(rng.integers(1, 120)))
+  q_ids = random_documents(rng, sq, int(rng.integers(1, 120)), pad=int(rng.integers(0, 10)) if sq > 20 else 0)
+  kv_ids = q_ids if sk == sq else random_documents(rng, sk, int(rng.integers(1, 120)))
   if seed % 4 == 1:
     q_ids[::5] = q_ids[0]  # recurring ids
   window = [(-1, -1), (-1, 0), (17, 3), (0, -1)][seed % 4]
@@ -208,3 +201,37 @@ def test_varlen_argument_errors(normal):
     jax_fa3.flash_attention_varlen(q, q, q, cu, cu[:2])
   with pytest.raises(ValueError, match="q must have rank 3"):
     jax_fa3.flash_attention_varlen(q[None], q, q, cu, cu)
+
+
+# --- The benchmark --------------------------------------------------------------------
+
+def test_packed_benchmark_writes_its_records(tmp_path, monkeypatch):
+  """benchmarks/packed.py at a small size (the notebook's section 3 runs the same code):
+  issue 13's record schema, the useful FLOPs of the documents measured, and the table."""
+  import json
+  import pathlib
+  monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+  import bench
+  import packed
+  import timing
+  for module in (bench, packed, timing):  # the reference path's sizes and timing, GPU or not
+    monkeypatch.setattr(module, "on_gpu", lambda: False)
+  packed.main(["--head-dims", "64", "--row-lengths", "512", "--mean-docs", "128", "--causal", "yes",
+               "--impls", "jax_fa3", "jax_fa3_per_document", "--iterations", "1", "--out", str(tmp_path)])
+  records = json.loads((tmp_path / "packed.json").read_text())
+  assert [(r["impl"], r["mode"]) for r in records] == [
+      (impl, mode) for mode in packed.MODES for impl in ("jax_fa3", "jax_fa3_per_document")]
+  problem, = packed.problems(packed.CPU_SIZES, (True,), [64], [512], [128])
+  lengths = [n for row in problem.documents() for n in row]
+  for r in records:
+    assert set(r) == {"impl", "mode", "dtype", "head_dim", "causal", "batch", "heads", "seqlen_q",
+                      "seqlen_k", "mean_doc_len", "documents", "ms", "useful_tflops", "card"}
+    assert (r["batch"], r["seqlen_q"], r["heads"], r["documents"]) == (2, 512, 2, len(lengths))
+    assert r["mean_doc_len"] == np.mean(lengths) and r["ms"] > 0
+    assert r["useful_tflops"] == pytest.approx(problem.useful_flops(r["mode"]) / r["ms"] / 1e9)
+  # In-document work only, halved when causal; forward+backward 3.5x the forward.
+  assert problem.useful_flops("packed_fwd") == 2 * 2 * 64 * sum(n * n for n in lengths)
+  assert problem.useful_flops("packed_fwdbwd") == 3.5 * problem.useful_flops("packed_fwd")
+  table = (tmp_path / "packed.md").read_text()
+  assert "## packed_fwd" in table and "## packed_fwdbwd" in table
+  assert f"| 64 | yes | 512 | {np.mean(lengths):.0f} | " in table and "NO GPU" in table

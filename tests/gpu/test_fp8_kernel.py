@@ -1,6 +1,7 @@
-"""The FP8 (float8_e4m3fn) forward kernel on the GPU: through its FFI target against a float32
-oracle on the dequantized inputs, through flash_attention (sinks, padded head dims, descale
-forms), and fp8_attention end to end with its gradient.
+"""The FP8 (float8_e4m3fn) forward kernel on the GPU: through its FFI target (cuda/ffi/CONTRACT.md,
+without the Python layer) against a float32 oracle on the dequantized inputs, with descales in
+every accepted shape and the refusal of wrong ones, through flash_attention (sinks, padded head
+dims, descale forms), and fp8_attention end to end with its gradient.
 
 The accuracy rule is FlashAttention's, with FP8's own baseline. `ref` is float32 attention on
 the dequantized inputs (the e4m3 values times their descales: exactly what the kernel reads),
@@ -49,6 +50,10 @@ class Case:
   descales: str = "blocks"   # "none", "per_head" ([B, H, 1], [B, Hk, 1]) or "blocks" (the kernel's)
   seqused: bool = False
   outliers: bool = False     # the paper's N(0, 1) + N(0, 100) Bernoulli(0.001) before rounding
+  std: float = 1.0           # of q, k and v before rounding to e4m3 (without outliers)
+  # The ranges the descale factors are drawn from, ((q and k), v); None: (0.5, 1.5) for all
+  # three, (0.05, 0.15) with outliers.
+  factors: tuple | None = None
 
   def __str__(self):
     fields = [f"d{self.head_dim}", f"b{self.batch}", f"q{self.seqlen_q}", f"k{self.seqlen_k}",
@@ -56,7 +61,10 @@ class Case:
     fields += [name for name, on in (
         ("causal", self.window == CAUSAL), (f"w{self.window}", self.window not in ((-1, -1), CAUSAL)),
         (f"cap{self.softcap:g}", self.softcap), ("seqused", self.seqused),
-        ("outliers", self.outliers)) if on]
+        ("outliers", self.outliers), (f"std{self.std:g}", self.std != 1.0)) if on]
+    if self.factors and self.descales != "none":  # no factors are drawn without descales
+      (qk_low, qk_high), (v_low, v_high) = self.factors
+      fields.append(f"qk{qk_low:g}-{qk_high:g}_v{v_low:g}-{v_high:g}")
     return "-".join(fields)
 
 
@@ -77,7 +85,25 @@ def _cases():
   cases += [Case(128, batch=3, seqlen_q=900, seqlen_k=1100, seqused=True),
             Case(128, seqlen_q=7, seqlen_k=7, window=CAUSAL, heads=2, kv_heads=1),
             Case(64, seqlen_q=640, seqlen_k=640, window=(0, 0))]
+  cases += [_small_factors(d, descales=form) for d in DIMS for form in ("none", "per_head", "blocks")]
+  cases += [
+      _small_factors(128, window=CAUSAL),
+      _small_factors(128, seqlen_q=517, seqlen_k=333, window=CAUSAL),   # Sq > Sk: rows with no key
+      _small_factors(64, window=(100, 0), descales="per_head"),
+      _small_factors(256, window=(64, 64), softcap=30.0),
+      _small_factors(128, seqlen_q=1, seqlen_k=4099, heads=8, kv_heads=1),  # one query, 8:1 GQA
+      _small_factors(64, batch=3, seqlen_q=2048, seqlen_k=2048, heads=2, kv_heads=2, window=CAUSAL,
+                     descales="none"),
+      _small_factors(256, seqlen_q=1000, seqlen_k=3000, heads=3, kv_heads=3),
+  ]
   return cases
+
+
+def _small_factors(head_dim, **fields):
+  """A case of lengths that are no multiple of any tile, values of standard deviation 2 and q
+  and k factors of 0.02 to 0.2: scores of a few hundredths, flat softmax rows."""
+  case = Case(head_dim, seqlen_q=333, seqlen_k=517, std=2.0, factors=((0.02, 0.2), (0.5, 2.0)))
+  return dataclasses.replace(case, **fields)
 
 
 CASES = _cases()
@@ -89,7 +115,7 @@ def _inputs(case, seed):
   rng = np.random.default_rng(seed)
 
   def e4m3(*shape):
-    x = rng.standard_normal(shape)
+    x = rng.standard_normal(shape) * case.std
     if case.outliers:
       x = x + rng.standard_normal(shape) * 10 * (rng.random(shape) < 0.001)
       x = x * 448 / np.abs(x).max()
@@ -104,10 +130,11 @@ def _inputs(case, seed):
   descales = (None, None, None)
   if blocks is not None:
     # With outliers, scale the values back down (amax 448 -> about 40); else around 1.
-    low, high = (0.05, 0.15) if case.outliers else (0.5, 1.5)
-    factor = lambda *shape: jnp.asarray(rng.uniform(low, high, shape), jnp.float32)
-    descales = (factor(case.batch, case.heads, blocks[0]), factor(case.batch, case.kv_heads, blocks[1]),
-                factor(case.batch, case.kv_heads))
+    qk_bounds, v_bounds = case.factors or (((0.05, 0.15) if case.outliers else (0.5, 1.5)),) * 2
+    factor = lambda bounds, *shape: jnp.asarray(rng.uniform(*bounds, shape), jnp.float32)
+    descales = (factor(qk_bounds, case.batch, case.heads, blocks[0]),
+                factor(qk_bounds, case.batch, case.kv_heads, blocks[1]),
+                factor(v_bounds, case.batch, case.kv_heads))
   seqused_q = seqused_k = None
   if case.seqused:
     seqused_q = jnp.asarray(rng.integers(0, case.seqlen_q + 1, case.batch), jnp.int32)
@@ -182,6 +209,18 @@ def test_fp8_forward_matches_oracle(index):
     lse_err = np.max(np.abs(lse[finite] - ref_lse[finite]))
     lse_tol = kernel_ffi.fp8_lse_tolerance(dq, dk, kwargs["softmax_scale"], case.softcap)
     assert lse_err <= lse_tol, f"lse error {lse_err:.3e} > {lse_tol:.1e}"
+
+
+def test_fp8_descale_shapes_are_checked():
+  q = jnp.zeros((1, 64, 2, 128), E4M3)
+  call = lambda *args, **kwargs: jax.block_until_ready(kernel_ffi.fwd(*args, softmax_scale=0.1, **kwargs))
+  with pytest.raises(Exception, match="descale_k must be float32"):
+    call(q, q, q, descale_k=np.ones((1, 2, 5), np.float32))
+  with pytest.raises(Exception, match="descale_q must be float32"):
+    call(q, q, q, descale_q=np.ones((1, 1, 1), np.float32))
+  bf = jnp.zeros((1, 64, 2, 128), jnp.bfloat16)
+  with pytest.raises(Exception, match="for float8_e4m3fn inputs only"):
+    call(bf, bf, bf, descale_v=np.ones((1, 2), np.float32))
 
 
 PUBLIC_CASES = [

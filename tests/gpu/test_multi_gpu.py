@@ -31,6 +31,7 @@ import jax_fa3
 from jax_fa3 import sharding
 from jax_fa3._kernels import BWD_TARGET, FWD_TARGET
 from jax_fa3.primitives import AttentionParams
+from documents import random_documents
 from sharding_checks import assert_close, assert_packed_ring, collectives, forward_and_vjp
 
 PLATFORM = os.environ.get("JAX_FA3_MULTI_DEVICE_PLATFORM", "gpu")
@@ -298,14 +299,7 @@ def _packed_ids(length, mean, seed):
   """One row of documents of 1 to 2 `mean` tokens (some straddle the chunks, some sit inside
   one), the last 5% padding (-1); a second row of a few long documents."""
   rng = np.random.default_rng(seed)
-  rows = []
-  for mean_length in (mean, 3 * length // 8):
-    ids, doc = [], 0
-    while len(ids) < length:
-      ids += [doc] * int(rng.integers(1, 2 * mean_length))
-      doc += 1
-    rows.append(ids[:length])
-  ids = np.array(rows, np.int32)
+  ids = np.stack([random_documents(rng, length, mean_length) for mean_length in (mean, 3 * length // 8)])
   ids[0, length - length // 20:] = -1
   return ids
 

@@ -12,17 +12,8 @@ import numpy as np
 import pytest
 
 import jax_fa3
+from documents import random_documents
 from kernel_ffi import assert_accurate
-
-
-def _documents(rng, length, mean, pad=0):
-  """Segment ids of documents of random lengths (mean `mean`) packed into `length`
-  tokens, the last `pad` tokens padding (-1)."""
-  ids, doc = [], 0
-  while len(ids) < length - pad:
-    ids += [doc] * int(rng.integers(1, 2 * mean))
-    doc += 1
-  return np.array(ids[:length - pad] + [-1] * pad, np.int32)
 
 
 def _mask(q_ids, kv_ids, window, diagonal_offset):
@@ -104,7 +95,7 @@ CASES = [
 
 def _ids(case, rng):
   sq, sk = case.seqlen_q, case.seqlen_k or case.seqlen_q
-  q_ids = np.stack([_documents(rng, sq, case.mean_doc, case.pad) for _ in range(case.batch)])
+  q_ids = np.stack([random_documents(rng, sq, case.mean_doc, case.pad) for _ in range(case.batch)])
   if case.recurring:  # a few tokens of each row moved to another document
     for row in q_ids:
       spots = rng.choice(sq, size=sq // 10, replace=False)

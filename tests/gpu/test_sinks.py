@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import jax_fa3
+from documents import random_documents
 from kernel_ffi import assert_accurate
 
 
@@ -105,14 +106,7 @@ def _inputs(case, seed):
   sinks = jnp.asarray(rng.standard_normal(case.heads, np.float32) * case.sink_scale)
   q_ids = None
   if case.packed:
-    q_ids = []
-    for _ in range(case.batch):
-      ids, doc = [], 0
-      while len(ids) < case.seqlen_q - 50:
-        ids += [doc] * int(rng.integers(1, 400))
-        doc += 1
-      q_ids.append(ids[:case.seqlen_q - 50] + [-1] * 50)
-    q_ids = np.array(q_ids, np.int32)
+    q_ids = np.stack([random_documents(rng, case.seqlen_q, 200, pad=50) for _ in range(case.batch)])
   return q, k, v, dout, dlse, sinks, q_ids
 
 
