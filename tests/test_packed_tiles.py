@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from documents import random_documents
 from jax_fa3 import segments
 
 
@@ -48,22 +49,14 @@ def _check(q_ids, kv_ids, window, block_m, block_n):
   return tiles
 
 
-def _documents(rng, length, mean):
-  lengths = []
-  while sum(lengths) < length:
-    lengths.append(int(rng.integers(1, 2 * mean)))
-  ids = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)[:length]
-  return ids
-
-
 @pytest.mark.parametrize("seed", range(16))
 def test_tiles_cover_every_query_once_and_every_visible_pair(seed):
   rng = np.random.default_rng(seed)
   sq = int(rng.integers(1, 700))
   sk = sq if seed % 3 else int(rng.integers(1, 700))
   block_m, block_n = [(64, 64), (128, 128), (192, 128), (128, 80), (64, 128)][seed % 5]
-  q_ids = _documents(rng, sq, int(rng.integers(1, 300)))
-  kv_ids = q_ids if sk == sq else _documents(rng, sk, int(rng.integers(1, 300)))
+  q_ids = random_documents(rng, sq, int(rng.integers(1, 300)))
+  kv_ids = q_ids if sk == sq else random_documents(rng, sk, int(rng.integers(1, 300)))
   if seed % 4 == 1:
     q_ids[::7] = q_ids[0]  # recurring ids
   if seed % 5 == 2:
