@@ -47,8 +47,8 @@ NO_GPU_BANNER = """
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
-  hidden: int      # heads = hidden / head_dim
-  tokens: int      # batch = tokens / seqlen
+  hidden: int  # heads = hidden / head_dim
+  tokens: int  # batch = tokens / seqlen
   head_dims: tuple[int, ...]
   seqlens: tuple[int, ...]
   iterations: int
@@ -68,7 +68,7 @@ class Problem:
   dtype: str
 
   def flops(self, mode):
-    fwd = 4 * self.batch * self.heads * self.seqlen ** 2 * self.head_dim
+    fwd = 4 * self.batch * self.heads * self.seqlen**2 * self.head_dim
     return FLOP_FACTOR[mode] * (fwd / 2 if self.causal else fwd)
 
   def inputs(self, dtype):
@@ -80,11 +80,12 @@ class Problem:
 
 def sweep_problems(sweep, dtype, causal=(False, True), head_dims=None, seqlens=None):
   """The sweep's problems: per head dim, causal or not, per seqlen, batch x seqlen = tokens."""
-  return [Problem(max(1, sweep.tokens // seqlen), seqlen, sweep.hidden // head_dim, head_dim, c,
-                  dtype)
-          for head_dim in head_dims or sweep.head_dims
-          for c in causal
-          for seqlen in seqlens or sweep.seqlens]
+  return [
+    Problem(max(1, sweep.tokens // seqlen), seqlen, sweep.hidden // head_dim, head_dim, c, dtype)
+    for head_dim in head_dims or sweep.head_dims
+    for c in causal
+    for seqlen in seqlens or sweep.seqlens
+  ]
 
 
 def card_name():
@@ -93,8 +94,10 @@ def card_name():
 
 def results_header(card, dtype, iterations):
   """The line heading a run's results: card, dtype, date, jax version and timing method."""
-  header = (f"{card}, {dtype}, {datetime.date.today().isoformat()}, jax {jax.__version__}; "
-            f"{timing_method(iterations)}")
+  header = (
+    f"{card}, {dtype}, {datetime.date.today().isoformat()}, jax {jax.__version__}; "
+    f"{timing_method(iterations)}"
+  )
   return header if on_gpu() else header + "; NO GPU: float32 reference path"
 
 
@@ -108,20 +111,31 @@ def attention_fn(impl, problem):
   """`(q, k, v) -> out` for `impl`."""
   if impl in OURS:
     deterministic = impl == "jax_fa3_deterministic"
-    return lambda q, k, v: jax_fa3.flash_attention(q, k, v, causal=problem.causal,
-                                                   deterministic=deterministic)
+    return lambda q, k, v: jax_fa3.flash_attention(
+      q, k, v, causal=problem.causal, deterministic=deterministic
+    )
   if impl in ("cudnn", "xla"):
     return lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=problem.causal, implementation=impl)
+      q, k, v, is_causal=problem.causal, implementation=impl
+    )
   if impl == "fa3_wheel":  # FlashAttention-3's own kernels, bound by flash-attn3-jax
     import flash_attn3_jax  # pylint: disable=import-outside-toplevel
+
     return lambda q, k, v: flash_attn3_jax.flash_mha(q, k, v, is_causal=problem.causal)
   from jax.experimental.pallas.ops.gpu import attention_mgpu  # pylint: disable=import-outside-toplevel
+
   # Block sizes from jax's own tests; it has no softmax scale, which does not change the work.
   config = attention_mgpu.TuningConfig(
-      block_q=64, block_kv=64 if problem.head_dim > 128 else 128, max_concurrent_steps=2,
-      causal=problem.causal, compute_wgs_bwd=1 if problem.head_dim > 128 else 2,
-      block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+    block_q=64,
+    block_kv=64 if problem.head_dim > 128 else 128,
+    max_concurrent_steps=2,
+    causal=problem.causal,
+    compute_wgs_bwd=1 if problem.head_dim > 128 else 2,
+    block_q_dkv=64,
+    block_kv_dkv=64,
+    block_q_dq=64,
+    block_kv_dq=64,
+  )
   return lambda q, k, v: attention_mgpu.attention(q, k, v, config)
 
 
@@ -136,7 +150,7 @@ def why_not(impl, problem, mode):
       return "flash-attn3-jax is not installed (carry its wheel to the GPU machine)"
     if problem.head_dim != 128:
       return "the flash-attn3-jax wheel ships head-dim-128 kernels only"
-  score_bytes = 4 * problem.batch * problem.heads * problem.seqlen ** 2
+  score_bytes = 4 * problem.batch * problem.heads * problem.seqlen**2
   if impl == "xla" and on_gpu() and score_bytes > XLA_MAX_SCORE_BYTES:
     return f"its float32 scores would take {score_bytes / 2**30:.0f} GiB"
   if impl == "pallas" and problem.head_dim % 64:
@@ -171,8 +185,8 @@ def impl_label(impl, problem, mode):
   directions = ("fwd", "bwd") if mode == "fwdbwd" else (mode,)
   kernels = jax_fa3.kernels_available()
   on_kernels = on_gpu() and all(
-      kernels.head_dims_for(d, problem.dtype, problem.head_dim, problem.head_dim)
-      for d in directions)
+    kernels.head_dims_for(d, problem.dtype, problem.head_dim, problem.head_dim) for d in directions
+  )
   return impl if on_kernels else f"{impl} (reference)"
 
 
@@ -184,11 +198,15 @@ def run(problems, modes, impls, iterations, card, on_record=lambda records: None
   steps = itertools.product(problems, modes, impls)
   for index, (problem, mode, impl) in enumerate(steps, 1):
     label = impl_label(impl, problem, mode)
-    prefix = (f"[{index:3}/{total}] {label:24} {mode:6} d={problem.head_dim:<3} "
-              f"causal={problem.causal!s:5} seqlen={problem.seqlen:<5} batch={problem.batch:<3}")
+    prefix = (
+      f"[{index:3}/{total}] {label:24} {mode:6} d={problem.head_dim:<3} "
+      f"causal={problem.causal!s:5} seqlen={problem.seqlen:<5} batch={problem.batch:<3}"
+    )
     reason = why_not(impl, problem, mode)
     if not reason and impl in OURS and label.endswith("(reference)") and on_gpu():
-      reason = "no kernel compiled for this mode and head dim (the float32 reference is not benchmarked)"
+      reason = (
+        "no kernel compiled for this mode and head dim (the float32 reference is not benchmarked)"
+      )
     if reason:
       print(f"{prefix} skipped: {reason}", flush=True)
       continue
@@ -202,11 +220,22 @@ def run(problems, modes, impls, iterations, card, on_record=lambda records: None
       print(f"{prefix} skipped: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
       continue
     tflops = problem.flops(mode) / ms / 1e9
-    records.append(dict(
-        impl=label, mode=mode, dtype=impl_dtype(impl, problem),
-        head_dim=problem.head_dim, causal=problem.causal, batch=problem.batch,
-        heads=problem.heads, seqlen_q=problem.seqlen, seqlen_k=problem.seqlen,
-        ms=ms, tflops=tflops, card=card))
+    records.append(
+      dict(
+        impl=label,
+        mode=mode,
+        dtype=impl_dtype(impl, problem),
+        head_dim=problem.head_dim,
+        causal=problem.causal,
+        batch=problem.batch,
+        heads=problem.heads,
+        seqlen_q=problem.seqlen,
+        seqlen_k=problem.seqlen,
+        ms=ms,
+        tflops=tflops,
+        card=card,
+      )
+    )
     print(f"{prefix} {ms:9.3f} ms {tflops:8.3g} TFLOP/s", flush=True)
     on_record(records)
   return records
@@ -219,15 +248,22 @@ def markdown(records, header):
     if not rows:
       continue
     labels = list(dict.fromkeys(r["impl"] for r in rows))
-    tflops = {(r["head_dim"], r["causal"], r["seqlen_q"], r["batch"], r["impl"]): r["tflops"]
-              for r in rows}
-    lines += [f"## {mode} (TFLOP/s)", "",
-              "| head dim | causal | seqlen | batch | " + " | ".join(labels) + " |",
-              "|---|---|---|---|" + "---|" * len(labels)]
+    tflops = {
+      (r["head_dim"], r["causal"], r["seqlen_q"], r["batch"], r["impl"]): r["tflops"] for r in rows
+    }
+    lines += [
+      f"## {mode} (TFLOP/s)",
+      "",
+      "| head dim | causal | seqlen | batch | " + " | ".join(labels) + " |",
+      "|---|---|---|---|" + "---|" * len(labels),
+    ]
     for size in sorted({key[:4] for key in tflops}):
       cells = [format_tflops(tflops.get((*size, label))) for label in labels]
-      lines.append("| {} | {} | {} | {} | ".format(size[0], "yes" if size[1] else "no",
-                                                   *size[2:]) + " | ".join(cells) + " |")
+      lines.append(
+        "| {} | {} | {} | {} | ".format(size[0], "yes" if size[1] else "no", *size[2:])
+        + " | ".join(cells)
+        + " |"
+      )
     lines.append("")
   return "\n".join(lines)
 
@@ -242,6 +278,7 @@ def pyplot():
   """matplotlib.pyplot on the file-only Agg backend, or None (with a note) if it is missing."""
   try:
     import matplotlib  # pylint: disable=import-outside-toplevel
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -261,14 +298,19 @@ def plot(records, header, out_dir):
     if not rows:
       continue
     head_dims = sorted({r["head_dim"] for r in rows})
-    fig, axes = plt.subplots(len(head_dims), 2, figsize=(11, 3.4 * len(head_dims)),
-                             squeeze=False, sharex=True)
-    for (row, head_dim), (col, causal) in itertools.product(enumerate(head_dims),
-                                                            enumerate((False, True))):
+    fig, axes = plt.subplots(
+      len(head_dims), 2, figsize=(11, 3.4 * len(head_dims)), squeeze=False, sharex=True
+    )
+    for (row, head_dim), (col, causal) in itertools.product(
+      enumerate(head_dims), enumerate((False, True))
+    ):
       ax = axes[row][col]
       for label in dict.fromkeys(r["impl"] for r in rows):
-        points = sorted((r["seqlen_q"], r["tflops"]) for r in rows if r["impl"] == label
-                        and r["head_dim"] == head_dim and r["causal"] == causal)
+        points = sorted(
+          (r["seqlen_q"], r["tflops"])
+          for r in rows
+          if r["impl"] == label and r["head_dim"] == head_dim and r["causal"] == causal
+        )
         if points:
           ax.plot(*zip(*points), marker="o", label=label)
       ax.set_xscale("log", base=2)
@@ -299,11 +341,16 @@ def parse_args(argv=None):
   parser.add_argument("--hidden", type=int, help="heads x head_dim (default 2048 on a GPU)")
   parser.add_argument("--tokens", type=int, help="batch x seqlen (default 16384 on a GPU)")
   parser.add_argument("--iterations", type=int, help="timed runs per point (default 10 on a GPU)")
-  parser.add_argument("--out", type=pathlib.Path,
-                      help="output folder (default benchmarks/results/<date>_<card>)")
-  parser.add_argument("--replot", type=pathlib.Path, metavar="RESULTS_JSON",
-                      help="measure nothing: rewrite the markdown and plots of a results.json "
-                           "(say, of a run cut short) next to it")
+  parser.add_argument(
+    "--out", type=pathlib.Path, help="output folder (default benchmarks/results/<date>_<card>)"
+  )
+  parser.add_argument(
+    "--replot",
+    type=pathlib.Path,
+    metavar="RESULTS_JSON",
+    help="measure nothing: rewrite the markdown and plots of a results.json "
+    "(say, of a run cut short) next to it",
+  )
   return parser.parse_args(argv)
 
 
@@ -327,8 +374,9 @@ def main(argv=None):
   if not on_gpu():
     print(NO_GPU_BANNER)
   card = card_name()
-  sweep = dataclasses.replace(sweep, hidden=args.hidden or sweep.hidden,
-                              tokens=args.tokens or sweep.tokens)
+  sweep = dataclasses.replace(
+    sweep, hidden=args.hidden or sweep.hidden, tokens=args.tokens or sweep.tokens
+  )
   iterations = args.iterations or sweep.iterations
   causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
   problems = sweep_problems(sweep, args.dtype, causal, args.head_dims, args.seqlens)

@@ -34,23 +34,27 @@ from bench import card_name, default_out_dir
 from timing import on_gpu
 
 METHODS = {  # name -> the call on bfloat16 q, k, v
-    "bf16": lambda q, k, v, causal: jax_fa3.flash_attention(q, k, v, causal=causal),
-    "FP8 plain": lambda q, k, v, causal: jax_fa3.fp8_attention(
-        q, k, v, causal=causal, hadamard=False, block_quantize=False),
-    "FP8 + block": lambda q, k, v, causal: jax_fa3.fp8_attention(
-        q, k, v, causal=causal, hadamard=False, block_quantize=True),
-    "FP8 + Hadamard": lambda q, k, v, causal: jax_fa3.fp8_attention(
-        q, k, v, causal=causal, hadamard=True, block_quantize=False),
-    "FP8 + both": lambda q, k, v, causal: jax_fa3.fp8_attention(
-        q, k, v, causal=causal, hadamard=True, block_quantize=True),
+  "bf16": lambda q, k, v, causal: jax_fa3.flash_attention(q, k, v, causal=causal),
+  "FP8 plain": lambda q, k, v, causal: jax_fa3.fp8_attention(
+    q, k, v, causal=causal, hadamard=False, block_quantize=False
+  ),
+  "FP8 + block": lambda q, k, v, causal: jax_fa3.fp8_attention(
+    q, k, v, causal=causal, hadamard=False, block_quantize=True
+  ),
+  "FP8 + Hadamard": lambda q, k, v, causal: jax_fa3.fp8_attention(
+    q, k, v, causal=causal, hadamard=True, block_quantize=False
+  ),
+  "FP8 + both": lambda q, k, v, causal: jax_fa3.fp8_attention(
+    q, k, v, causal=causal, hadamard=True, block_quantize=True
+  ),
 }
 PAPER = {"bf16": "1.9e-4 (FP16)", "FP8 plain": "2.4e-2 (per-tensor)", "FP8 + both": "9.1e-3"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  hidden: int        # heads = hidden / head_dim
-  tokens: int        # batch = tokens / seqlen
+  hidden: int  # heads = hidden / head_dim
+  tokens: int  # batch = tokens / seqlen
   seqlen: int
   head_dims: tuple[int, ...]
 
@@ -82,7 +86,7 @@ def float64_attention(q, k, v, causal):
 
 
 def path_of(method, head_dim):
-  """"kernel" where the method runs jax_fa3's kernels here, else "reference"."""
+  """ "kernel" where the method runs jax_fa3's kernels here, else "reference"."""
   kernels = jax_fa3.kernels_available()
   dtype, out_dtype = ("bfloat16", None) if method == "bf16" else ("float8_e4m3fn", "bfloat16")
   compiled = kernels and kernels.head_dims_for("fwd", dtype, head_dim, head_dim, out_dtype)
@@ -100,9 +104,19 @@ def measure(setup, causal, seed, card):
     for method, fn in METHODS.items():
       out = jax.jit(fn, static_argnums=3)(q, k, v, causal)
       rmse = float(np.sqrt(np.mean((np.asarray(out, np.float64) - expected) ** 2)))
-      records.append(dict(method=method, head_dim=head_dim, batch=batch, heads=heads,
-                          seqlen=setup.seqlen, causal=causal, rmse=rmse,
-                          path=path_of(method, head_dim), card=card))
+      records.append(
+        dict(
+          method=method,
+          head_dim=head_dim,
+          batch=batch,
+          heads=heads,
+          seqlen=setup.seqlen,
+          causal=causal,
+          rmse=rmse,
+          path=path_of(method, head_dim),
+          card=card,
+        )
+      )
       print(f"d={head_dim:<3} {method:15} RMSE {rmse:.3e} ({records[-1]['path']})", flush=True)
   return records
 
@@ -110,22 +124,34 @@ def measure(setup, causal, seed, card):
 def markdown(records, header):
   head_dims = sorted({r["head_dim"] for r in records})
   rmse = {(r["method"], r["head_dim"]): r for r in records}
-  lines = [f"# FP8 accuracy (the paper's Table 3): {header}", "",
-           "RMSE against float64 attention on the same bfloat16 inputs, "
-           "Q, K, V ~ N(0, 1) + N(0, 100) * Bernoulli(0.001).", "",
-           "| method | " + " | ".join(f"d{d}" for d in head_dims) + " | paper (H100) |",
-           "|---|" + "---|" * (len(head_dims) + 1)]
+  lines = [
+    f"# FP8 accuracy (the paper's Table 3): {header}",
+    "",
+    "RMSE against float64 attention on the same bfloat16 inputs, "
+    "Q, K, V ~ N(0, 1) + N(0, 100) * Bernoulli(0.001).",
+    "",
+    "| method | " + " | ".join(f"d{d}" for d in head_dims) + " | paper (H100) |",
+    "|---|" + "---|" * (len(head_dims) + 1),
+  ]
   for method in METHODS:
     cells = []
     for d in head_dims:
       record = rmse.get((method, d))
-      cells.append("-" if record is None else f"{record['rmse']:.2e}"
-                   + ("" if record["path"] == "kernel" else " (reference)"))
+      cells.append(
+        "-"
+        if record is None
+        else f"{record['rmse']:.2e}" + ("" if record["path"] == "kernel" else " (reference)")
+      )
     lines.append(f"| {method} | " + " | ".join(cells) + f" | {PAPER.get(method, '-')} |")
   sizes = sorted({(r["head_dim"], r["batch"], r["heads"], r["seqlen"]) for r in records})
-  lines += ["", "Sizes (head dim, batch, heads, seqlen): "
-            + "; ".join(", ".join(map(str, s)) for s in sizes)
-            + (", causal" if records and records[0]["causal"] else ", not causal") + ".", ""]
+  lines += [
+    "",
+    "Sizes (head dim, batch, heads, seqlen): "
+    + "; ".join(", ".join(map(str, s)) for s in sizes)
+    + (", causal" if records and records[0]["causal"] else ", not causal")
+    + ".",
+    "",
+  ]
   return "\n".join(lines)
 
 
@@ -137,23 +163,28 @@ def parse_args(argv=None):
   parser.add_argument("--tokens", type=int, help="batch x seqlen (default 16384 on a GPU)")
   parser.add_argument("--causal", action="store_true", help="a causal mask (the paper: none)")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", type=pathlib.Path,
-                      help="output folder (default benchmarks/results/<date>_<card>)")
+  parser.add_argument(
+    "--out", type=pathlib.Path, help="output folder (default benchmarks/results/<date>_<card>)"
+  )
   return parser.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(argv)
   setup = GPU_SETUP if on_gpu() else CPU_SETUP
-  setup = dataclasses.replace(setup, hidden=args.hidden or setup.hidden,
-                              tokens=args.tokens or setup.tokens,
-                              seqlen=args.seqlen or setup.seqlen,
-                              head_dims=tuple(args.head_dims or setup.head_dims))
+  setup = dataclasses.replace(
+    setup,
+    hidden=args.hidden or setup.hidden,
+    tokens=args.tokens or setup.tokens,
+    seqlen=args.seqlen or setup.seqlen,
+    head_dims=tuple(args.head_dims or setup.head_dims),
+  )
   card = card_name()
   header = f"{card}, jax {jax.__version__}"
   if not on_gpu():
-    header += ("; NO GPU: jax_fa3's float32 reference path (the FP8 numerics, not the "
-               "kernels), small sizes")
+    header += (
+      "; NO GPU: jax_fa3's float32 reference path (the FP8 numerics, not the kernels), small sizes"
+    )
     print(f"NO GPU: {header}")
   print(jax_fa3.kernels_available(), flush=True)
   records = measure(setup, args.causal, args.seed, card)

@@ -67,32 +67,47 @@ class Sizes:
   seqlens: tuple[int, ...]  # ring and layout: batch 1, `heads` heads of `head_dim`
   heads: int
   head_dim: int
-  split_problem: Problem    # batch and heads: the fixed problem to split (its causal is ignored)
+  split_problem: Problem  # batch and heads: the fixed problem to split (its causal is ignored)
   iterations: int
   packed_seqlens: tuple[int, ...] = ()  # packed: one row of this many tokens
-  mean_doc: int = 0                     # packed: the documents' mean length
+  mean_doc: int = 0  # packed: the documents' mean length
 
 
-GPU_SIZES = Sizes((8192, 16384, 32768, 65536, 131072), 16, 128,
-                  Problem(16, 4096, 16, 128, False, "bfloat16"), 10, (32768,), 2048)
+GPU_SIZES = Sizes(
+  (8192, 16384, 32768, 65536, 131072),
+  16,
+  128,
+  Problem(16, 4096, 16, 128, False, "bfloat16"),
+  10,
+  (32768,),
+  2048,
+)
 CPU_SIZES = Sizes((256, 512), 2, 32, Problem(8, 256, 8, 32, False, "bfloat16"), 2, (256,), 32)
 
 
 @dataclasses.dataclass(frozen=True)
 class Point:
   """One timed configuration."""
+
   sweep: str
   mode: str
-  split: str        # what is split over the devices ("sequence", "batch", "heads")
-  layout: str       # the ring's layout, or "-"
+  split: str  # what is split over the devices ("sequence", "batch", "heads")
+  layout: str  # the ring's layout, or "-"
   devices: int
   problem: Problem
   mean_doc: int = 0  # packed documents' mean length; 0: not packed
 
   def packed(self) -> Packed:
     problem = self.problem
-    return Packed(problem.seqlen, self.mean_doc, problem.head_dim, problem.heads,
-                  problem.causal, problem.batch, problem.dtype)
+    return Packed(
+      problem.seqlen,
+      self.mean_doc,
+      problem.head_dim,
+      problem.heads,
+      problem.causal,
+      problem.batch,
+      problem.dtype,
+    )
 
   def flops(self):
     """The problem's FLOPs for the mode; packed, the in-document ones only."""
@@ -111,32 +126,42 @@ def ring_points(sizes, device_counts, dtype):
 def _layout_chosen(problem, devices):
   """The ring's layout as jax_fa3 chooses it for this problem on `devices` devices."""
   shape = (problem.batch, problem.seqlen, problem.heads, problem.head_dim)
-  split = sharding.choose_split({"x": devices}, P(None, "x"), P(None, "x"), shape, shape,
-                                _params(problem))
+  split = sharding.choose_split(
+    {"x": devices}, P(None, "x"), P(None, "x"), shape, shape, _params(problem)
+  )
   return "striped" if split.striped else "contiguous" if split.sequence else "-"
 
 
 def _params(problem):
-  return AttentionParams(softmax_scale=problem.head_dim ** -0.5,
-                         window_right=0 if problem.causal else -1)
+  return AttentionParams(
+    softmax_scale=problem.head_dim**-0.5, window_right=0 if problem.causal else -1
+  )
 
 
 def layout_points(sizes, device_counts, dtype):
   for seqlen, devices in itertools.product(sizes.seqlens, device_counts):
-    if devices > 1 and seqlen % devices ** 2 == 0:
+    if devices > 1 and seqlen % devices**2 == 0:
       problem = Problem(1, seqlen, sizes.heads, sizes.head_dim, True, dtype)
       for mode, layout in itertools.product(("fwd", "bwd"), ("striped", "contiguous")):
         yield Point("layout", mode, "sequence", layout, devices, problem)
 
 
 def packed_points(sizes, device_counts, dtype):
-  for seqlen, causal, devices in itertools.product(sizes.packed_seqlens, (False, True),
-                                                   device_counts):
+  for seqlen, causal, devices in itertools.product(
+    sizes.packed_seqlens, (False, True), device_counts
+  ):
     problem = Problem(1, seqlen, sizes.heads, sizes.head_dim, causal, dtype)
     for mode in ("fwd", "fwdbwd"):
       strategy = "ring" if sharding._PACKED_RING else "gathered"
-      yield Point("packed", mode, "sequence", f"docs~{sizes.mean_doc} {strategy}", devices, problem,
-                  sizes.mean_doc)
+      yield Point(
+        "packed",
+        mode,
+        "sequence",
+        f"docs~{sizes.mean_doc} {strategy}",
+        devices,
+        problem,
+        sizes.mean_doc,
+      )
 
 
 def split_points(sweep, sizes, device_counts, dtype):
@@ -149,11 +174,13 @@ def split_points(sweep, sizes, device_counts, dtype):
 
 def timed(point):
   """The function to time for `point` and its arguments, placed on the devices."""
-  mesh = jax.make_mesh((point.devices,), ("x",), axis_types=(AxisType.Auto,),
-                       devices=jax.devices()[:point.devices])
+  mesh = jax.make_mesh(
+    (point.devices,), ("x",), axis_types=(AxisType.Auto,), devices=jax.devices()[: point.devices]
+  )
   spec = {"sequence": P(None, "x"), "batch": P("x"), "heads": P(None, None, "x")}[point.split]
-  q, k, v, dout = (jax.device_put(x, NamedSharding(mesh, spec))
-                   for x in point.problem.inputs(point.problem.dtype))
+  q, k, v, dout = (
+    jax.device_put(x, NamedSharding(mesh, spec)) for x in point.problem.inputs(point.problem.dtype)
+  )
   if point.sweep == "layout":
     return _ring_program(point, mesh, q, k, v, dout)
   if point.sweep == "packed":
@@ -173,16 +200,17 @@ def _ring_program(point, mesh, q, k, v, dout):
     return sharding.local_fwd(split, sizes, params, q, k, v, seqused, seqused)
 
   def backward(dout, q, k, v, out, lse, seqused):
-    return sharding.local_bwd(split, sizes, params, False, dout, q, k, v, out, lse, seqused,
-                              seqused)
+    return sharding.local_bwd(
+      split, sizes, params, False, dout, q, k, v, out, lse, seqused, seqused
+    )
 
-  forward = jax.shard_map(forward, mesh=mesh, in_specs=(seq, seq, seq, none),
-                          out_specs=(seq, lse))
+  forward = jax.shard_map(forward, mesh=mesh, in_specs=(seq, seq, seq, none), out_specs=(seq, lse))
   if point.mode == "fwd":
     return forward, (q, k, v, absent)
   out, lse_value = jax.jit(forward)(q, k, v, absent)
-  backward = jax.shard_map(backward, mesh=mesh, in_specs=(seq,) * 5 + (lse, none),
-                           out_specs=(seq, seq, seq))
+  backward = jax.shard_map(
+    backward, mesh=mesh, in_specs=(seq,) * 5 + (lse, none), out_specs=(seq, seq, seq)
+  )
   return backward, (dout, q, k, v, out, lse_value, absent)
 
 
@@ -209,9 +237,11 @@ def run(points, iterations, on_record=lambda records, failures: None):
   records, failures, baseline = [], [], {}
   for index, point in enumerate(points, 1):
     problem = point.problem
-    prefix = (f"[{index:3}/{len(points)}] {point.sweep:6} {point.mode:6} {point.layout:10} "
-              f"P={point.devices} causal={problem.causal!s:5} seqlen={problem.seqlen:<6} "
-              f"batch={problem.batch:<3} heads={problem.heads}")
+    prefix = (
+      f"[{index:3}/{len(points)}] {point.sweep:6} {point.mode:6} {point.layout:10} "
+      f"P={point.devices} causal={problem.causal!s:5} seqlen={problem.seqlen:<6} "
+      f"batch={problem.batch:<3} heads={problem.heads}"
+    )
     try:
       fn, args = timed(point)
       ms = wall_time_ms(fn, *args, iterations=iterations)
@@ -221,18 +251,22 @@ def run(points, iterations, on_record=lambda records, failures: None):
       failures.append(dict(_fields(point), error=error))
       on_record(records, failures)
       continue
-    key = (point.sweep, point.mode, point.layout if point.sweep == "layout" else "",
-           problem)
+    key = (point.sweep, point.mode, point.layout if point.sweep == "layout" else "", problem)
     if point.devices == 1:
       baseline[key] = ms
     one_device = baseline.get(key)
-    records.append(dict(
-        _fields(point), ms=ms,
+    records.append(
+      dict(
+        _fields(point),
+        ms=ms,
         tflops_per_device=point.flops() / ms / 1e9 / point.devices,
         speedup=one_device / ms if one_device else None,
-        efficiency=one_device / ms / point.devices if one_device else None))
-    print(f"{prefix} {ms:10.3f} ms {records[-1]['tflops_per_device']:8.3g} TFLOP/s/device",
-          flush=True)
+        efficiency=one_device / ms / point.devices if one_device else None,
+      )
+    )
+    print(
+      f"{prefix} {ms:10.3f} ms {records[-1]['tflops_per_device']:8.3g} TFLOP/s/device", flush=True
+    )
     on_record(records, failures)
   return records, failures
 
@@ -240,36 +274,58 @@ def run(points, iterations, on_record=lambda records, failures: None):
 def _fields(point):
   problem = point.problem
   packed = dict(mean_doc_len=point.mean_doc) if point.mean_doc else {}
-  return dict(sweep=point.sweep, mode=point.mode, split=point.split, layout=point.layout,
-              devices=point.devices, batch=problem.batch, seqlen=problem.seqlen,
-              heads=problem.heads, head_dim=problem.head_dim, causal=problem.causal,
-              dtype=problem.dtype, **packed)
+  return dict(
+    sweep=point.sweep,
+    mode=point.mode,
+    split=point.split,
+    layout=point.layout,
+    devices=point.devices,
+    batch=problem.batch,
+    seqlen=problem.seqlen,
+    heads=problem.heads,
+    head_dim=problem.head_dim,
+    causal=problem.causal,
+    dtype=problem.dtype,
+    **packed,
+  )
 
 
 def markdown(records, header, failures=()):
   lines = [f"# Scaling: {header}", ""]
   if failures:
-    lines += [f"## FAILED: {len(failures)} points, not measured", "",
-              "| sweep | mode | layout | causal | seqlen | batch | heads | devices | error |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {f['sweep']} | {f['mode']} | {f['layout']} | {'yes' if f['causal'] else 'no'} | "
-              f"{f['seqlen']} | {f['batch']} | {f['heads']} | {f['devices']} | "
-              f"{f['error'].replace('|', '/')} |" for f in failures]
+    lines += [
+      f"## FAILED: {len(failures)} points, not measured",
+      "",
+      "| sweep | mode | layout | causal | seqlen | batch | heads | devices | error |",
+      "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+      f"| {f['sweep']} | {f['mode']} | {f['layout']} | {'yes' if f['causal'] else 'no'} | "
+      f"{f['seqlen']} | {f['batch']} | {f['heads']} | {f['devices']} | "
+      f"{f['error'].replace('|', '/')} |"
+      for f in failures
+    ]
     lines.append("")
   for sweep in SWEEPS:
     rows = [r for r in records if r["sweep"] == sweep]
     if not rows:
       continue
-    lines += [f"## {sweep}", "",
-              "| mode | layout | causal | seqlen | batch | heads | devices | ms | "
-              "TFLOP/s/device | speed-up | efficiency |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["mode"], r["layout"], r["causal"], r["seqlen"],
-                                         r["devices"])):
-      lines.append(f"| {r['mode']} | {r['layout']} | {'yes' if r['causal'] else 'no'} | "
-                   f"{r['seqlen']} | {r['batch']} | {r['heads']} | {r['devices']} | "
-                   f"{r['ms']:.3f} | {r['tflops_per_device']:.3g} | {_ratio(r['speedup'])} | "
-                   f"{_ratio(r['efficiency'])} |")
+    lines += [
+      f"## {sweep}",
+      "",
+      "| mode | layout | causal | seqlen | batch | heads | devices | ms | "
+      "TFLOP/s/device | speed-up | efficiency |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(
+      rows, key=lambda r: (r["mode"], r["layout"], r["causal"], r["seqlen"], r["devices"])
+    ):
+      lines.append(
+        f"| {r['mode']} | {r['layout']} | {'yes' if r['causal'] else 'no'} | "
+        f"{r['seqlen']} | {r['batch']} | {r['heads']} | {r['devices']} | "
+        f"{r['ms']:.3f} | {r['tflops_per_device']:.3g} | {_ratio(r['speedup'])} | "
+        f"{_ratio(r['efficiency'])} |"
+      )
     lines.append("")
   lines += _striping_gains(records)
   return "\n".join(lines)
@@ -278,22 +334,34 @@ def markdown(records, header, failures=()):
 def striping_gains(records):
   """The layout sweep's contiguous time over its striped time: (mode, seqlen, devices,
   gain) for each point measured both ways."""
-  ms = {(r["mode"], r["seqlen"], r["devices"], r["layout"]): r["ms"]
-        for r in records if r["sweep"] == "layout"}
-  return [(mode, seqlen, devices, ms[mode, seqlen, devices, "contiguous"] / striped)
-          for (mode, seqlen, devices, layout), striped in sorted(ms.items())
-          if layout == "striped" and (mode, seqlen, devices, "contiguous") in ms]
+  ms = {
+    (r["mode"], r["seqlen"], r["devices"], r["layout"]): r["ms"]
+    for r in records
+    if r["sweep"] == "layout"
+  }
+  return [
+    (mode, seqlen, devices, ms[mode, seqlen, devices, "contiguous"] / striped)
+    for (mode, seqlen, devices, layout), striped in sorted(ms.items())
+    if layout == "striped" and (mode, seqlen, devices, "contiguous") in ms
+  ]
 
 
 def _striping_gains(records):
   """The striping gains as a markdown table, beside (2P - 1) / P."""
-  rows = [f"| {mode} | {seqlen} | {devices} | {gain:.2f} | {(2 * devices - 1) / devices:.2f} |"
-          for mode, seqlen, devices, gain in striping_gains(records)]
+  rows = [
+    f"| {mode} | {seqlen} | {devices} | {gain:.2f} | {(2 * devices - 1) / devices:.2f} |"
+    for mode, seqlen, devices, gain in striping_gains(records)
+  ]
   if not rows:
     return []
-  return ["## striping gain (causal): contiguous ms / striped ms", "",
-          "| mode | seqlen | devices | measured | expected (2P - 1) / P |",
-          "|---|---|---|---|---|", *rows, ""]
+  return [
+    "## striping gain (causal): contiguous ms / striped ms",
+    "",
+    "| mode | seqlen | devices | measured | expected (2P - 1) / P |",
+    "|---|---|---|---|---|",
+    *rows,
+    "",
+  ]
 
 
 def _ratio(x):
@@ -316,20 +384,29 @@ def plot(records, header, out_dir):
   columns = min(2, len(panels))
   rows = -(-len(panels) // columns)
   fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4.2 * rows), squeeze=False)
-  for ax in axes.flat[len(panels):]:
+  for ax in axes.flat[len(panels) :]:
     ax.set_visible(False)
   for ax, (panel, mode) in zip(axes.flat, panels):
     if panel == "ring":
       for devices, causal in sorted({(r["devices"], r["causal"]) for r in ring}):
-        points = sorted((r["seqlen"], r["tflops_per_device"]) for r in ring if r["mode"] == mode
-                        and r["devices"] == devices and r["causal"] == causal)
+        points = sorted(
+          (r["seqlen"], r["tflops_per_device"])
+          for r in ring
+          if r["mode"] == mode and r["devices"] == devices and r["causal"] == causal
+        )
         if points:
-          ax.plot(*zip(*points), marker="o", linestyle="-" if causal else "--",
-                  label=f"{devices} device{'s' * (devices > 1)}, "
-                        f"{'causal' if causal else 'not causal'}")
+          ax.plot(
+            *zip(*points),
+            marker="o",
+            linestyle="-" if causal else "--",
+            label=f"{devices} device{'s' * (devices > 1)}, {'causal' if causal else 'not causal'}",
+          )
       _seqlen_axis(ax, {r["seqlen"] for r in ring})
-      ax.set(title=f"ring: sequence split, {mode}", xlabel="seqlen (batch 1)",
-             ylabel="TFLOP/s per device")
+      ax.set(
+        title=f"ring: sequence split, {mode}",
+        xlabel="seqlen (batch 1)",
+        ylabel="TFLOP/s per device",
+      )
     elif panel == "layout":
       colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
       for index, devices in enumerate(sorted({g[2] for g in gains})):
@@ -337,23 +414,33 @@ def plot(records, header, out_dir):
         for mode_, style in (("fwd", "-"), ("bwd", "--")):
           points = sorted((g[1], g[3]) for g in gains if (g[0], g[2]) == (mode_, devices))
           if points:
-            ax.plot(*zip(*points), marker="o", color=color, linestyle=style,
-                    label=f"{mode_}, {devices} devices")
+            ax.plot(
+              *zip(*points),
+              marker="o",
+              color=color,
+              linestyle=style,
+              label=f"{mode_}, {devices} devices",
+            )
         ax.axhline((2 * devices - 1) / devices, color=color, linestyle=":", linewidth=1)
       _seqlen_axis(ax, {g[1] for g in gains})
-      ax.set(title="causal ring: contiguous ms / striped ms\n(dotted: (2P - 1) / P)",
-             xlabel="seqlen", ylabel="speed-up of striping")
+      ax.set(
+        title="causal ring: contiguous ms / striped ms\n(dotted: (2P - 1) / P)",
+        xlabel="seqlen",
+        ylabel="speed-up of striping",
+      )
     else:
       for sweep, mode_ in sorted({(r["sweep"], r["mode"]) for r in splits}):
-        points = sorted((r["devices"], r["efficiency"]) for r in splits
-                        if (r["sweep"], r["mode"]) == (sweep, mode_))
+        points = sorted(
+          (r["devices"], r["efficiency"])
+          for r in splits
+          if (r["sweep"], r["mode"]) == (sweep, mode_)
+        )
         ax.plot(*zip(*points), marker="o", label=f"{sweep} split, {mode_}")
       ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
       ax.set_xscale("log", base=2)
       devices = sorted({r["devices"] for r in splits})
       ax.set_xticks(devices, [str(d) for d in devices])
-      ax.set(title="batch / heads split: t(1) / (P t(P))", xlabel="devices",
-             ylabel="efficiency")
+      ax.set(title="batch / heads split: t(1) / (P t(P))", xlabel="devices", ylabel="efficiency")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.suptitle(header, fontsize=8)
@@ -375,34 +462,57 @@ def write(out_dir, header, records, failures=(), with_plot=False):
   """scaling.json and scaling.md (and scaling.png) in `out_dir`, failed points included;
   returns their paths."""
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "scaling.json").write_text(json.dumps(
-      dict(header=header, records=records, failures=list(failures)), indent=1))
+  (out_dir / "scaling.json").write_text(
+    json.dumps(dict(header=header, records=records, failures=list(failures)), indent=1)
+  )
   (out_dir / "scaling.md").write_text(markdown(records, header, failures))
-  return ([out_dir / "scaling.json", out_dir / "scaling.md"]
-          + (plot(records, header, out_dir) if with_plot else []))
+  return [out_dir / "scaling.json", out_dir / "scaling.md"] + (
+    plot(records, header, out_dir) if with_plot else []
+  )
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--sweeps", nargs="+", choices=SWEEPS, default=SWEEPS)
-  parser.add_argument("--devices", type=int, nargs="+",
-                      help="device counts (default: 1, 2, 4, ... up to all visible)")
-  parser.add_argument("--seqlens", type=int, nargs="+",
-                      help="ring and layout sweeps (default: 8192 ... 131072 on GPUs)")
-  parser.add_argument("--packed-seqlens", type=int, nargs="+",
-                      help="packed sweep: row lengths (default 32768 on GPUs)")
-  parser.add_argument("--mean-doc", type=int,
-                      help="packed sweep: mean document length (default 2048 on GPUs)")
-  parser.add_argument("--packed-ring", choices=("on", "off"), default="off",
-                      help="packed sweep: run a split row as a ring (on) or gather it (off, "
-                           "the default strategy; jax_fa3.sharding._PACKED_RING)")
+  parser.add_argument(
+    "--devices", type=int, nargs="+", help="device counts (default: 1, 2, 4, ... up to all visible)"
+  )
+  parser.add_argument(
+    "--seqlens",
+    type=int,
+    nargs="+",
+    help="ring and layout sweeps (default: 8192 ... 131072 on GPUs)",
+  )
+  parser.add_argument(
+    "--packed-seqlens",
+    type=int,
+    nargs="+",
+    help="packed sweep: row lengths (default 32768 on GPUs)",
+  )
+  parser.add_argument(
+    "--mean-doc", type=int, help="packed sweep: mean document length (default 2048 on GPUs)"
+  )
+  parser.add_argument(
+    "--packed-ring",
+    choices=("on", "off"),
+    default="off",
+    help="packed sweep: run a split row as a ring (on) or gather it (off, "
+    "the default strategy; jax_fa3.sharding._PACKED_RING)",
+  )
   parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
   parser.add_argument("--iterations", type=int, help="timed runs per point (default 10 on GPUs)")
-  parser.add_argument("--out", type=pathlib.Path,
-                      help="output folder (default benchmarks/results/<date>_<card>-x<devices>)")
-  parser.add_argument("--replot", type=pathlib.Path, metavar="SCALING_JSON",
-                      help="run nothing: rewrite scaling.md and scaling.png beside this "
-                           "scaling.json (say, of a run cut short)")
+  parser.add_argument(
+    "--out",
+    type=pathlib.Path,
+    help="output folder (default benchmarks/results/<date>_<card>-x<devices>)",
+  )
+  parser.add_argument(
+    "--replot",
+    type=pathlib.Path,
+    metavar="SCALING_JSON",
+    help="run nothing: rewrite scaling.md and scaling.png beside this "
+    "scaling.json (say, of a run cut short)",
+  )
   return parser.parse_args(argv)
 
 
@@ -411,8 +521,13 @@ def main(argv=None):
   sharding._PACKED_RING = args.packed_ring == "on"
   if args.replot:
     results = json.loads(args.replot.read_text())
-    written = write(args.replot.parent, results["header"], results["records"],
-                    results.get("failures", ()), with_plot=True)
+    written = write(
+      args.replot.parent,
+      results["header"],
+      results["records"],
+      results.get("failures", ()),
+      with_plot=True,
+    )
     print("wrote " + ", ".join(str(p) for p in written))
     return
   if not on_gpu():
@@ -441,24 +556,28 @@ def main(argv=None):
       points += split_points(sweep, sizes, device_counts, args.dtype)
 
   card = card_name()
-  header = (f"{card} x{max(device_counts)}, {args.dtype}, jax {jax.__version__}, "
-            f"wall-clock time (median of {iterations} runs), "
-            f"NCCL_NVLS_ENABLE={os.environ['NCCL_NVLS_ENABLE']}")
+  header = (
+    f"{card} x{max(device_counts)}, {args.dtype}, jax {jax.__version__}, "
+    f"wall-clock time (median of {iterations} runs), "
+    f"NCCL_NVLS_ENABLE={os.environ['NCCL_NVLS_ENABLE']}"
+  )
   if not on_gpu():
     header += "; NO GPU: float32 reference path on CPU devices"
   print(jax_fa3.kernels_available())
   print(header, flush=True)
 
   out_dir = args.out or default_out_dir(f"{card} x{max(device_counts)}")
-  records, failures = run(points, iterations,
-                          lambda records, failures: write(out_dir, header, records, failures))
+  records, failures = run(
+    points, iterations, lambda records, failures: write(out_dir, header, records, failures)
+  )
 
   written = write(out_dir, header, records, failures, with_plot=True)
   print("\n" + markdown(records, header, failures))
   print("wrote " + ", ".join(str(p) for p in written))
   if failures:
-    raise SystemExit(f"scaling: {len(failures)} of {len(points)} points failed (listed above "
-                     "and in scaling.md)")
+    raise SystemExit(
+      f"scaling: {len(failures)} of {len(points)} points failed (listed above and in scaling.md)"
+    )
 
 
 if __name__ == "__main__":

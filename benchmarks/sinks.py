@@ -32,7 +32,7 @@ MASKS = {"full": (False, (-1, -1)), "causal": (True, (-1, -1)), "window128": (Tr
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-  part: str          # "overhead" or "gpt-oss"
+  part: str  # "overhead" or "gpt-oss"
   head_dim: int
   seqlen: int
   heads: int
@@ -46,14 +46,18 @@ class Problem:
     if left >= 0:
       pairs = sum(min(i, left) + 1 for i in range(self.seqlen))
     else:
-      pairs = self.seqlen * (self.seqlen + 1) / 2 if causal else self.seqlen ** 2
+      pairs = self.seqlen * (self.seqlen + 1) / 2 if causal else self.seqlen**2
     return FLOP_FACTOR[mode] * 4 * self.batch * self.heads * self.head_dim * pairs
 
   def inputs(self):
     keys = jax.random.split(jax.random.key(self.seqlen + self.head_dim), 5)
-    q = jax.random.normal(keys[0], (self.batch, self.seqlen, self.heads, self.head_dim), jnp.bfloat16)
-    k, v = (jax.random.normal(key, (self.batch, self.seqlen, self.kv_heads, self.head_dim), jnp.bfloat16)
-            for key in keys[1:3])
+    q = jax.random.normal(
+      keys[0], (self.batch, self.seqlen, self.heads, self.head_dim), jnp.bfloat16
+    )
+    k, v = (
+      jax.random.normal(key, (self.batch, self.seqlen, self.kv_heads, self.head_dim), jnp.bfloat16)
+      for key in keys[1:3]
+    )
     dout = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
     sinks = jax.random.normal(keys[4], (self.heads,), jnp.float32)
     return q, k, v, dout, sinks
@@ -63,7 +67,9 @@ def xla_attention_with_sinks(q, k, v, sinks, causal, window):
   """Attention with sinks in plain JAX: the sink is one more score column, dropped after the softmax."""
   heads, kv_heads = q.shape[2], k.shape[2]
   k, v = (jnp.repeat(x, heads // kv_heads, axis=2) for x in (k, v))
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * q.shape[3] ** -0.5
+  scores = (
+    jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * q.shape[3] ** -0.5
+  )
   i, j = jnp.arange(q.shape[1])[:, None], jnp.arange(k.shape[1])[None, :]
   visible = jnp.ones(scores.shape[2:], bool)
   if causal:
@@ -81,14 +87,19 @@ def attention_fn(impl, problem):
   if impl == "xla_sinks":
     return lambda q, k, v, s: xla_attention_with_sinks(q, k, v, s, causal, window)
   with_sinks = impl == "jax_fa3_sinks"
-  return lambda q, k, v, s: jax_fa3.flash_attention(q, k, v, causal=causal, window_size=window,
-                                                    sinks=s if with_sinks else None)
+  return lambda q, k, v, s: jax_fa3.flash_attention(
+    q, k, v, causal=causal, window_size=window, sinks=s if with_sinks else None
+  )
 
 
 def problems(head_dims, seqlens, gpu):
   tokens = 16384 if gpu else 512
-  found = [Problem("overhead", d, n, 2048 // d if gpu else 4, 2048 // d if gpu else 4, max(1, tokens // n), mask)
-           for d, n, mask in itertools.product(head_dims, seqlens, MASKS)]
+  found = [
+    Problem(
+      "overhead", d, n, 2048 // d if gpu else 4, 2048 // d if gpu else 4, max(1, tokens // n), mask
+    )
+    for d, n, mask in itertools.product(head_dims, seqlens, MASKS)
+  ]
   gpt_oss_len = 8192 if gpu else 256
   found += [Problem("gpt-oss", 64, gpt_oss_len, 64, 8, 1, mask) for mask in ("window128", "causal")]
   return found
@@ -104,8 +115,10 @@ def run(problem_list, modes, iterations, card, on_record):
   records = []
   steps = [(p, m, i) for p in problem_list for m in modes for i in impls_of(p)]
   for index, (problem, mode, impl) in enumerate(steps, 1):
-    prefix = (f"[{index:3}/{len(steps)}] {problem.part:8} {impl:14} {mode:6} d={problem.head_dim:<3} "
-              f"{problem.mask:9} seqlen={problem.seqlen:<5} batch={problem.batch}")
+    prefix = (
+      f"[{index:3}/{len(steps)}] {problem.part:8} {impl:14} {mode:6} d={problem.head_dim:<3} "
+      f"{problem.mask:9} seqlen={problem.seqlen:<5} batch={problem.batch}"
+    )
     q, k, v, dout, sinks = problem.inputs()
     attention = attention_fn(impl, problem)
     if mode == "fwd":
@@ -121,10 +134,24 @@ def run(problem_list, modes, iterations, card, on_record):
       print(f"{prefix} skipped: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
       continue
     tflops = problem.flops(mode) / ms / 1e9
-    records.append(dict(part=problem.part, impl=impl, mode=mode, dtype="bfloat16", head_dim=problem.head_dim,
-                        seqlen_q=problem.seqlen, seqlen_k=problem.seqlen, heads=problem.heads,
-                        kv_heads=problem.kv_heads, batch=problem.batch, mask=problem.mask, ms=ms,
-                        tflops=tflops, card=card))
+    records.append(
+      dict(
+        part=problem.part,
+        impl=impl,
+        mode=mode,
+        dtype="bfloat16",
+        head_dim=problem.head_dim,
+        seqlen_q=problem.seqlen,
+        seqlen_k=problem.seqlen,
+        heads=problem.heads,
+        kv_heads=problem.kv_heads,
+        batch=problem.batch,
+        mask=problem.mask,
+        ms=ms,
+        tflops=tflops,
+        card=card,
+      )
+    )
     print(f"{prefix} {ms:9.3f} ms {tflops:8.3g} TFLOP/s", flush=True)
     on_record(records)
   return records
@@ -132,20 +159,36 @@ def run(problem_list, modes, iterations, card, on_record):
 
 def markdown(records, header):
   lines = [f"# Attention sinks: {header}", ""]
-  ms = {(r["part"], r["mode"], r["head_dim"], r["mask"], r["seqlen_q"], r["impl"]): r["ms"] for r in records}
-  lines += ["## Cost of sinks (time with sinks / time without; target <= 1.02 fwd, <= 1.03 fwd+bwd)", "",
-            "| mode | head dim | mask | seqlen | without (ms) | with (ms) | ratio |", "|---|---|---|---|---|---|---|"]
+  ms = {
+    (r["part"], r["mode"], r["head_dim"], r["mask"], r["seqlen_q"], r["impl"]): r["ms"]
+    for r in records
+  }
+  lines += [
+    "## Cost of sinks (time with sinks / time without; target <= 1.02 fwd, <= 1.03 fwd+bwd)",
+    "",
+    "| mode | head dim | mask | seqlen | without (ms) | with (ms) | ratio |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for key in sorted({k[:5] for k in ms if k[0] == "overhead"}):
     plain, sinks = ms.get((*key, "jax_fa3")), ms.get((*key, "jax_fa3_sinks"))
     if plain and sinks:
-      lines.append(f"| {key[1]} | {key[2]} | {key[3]} | {key[4]} | {plain:.3f} | {sinks:.3f} | {sinks / plain:.3f} |")
-  lines += ["", "## gpt-oss-shaped layer (d64, 64/8 heads, sinks; target: jax_fa3 >= 5x XLA)", "",
-            "| mode | mask | seqlen | jax_fa3 (ms) | XLA (ms) | speed-up |", "|---|---|---|---|---|---|"]
+      lines.append(
+        f"| {key[1]} | {key[2]} | {key[3]} | {key[4]} | {plain:.3f} | {sinks:.3f} | {sinks / plain:.3f} |"
+      )
+  lines += [
+    "",
+    "## gpt-oss-shaped layer (d64, 64/8 heads, sinks; target: jax_fa3 >= 5x XLA)",
+    "",
+    "| mode | mask | seqlen | jax_fa3 (ms) | XLA (ms) | speed-up |",
+    "|---|---|---|---|---|---|",
+  ]
   for key in sorted({k[:5] for k in ms if k[0] == "gpt-oss"}):
     ours, xla = ms.get((*key, "jax_fa3_sinks")), ms.get((*key, "xla_sinks"))
     if ours:
-      lines.append(f"| {key[1]} | {key[3]} | {key[4]} | {ours:.3f} | " + (f"{xla:.3f} | {xla / ours:.1f}x |"
-                                                                           if xla else "- | - |"))
+      lines.append(
+        f"| {key[1]} | {key[3]} | {key[4]} | {ours:.3f} | "
+        + (f"{xla:.3f} | {xla / ours:.1f}x |" if xla else "- | - |")
+      )
   return "\n".join(lines) + "\n"
 
 
@@ -156,11 +199,19 @@ def plot(records, header, out_dir):
   rows = [r for r in records if r["part"] == "overhead"]
   fig, axes = plt.subplots(1, len(MODES), figsize=(12, 4), squeeze=False)
   for ax, mode in zip(axes[0], MODES):
-    ms = {(r["head_dim"], r["mask"], r["seqlen_q"], r["impl"]): r["ms"] for r in rows if r["mode"] == mode}
-    cells = sorted({k[:3] for k in ms if (*k[:3], "jax_fa3") in ms and (*k[:3], "jax_fa3_sinks") in ms})
+    ms = {
+      (r["head_dim"], r["mask"], r["seqlen_q"], r["impl"]): r["ms"]
+      for r in rows
+      if r["mode"] == mode
+    }
+    cells = sorted(
+      {k[:3] for k in ms if (*k[:3], "jax_fa3") in ms and (*k[:3], "jax_fa3_sinks") in ms}
+    )
     ax.bar(range(len(cells)), [ms[(*c, "jax_fa3_sinks")] / ms[(*c, "jax_fa3")] for c in cells])
     ax.axhline(1.02 if mode == "fwd" else 1.03, color="red", linestyle="--", label="target")
-    ax.set_xticks(range(len(cells)), [f"d{d}\n{mask}\n{n // 1024}k" for d, mask, n in cells], fontsize=6)
+    ax.set_xticks(
+      range(len(cells)), [f"d{d}\n{mask}\n{n // 1024}k" for d, mask, n in cells], fontsize=6
+    )
     ax.set_ylim(0.9, 1.1)
     ax.set_ylabel("time with sinks / without")
     ax.set_title(mode)
@@ -195,7 +246,13 @@ def main(argv=None):
   table = markdown(records, header)
   (out_dir / "sinks.md").write_text(table)
   print("\n" + table)
-  print("wrote", [str(p) for p in [out_dir / "sinks.json", out_dir / "sinks.md", *plot(records, header, out_dir)]])
+  print(
+    "wrote",
+    [
+      str(p)
+      for p in [out_dir / "sinks.json", out_dir / "sinks.md", *plot(records, header, out_dir)]
+    ],
+  )
 
 
 if __name__ == "__main__":

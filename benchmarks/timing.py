@@ -35,6 +35,7 @@ def time_ms(fn, *args, iterations: int = 10) -> float:
 
 def kernel_time_ms(fn, *args, iterations: int = 10) -> float:
   from jax.experimental.mosaic.gpu import profiler  # pylint: disable=import-outside-toplevel
+
   _, per_run = profiler.measure(fn, iterations=iterations)(*args)
   if per_run is None:
     raise RuntimeError("the function launched no GPU kernel")

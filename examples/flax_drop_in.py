@@ -23,8 +23,9 @@ class Encoder(nnx.Module):
   """An existing model: nothing in it knows about jax_fa3."""
 
   def __init__(self, rngs):
-    self.attention = nnx.MultiHeadAttention(num_heads=8, in_features=256, num_kv_heads=2,
-                                            dtype=jnp.bfloat16, decode=False, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(
+      num_heads=8, in_features=256, num_kv_heads=2, dtype=jnp.bfloat16, decode=False, rngs=rngs
+    )
     self.mlp = nnx.Linear(256, 256, dtype=jnp.bfloat16, rngs=rngs)
 
   def __call__(self, x, mask):
@@ -59,8 +60,10 @@ def flax_and_jax_fa3_outputs():
 def main():
   flax_out, jax_fa3_out = (x.astype(jnp.float32) for x in flax_and_jax_fa3_outputs())
   error, scale = jnp.max(jnp.abs(jax_fa3_out - flax_out)), jnp.max(jnp.abs(flax_out))
-  print(f"max |jax_fa3 - Flax| = {error:.4f} on outputs up to {scale:.2f}, where one "
-        f"bfloat16 step is {jnp.finfo(jnp.bfloat16).eps * scale:.4f}")
+  print(
+    f"max |jax_fa3 - Flax| = {error:.4f} on outputs up to {scale:.2f}, where one "
+    f"bfloat16 step is {jnp.finfo(jnp.bfloat16).eps * scale:.4f}"
+  )
   print(jax_fa3.kernels_available())  # where none are, jax_fa3 ran its float32 reference
 
 

@@ -63,11 +63,15 @@ class Config:
 
   def __post_init__(self):
     if self.prompt_len < PERIOD or self.new_tokens < 1 or self.train_steps < 0:
-      raise ValueError(f"prompt_len must be >= {PERIOD} (the task's period), new_tokens >= 1 "
-                       f"and train_steps >= 0, got {self}")
+      raise ValueError(
+        f"prompt_len must be >= {PERIOD} (the task's period), new_tokens >= 1 "
+        f"and train_steps >= 0, got {self}"
+      )
     if self.prompt_len + self.new_tokens > self.model.seqlen:
-      raise ValueError(f"prompt_len + new_tokens = {self.prompt_len + self.new_tokens} is "
-                       f"past the model's {self.model.seqlen} positions")
+      raise ValueError(
+        f"prompt_len + new_tokens = {self.prompt_len + self.new_tokens} is "
+        f"past the model's {self.model.seqlen} positions"
+      )
 
   @property
   def pages_per_sequence(self):
@@ -76,10 +80,8 @@ class Config:
 
 PERIOD = 5  # the task's: each digit is the one PERIOD positions back plus one
 
-TINY = Config(train_gpt.TINY, batch=4, prompt_len=10, new_tokens=24, page_size=16,
-              train_steps=200)
-GPU = Config(train_gpt.GPU, batch=16, prompt_len=512, new_tokens=512, page_size=64,
-             train_steps=500)
+TINY = Config(train_gpt.TINY, batch=4, prompt_len=10, new_tokens=24, page_size=16, train_steps=200)
+GPU = Config(train_gpt.GPU, batch=16, prompt_len=512, new_tokens=512, page_size=64, train_steps=500)
 
 
 def on_gpu():
@@ -93,6 +95,7 @@ def baseline_implementation():
 
 # --- The task and the training -----------------------------------------------------------
 
+
 def task_sequences(rng, count, length):
   """`count` sequences [count, length] of the task: PERIOD random digits (tokens 0-9 are
   the digits), then each digit the one PERIOD positions back plus one, mod 10."""
@@ -104,14 +107,14 @@ def task_sequences(rng, count, length):
 def prompts_and_rule(config):
   """Prompts [batch, prompt_len] of the task, drawn apart from the training data, and the
   rule's continuation of them [batch, new_tokens]."""
-  sequences = task_sequences(np.random.default_rng([config.seed, 1]), config.batch,
-                             config.prompt_len + config.new_tokens)
-  return jnp.asarray(sequences[:, :config.prompt_len]), sequences[:, config.prompt_len:]
+  sequences = task_sequences(
+    np.random.default_rng([config.seed, 1]), config.batch, config.prompt_len + config.new_tokens
+  )
+  return jnp.asarray(sequences[:, : config.prompt_len]), sequences[:, config.prompt_len :]
 
 
 def new_model(config):
-  return train_gpt.GPT(config.model, train_gpt.ATTENTION["jax_fa3"],
-                       nnx.Rngs(config.model.seed))
+  return train_gpt.GPT(config.model, train_gpt.ATTENTION["jax_fa3"], nnx.Rngs(config.model.seed))
 
 
 def trained_model(config):
@@ -121,18 +124,23 @@ def trained_model(config):
   model = new_model(config)
   if not config.train_steps:
     return model, np.zeros(0), 0.0
-  training = dataclasses.replace(config.model, steps=config.train_steps,
-                                 warmup_steps=min(config.model.warmup_steps,
-                                                  config.train_steps // 5))
+  training = dataclasses.replace(
+    config.model,
+    steps=config.train_steps,
+    warmup_steps=min(config.model.warmup_steps, config.train_steps // 5),
+  )
   rng = np.random.default_rng([config.seed, 0])
-  data = ((jnp.asarray(task_sequences(rng, training.batch, training.seqlen + 1)), None)
-          for _ in range(config.train_steps))
+  data = (
+    (jnp.asarray(task_sequences(rng, training.batch, training.seqlen + 1)), None)
+    for _ in range(config.train_steps)
+  )
   start = time.perf_counter()
   losses, _ = train_gpt.fit(model, training, data)
   return model, losses, time.perf_counter() - start
 
 
 # --- The model, one block at a time, with a cache -------------------------------------------
+
 
 def cached_forward(model, tokens, lengths, caches, attend):
   """Runs `tokens [batch, n]` at positions `lengths + [0, n)` through the model, each layer's
@@ -155,8 +163,12 @@ def logits(model, x):
   """The head in float32 (the model's runs in bfloat16): bfloat16 logits tie often, and a
   tie that rounding breaks either way would make the greedy loops differ for no reason."""
   head = model.head
-  return (jnp.dot(model.final_norm(x).astype(jnp.float32), head.kernel[...],
-                  precision=jax.lax.Precision.HIGHEST) + head.bias[...])
+  return (
+    jnp.dot(
+      model.final_norm(x).astype(jnp.float32), head.kernel[...], precision=jax.lax.Precision.HIGHEST
+    )
+    + head.bias[...]
+  )
 
 
 def uncached_forward(model, tokens):
@@ -172,14 +184,17 @@ def paged_attend(page_table):
     del layer
     k_cache, v_cache, lengths = cache
     out, k_cache, v_cache = flash_attention_with_kvcache(
-        q, k_cache, v_cache, lengths, k_new=k, v_new=v, page_table=page_table, causal=True)
+      q, k_cache, v_cache, lengths, k_new=k, v_new=v, page_table=page_table, causal=True
+    )
     return out, (k_cache, v_cache, lengths)
+
   return attend
 
 
 def jax_nn_attend(implementation):
   """A contiguous cache [batch, seqlen, heads, head_dim]; all sequences have one length here
   (same prompt length), so the write is one dynamic_update_slice."""
+
   def attend(layer, q, k, v, cache):
     del layer
     k_cache, v_cache, lengths = cache
@@ -188,9 +203,15 @@ def jax_nn_attend(implementation):
     v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, start, axis=1)
     # Prefill starts at 0, so top-left causal is right; a decode row sees every valid key.
     out = jax.nn.dot_product_attention(
-        q, k_cache, v_cache, is_causal=q.shape[1] > 1,
-        key_value_seq_lengths=lengths + q.shape[1], implementation=implementation)
+      q,
+      k_cache,
+      v_cache,
+      is_causal=q.shape[1] > 1,
+      key_value_seq_lengths=lengths + q.shape[1],
+      implementation=implementation,
+    )
     return out, (k_cache, v_cache, lengths)
+
   return attend
 
 
@@ -223,6 +244,7 @@ def cached_generate(config, model, attend, new_caches):
       tokens.append(token)
       lengths = lengths + 1
     return jnp.stack(tokens, axis=1)
+
   return generate
 
 
@@ -235,17 +257,19 @@ def paged_caches(config, model):
   shape = (pages, config.page_size, heads, head_dim)
   page_table = np.random.default_rng(config.seed).permutation(pages).astype(np.int32)
   page_table = jnp.asarray(page_table.reshape(config.batch, config.pages_per_sequence))
+
   def new_caches():
-    return [(jnp.zeros(shape, jnp.bfloat16), jnp.zeros(shape, jnp.bfloat16))
-            for _ in model.blocks]
+    return [(jnp.zeros(shape, jnp.bfloat16), jnp.zeros(shape, jnp.bfloat16)) for _ in model.blocks]
+
   return page_table, new_caches
 
 
 def contiguous_caches(config, model):
   heads = config.model.heads
   shape = (config.batch, config.model.seqlen, heads, config.model.d_model // heads)
-  return lambda: [(jnp.zeros(shape, jnp.bfloat16), jnp.zeros(shape, jnp.bfloat16))
-                  for _ in model.blocks]
+  return lambda: [
+    (jnp.zeros(shape, jnp.bfloat16), jnp.zeros(shape, jnp.bfloat16)) for _ in model.blocks
+  ]
 
 
 def uncached_generate(config, model):
@@ -263,22 +287,26 @@ def uncached_generate(config, model):
 
   def generate(prompt):
     sequence = jnp.zeros((config.batch, config.model.seqlen), jnp.int32)
-    sequence = sequence.at[:, :config.prompt_len].set(prompt)
+    sequence = sequence.at[:, : config.prompt_len].set(prompt)
     all_logits = []
     for position in range(config.prompt_len, config.prompt_len + config.new_tokens):
       sequence, logits = step(state, sequence, jnp.int32(position))
       all_logits.append(logits)
-    return sequence[:, config.prompt_len:config.prompt_len + config.new_tokens], jnp.stack(all_logits, 1)
+    return sequence[:, config.prompt_len : config.prompt_len + config.new_tokens], jnp.stack(
+      all_logits, 1
+    )
+
   return generate
 
 
 # --- Running and comparing --------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Run:
   name: str
-  tokens: np.ndarray     # [batch, new_tokens]
-  tokens_per_s: float    # new tokens of the whole batch per second, compilation excluded
+  tokens: np.ndarray  # [batch, new_tokens]
+  tokens_per_s: float  # new tokens of the whole batch per second, compilation excluded
 
 
 def timed(name, generate, prompt, batch, new_tokens):
@@ -291,10 +319,10 @@ def timed(name, generate, prompt, batch, new_tokens):
 
 @dataclasses.dataclass(frozen=True)
 class Results:
-  runs: dict              # loop name -> Run
-  logits: np.ndarray      # the no-cache loop's, each new token's [batch, new_tokens, vocab]
-  rule: np.ndarray        # the task's continuation of the prompts [batch, new_tokens]
-  losses: np.ndarray      # the training's, one a step
+  runs: dict  # loop name -> Run
+  logits: np.ndarray  # the no-cache loop's, each new token's [batch, new_tokens, vocab]
+  rule: np.ndarray  # the task's continuation of the prompts [batch, new_tokens]
+  losses: np.ndarray  # the training's, one a step
   train_seconds: float
 
 
@@ -311,11 +339,11 @@ def run_all(config):
     return tokens
 
   loops = {
-      "jax_fa3 paged cache": cached_generate(config, model, paged_attend(page_table), new_paged),
-      "no cache": uncached,
-      f"{baseline_implementation()} cache": cached_generate(
-          config, model, jax_nn_attend(baseline_implementation()),
-          contiguous_caches(config, model)),
+    "jax_fa3 paged cache": cached_generate(config, model, paged_attend(page_table), new_paged),
+    "no cache": uncached,
+    f"{baseline_implementation()} cache": cached_generate(
+      config, model, jax_nn_attend(baseline_implementation()), contiguous_caches(config, model)
+    ),
   }
   for name, generate in loops.items():
     runs[name] = timed(name, generate, prompt, config.batch, config.new_tokens)
@@ -332,7 +360,7 @@ def rounding_bound(logits):
   """What bfloat16 roundings of the activations may move a top-1/top-2 margin by: two
   roundings (2^-8 each, relative) of the largest best logit. A greedy choice between logits
   closer than this is a near tie, which two correct implementations may break apart."""
-  return 2 * 2.0 ** -8 * float(np.abs(np.max(logits, axis=-1)).max())
+  return 2 * 2.0**-8 * float(np.abs(np.max(logits, axis=-1)).max())
 
 
 def agreement(tokens, truth, truth_logits):
@@ -357,8 +385,9 @@ def passed(results):
   """The example's check: the jax_fa3 loop's tokens equal the no-cache loop's, and no
   greedy choice of those was a near tie."""
   runs = results.runs
-  return (agreement(runs["jax_fa3 paged cache"].tokens, runs["no cache"].tokens,
-                    results.logits) == "equal" and decisive(results))
+  return agreement(
+    runs["jax_fa3 paged cache"].tokens, runs["no cache"].tokens, results.logits
+  ) == "equal" and decisive(results)
 
 
 def summary(config, results):
@@ -367,8 +396,10 @@ def summary(config, results):
   losses = results.losses
   lines = [f"{config}; {jax.devices()[0].device_kind}, jax {jax.__version__}", ""]
   if len(losses):
-    lines.append(f"trained {len(losses)} steps in {results.train_seconds:.1f} s: loss "
-                 f"{losses[0]:.4f} -> {losses[-1]:.4f}")
+    lines.append(
+      f"trained {len(losses)} steps in {results.train_seconds:.1f} s: loss "
+      f"{losses[0]:.4f} -> {losses[-1]:.4f}"
+    )
   else:
     lines.append("untrained (--train-steps 0): random weights")
   lines += ["", f"{'loop':22} {'tokens/s':>10}  tokens vs no cache"]
@@ -377,18 +408,29 @@ def summary(config, results):
     lines.append(f"{name:22} {run.tokens_per_s:10.1f}  {verdict}")
   margin, bound = top_two_margins(logits).min(), rounding_bound(logits)
   follow = np.mean(truth == results.rule)
-  lines += ["", f"no-cache tokens that follow the task's rule: {follow:.1%}",
-            f"smallest top-1/top-2 logit margin of the {truth.size} no-cache predictions: "
-            f"{margin:.4f}; bfloat16 roundings may move one by {bound:.4f}: "
-            + ("the equality is not decided by ties" if margin > bound else
-               "NOT decisive: a near tie (train longer: --train-steps)")]
+  lines += [
+    "",
+    f"no-cache tokens that follow the task's rule: {follow:.1%}",
+    f"smallest top-1/top-2 logit margin of the {truth.size} no-cache predictions: "
+    f"{margin:.4f}; bfloat16 roundings may move one by {bound:.4f}: "
+    + (
+      "the equality is not decided by ties"
+      if margin > bound
+      else "NOT decisive: a near tie (train longer: --train-steps)"
+    ),
+  ]
   prompt, _ = prompts_and_rule(config)
   first = "".join(train_gpt.VOCAB[t] for t in np.asarray(prompt)[0])
-  lines += ["", f"sequence 0: {first!r} -> "
-                f"{''.join(train_gpt.VOCAB[t] for t in runs['jax_fa3 paged cache'].tokens[0])!r}"]
+  lines += [
+    "",
+    f"sequence 0: {first!r} -> "
+    f"{''.join(train_gpt.VOCAB[t] for t in runs['jax_fa3 paged cache'].tokens[0])!r}",
+  ]
   if not on_gpu():
-    lines.append("No GPU: tiny model; jax_fa3 ran its float32 reference path and the "
-                 "comparison loop XLA's attention, so tokens/s say nothing of the kernels.")
+    lines.append(
+      "No GPU: tiny model; jax_fa3 ran its float32 reference path and the "
+      "comparison loop XLA's attention, so tokens/s say nothing of the kernels."
+    )
   return "\n".join(lines)
 
 

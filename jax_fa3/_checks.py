@@ -28,23 +28,28 @@ def as_float(name, value):
   try:
     return float(value)
   except OverflowError:
-    raise ValueError(f"{name} must be a finite number, got {value!r}, which overflows "
-                     "float") from None
+    raise ValueError(
+      f"{name} must be a finite number, got {value!r}, which overflows float"
+    ) from None
 
 
 def softmax_scale_rule(scale):
   """The rule a concrete softmax_scale breaks, or None."""
   if not MIN_SOFTMAX_SCALE <= scale <= MAX_SOFTMAX_SCALE:  # NaN fails too
-    return (f"must be a finite number in [{MIN_SOFTMAX_SCALE:g}, {MAX_SOFTMAX_SCALE:g}] (above, "
-            "the float32 scores may overflow; below, it is no usable scale)")
+    return (
+      f"must be a finite number in [{MIN_SOFTMAX_SCALE:g}, {MAX_SOFTMAX_SCALE:g}] (above, "
+      "the float32 scores may overflow; below, it is no usable scale)"
+    )
   return None
 
 
 def softcap_rule(softcap):
   """The rule a concrete softcap breaks, or None."""
   if softcap != 0 and not MIN_SOFTCAP <= softcap <= MAX_SOFTCAP:  # NaN fails too
-    return (f"must be 0 (off) or a finite number in [{MIN_SOFTCAP:g}, {MAX_SOFTCAP:g}] (the "
-            "kernels take softcap * log2(e) and softmax_scale / softcap in float32)")
+    return (
+      f"must be 0 (off) or a finite number in [{MIN_SOFTCAP:g}, {MAX_SOFTCAP:g}] (the "
+      "kernels take softcap * log2(e) and softmax_scale / softcap in float32)"
+    )
   return None
 
 
@@ -53,14 +58,17 @@ def refuse_traced(name, value, role):
   `role` (what it decides when the call is traced)."""
   values = value if isinstance(value, (tuple, list)) else (value,)
   if any(isinstance(x, jax.core.Tracer) for x in values):
-    raise TypeError(f"{name} must be static, not a traced value: {role}. Pass it as a "
-                    "Python constant, e.g. through functools.partial or jit's static_argnames")
+    raise TypeError(
+      f"{name} must be static, not a traced value: {role}. Pass it as a "
+      "Python constant, e.g. through functools.partial or jit's static_argnames"
+    )
 
 
 def refused_by_both(unsupported, jax_nn_error):
   """dot_product_attention(implementation=None): the error for arguments jax_fa3 can't take
   and `jax.nn` refused too, of `unsupported`'s type, saying both reasons."""
   return type(unsupported)(
-      f"dot_product_attention: jax.nn.dot_product_attention refused these arguments "
-      f"({type(jax_nn_error).__name__}: {jax_nn_error}), and jax_fa3 cannot take them "
-      f"either: {unsupported}")
+    f"dot_product_attention: jax.nn.dot_product_attention refused these arguments "
+    f"({type(jax_nn_error).__name__}: {jax_nn_error}), and jax_fa3 cannot take them "
+    f"either: {unsupported}"
+  )

@@ -24,6 +24,7 @@ class Variant(NamedTuple):
   """One compiled kernel: direction "fwd"/"bwd"/"decode", the input and output dtype names
   (equal for the 16-bit kernels; FP8 ones read float8_e4m3fn and write bfloat16), q/k and v
   head dims."""
+
   direction: str
   dtype: str
   out_dtype: str
@@ -39,21 +40,23 @@ DEFAULT_DESCALE_BLOCK = (64, 128)
 @dataclasses.dataclass(frozen=True)
 class KernelStatus:
   """What `jax_fa3` can run on an H100. True when any kernel is compiled."""
+
   variants: tuple[Variant, ...]
   unavailable_reason: str | None = None
   build_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   # (direction, dtype name, head_dim) -> (block_m, block_n) of the packed-sequence kernels,
   # whose tile plans are made in JAX (segments.py).
   segment_tiles: Mapping[tuple[str, str, int], tuple[int, int]] = dataclasses.field(
-      default_factory=dict)
+    default_factory=dict
+  )
   # (dtype name, head_dim) -> (block_n, ctas_per_sm) of the decode kernels, for the
   # split-count heuristic (primitives.decode_num_splits).
-  decode_shapes: Mapping[tuple[str, int], tuple[int, int]] = dataclasses.field(
-      default_factory=dict)
+  decode_shapes: Mapping[tuple[str, int], tuple[int, int]] = dataclasses.field(default_factory=dict)
   # (dtype name, out dtype name, head_dim) -> (q_block_rows, k_block_rows) of the FP8
   # forward kernels: the query rows and keys one block of descale_q / descale_k covers.
   descale_blocks: Mapping[tuple[str, str, int], tuple[int, int]] = dataclasses.field(
-      default_factory=dict)
+    default_factory=dict
+  )
 
   def __bool__(self):
     return bool(self.variants)
@@ -61,32 +64,46 @@ class KernelStatus:
   def __str__(self):
     if not self.variants:
       return f"jax_fa3 CUDA kernels: none ({self.unavailable_reason})"
-    lines = [f"  {v.direction} {v.dtype}"
-             + (f" -> {v.out_dtype}" if v.out_dtype != v.dtype else "")
-             + f" head_dim={v.head_dim} head_dim_v={v.head_dim_v}" for v in self.variants]
+    lines = [
+      f"  {v.direction} {v.dtype}"
+      + (f" -> {v.out_dtype}" if v.out_dtype != v.dtype else "")
+      + f" head_dim={v.head_dim} head_dim_v={v.head_dim_v}"
+      for v in self.variants
+    ]
     built = ", ".join(f"{key}={value}" for key, value in self.build_info.items())
     why_not_here = gpu_problem()
     if why_not_here:
       lines.append(f"They will not run here: {why_not_here}")
-    return "\n".join([f"jax_fa3 CUDA kernels ({built}):" if built else "jax_fa3 CUDA kernels:",
-                      *lines])
+    return "\n".join(
+      [f"jax_fa3 CUDA kernels ({built}):" if built else "jax_fa3 CUDA kernels:", *lines]
+    )
 
-  def head_dims_for(self, direction: str, dtype, head_dim: int, head_dim_v: int,
-                    out_dtype=None) -> tuple[int, int] | None:
+  def head_dims_for(
+    self, direction: str, dtype, head_dim: int, head_dim_v: int, out_dtype=None
+  ) -> tuple[int, int] | None:
     """The smallest compiled (head_dim, head_dim_v) that holds the given ones, or None.
     `out_dtype` defaults to `dtype` (the 16-bit kernels write what they read)."""
     dtype_name = np.dtype(dtype).name
     out_name = dtype_name if out_dtype is None else np.dtype(out_dtype).name
-    fits = [(v.head_dim, v.head_dim_v) for v in self.variants
-            if v.direction == direction and v.dtype == dtype_name and v.out_dtype == out_name
-            and v.head_dim >= head_dim and v.head_dim_v >= head_dim_v]
+    fits = [
+      (v.head_dim, v.head_dim_v)
+      for v in self.variants
+      if v.direction == direction
+      and v.dtype == dtype_name
+      and v.out_dtype == out_name
+      and v.head_dim >= head_dim
+      and v.head_dim_v >= head_dim_v
+    ]
     return min(fits, key=lambda dims: (dims[0] + dims[1], dims[0]), default=None)
 
   def out_dtypes(self, direction: str, dtype) -> tuple[str, ...]:
     """The output dtype names of the compiled kernels that read `dtype`, sorted."""
     dtype_name = np.dtype(dtype).name
-    return tuple(sorted({v.out_dtype for v in self.variants
-                         if v.direction == direction and v.dtype == dtype_name}))
+    return tuple(
+      sorted(
+        {v.out_dtype for v in self.variants if v.direction == direction and v.dtype == dtype_name}
+      )
+    )
 
   def descale_block(self, dtype, out_dtype, head_dim: int) -> tuple[int, int]:
     """(q_block_rows, k_block_rows) of the FP8 forward kernel for the compiled `head_dim`:
@@ -115,9 +132,13 @@ def gpus_without_kernels() -> list[str]:
   """The CUDA GPUs JAX sees that cannot run the kernels (any but Hopper, sm_90a), described.
   A device that does not report its compute capability is not listed (jax's CUDA devices
   report it as a string, "9.0" on an H100 or H200)."""
-  return sorted({f"{d.device_kind} (compute capability {d.compute_capability})"
-                 for d in _cuda_devices()
-                 if getattr(d, "compute_capability", None) not in (None, "9.0")})
+  return sorted(
+    {
+      f"{d.device_kind} (compute capability {d.compute_capability})"
+      for d in _cuda_devices()
+      if getattr(d, "compute_capability", None) not in (None, "9.0")
+    }
+  )
 
 
 def gpu_problem() -> str | None:
@@ -127,8 +148,12 @@ def gpu_problem() -> str | None:
   """
   fallback = "jax_fa3 runs its float32 reference path instead"
   if not _cuda_devices():
-    hint = (" (nvidia-smi is here: install jax's CUDA wheels, "
-            "`pip install 'jax[cuda13]'` or 'jax[cuda12]')" if shutil.which("nvidia-smi") else "")
+    hint = (
+      " (nvidia-smi is here: install jax's CUDA wheels, "
+      "`pip install 'jax[cuda13]'` or 'jax[cuda12]')"
+      if shutil.which("nvidia-smi")
+      else ""
+    )
     return f"JAX sees no CUDA GPU{hint}; {fallback}."
   others = gpus_without_kernels()
   if others:
@@ -150,14 +175,21 @@ def _missing_extension_reason(error: ImportError, package_dir: pathlib.Path) -> 
   except importlib.metadata.PackageNotFoundError:
     installed = None
   if installed and installed.is_dir() and installed.resolve() != package_dir.resolve():
-    extension = ("which has the CUDA extension" if any(installed.glob("_fa3_cuda*"))
-                 else "which has no CUDA extension either")
-    return (f"jax_fa3 was imported from {package_dir}, which shadows the installed package "
-            f"in {installed}, {extension}: Python looks in the current (or the script's) "
-            f"directory first. Run from another directory, or with `python -P` "
-            f"(PYTHONSAFEPATH=1)")
-  return (f"the CUDA extension jax_fa3._fa3_cuda could not be imported ({error}); install "
-          f"a wheel, or build it with a CUDA toolkit: `JAX_FA3_CUDA=ON pip install .`")
+    extension = (
+      "which has the CUDA extension"
+      if any(installed.glob("_fa3_cuda*"))
+      else "which has no CUDA extension either"
+    )
+    return (
+      f"jax_fa3 was imported from {package_dir}, which shadows the installed package "
+      f"in {installed}, {extension}: Python looks in the current (or the script's) "
+      f"directory first. Run from another directory, or with `python -P` "
+      f"(PYTHONSAFEPATH=1)"
+    )
+  return (
+    f"the CUDA extension jax_fa3._fa3_cuda could not be imported ({error}); install "
+    f"a wheel, or build it with a CUDA toolkit: `JAX_FA3_CUDA=ON pip install .`"
+  )
 
 
 def _load() -> KernelStatus:
@@ -171,10 +203,12 @@ def _load() -> KernelStatus:
   reason = None if variants else "the extension was built with an empty variant list"
   segment_tiles = {(d, t, int(h)): (int(m), int(n)) for d, t, h, m, n in _fa3_cuda.segment_tiles()}
   decode_shapes = {(t, int(h)): (int(n), int(c)) for t, h, n, c in _fa3_cuda.decode_shapes()}
-  descale_blocks = {(t, o, int(h)): (int(m), int(n))
-                    for t, o, h, m, n in _fa3_cuda.descale_blocks()}
-  return KernelStatus(variants, reason, dict(_fa3_cuda.build_info()), segment_tiles,
-                      decode_shapes, descale_blocks)
+  descale_blocks = {
+    (t, o, int(h)): (int(m), int(n)) for t, o, h, m, n in _fa3_cuda.descale_blocks()
+  }
+  return KernelStatus(
+    variants, reason, dict(_fa3_cuda.build_info()), segment_tiles, decode_shapes, descale_blocks
+  )
 
 
 _status = _load()

@@ -20,10 +20,26 @@ _MAX_HEAD_DIM = 256
 _JAX_NN_MASKED_LSE = np.float32(-0.7 * np.finfo(np.float32).max)
 
 
-def flash_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, softmax_scale=None,
-                    causal=False, window_size=(-1, -1), softcap=0.0, sinks=None,
-                    return_lse=False, return_max_logit=False, deterministic=False,
-                    descale_q=None, descale_k=None, descale_v=None, out_dtype=None):
+def flash_attention(
+  q,
+  k,
+  v,
+  *,
+  segment_ids=None,
+  kv_segment_ids=None,
+  softmax_scale=None,
+  causal=False,
+  window_size=(-1, -1),
+  softcap=0.0,
+  sinks=None,
+  return_lse=False,
+  return_max_logit=False,
+  deterministic=False,
+  descale_q=None,
+  descale_k=None,
+  descale_v=None,
+  out_dtype=None,
+):
   """FlashAttention-3: softmax(q kᵀ · softmax_scale) v, on Hopper kernels where compiled.
 
   Args:
@@ -93,35 +109,48 @@ def flash_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, softmax_s
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   fp8 = _check_qkv(q, k, v)
   causal, return_lse, return_max_logit, deterministic = _check_flags(
-      causal=causal, return_lse=return_lse, return_max_logit=return_max_logit,
-      deterministic=deterministic)
-  params = _flash_params(q.shape[3], softmax_scale, causal, window_size, softcap,
-                         diagonal_offset=k.shape[1] - q.shape[1])
+    causal=causal,
+    return_lse=return_lse,
+    return_max_logit=return_max_logit,
+    deterministic=deterministic,
+  )
+  params = _flash_params(
+    q.shape[3], softmax_scale, causal, window_size, softcap, diagonal_offset=k.shape[1] - q.shape[1]
+  )
   sinks = _check_sinks("flash_attention", sinks, q.shape[0], q.shape[2])
   out_dtype = _check_out_dtype(out_dtype, q.dtype)
-  descales = _check_descales(q, k, descale_q=descale_q, descale_k=descale_k,
-                             descale_v=descale_v)
+  descales = _check_descales(q, k, descale_q=descale_q, descale_k=descale_k, descale_v=descale_v)
   if fp8:
-    for name, used in (("segment_ids", segment_ids is not None),
-                       ("kv_segment_ids", kv_segment_ids is not None),
-                       ("deterministic", deterministic)):
+    for name, used in (
+      ("segment_ids", segment_ids is not None),
+      ("kv_segment_ids", kv_segment_ids is not None),
+      ("deterministic", deterministic),
+    ):
       if used:
-        raise ValueError(f"flash_attention: {name} is not supported with float8_e4m3fn "
-                         f"inputs (the FP8 kernels are forward only, without packed "
-                         f"sequences); run this call in bfloat16 or float16")
-    out, lse, *max_logit = fp8_forward(q, k, v, descales, sinks, params,
-                                       Fp8Params(out_dtype), return_max_logit)
+        raise ValueError(
+          f"flash_attention: {name} is not supported with float8_e4m3fn "
+          f"inputs (the FP8 kernels are forward only, without packed "
+          f"sequences); run this call in bfloat16 or float16"
+        )
+    out, lse, *max_logit = fp8_forward(
+      q, k, v, descales, sinks, params, Fp8Params(out_dtype), return_max_logit
+    )
     return _results(out, lse if return_lse else None, *max_logit)
   absent = jnp.zeros((0,), jnp.int32)
   q_rows, kv_rows = absent, absent
   if segment_ids is not None or kv_segment_ids is not None:
     q_ids, kv_ids = _check_segment_ids(segment_ids, kv_segment_ids, q, k)
     q_rows, kv_rows = segments.rows(
-        q_ids, kv_ids, window_left=params.window_left, window_right=params.window_right,
-        q_offsets=jnp.full(q_ids.shape, params.diagonal_offset, jnp.int32),
-        kv_offsets=jnp.full(kv_ids.shape, params.diagonal_offset, jnp.int32))
-  out, lse, *max_logit = _attention(q, k, v, absent, absent, q_rows, kv_rows, sinks, params,
-                                    deterministic, return_max_logit)
+      q_ids,
+      kv_ids,
+      window_left=params.window_left,
+      window_right=params.window_right,
+      q_offsets=jnp.full(q_ids.shape, params.diagonal_offset, jnp.int32),
+      kv_offsets=jnp.full(kv_ids.shape, params.diagonal_offset, jnp.int32),
+    )
+  out, lse, *max_logit = _attention(
+    q, k, v, absent, absent, q_rows, kv_rows, sinks, params, deterministic, return_max_logit
+  )
   return _results(out, lse if return_lse else None, *max_logit)
 
 
@@ -131,11 +160,26 @@ def _results(out, lse=None, max_logit=None):
   return (out, *extras) if extras else out
 
 
-def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
-                           max_seqlen_k=None, seqused_q=None, seqused_k=None,
-                           softmax_scale=None, causal=False, window_size=(-1, -1),
-                           softcap=0.0, sinks=None, return_lse=False,
-                           return_max_logit=False, deterministic=False):
+def flash_attention_varlen(
+  q,
+  k,
+  v,
+  cu_seqlens_q,
+  cu_seqlens_k,
+  *,
+  max_seqlen_q=None,
+  max_seqlen_k=None,
+  seqused_q=None,
+  seqused_k=None,
+  softmax_scale=None,
+  causal=False,
+  window_size=(-1, -1),
+  softcap=0.0,
+  sinks=None,
+  return_lse=False,
+  return_max_logit=False,
+  deterministic=False,
+):
   """FlashAttention's variable-length form: sequences concatenated along one token axis.
 
   Args:
@@ -160,44 +204,58 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   for name, x in (("q", q), ("k", k), ("v", v)):
     if x.ndim != 3:
-      raise ValueError(f"flash_attention_varlen: {name} must have rank 3 [total_tokens, heads, "
-                       f"head_dim], got shape {x.shape}")
+      raise ValueError(
+        f"flash_attention_varlen: {name} must have rank 3 [total_tokens, heads, "
+        f"head_dim], got shape {x.shape}"
+      )
   for name, bound in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-    _checks.refuse_traced(name, bound, "FlashAttention takes it as a Python int (jax_fa3 "
-                          "needs none: None will do)")
+    _checks.refuse_traced(
+      name, bound, "FlashAttention takes it as a Python int (jax_fa3 needs none: None will do)"
+    )
     if bound is not None and not (_is_int(bound) and bound >= 0):
       raise ValueError(f"flash_attention_varlen: {name} must be an int >= 0, got {bound!r}")
   cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q)
   cu_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k)
   if cu_q.shape != cu_k.shape:
-    raise ValueError(f"flash_attention_varlen: cu_seqlens_q {list(cu_q.shape)} and cu_seqlens_k "
-                     f"{list(cu_k.shape)} must describe the same number of sequences")
+    raise ValueError(
+      f"flash_attention_varlen: cu_seqlens_q {list(cu_q.shape)} and cu_seqlens_k "
+      f"{list(cu_k.shape)} must describe the same number of sequences"
+    )
   num_seqs = cu_q.shape[0] - 1
   used_q = _check_seq_lengths("seqused_q", seqused_q, num_seqs)
   used_k = _check_seq_lengths("seqused_k", seqused_k, num_seqs)
   q4, k4, v4 = q[None], k[None], v[None]
   if _check_qkv(q4, k4, v4):
-    raise TypeError("flash_attention_varlen: float8_e4m3fn inputs are not supported (the FP8 "
-                    "kernels have no variable-length form); use flash_attention with "
-                    "[batch, seqlen, heads, head_dim] arrays, or bfloat16/float16 here")
+    raise TypeError(
+      "flash_attention_varlen: float8_e4m3fn inputs are not supported (the FP8 "
+      "kernels have no variable-length form); use flash_attention with "
+      "[batch, seqlen, heads, head_dim] arrays, or bfloat16/float16 here"
+    )
   causal, return_lse, return_max_logit, deterministic = _check_flags(
-      causal=causal, return_lse=return_lse, return_max_logit=return_max_logit,
-      deterministic=deterministic)
+    causal=causal,
+    return_lse=return_lse,
+    return_max_logit=return_max_logit,
+    deterministic=deterministic,
+  )
   # The diagonals are per sequence, in the rows below; the params' offset is unused.
-  params = _flash_params(q.shape[2], softmax_scale, causal, window_size, softcap,
-                         diagonal_offset=0)
+  params = _flash_params(q.shape[2], softmax_scale, causal, window_size, softcap, diagonal_offset=0)
   sinks = _check_sinks("flash_attention_varlen", sinks, 1, q.shape[1])
   q_ids, q_start, q_length, bad_q = _sequence_of_tokens(cu_q, used_q, q.shape[0])
   kv_ids, k_start, k_length, bad_k = _sequence_of_tokens(cu_k, used_k, k.shape[0])
   # Bottom-right alignment in each sequence: query a of s sits on key a + Lk - Lq of s.
   offset = (k_start + k_length) - (q_start + q_length)
   q_rows, kv_rows = segments.rows(
-      q_ids[None], kv_ids[None], window_left=params.window_left,
-      window_right=params.window_right, q_offsets=offset[jnp.maximum(q_ids, 0)][None],
-      kv_offsets=offset[jnp.maximum(kv_ids, 0)][None])
+    q_ids[None],
+    kv_ids[None],
+    window_left=params.window_left,
+    window_right=params.window_right,
+    q_offsets=offset[jnp.maximum(q_ids, 0)][None],
+    kv_offsets=offset[jnp.maximum(kv_ids, 0)][None],
+  )
   absent = jnp.zeros((0,), jnp.int32)
-  out, lse, *max_logit = _attention(q4, k4, v4, absent, absent, q_rows, kv_rows, sinks, params,
-                                    deterministic, return_max_logit)
+  out, lse, *max_logit = _attention(
+    q4, k4, v4, absent, absent, q_rows, kv_rows, sinks, params, deterministic, return_max_logit
+  )
   # Tokens of a malformed sequence (of q's or k's bounds): NaN, never a silent number.
   bad_tokens = _tokens_of(bad_q | bad_k, cu_q, q.shape[0])
   out = jnp.where(bad_tokens[:, None, None], jnp.nan, out[0]).astype(q.dtype)
@@ -206,10 +264,21 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=
   return _results(out, lse if return_lse else None, *max_logit)
 
 
-def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
-                          is_causal=False, query_seq_lengths=None,
-                          key_value_seq_lengths=None, local_window_size=None,
-                          implementation=None, return_residual=False):
+def dot_product_attention(
+  query,
+  key,
+  value,
+  bias=None,
+  mask=None,
+  *,
+  scale=None,
+  is_causal=False,
+  query_seq_lengths=None,
+  key_value_seq_lengths=None,
+  local_window_size=None,
+  implementation=None,
+  return_residual=False,
+):
   """A drop-in for `jax.nn.dot_product_attention`, with exactly its semantics.
 
   That includes its top-left causal alignment when T != S, its handling of
@@ -232,27 +301,59 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   reasons. Empty sequences and head dims run on jax.nn, which returns an empty (or
   all-zero) result.
   """
-  is_causal, return_residual = _check_flags(is_causal=is_causal,
-                                            return_residual=return_residual)
+  is_causal, return_residual = _check_flags(is_causal=is_causal, return_residual=return_residual)
   if implementation in ("xla", "cudnn"):
-    return _jax_nn(query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
-                   key_value_seq_lengths, local_window_size, implementation, return_residual)
+    return _jax_nn(
+      query,
+      key,
+      value,
+      bias,
+      mask,
+      scale,
+      is_causal,
+      query_seq_lengths,
+      key_value_seq_lengths,
+      local_window_size,
+      implementation,
+      return_residual,
+    )
   if implementation not in (None, "fa3"):
-    raise ValueError(f"Unsupported implementation option: {implementation!r}; "
-                     "choose None, 'fa3', 'xla' or 'cudnn'")
+    raise ValueError(
+      f"Unsupported implementation option: {implementation!r}; choose None, 'fa3', 'xla' or 'cudnn'"
+    )
   query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
   if _is_int(local_window_size):
     local_window_size = (local_window_size, local_window_size)
   bias, mask, query_seq_lengths, key_value_seq_lengths = _check_like_jax_nn(
-      query, key, value, bias, mask, scale, query_seq_lengths, key_value_seq_lengths,
-      local_window_size)
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    scale,
+    query_seq_lengths,
+    key_value_seq_lengths,
+    local_window_size,
+  )
   unsupported = _unsupported_by_fa3(query, key, value, bias, mask, scale, local_window_size)
   if unsupported:
     if implementation == "fa3":
       raise unsupported
     try:
-      return _jax_nn(query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
-                     key_value_seq_lengths, local_window_size, None, return_residual)
+      return _jax_nn(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        scale,
+        is_causal,
+        query_seq_lengths,
+        key_value_seq_lengths,
+        local_window_size,
+        None,
+        return_residual,
+      )
     except (TypeError, ValueError) as jax_nn_error:  # what the checks above did not foresee
       raise _checks.refused_by_both(unsupported, jax_nn_error) from jax_nn_error
 
@@ -263,19 +364,32 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   seqlen_k = key.shape[1]
   window_left, window_right = local_window_size or (-1, -1)
   params = AttentionParams(
-      softmax_scale=head_dim ** -0.5 if scale is None else float(scale),
-      window_left=window_left,
-      window_right=0 if is_causal else window_right,
-      diagonal_offset=0)  # jax.nn aligns the causal mask top-left.
+    softmax_scale=head_dim**-0.5 if scale is None else float(scale),
+    window_left=window_left,
+    window_right=0 if is_causal else window_right,
+    diagonal_offset=0,
+  )  # jax.nn aligns the causal mask top-left.
   seqused_q = _seqused(query_seq_lengths, seqlen_q)
   seqused_k = _seqused(key_value_seq_lengths, seqlen_k)
   absent = jnp.zeros((0,), jnp.int32)
-  out, lse = _attention(query, key, value, seqused_q, seqused_k, absent, absent,
-                        jnp.zeros((0,), jnp.float32), params, False, False)
+  out, lse = _attention(
+    query,
+    key,
+    value,
+    seqused_q,
+    seqused_k,
+    absent,
+    absent,
+    jnp.zeros((0,), jnp.float32),
+    params,
+    False,
+    False,
+  )
   # Without lengths or a window every query row sees key 0 (the causal mask is top-left
   # aligned here): no row is key-less.
-  keyless_rows = not (query_seq_lengths is None and key_value_seq_lengths is None
-                      and local_window_size is None)
+  keyless_rows = not (
+    query_seq_lengths is None and key_value_seq_lengths is None and local_window_size is None
+  )
   out, residual = _as_jax_nn_gives(out, lse, value, query_seq_lengths, keyless_rows)
   if return_residual:
     return out.reshape(output_shape), residual.reshape(output_shape[:-1])
@@ -308,21 +422,26 @@ def _as_jax_nn_gives(out, lse, value, query_seq_lengths, keyless_rows):
 
 # --- The custom VJP --------------------------------------------------------------
 
+
 # The mask operands (lengths, packed-sequence rows) are int32 and get no cotangent. sinks
 # (float32 [batch, heads], or [0] when absent) do; max_logit, when asked for, has none.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def _attention(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, params, deterministic,
-               return_max_logit):
+def _attention(
+  q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, params, deterministic, return_max_logit
+):
   del deterministic
-  return tuple(sharding.attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks,
-                                      params, return_max_logit))
+  return tuple(
+    sharding.attention_fwd(
+      q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, params, return_max_logit
+    )
+  )
 
 
-def _attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, params,
-                   deterministic, return_max_logit):
+def _attention_fwd(
+  q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, params, deterministic, return_max_logit
+):
   del deterministic
-  q, k, v, sinks, *mask = (x.value for x in (q, k, v, sinks, seqused_q, seqused_k, q_rows,
-                                             kv_rows))
+  q, k, v, sinks, *mask = (x.value for x in (q, k, v, sinks, seqused_q, seqused_k, q_rows, kv_rows))
   results = tuple(sharding.attention_fwd(q, k, v, *mask, sinks, params, return_max_logit))
   out, lse = results[:2]
   return results, (q, k, v, mask, sinks, out, lse)
@@ -344,14 +463,15 @@ def _attention_bwd(params, deterministic, return_max_logit, residuals, cotangent
     dout = jnp.concatenate([dout, jnp.swapaxes(dlse, 1, 2)[..., None].astype(dout.dtype)], -1)
     out = jnp.concatenate([out, jnp.zeros((*out.shape[:3], 1), out.dtype)], -1)
     dq, dk, dv, *dsinks = sharding.attention_bwd(
-        dout, q, k, jnp.concatenate([v, ones], -1), out, lse, *mask, sinks, params,
-        deterministic)
+      dout, q, k, jnp.concatenate([v, ones], -1), out, lse, *mask, sinks, params, deterministic
+    )
     if sinks.size:  # d lse_i / d sink = exp(sink - lse_i): the lse's own share of dsinks
       lse_share = reference.sink_gradient(sinks, lse, dlse)
       dsinks = [dsinks[0] - sharding.sharded_like(lse_share, sinks)]
     return (dq, dk, dv[..., :-1], *mask_grads, *(dsinks or [None]))
-  dq, dk, dv, *dsinks = sharding.attention_bwd(dout, q, k, v, out, lse, *mask, sinks, params,
-                                               deterministic)
+  dq, dk, dv, *dsinks = sharding.attention_bwd(
+    dout, q, k, v, out, lse, *mask, sinks, params, deterministic
+  )
   return (dq, dk, dv, *mask_grads, *(dsinks or [None]))
 
 
@@ -360,8 +480,10 @@ _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 
 # --- FP8 --------------------------------------------------------------------------
 
-def fp8_forward(q, k, v, descales, sinks, params: AttentionParams, fp8: Fp8Params,
-                return_max_logit=False):
+
+def fp8_forward(
+  q, k, v, descales, sinks, params: AttentionParams, fp8: Fp8Params, return_max_logit=False
+):
   """The FP8 forward on float8_e4m3fn q, k, v and their descales in the contract's block
   forms (CONTRACT.md): (descale_q [B, H, QB], descale_k [B, Hk, KB], descale_v [B, Hk]),
   each None or shape [0] when absent, a block covering fp8.q_block_rows query rows or
@@ -372,22 +494,35 @@ def fp8_forward(q, k, v, descales, sinks, params: AttentionParams, fp8: Fp8Param
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(7, 8, 9))
-def _fp8_forward(q, k, v, sinks, descale_q, descale_k, descale_v, params, fp8,
-                 return_max_logit):
+def _fp8_forward(q, k, v, sinks, descale_q, descale_k, descale_v, params, fp8, return_max_logit):
   absent = jnp.zeros((0,), jnp.int32)
-  return tuple(sharding.attention_fwd(q, k, v, absent, absent, absent, absent, sinks, params,
-                                      return_max_logit, (descale_q, descale_k, descale_v),
-                                      fp8))
+  return tuple(
+    sharding.attention_fwd(
+      q,
+      k,
+      v,
+      absent,
+      absent,
+      absent,
+      absent,
+      sinks,
+      params,
+      return_max_logit,
+      (descale_q, descale_k, descale_v),
+      fp8,
+    )
+  )
 
 
 @_fp8_forward.defjvp
 def _no_fp8_gradient(params, fp8, return_max_logit, primals, tangents):
   del params, fp8, return_max_logit, primals, tangents
   raise TypeError(
-      "flash_attention has no gradient for float8_e4m3fn inputs: there is no FP8 backward "
-      "kernel. For a differentiable FP8 forward use jax_fa3.fp8_attention(q, k, v, ...) on "
-      "bfloat16/float16 inputs: it quantizes them itself and takes its gradient from the "
-      "16-bit backward on the dequantized inputs.")
+    "flash_attention has no gradient for float8_e4m3fn inputs: there is no FP8 backward "
+    "kernel. For a differentiable FP8 forward use jax_fa3.fp8_attention(q, k, v, ...) on "
+    "bfloat16/float16 inputs: it quantizes them itself and takes its gradient from the "
+    "16-bit backward on the dequantized inputs."
+  )
 
 
 def _check_out_dtype(out_dtype, dtype):
@@ -400,14 +535,18 @@ def _check_out_dtype(out_dtype, dtype):
       raise TypeError(f"flash_attention: out_dtype must be a dtype, got {out_dtype!r}") from e
   if dtype != FP8_DTYPE:
     if out_dtype not in (None, dtype):
-      raise ValueError(f"flash_attention: out_dtype={out_dtype} is for float8_e4m3fn inputs; "
-                       f"{dtype} inputs give {dtype} outputs (pass out_dtype=None)")
+      raise ValueError(
+        f"flash_attention: out_dtype={out_dtype} is for float8_e4m3fn inputs; "
+        f"{dtype} inputs give {dtype} outputs (pass out_dtype=None)"
+      )
     return None
   if out_dtype is None:
     return "bfloat16"
   if out_dtype not in DTYPES:
-    raise ValueError(f"flash_attention: out_dtype must be bfloat16 or float16 for "
-                     f"float8_e4m3fn inputs, got {out_dtype}")
+    raise ValueError(
+      f"flash_attention: out_dtype must be bfloat16 or float16 for "
+      f"float8_e4m3fn inputs, got {out_dtype}"
+    )
   return out_dtype.name
 
 
@@ -418,8 +557,10 @@ def _check_descales(q, k, **descales):
   given = [name for name, x in descales.items() if x is not None]
   if q.dtype != FP8_DTYPE:
     if given:
-      raise ValueError(f"flash_attention: {given[0]} is only for float8_e4m3fn inputs; q, k "
-                       f"and v have dtype {q.dtype}, which needs no descaling")
+      raise ValueError(
+        f"flash_attention: {given[0]} is only for float8_e4m3fn inputs; q, k "
+        f"and v have dtype {q.dtype}, which needs no descaling"
+      )
     return (None,) * 3
   batch, _, heads, _ = q.shape
   kv_heads = k.shape[2]
@@ -434,9 +575,11 @@ def _check_descales(q, k, **descales):
       x = jnp.float32(x)
     x = jnp.asarray(x)
     if x.dtype != np.float32 or x.shape not in ((), (batch, kv_heads)):
-      raise ValueError(f"flash_attention: {name} must be a number or a float32 array of shape "
-                       f"[] or [batch, kv_heads] = [{batch}, {kv_heads}], got "
-                       f"{x.dtype}{list(x.shape)}")
+      raise ValueError(
+        f"flash_attention: {name} must be a number or a float32 array of shape "
+        f"[] or [batch, kv_heads] = [{batch}, {kv_heads}], got "
+        f"{x.dtype}{list(x.shape)}"
+      )
     x = jnp.broadcast_to(x, (batch, kv_heads))
     if name == "descale_q":  # per query head: its k/v head's factor
       x = jnp.repeat(x, heads // kv_heads, axis=1)
@@ -450,25 +593,33 @@ def _is_python_number(x):
 
 # --- Argument checks -------------------------------------------------------------
 
+
 def _check_qkv(q, k, v, function="flash_attention"):
   """Checks q, k, v for `function` (named in the errors); returns whether they are FP8
   (float8_e4m3fn)."""
   for name, x in (("q", q), ("k", k), ("v", v)):
     if x.ndim != 4:
-      raise ValueError(f"{function}: {name} must have rank 4 "
-                       f"[batch, seqlen, heads, head_dim], got shape {x.shape}")
+      raise ValueError(
+        f"{function}: {name} must have rank 4 [batch, seqlen, heads, head_dim], got shape {x.shape}"
+      )
     if x.dtype not in (*DTYPES, FP8_DTYPE):
-      raise TypeError(f"{function}: {name} has dtype {x.dtype}; it takes bfloat16 or "
-                      "float16 (or float8_e4m3fn q, k and v with descale factors). Cast "
-                      "float32 inputs with .astype(jnp.bfloat16), or use "
-                      "jax_fa3.dot_product_attention, which hands float32 to jax.nn.")
+      raise TypeError(
+        f"{function}: {name} has dtype {x.dtype}; it takes bfloat16 or "
+        "float16 (or float8_e4m3fn q, k and v with descale factors). Cast "
+        "float32 inputs with .astype(jnp.bfloat16), or use "
+        "jax_fa3.dot_product_attention, which hands float32 to jax.nn."
+      )
     if 0 in x.shape:
       raise ValueError(f"{function}: {name} has an empty dimension: shape {x.shape}")
   if not q.dtype == k.dtype == v.dtype:
-    fp8_rule = (" (FP8 attention takes q, k and v all float8_e4m3fn)"
-                if FP8_DTYPE in (q.dtype, k.dtype, v.dtype) else "")
-    raise TypeError(f"{function}: q, k and v must share one dtype{fp8_rule}, got "
-                    f"{q.dtype}, {k.dtype}, {v.dtype}")
+    fp8_rule = (
+      " (FP8 attention takes q, k and v all float8_e4m3fn)"
+      if FP8_DTYPE in (q.dtype, k.dtype, v.dtype)
+      else ""
+    )
+    raise TypeError(
+      f"{function}: q, k and v must share one dtype{fp8_rule}, got {q.dtype}, {k.dtype}, {v.dtype}"
+    )
   shapes = f"q {q.shape}, k {k.shape}, v {v.shape}"
   if not q.shape[0] == k.shape[0] == v.shape[0]:
     raise ValueError(f"{function}: q, k and v must have the same batch size: {shapes}")
@@ -477,8 +628,10 @@ def _check_qkv(q, k, v, function="flash_attention"):
   if v.shape[1:3] != k.shape[1:3]:
     raise ValueError(f"{function}: v must have k's seqlen and heads: {shapes}")
   if q.shape[2] % k.shape[2]:
-    raise ValueError(f"{function}: q's heads ({q.shape[2]}) must be a multiple of "
-                     f"k/v's heads ({k.shape[2]}): {shapes}")
+    raise ValueError(
+      f"{function}: q's heads ({q.shape[2]}) must be a multiple of "
+      f"k/v's heads ({k.shape[2]}): {shapes}"
+    )
   if max(q.shape[3], v.shape[3]) > _MAX_HEAD_DIM:
     raise ValueError(f"{function}: head dims must be at most {_MAX_HEAD_DIM}: {shapes}")
   return q.dtype == FP8_DTYPE
@@ -488,31 +641,39 @@ def _flash_params(head_dim, softmax_scale, causal, window_size, softcap, diagona
   """flash_attention's static arguments, checked, as the primitives' parameters."""
   window_left, window_right = _check_window("window_size", window_size)
   return AttentionParams(
-      softmax_scale=_softmax_scale(softmax_scale, head_dim),
-      softcap=_check_softcap(softcap),
-      window_left=window_left,
-      window_right=0 if causal else window_right,
-      diagonal_offset=diagonal_offset)
+    softmax_scale=_softmax_scale(softmax_scale, head_dim),
+    softcap=_check_softcap(softcap),
+    window_left=window_left,
+    window_right=0 if causal else window_right,
+    diagonal_offset=diagonal_offset,
+  )
 
 
 def _check_segment_ids(segment_ids, kv_segment_ids, q, k):
   """The ids as int32 `[batch, seqlen_q]` and `[batch, seqlen_k]`, or a clear error."""
   if segment_ids is None:
-    raise ValueError("flash_attention: kv_segment_ids needs segment_ids (the queries' "
-                     "documents) too")
+    raise ValueError(
+      "flash_attention: kv_segment_ids needs segment_ids (the queries' documents) too"
+    )
   if kv_segment_ids is None:
     if q.shape[1] != k.shape[1]:
-      raise ValueError(f"flash_attention: kv_segment_ids is needed when seqlen_q "
-                       f"({q.shape[1]}) != seqlen_k ({k.shape[1]}); segment_ids alone "
-                       "serves both only for equal lengths")
+      raise ValueError(
+        f"flash_attention: kv_segment_ids is needed when seqlen_q "
+        f"({q.shape[1]}) != seqlen_k ({k.shape[1]}); segment_ids alone "
+        "serves both only for equal lengths"
+      )
     kv_segment_ids = segment_ids
   checked = []
-  for name, ids, shape in (("segment_ids", segment_ids, q.shape[:2]),
-                           ("kv_segment_ids", kv_segment_ids, k.shape[:2])):
+  for name, ids, shape in (
+    ("segment_ids", segment_ids, q.shape[:2]),
+    ("kv_segment_ids", kv_segment_ids, k.shape[:2]),
+  ):
     ids = jnp.asarray(ids)
     if ids.shape != shape or not jnp.issubdtype(ids.dtype, jnp.integer):
-      raise ValueError(f"flash_attention: {name} must be integers of shape [batch, seqlen] = "
-                       f"{list(shape)}, got {ids.dtype}{list(ids.shape)}")
+      raise ValueError(
+        f"flash_attention: {name} must be integers of shape [batch, seqlen] = "
+        f"{list(shape)}, got {ids.dtype}{list(ids.shape)}"
+      )
     checked.append(ids.astype(jnp.int32))
   return tuple(checked)
 
@@ -524,16 +685,20 @@ def _check_sinks(function, sinks, batch, heads):
     return jnp.zeros((0,), jnp.float32)
   sinks = jnp.asarray(sinks)
   if sinks.shape != (heads,) or not jnp.issubdtype(sinks.dtype, jnp.floating):
-    raise ValueError(f"{function}: sinks must be a float array of shape [heads] = [{heads}] "
-                     f"(one logit per query head), got {sinks.dtype}{list(sinks.shape)}")
+    raise ValueError(
+      f"{function}: sinks must be a float array of shape [heads] = [{heads}] "
+      f"(one logit per query head), got {sinks.dtype}{list(sinks.shape)}"
+    )
   return jnp.broadcast_to(sinks.astype(jnp.float32)[None], (batch, heads))
 
 
 def _check_cu_seqlens(name, cu_seqlens):
   cu_seqlens = jnp.asarray(cu_seqlens)
   if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 1 or cu_seqlens.dtype != np.int32:
-    raise ValueError(f"flash_attention_varlen: {name} must be int32 of shape [num_seqs + 1], "
-                     f"got {cu_seqlens.dtype}{list(cu_seqlens.shape)}")
+    raise ValueError(
+      f"flash_attention_varlen: {name} must be int32 of shape [num_seqs + 1], "
+      f"got {cu_seqlens.dtype}{list(cu_seqlens.shape)}"
+    )
   return cu_seqlens
 
 
@@ -547,8 +712,9 @@ def _sequence_of_tokens(cu_seqlens, seqused, total):
     length = jnp.clip(seqused, 0, length)
   tokens = jnp.arange(total, dtype=jnp.int32)
   # Well-formed bounds are sorted; searchsorted on others still gives an index in range.
-  sequence = jnp.clip(jnp.searchsorted(stop, tokens, side="right", method="scan_unrolled"), 0,
-                      start.shape[0] - 1)
+  sequence = jnp.clip(
+    jnp.searchsorted(stop, tokens, side="right", method="scan_unrolled"), 0, start.shape[0] - 1
+  )
   sequence = sequence.astype(jnp.int32)
   inside = (tokens >= start[sequence]) & (tokens < start[sequence] + length[sequence])
   ids = jnp.where(inside & ~bad[sequence], sequence, -1)
@@ -568,10 +734,14 @@ def _tokens_of(flagged, cu_seqlens, total):
 
 def _check_window(name, window):
   _checks.refuse_traced(name, window, "it selects the kernel's mask")
-  if (not isinstance(window, (tuple, list)) or len(window) != 2
-      or not all(_is_int(w) and w >= -1 for w in window)):
-    raise ValueError(f"{name} must be a pair (left, right) of ints >= -1 "
-                     f"(-1 = unbounded), got {window!r}")
+  if (
+    not isinstance(window, (tuple, list))
+    or len(window) != 2
+    or not all(_is_int(w) and w >= -1 for w in window)
+  ):
+    raise ValueError(
+      f"{name} must be a pair (left, right) of ints >= -1 (-1 = unbounded), got {window!r}"
+    )
   return int(window[0]), int(window[1])
 
 
@@ -583,7 +753,7 @@ def _check_softcap(softcap):
 
 
 def _softmax_scale(softmax_scale, head_dim):
-  scale = _static_float("softmax_scale", softmax_scale, head_dim ** -0.5)
+  scale = _static_float("softmax_scale", softmax_scale, head_dim**-0.5)
   if rule := _checks.softmax_scale_rule(scale):
     raise ValueError(f"softmax_scale {rule}, got {softmax_scale!r}")
   return scale
@@ -593,12 +763,16 @@ def _static_float(name, value, default):
   if value is None:
     return float(default)
   if isinstance(value, jax.core.Tracer):
-    raise TypeError(f"{name} must be a static Python number (it is a kernel attribute, "
-                    f"fixed when the call is traced), got the traced value {value}; pass it "
-                    "as a constant, e.g. through functools.partial or jit's static_argnames")
+    raise TypeError(
+      f"{name} must be a static Python number (it is a kernel attribute, "
+      f"fixed when the call is traced), got the traced value {value}; pass it "
+      "as a constant, e.g. through functools.partial or jit's static_argnames"
+    )
   if not _is_real_scalar(value):
-    raise TypeError(f"{name} must be a static Python number (it is a kernel attribute), "
-                    f"got {value!r} of type {type(value).__name__}")
+    raise TypeError(
+      f"{name} must be a static Python number (it is a kernel attribute), "
+      f"got {value!r} of type {type(value).__name__}"
+    )
   return _checks.as_float(name, value)
 
 
@@ -612,20 +786,23 @@ def _is_real_scalar(x):
 def _is_scalar_array(x, *kinds):
   """A 0-d array (traced or not) whose dtype is one of `kinds`."""
   dtype = getattr(x, "dtype", None)
-  return (getattr(x, "shape", None) == () and dtype is not None
-          and any(jnp.issubdtype(dtype, kind) for kind in kinds))
+  return (
+    getattr(x, "shape", None) == ()
+    and dtype is not None
+    and any(jnp.issubdtype(dtype, kind) for kind in kinds)
+  )
 
 
 # Why each flag must be static: what it selects when the call is traced.
 _FLAG_ROLES = {
-    "causal": "it selects the kernel's mask",
-    "is_causal": "it selects the attention mask",
-    "deterministic": "it selects the backward kernel's mode",
-    "hadamard": "it selects how the inputs are quantized",
-    "block_quantize": "it selects how the inputs are quantized",
-    "return_lse": "it sets how many arrays the call returns",
-    "return_max_logit": "it sets how many arrays the call returns",
-    "return_residual": "it sets how many arrays the call returns",
+  "causal": "it selects the kernel's mask",
+  "is_causal": "it selects the attention mask",
+  "deterministic": "it selects the backward kernel's mode",
+  "hadamard": "it selects how the inputs are quantized",
+  "block_quantize": "it selects how the inputs are quantized",
+  "return_lse": "it sets how many arrays the call returns",
+  "return_max_logit": "it sets how many arrays the call returns",
+  "return_residual": "it sets how many arrays the call returns",
 }
 
 
@@ -634,12 +811,15 @@ def _check_flags(**flags):
   (a Python or NumPy bool: not a string, a number or a traced value)."""
   for name, value in flags.items():
     if isinstance(value, jax.core.Tracer):
-      raise TypeError(f"{name} must be static, a Python bool, not a traced value: "
-                      f"{_FLAG_ROLES[name]} when the call is traced. Pass it as a constant, "
-                      "e.g. through functools.partial or jit's static_argnames")
+      raise TypeError(
+        f"{name} must be static, a Python bool, not a traced value: "
+        f"{_FLAG_ROLES[name]} when the call is traced. Pass it as a constant, "
+        "e.g. through functools.partial or jit's static_argnames"
+      )
     if not isinstance(value, (bool, np.bool_)):
-      raise TypeError(f"{name} must be a bool (True or False), got {value!r} of type "
-                      f"{type(value).__name__}")
+      raise TypeError(
+        f"{name} must be a bool (True or False), got {value!r} of type {type(value).__name__}"
+      )
   return tuple(bool(value) for value in flags.values())
 
 
@@ -651,42 +831,59 @@ def _unsupported_by_fa3(query, key, value, bias, mask, scale, local_window_size)
   """The exception `implementation="fa3"` raises for these arguments, or None."""
   ranks = (query.ndim, key.ndim, value.ndim)
   if bias is not None:
-    return ValueError("implementation='fa3' does not support `bias`; use implementation=None "
-                      "to fall back to jax.nn")
+    return ValueError(
+      "implementation='fa3' does not support `bias`; use implementation=None to fall back to jax.nn"
+    )
   if mask is not None:
-    return ValueError("implementation='fa3' does not support a dense `mask`; express it with "
-                      "is_causal, local_window_size and the *_seq_lengths, or use "
-                      "implementation=None to fall back to jax.nn")
+    return ValueError(
+      "implementation='fa3' does not support a dense `mask`; express it with "
+      "is_causal, local_window_size and the *_seq_lengths, or use "
+      "implementation=None to fall back to jax.nn"
+    )
   if ranks not in ((3, 3, 3), (4, 4, 4)):
-    return ValueError(f"implementation='fa3' takes query, key and value all of rank 4 (BTNH) "
-                      f"or all of rank 3 (TNH), got ranks {ranks}")
+    return ValueError(
+      f"implementation='fa3' takes query, key and value all of rank 4 (BTNH) "
+      f"or all of rank 3 (TNH), got ranks {ranks}"
+    )
   for name, x in (("query", query), ("key", key), ("value", value)):
     if x.dtype not in DTYPES:
-      return TypeError(f"implementation='fa3' takes bfloat16 or float16, got {name} of dtype "
-                       f"{x.dtype}; cast it, or use implementation=None to fall back to jax.nn")
+      return TypeError(
+        f"implementation='fa3' takes bfloat16 or float16, got {name} of dtype "
+        f"{x.dtype}; cast it, or use implementation=None to fall back to jax.nn"
+      )
   if max(query.shape[-1], value.shape[-1]) > _MAX_HEAD_DIM:
-    return ValueError(f"implementation='fa3' supports head dims up to {_MAX_HEAD_DIM}, got "
-                      f"query {query.shape}, value {value.shape}")
+    return ValueError(
+      f"implementation='fa3' supports head dims up to {_MAX_HEAD_DIM}, got "
+      f"query {query.shape}, value {value.shape}"
+    )
   if 0 in query.shape or 0 in key.shape:
-    return ValueError(f"implementation='fa3' needs query and key without an empty "
-                      f"dimension, got query {query.shape}, key {key.shape}; use "
-                      "implementation=None to get jax.nn's empty result")
+    return ValueError(
+      f"implementation='fa3' needs query and key without an empty "
+      f"dimension, got query {query.shape}, key {key.shape}; use "
+      "implementation=None to get jax.nn's empty result"
+    )
   if scale is not None:
     if isinstance(scale, jax.core.Tracer):
-      return TypeError("implementation='fa3' needs a static `scale` (a kernel attribute), "
-                       f"got {scale!r}")
+      return TypeError(
+        f"implementation='fa3' needs a static `scale` (a kernel attribute), got {scale!r}"
+      )
     if rule := _checks.softmax_scale_rule(float(scale)):
       return ValueError(f"implementation='fa3': `scale` {rule}, got {scale!r}")
   if local_window_size is not None and not (
-      isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2
-      and all(_is_int(w) and w >= 0 for w in local_window_size)):
-    return ValueError("implementation='fa3' takes local_window_size as an int or a pair of "
-                      f"ints >= 0, got {local_window_size!r}")
+    isinstance(local_window_size, (tuple, list))
+    and len(local_window_size) == 2
+    and all(_is_int(w) and w >= 0 for w in local_window_size)
+  ):
+    return ValueError(
+      "implementation='fa3' takes local_window_size as an int or a pair of "
+      f"ints >= 0, got {local_window_size!r}"
+    )
   return None
 
 
-def _check_like_jax_nn(query, key, value, bias, mask, scale, query_seq_lengths,
-                       key_value_seq_lengths, local_window_size):
+def _check_like_jax_nn(
+  query, key, value, bias, mask, scale, query_seq_lengths, key_value_seq_lengths, local_window_size
+):
   """jax.nn.dot_product_attention's rules, with errors that name the argument.
 
   What breaks them is refused whichever implementation would run, rather than left to
@@ -695,42 +892,57 @@ def _check_like_jax_nn(query, key, value, bias, mask, scale, query_seq_lengths,
   """
   for name, x in (("query", query), ("key", key), ("value", value)):
     if x.ndim not in (3, 4):
-      raise ValueError(f"{name} must have rank 4 [batch, seqlen, heads, head_dim] or rank 3 "
-                       f"[seqlen, heads, head_dim], got shape {x.shape}")
+      raise ValueError(
+        f"{name} must have rank 4 [batch, seqlen, heads, head_dim] or rank 3 "
+        f"[seqlen, heads, head_dim], got shape {x.shape}"
+      )
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
   if query.dtype != key.dtype or value.dtype != key.dtype:
-    raise ValueError(f"query, key and value must share one dtype, got {query.dtype}, "
-                     f"{key.dtype}, {value.dtype}")
+    raise ValueError(
+      f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+    )
   # Like jax.nn, a rank-3 array is one batch element.
   q_shape, k_shape, v_shape = ((1,) * (4 - x.ndim) + x.shape for x in (query, key, value))
   if v_shape != k_shape:
-    raise ValueError(f"value shape {value.shape} must equal key shape {key.shape} "
-                     "[batch, kv_seqlen, kv_heads, head_dim]")
+    raise ValueError(
+      f"value shape {value.shape} must equal key shape {key.shape} "
+      "[batch, kv_seqlen, kv_heads, head_dim]"
+    )
   if q_shape[0] != k_shape[0]:
-    raise ValueError(f"query and key must have the same batch size (a rank-3 array has "
-                     f"batch 1), got query {query.shape}, key {key.shape}")
+    raise ValueError(
+      f"query and key must have the same batch size (a rank-3 array has "
+      f"batch 1), got query {query.shape}, key {key.shape}"
+    )
   if q_shape[3] != k_shape[3]:
-    raise ValueError(f"query and key must have the same head_dim (last axis), got query "
-                     f"{query.shape}, key {key.shape}")
+    raise ValueError(
+      f"query and key must have the same head_dim (last axis), got query "
+      f"{query.shape}, key {key.shape}"
+    )
   batch, seqlen_q, heads, _ = q_shape
   seqlen_k, kv_heads = k_shape[1:3]
   if kv_heads == 0 or heads % kv_heads:
-    raise ValueError(f"The number of query heads must be a multiple of key/value heads, "
-                     f"got query {query.shape}, key {key.shape}")
+    raise ValueError(
+      f"The number of query heads must be a multiple of key/value heads, "
+      f"got query {query.shape}, key {key.shape}"
+    )
 
   logits_shape = (batch, heads, seqlen_q, seqlen_k)
   bias, mask = (None if x is None else jnp.asarray(x) for x in (bias, mask))
   for name, x in (("bias", bias), ("mask", mask)):
-    if x is not None and not (x.ndim <= 4 and all(
-        d in (1, n) for d, n in zip((1,) * (4 - x.ndim) + x.shape, logits_shape))):
-      raise ValueError(f"{name} must broadcast to [batch, heads, T, S] = {list(logits_shape)} "
-                       f"(each axis that size or 1), got shape {x.shape}")
+    if x is not None and not (
+      x.ndim <= 4 and all(d in (1, n) for d, n in zip((1,) * (4 - x.ndim) + x.shape, logits_shape))
+    ):
+      raise ValueError(
+        f"{name} must broadcast to [batch, heads, T, S] = {list(logits_shape)} "
+        f"(each axis that size or 1), got shape {x.shape}"
+      )
   if bias is not None and jnp.issubdtype(bias.dtype, jnp.complexfloating):
     raise TypeError(f"bias must be real (it is added to the scores), got dtype {bias.dtype}")
   if mask is not None and mask.dtype != np.bool_:
-    raise TypeError(f"mask must be boolean (True where a query attends to a key), got dtype "
-                    f"{mask.dtype}")
+    raise TypeError(
+      f"mask must be boolean (True where a query attends to a key), got dtype {mask.dtype}"
+    )
 
   if scale is not None:
     if not _is_real_scalar(scale):
@@ -738,13 +950,19 @@ def _check_like_jax_nn(query, key, value, bias, mask, scale, query_seq_lengths,
     if not isinstance(scale, jax.core.Tracer) and not np.isfinite(_checks.as_float("scale", scale)):
       raise ValueError(f"scale must be finite, got {scale!r}")
   if local_window_size is not None and not (
-      isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2
-      and all(_is_int(w) or _is_scalar_array(w, jnp.integer) for w in local_window_size)):
-    raise ValueError("local_window_size must be an int or a pair (left, right) of ints, got "
-                     f"{local_window_size!r}")
-  return (bias, mask,
-          _check_seq_lengths("query_seq_lengths", query_seq_lengths, batch),
-          _check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, batch))
+    isinstance(local_window_size, (tuple, list))
+    and len(local_window_size) == 2
+    and all(_is_int(w) or _is_scalar_array(w, jnp.integer) for w in local_window_size)
+  ):
+    raise ValueError(
+      f"local_window_size must be an int or a pair (left, right) of ints, got {local_window_size!r}"
+    )
+  return (
+    bias,
+    mask,
+    _check_seq_lengths("query_seq_lengths", query_seq_lengths, batch),
+    _check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, batch),
+  )
 
 
 def _check_seq_lengths(name, lengths, batch):
@@ -752,8 +970,10 @@ def _check_seq_lengths(name, lengths, batch):
     return None
   lengths = jnp.asarray(lengths)
   if lengths.shape != (batch,) or lengths.dtype != np.int32:
-    raise ValueError(f"{name} must be int32 of shape (batch,) = ({batch},), got "
-                     f"{lengths.dtype}{list(lengths.shape)}")
+    raise ValueError(
+      f"{name} must be int32 of shape (batch,) = ({batch},), got "
+      f"{lengths.dtype}{list(lengths.shape)}"
+    )
   return lengths
 
 
@@ -764,10 +984,31 @@ def _seqused(lengths, seqlen):
   return jnp.clip(lengths, 0, seqlen)
 
 
-def _jax_nn(query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
-            key_value_seq_lengths, local_window_size, implementation, return_residual):
+def _jax_nn(
+  query,
+  key,
+  value,
+  bias,
+  mask,
+  scale,
+  is_causal,
+  query_seq_lengths,
+  key_value_seq_lengths,
+  local_window_size,
+  implementation,
+  return_residual,
+):
   return jax.nn.dot_product_attention(
-      query, key, value, bias, mask, scale=scale, is_causal=is_causal,
-      query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-      local_window_size=local_window_size, implementation=implementation,
-      return_residual=return_residual)
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    scale=scale,
+    is_causal=is_causal,
+    query_seq_lengths=query_seq_lengths,
+    key_value_seq_lengths=key_value_seq_lengths,
+    local_window_size=local_window_size,
+    implementation=implementation,
+    return_residual=return_residual,
+  )

@@ -38,6 +38,7 @@ class _Quantization:
   they are padded to (a power of two, the transform's length), the rows per descale block
   of q and k (None: one scale per (batch, head)), the transform, and the FP8 forward's
   parameters."""
+
   dtype: str
   head_dims: tuple[int, int]
   padded_head_dim: int
@@ -47,8 +48,19 @@ class _Quantization:
   fp8: Fp8Params
 
 
-def fp8_attention(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0,
-                  softmax_scale=None, hadamard=True, block_quantize=True, return_lse=False):
+def fp8_attention(
+  q,
+  k,
+  v,
+  *,
+  causal=False,
+  window_size=(-1, -1),
+  softcap=0.0,
+  softmax_scale=None,
+  hadamard=True,
+  block_quantize=True,
+  return_lse=False,
+):
   """Attention with an FP8 forward: `q`, `k`, `v` are quantized to float8_e4m3fn and the
   FP8 kernel runs on them; the output has the inputs' dtype. Differentiable.
 
@@ -79,14 +91,17 @@ def fp8_attention(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0,
   """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   if attention._check_qkv(q, k, v, "fp8_attention"):  # pylint: disable=protected-access
-    raise TypeError("fp8_attention takes bfloat16 or float16 q, k and v and quantizes them "
-                    "itself; for float8_e4m3fn inputs with descale factors use "
-                    "jax_fa3.flash_attention(q8, k8, v8, descale_q=..., ...)")
+    raise TypeError(
+      "fp8_attention takes bfloat16 or float16 q, k and v and quantizes them "
+      "itself; for float8_e4m3fn inputs with descale factors use "
+      "jax_fa3.flash_attention(q8, k8, v8, descale_q=..., ...)"
+    )
   causal, hadamard, block_quantize, return_lse = attention._check_flags(  # pylint: disable=protected-access
-      causal=causal, hadamard=hadamard, block_quantize=block_quantize, return_lse=return_lse)
+    causal=causal, hadamard=hadamard, block_quantize=block_quantize, return_lse=return_lse
+  )
   params = attention._flash_params(  # pylint: disable=protected-access
-      q.shape[3], softmax_scale, causal, window_size, softcap,
-      diagonal_offset=k.shape[1] - q.shape[1])
+    q.shape[3], softmax_scale, causal, window_size, softcap, diagonal_offset=k.shape[1] - q.shape[1]
+  )
   quantization = _quantization(q.dtype, (q.shape[3], v.shape[3]), hadamard, block_quantize)
   out, lse = _fp8_attention(q, k, v, params, quantization)
   return (out, lse) if return_lse else out
@@ -104,8 +119,9 @@ def _quantization(dtype, head_dims, hadamard, block_quantize) -> _Quantization:
   fp8 = Fp8Params(out_dtype, q_block_rows, k_block_rows)
   if not block_quantize:
     q_block_rows = k_block_rows = None
-  return _Quantization(jnp.dtype(dtype).name, head_dims, padded, q_block_rows, k_block_rows,
-                       hadamard, fp8)
+  return _Quantization(
+    jnp.dtype(dtype).name, head_dims, padded, q_block_rows, k_block_rows, hadamard, fp8
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -115,17 +131,27 @@ def _fp8_attention(q, k, v, params, quantization):
 
 def _forward(q, k, v, params: AttentionParams, quantization: _Quantization):
   from jax_fa3 import fp8_quantize  # pylint: disable=import-outside-toplevel
+
   signs = _signs(quantization)
   pad = functools.partial(_pad_head_dim, head_dim=quantization.padded_head_dim)
-  q8, descale_q = fp8_quantize.quantize_fp8(pad(q), block_rows=quantization.q_block_rows,
-                                            signs=signs)
-  k8, descale_k = fp8_quantize.quantize_fp8(pad(k), block_rows=quantization.k_block_rows,
-                                            signs=signs)
+  q8, descale_q = fp8_quantize.quantize_fp8(
+    pad(q), block_rows=quantization.q_block_rows, signs=signs
+  )
+  k8, descale_k = fp8_quantize.quantize_fp8(
+    pad(k), block_rows=quantization.k_block_rows, signs=signs
+  )
   v8, descale_v = fp8_quantize.quantize_fp8(pad(v), block_rows=None)
   descale_v = descale_v[:, :, 0]
-  out, lse = attention.fp8_forward(q8, k8, v8, (descale_q, descale_k, descale_v),
-                                   jnp.zeros((0,), jnp.float32), params, quantization.fp8)
-  out = out[..., :v.shape[3]].astype(q.dtype)
+  out, lse = attention.fp8_forward(
+    q8,
+    k8,
+    v8,
+    (descale_q, descale_k, descale_v),
+    jnp.zeros((0,), jnp.float32),
+    params,
+    quantization.fp8,
+  )
+  out = out[..., : v.shape[3]].astype(q.dtype)
   quantized = (q8, k8, v8, descale_q, descale_k, descale_v)
   return (out, lse), (quantized, out, lse)
 
@@ -143,8 +169,12 @@ def _fp8_attention_bwd(params, quantization, residuals, cotangents):
   v = _dequantize(v8, descale_v[..., None], None, dtype)[..., :head_dim_v]
   absent = jnp.zeros((0,), jnp.int32)
   dq, dk, dv, *_ = attention._attention_bwd(  # pylint: disable=protected-access
-      params, False, False, (q, k, v, [absent] * 4, jnp.zeros((0,), jnp.float32), out, lse),
-      cotangents)
+    params,
+    False,
+    False,
+    (q, k, v, [absent] * 4, jnp.zeros((0,), jnp.float32), out, lse),
+    cotangents,
+  )
   signs = _signs(quantization)
   dq, dk = (_untransform(g, signs)[..., :head_dim].astype(dtype) for g in (dq, dk))
   return dq, dk, dv.astype(dtype)
@@ -157,6 +187,7 @@ def _signs(quantization):
   if not quantization.hadamard:
     return None
   from jax_fa3 import fp8_quantize  # pylint: disable=import-outside-toplevel
+
   return fp8_quantize.random_signs(quantization.padded_head_dim)
 
 
@@ -198,7 +229,8 @@ def _walsh_hadamard(x):
   half = 1
   while half < d:
     pairs = x.reshape(*lead, d // (2 * half), 2, half)
-    x = jnp.stack([pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]],
-                  axis=-2).reshape(*lead, d)
+    x = jnp.stack(
+      [pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]], axis=-2
+    ).reshape(*lead, d)
     half *= 2
   return x

@@ -42,8 +42,8 @@ KERNEL_HEAD_DIMS = (64, 128, 256)
 # kQuantizeMaxThreads): blocks longer than this / head_dim rows take two passes.
 _VALUES_PER_CTA = 32 * 1024
 _INPUT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-_TINY_AMAX = np.float32(2.0 ** -64)
-_TINY_PRESCALE = np.float32(2.0 ** 64)
+_TINY_AMAX = np.float32(2.0**-64)
+_TINY_PRESCALE = np.float32(2.0**64)
 
 
 def random_signs(head_dim: int, seed: int = 0) -> jax.Array:
@@ -55,7 +55,7 @@ def random_signs(head_dim: int, seed: int = 0) -> jax.Array:
   head_dim = _positive_int("random_signs: head_dim", head_dim)
   seed = operator.index(seed)
   with np.errstate(over="ignore"):
-    z = (np.uint64(seed % 2 ** 32) << np.uint64(32)) + np.arange(head_dim, dtype=np.uint64)
+    z = (np.uint64(seed % 2**32) << np.uint64(32)) + np.arange(head_dim, dtype=np.uint64)
     z = z + np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -99,8 +99,9 @@ def quantize_fp8(x, *, block_rows: int | None, signs=None) -> tuple[jax.Array, j
   """
   x = jnp.asarray(x)
   if x.ndim != 4:
-    raise ValueError(f"quantize_fp8: x must be [batch, seqlen, heads, head_dim]; got shape "
-                     f"{x.shape}")
+    raise ValueError(
+      f"quantize_fp8: x must be [batch, seqlen, heads, head_dim]; got shape {x.shape}"
+    )
   if x.dtype not in _INPUT_DTYPES:
     raise TypeError(f"quantize_fp8: x must be bfloat16, float16 or float32; got {x.dtype}")
   block = _block_rows_attribute(block_rows)
@@ -124,6 +125,7 @@ def workspace_bytes(batch, seqlen, heads, head_dim, block_rows) -> int:
 
 # --- Argument checks -----------------------------------------------------------------
 
+
 def _positive_int(name, value):
   if isinstance(value, bool):
     raise TypeError(f"{name} must be an int; got {value!r}")
@@ -140,8 +142,9 @@ def _block_rows_attribute(block_rows):
   """block_rows as the primitive's parameter: 0 for None (one block per (batch, head))."""
   if block_rows is None:
     return 0
-  return _positive_int("quantize_fp8: block_rows (or None for one scale per batch and head)",
-                       block_rows)
+  return _positive_int(
+    "quantize_fp8: block_rows (or None for one scale per batch and head)", block_rows
+  )
 
 
 def _signs_operand(signs, head_dim):
@@ -149,25 +152,30 @@ def _signs_operand(signs, head_dim):
   if signs is None:
     return jnp.zeros((0,), jnp.float32)
   if head_dim & (head_dim - 1):
-    raise ValueError(f"quantize_fp8: signs (the Hadamard rotation) need a power-of-two "
-                     f"head_dim; got head_dim {head_dim}")
+    raise ValueError(
+      f"quantize_fp8: signs (the Hadamard rotation) need a power-of-two "
+      f"head_dim; got head_dim {head_dim}"
+    )
   if not hasattr(signs, "dtype"):
     signs = np.asarray(signs)
   shape, dtype = np.shape(signs), signs.dtype
   if shape != (head_dim,):
-    raise ValueError(f"quantize_fp8: signs must have shape (head_dim,) = ({head_dim},); "
-                     f"got {shape}")
+    raise ValueError(
+      f"quantize_fp8: signs must have shape (head_dim,) = ({head_dim},); got {shape}"
+    )
   if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
     raise TypeError(f"quantize_fp8: signs must be real numbers (+-1); got dtype {dtype}")
   if not isinstance(signs, jax.core.Tracer):
     values = np.asarray(signs, np.float32)
     if not np.all(np.abs(values) == 1):
-      raise ValueError(f"quantize_fp8: signs must all be +1 or -1; got "
-                       f"{values[np.abs(values) != 1][:4]}")
+      raise ValueError(
+        f"quantize_fp8: signs must all be +1 or -1; got {values[np.abs(values) != 1][:4]}"
+      )
   return jnp.asarray(signs, jnp.float32)
 
 
 # --- The computation as XLA ops (the reference, and the path off Hopper) -----------------
+
 
 def _walsh_hadamard(y, signs):
   """y * sign(signs), the butterflies with strides 1, 2, ..., d / 2, then * float32(1/sqrt(d))."""
@@ -188,7 +196,7 @@ def _round_to_e4m3(v):
   below 2^-6 (subnormals). Exact, so the final cast to float8 rounds nothing on any backend."""
   exponent_bits = jax.lax.bitcast_convert_type(v, jnp.uint32) & jnp.uint32(0x7F800000)
   binade = jax.lax.bitcast_convert_type(exponent_bits, jnp.float32)  # 2^e; 0 below 2^-126
-  quantum = jnp.maximum(binade, np.float32(2.0 ** -6)) * np.float32(2.0 ** -3)
+  quantum = jnp.maximum(binade, np.float32(2.0**-6)) * np.float32(2.0**-3)
   return jnp.round(v / quantum) * quantum
 
 
@@ -216,6 +224,7 @@ def _quantize_xla(x, signs, *, block_rows):
 
 # --- The kernel ------------------------------------------------------------------------
 
+
 @functools.cache
 def _kernel_compiled() -> bool:
   """Whether the extension has the quantizer (importing jax_fa3 registered its targets)."""
@@ -236,12 +245,16 @@ def _kernel_applies(x) -> bool:
   if x.size == 0 or _kernels.gpus_without_kernels():  # nothing to do, or not a Hopper GPU
     return False
   if not _kernel_compiled():
-    _warn_once(f"jax_fa3: the CUDA extension has no FP8 quantizer ({QUANTIZE_TARGET}; built "
-               f"before it existed, or not built); quantizing with XLA ops instead.")
+    _warn_once(
+      f"jax_fa3: the CUDA extension has no FP8 quantizer ({QUANTIZE_TARGET}; built "
+      f"before it existed, or not built); quantizing with XLA ops instead."
+    )
     return False
   if x.shape[3] not in KERNEL_HEAD_DIMS:
-    _warn_once(f"jax_fa3: the FP8 quantizer kernel is compiled for head dims "
-               f"{KERNEL_HEAD_DIMS}, not {x.shape[3]}; quantizing with XLA ops instead.")
+    _warn_once(
+      f"jax_fa3: the FP8 quantizer kernel is compiled for head dims "
+      f"{KERNEL_HEAD_DIMS}, not {x.shape[3]}; quantizing with XLA ops instead."
+    )
     return False
   return True
 
@@ -250,25 +263,33 @@ def _quantize_cuda(x, signs, *, block_rows):
   if not _kernel_applies(x):
     return _quantize_xla(x, signs, block_rows=block_rows)
   batch, seqlen, heads, head_dim = x.shape
-  x8, descale, _ = jax.ffi.ffi_call(QUANTIZE_TARGET, (
+  x8, descale, _ = jax.ffi.ffi_call(
+    QUANTIZE_TARGET,
+    (
       jax.ShapeDtypeStruct(x.shape, jnp.float8_e4m3fn),
       jax.ShapeDtypeStruct((batch, heads, num_blocks(seqlen, block_rows)), jnp.float32),
-      jax.ShapeDtypeStruct((workspace_bytes(batch, seqlen, heads, head_dim, block_rows),),
-                           jnp.uint8),
-  ))(x, signs, block_rows=int(block_rows))
+      jax.ShapeDtypeStruct(
+        (workspace_bytes(batch, seqlen, heads, head_dim, block_rows),), jnp.uint8
+      ),
+    ),
+  )(x, signs, block_rows=int(block_rows))
   return x8, descale
 
 
 # --- The primitive -----------------------------------------------------------------------
+
 
 def _abstract_eval(x, signs, *, block_rows):
   del signs
   batch, seqlen, heads, _ = x.shape
   spec_b, _, spec_n, _ = x.sharding.spec
   per_block = x.sharding.update(spec=jax.sharding.PartitionSpec(spec_b, spec_n, None))
-  return (x.update(dtype=jnp.float8_e4m3fn),
-          x.update(shape=(batch, heads, num_blocks(seqlen, block_rows)), dtype=jnp.float32,
-                   sharding=per_block))
+  return (
+    x.update(dtype=jnp.float8_e4m3fn),
+    x.update(
+      shape=(batch, heads, num_blocks(seqlen, block_rows)), dtype=jnp.float32, sharding=per_block
+    ),
+  )
 
 
 def _batch(args, dims, *, block_rows):
@@ -283,17 +304,21 @@ def _batch(args, dims, *, block_rows):
     x = jnp.where(jnp.signbit(signs)[:, None, None, None, :], -x, x)
     signs = jnp.ones(signs.shape[1:], jnp.float32)
   x8, descale = fp8_quantize_p.bind(x.reshape(-1, *x.shape[2:]), signs, block_rows=block_rows)
-  return [x8.reshape(size, -1, *x8.shape[1:]),
-          descale.reshape(size, -1, *descale.shape[1:])], [0, 0]
+  return [x8.reshape(size, -1, *x8.shape[1:]), descale.reshape(size, -1, *descale.shape[1:])], [
+    0,
+    0,
+  ]
 
 
 def _no_gradient(primals, tangents, **params):
   raise NotImplementedError(
-      "quantize_fp8 has no gradient: rounding to float8_e4m3fn is piecewise constant. "
-      "Differentiate with respect to the unquantized inputs instead (jax_fa3.fp8_attention "
-      "does: its backward runs on the dequantized inputs).")
+    "quantize_fp8 has no gradient: rounding to float8_e4m3fn is piecewise constant. "
+    "Differentiate with respect to the unquantized inputs instead (jax_fa3.fp8_attention "
+    "does: its backward runs on the dequantized inputs)."
+  )
 
 
 fp8_quantize_p = primitives.define_primitive(
-    "fa3_fp8_quantize", _abstract_eval, _quantize_xla, _quantize_cuda, batcher=lambda _: _batch)
+  "fa3_fp8_quantize", _abstract_eval, _quantize_xla, _quantize_cuda, batcher=lambda _: _batch
+)
 ad.primitive_jvps[fp8_quantize_p] = _no_gradient

@@ -14,10 +14,23 @@ from jax_fa3 import _checks, attention, primitives, reference, sharding
 _NAME = "flash_attention_with_kvcache"
 
 
-def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None,
-                                 page_table=None, softmax_scale=None, causal=True,
-                                 window_size=(-1, -1), softcap=0.0, sinks=None, num_splits=0,
-                                 return_lse=False):
+def flash_attention_with_kvcache(
+  q,
+  k_cache,
+  v_cache,
+  cache_seqlens,
+  *,
+  k_new=None,
+  v_new=None,
+  page_table=None,
+  softmax_scale=None,
+  causal=True,
+  window_size=(-1, -1),
+  softcap=0.0,
+  sinks=None,
+  num_splits=0,
+  return_lse=False,
+):
   """Attention of new queries to a KV cache, appending new keys and values to it.
 
   Args:
@@ -60,56 +73,79 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
   _check_array("v_cache", v_cache, 4, q.dtype)
   batch, seqlen_q, heads, head_dim = q.shape
   if v_cache.shape != k_cache.shape:
-    raise ValueError(f"{_NAME}: v_cache must have k_cache's shape {k_cache.shape}, got "
-                     f"{v_cache.shape}")
+    raise ValueError(
+      f"{_NAME}: v_cache must have k_cache's shape {k_cache.shape}, got {v_cache.shape}"
+    )
   kv_heads = k_cache.shape[2]
   if k_cache.shape[3] != head_dim or heads % kv_heads:
-    raise ValueError(f"{_NAME}: k_cache {k_cache.shape} must have q's head_dim and a number of "
-                     f"heads that divides q's: q {q.shape}")
+    raise ValueError(
+      f"{_NAME}: k_cache {k_cache.shape} must have q's head_dim and a number of "
+      f"heads that divides q's: q {q.shape}"
+    )
   if head_dim > attention._MAX_HEAD_DIM:
     raise ValueError(f"{_NAME}: head_dim must be at most {attention._MAX_HEAD_DIM}, got {head_dim}")
   cache_seqlens = _check_int32("cache_seqlens", cache_seqlens, (batch,), "[batch]")
   if page_table is None:
     if k_cache.shape[0] != batch:
-      raise ValueError(f"{_NAME}: without page_table, k_cache is [batch, max_seqlen, kv_heads, "
-                       f"head_dim] with q's batch {batch}, got {k_cache.shape}")
+      raise ValueError(
+        f"{_NAME}: without page_table, k_cache is [batch, max_seqlen, kv_heads, "
+        f"head_dim] with q's batch {batch}, got {k_cache.shape}"
+      )
   else:
     page_table = jnp.asarray(page_table)
     if page_table.ndim != 2 or page_table.shape[0] != batch or page_table.shape[1] < 1:
-      raise ValueError(f"{_NAME}: page_table must be int32 [batch, max_pages] with batch "
-                       f"{batch}, got {page_table.dtype}{list(page_table.shape)}")
+      raise ValueError(
+        f"{_NAME}: page_table must be int32 [batch, max_pages] with batch "
+        f"{batch}, got {page_table.dtype}{list(page_table.shape)}"
+      )
     page_table = _check_int32("page_table", page_table, page_table.shape, "[batch, max_pages]")
   capacity = k_cache.shape[1] * (1 if page_table is None else page_table.shape[1])
-  if capacity > 2 ** 30:
+  if capacity > 2**30:
     raise ValueError(f"{_NAME}: a sequence can hold at most 2^30 positions, got {capacity}")
   if (k_new is None) != (v_new is None):
     raise ValueError(f"{_NAME}: pass both k_new and v_new, or neither")
   if k_new is not None:
     k_new, v_new = jnp.asarray(k_new), jnp.asarray(v_new)
     for name, x in (("k_new", k_new), ("v_new", v_new)):
-      if x.ndim != 4 or x.dtype != q.dtype or x.shape[0] != batch or x.shape[2:] != (kv_heads, head_dim):
-        raise ValueError(f"{_NAME}: {name} must be [batch, seqlen_new, kv_heads, head_dim] = "
-                         f"[{batch}, seqlen_new, {kv_heads}, {head_dim}] in {q.dtype}, got "
-                         f"{x.dtype}{list(x.shape)}")
+      if (
+        x.ndim != 4
+        or x.dtype != q.dtype
+        or x.shape[0] != batch
+        or x.shape[2:] != (kv_heads, head_dim)
+      ):
+        raise ValueError(
+          f"{_NAME}: {name} must be [batch, seqlen_new, kv_heads, head_dim] = "
+          f"[{batch}, seqlen_new, {kv_heads}, {head_dim}] in {q.dtype}, got "
+          f"{x.dtype}{list(x.shape)}"
+        )
     if k_new.shape != v_new.shape:
       raise ValueError(f"{_NAME}: k_new {k_new.shape} and v_new {v_new.shape} must have one shape")
     if k_new.shape[1] == 0:
       k_new = v_new = None
   _checks.refuse_traced("num_splits", num_splits, "it sets the shape of the kernels' workspace")
   if not (attention._is_int(num_splits) and 0 <= num_splits <= primitives.DECODE_MAX_SPLITS):
-    raise ValueError(f"{_NAME}: num_splits must be an int in [0, {primitives.DECODE_MAX_SPLITS}] "
-                     f"(0 = automatic), got {num_splits!r}")
+    raise ValueError(
+      f"{_NAME}: num_splits must be an int in [0, {primitives.DECODE_MAX_SPLITS}] "
+      f"(0 = automatic), got {num_splits!r}"
+    )
   causal, return_lse = attention._check_flags(causal=causal, return_lse=return_lse)
   if sinks is not None:
     sinks = attention._check_sinks(_NAME, sinks, 1, heads)[0]
-  params = attention._flash_params(head_dim, softmax_scale, causal, window_size, softcap,
-                                   diagonal_offset=0)
+  params = attention._flash_params(
+    head_dim, softmax_scale, causal, window_size, softcap, diagonal_offset=0
+  )
   out, lse, k_cache, v_cache = sharding.decode(
-      q, k_cache, v_cache, cache_seqlens,
-      *map(primitives.absent_if_none, (k_new, v_new, page_table)),
-      softmax_scale=params.softmax_scale, softcap=params.softcap,
-      window_left=params.window_left, window_right=params.window_right,
-      num_splits=int(num_splits))
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    *map(primitives.absent_if_none, (k_new, v_new, page_table)),
+    softmax_scale=params.softmax_scale,
+    softcap=params.softcap,
+    window_left=params.window_left,
+    window_right=params.window_right,
+    num_splits=int(num_splits),
+  )
   if sinks is not None:
     # In JAX rather than in the kernel's combine: decode's out is a few rows a sequence, so
     # this is one cheap elementwise pass. A sequence with bad input stays NaN.
@@ -131,6 +167,7 @@ def _check_array(name, x, ndim, dtype=None):
 def _check_int32(name, x, shape, described):
   x = jnp.asarray(x)
   if x.shape != tuple(shape) or x.dtype != np.int32:
-    raise ValueError(f"{_NAME}: {name} must be int32 {described} = {list(shape)}, got "
-                     f"{x.dtype}{list(x.shape)}")
+    raise ValueError(
+      f"{_NAME}: {name} must be int32 {described} = {list(shape)}, got {x.dtype}{list(x.shape)}"
+    )
   return x

@@ -41,6 +41,7 @@ from jax_fa3 import _kernels, reference, segments
 @dataclasses.dataclass(frozen=True)
 class AttentionParams:
   """The static parameters both primitives share (CONTRACT.md's attributes)."""
+
   softmax_scale: float
   softcap: float = 0.0
   window_left: int = -1
@@ -53,33 +54,71 @@ class Fp8Params:
   """The forward's parameters for float8_e4m3fn inputs: the output dtype name, and how many
   query rows (keys) one block of descale_q (descale_k) covers when it has more than one
   block (CONTRACT.md; the CUDA lowering checks them against the kernel's)."""
+
   out_dtype: str = "bfloat16"
   q_block_rows: int = 64
   k_block_rows: int = 128
 
 
-def attention_fwd(q, k, v, seqused_q, seqused_k, params: AttentionParams, q_rows=None,
-                  kv_rows=None, sinks=None, return_max_logit=False, descales=None,
-                  fp8: Fp8Params | None = None):
+def attention_fwd(
+  q,
+  k,
+  v,
+  seqused_q,
+  seqused_k,
+  params: AttentionParams,
+  q_rows=None,
+  kv_rows=None,
+  sinks=None,
+  return_max_logit=False,
+  descales=None,
+  fp8: Fp8Params | None = None,
+):
   """Binds the forward primitive: returns (out, lse), and max_logit with `return_max_logit`.
   A seqused, rows, sinks or descale may be None (absent); `descales` is None or the tuple
   (descale_q, descale_k, descale_v)."""
   descales = (None,) * 3 if descales is None else descales
-  return fwd_p.bind(q, k, v, *map(absent_if_none, (seqused_q, seqused_k, q_rows, kv_rows)),
-                    *(absent_if_none(x, jnp.float32) for x in (sinks, *descales)),
-                    **dataclasses.asdict(params), return_max_logit=bool(return_max_logit),
-                    fp8=fp8)
+  return fwd_p.bind(
+    q,
+    k,
+    v,
+    *map(absent_if_none, (seqused_q, seqused_k, q_rows, kv_rows)),
+    *(absent_if_none(x, jnp.float32) for x in (sinks, *descales)),
+    **dataclasses.asdict(params),
+    return_max_logit=bool(return_max_logit),
+    fp8=fp8,
+  )
 
 
-def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
-                  params: AttentionParams, deterministic: bool, q_rows=None, kv_rows=None,
-                  sinks=None):
+def attention_bwd(
+  dout,
+  q,
+  k,
+  v,
+  out,
+  lse,
+  seqused_q,
+  seqused_k,
+  params: AttentionParams,
+  deterministic: bool,
+  q_rows=None,
+  kv_rows=None,
+  sinks=None,
+):
   """Binds the backward primitive: returns (dq, dk, dv), and dsinks with sinks. A seqused,
   rows or sinks may be None (absent)."""
-  return bwd_p.bind(dout, q, k, v, out, lse,
-                    *map(absent_if_none, (seqused_q, seqused_k, q_rows, kv_rows)),
-                    absent_if_none(sinks, jnp.float32),
-                    **dataclasses.asdict(params), deterministic=deterministic)
+  return bwd_p.bind(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    *map(absent_if_none, (seqused_q, seqused_k, q_rows, kv_rows)),
+    absent_if_none(sinks, jnp.float32),
+    **dataclasses.asdict(params),
+    deterministic=deterministic,
+  )
 
 
 def absent_if_none(operand, dtype=jnp.int32):
@@ -98,29 +137,36 @@ def none_if_absent(operand):
 # CUDA-graph safe. The handlers refuse a smaller buffer: keep these two functions
 # in step with cuda/ffi/.
 
+
 def fwd_workspace_bytes() -> int:
   """Bytes of scratch the forward kernel needs (its tile-scheduler counters)."""
   return 256
 
 
-def bwd_workspace_bytes(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim,
-                        head_dim_v, sinks=False) -> int:
+def bwd_workspace_bytes(
+  batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, head_dim_v, sinks=False
+) -> int:
   """Bytes of scratch the backward kernels need, for the head dims they are launched with."""
   sq, sk = _round_up(seqlen_q, 128), _round_up(seqlen_k, 128)
   d, dv = _round_up(head_dim, 64), _round_up(head_dim_v, 64)
-  parts = [4 * batch * heads * sq * d,     # dq accumulator, f32
-           4 * batch * heads * sq,         # rowsum(dout * out)
-           4 * batch * heads * sq,         # lse * log2(e)
-           4 * batch * heads * (sq // 64)]  # dq write-order semaphores
-  if heads != kv_heads:                    # GQA: dk, dv are summed over groups in f32,
-    parts += [4 * batch * kv_heads * sk * d, 4 * batch * kv_heads * sk * dv,
-              4 * batch * kv_heads * (sk // 64)]  # in order when deterministic
-  if sinks:                                # the preprocess blocks' dsinks parts (>= 8 rows each)
+  parts = [
+    4 * batch * heads * sq * d,  # dq accumulator, f32
+    4 * batch * heads * sq,  # rowsum(dout * out)
+    4 * batch * heads * sq,  # lse * log2(e)
+    4 * batch * heads * (sq // 64),
+  ]  # dq write-order semaphores
+  if heads != kv_heads:  # GQA: dk, dv are summed over groups in f32,
+    parts += [
+      4 * batch * kv_heads * sk * d,
+      4 * batch * kv_heads * sk * dv,
+      4 * batch * kv_heads * (sk // 64),
+    ]  # in order when deterministic
+  if sinks:  # the preprocess blocks' dsinks parts (>= 8 rows each)
     parts.append(4 * batch * heads * (sq // 8))
   return sum(_round_up(p, 256) for p in parts)
 
 
-DECODE_ROWS = 16        # query rows per decode CTA (cuda/decode/params.h: kDecodeRows)
+DECODE_ROWS = 16  # query rows per decode CTA (cuda/decode/params.h: kDecodeRows)
 DECODE_MAX_SPLITS = 128  # kDecodeMaxSplits
 
 
@@ -136,16 +182,17 @@ def decode_workspace_bytes(batch, kv_heads, m_blocks, num_splits, head_dim) -> i
   return _round_up(4 * rows * head_dim, 256) + _round_up(4 * rows, 256)
 
 
-def decode_num_splits(batch, kv_heads, m_blocks, max_keys, block_n, ctas_per_sm,
-                      num_sms) -> int:
+def decode_num_splits(batch, kv_heads, m_blocks, max_keys, block_n, ctas_per_sm, num_sms) -> int:
   """How many splits of the keys fill the GPU: the fewest that come within 5% of the best
   wave efficiency (CTAs / (waves * slots)), keeping at least 4 key tiles per split."""
   units = batch * kv_heads * m_blocks
   slots = num_sms * ctas_per_sm
   most = max(1, min(DECODE_MAX_SPLITS, -(-max_keys // block_n) // 4))
+
   def efficiency(splits):
     ctas = units * splits
     return ctas / (-(-ctas // slots) * slots)
+
   best = max(efficiency(s) for s in range(1, most + 1))
   return next(s for s in range(1, most + 1) if efficiency(s) >= 0.95 * best)
 
@@ -157,22 +204,41 @@ def _round_up(x, multiple):
 # --- Abstract evaluation ------------------------------------------------------
 # `aval.update` keeps the operands' sharding and varying manual axes.
 
-def _fwd_abstract_eval(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q,
-                       descale_k, descale_v, *, return_max_logit, fp8, **params):
+
+def _fwd_abstract_eval(
+  q,
+  k,
+  v,
+  seqused_q,
+  seqused_k,
+  q_rows,
+  kv_rows,
+  sinks,
+  descale_q,
+  descale_k,
+  descale_v,
+  *,
+  return_max_logit,
+  fp8,
+  **params,
+):
   del k, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q, descale_k, descale_v, params
   batch, seqlen_q, heads, _ = q.shape
   spec_b, spec_t, spec_n, _ = q.sharding.spec
   lse_sharding = q.sharding.update(spec=jax.sharding.PartitionSpec(spec_b, spec_n, spec_t))
-  results = (q.update(shape=(batch, seqlen_q, heads, v.shape[3]), dtype=_out_dtype(q, fp8)),
-             q.update(shape=(batch, heads, seqlen_q), dtype=jnp.float32, sharding=lse_sharding))
+  results = (
+    q.update(shape=(batch, seqlen_q, heads, v.shape[3]), dtype=_out_dtype(q, fp8)),
+    q.update(shape=(batch, heads, seqlen_q), dtype=jnp.float32, sharding=lse_sharding),
+  )
   if not return_max_logit:
     return results
   per_head = q.sharding.update(spec=jax.sharding.PartitionSpec(spec_b, spec_n))
   return (*results, q.update(shape=(batch, heads), dtype=jnp.float32, sharding=per_head))
 
 
-def _bwd_abstract_eval(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks,
-                       **params):
+def _bwd_abstract_eval(
+  dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks, **params
+):
   del dout, out, lse, seqused_q, seqused_k, q_rows, kv_rows, params
   grads = (q.update(), k.update(), v.update())
   return (*grads, sinks.update()) if sinks.size else grads
@@ -180,18 +246,47 @@ def _bwd_abstract_eval(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv
 
 # --- CUDA lowering -------------------------------------------------------------
 
+
 def _out_dtype(q, fp8):
   return q.dtype if fp8 is None else jnp.dtype(fp8.out_dtype)
 
 
-def _fwd_cuda(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q, descale_k,
-              descale_v, *, return_max_logit, fp8, **params):
+def _fwd_cuda(
+  q,
+  k,
+  v,
+  seqused_q,
+  seqused_k,
+  q_rows,
+  kv_rows,
+  sinks,
+  descale_q,
+  descale_k,
+  descale_v,
+  *,
+  return_max_logit,
+  fp8,
+  **params,
+):
   out_dtype = _out_dtype(q, fp8)
   dims = _kernel_head_dims("fwd", q, v, out_dtype)
   if dims is None:
-    return reference.attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks,
-                                   descale_q, descale_k, descale_v,
-                                   return_max_logit=return_max_logit, fp8=fp8, **params)
+    return reference.attention_fwd(
+      q,
+      k,
+      v,
+      seqused_q,
+      seqused_k,
+      q_rows,
+      kv_rows,
+      sinks,
+      descale_q,
+      descale_k,
+      descale_v,
+      return_max_logit=return_max_logit,
+      fp8=fp8,
+      **params,
+    )
   head_dim, head_dim_v = dims
   if fp8 is not None:
     _check_descale_blocks(fp8, q, k, head_dim, descale_q, descale_k)
@@ -199,16 +294,31 @@ def _fwd_cuda(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q, 
   tile_plan = absent_if_none(None)
   if q_rows.size:
     tile_plan = segments.forward_tiles(q_rows, *_segment_tile("fwd", q.dtype, head_dim))
-  out, lse, _, max_logit_keys = jax.ffi.ffi_call(_kernels.FWD_TARGET, (
+  out, lse, _, max_logit_keys = jax.ffi.ffi_call(
+    _kernels.FWD_TARGET,
+    (
       jax.ShapeDtypeStruct((batch, seqlen_q, heads, head_dim_v), out_dtype),
       jax.ShapeDtypeStruct((batch, heads, seqlen_q), jnp.float32),
       jax.ShapeDtypeStruct((fwd_workspace_bytes(),), jnp.uint8),
       jax.ShapeDtypeStruct((batch, heads) if return_max_logit else (1,), jnp.uint32),
-  ))(_pad_head_dim(q, head_dim), _pad_head_dim(k, head_dim),
-     _pad_head_dim(v, head_dim_v), seqused_q, seqused_k, q_rows, kv_rows, tile_plan, sinks,
-     descale_q, descale_k, descale_v,
-     **_ffi_attributes(**params), return_max_logit=bool(return_max_logit))
-  results = (out[..., :v.shape[3]], lse)
+    ),
+  )(
+    _pad_head_dim(q, head_dim),
+    _pad_head_dim(k, head_dim),
+    _pad_head_dim(v, head_dim_v),
+    seqused_q,
+    seqused_k,
+    q_rows,
+    kv_rows,
+    tile_plan,
+    sinks,
+    descale_q,
+    descale_k,
+    descale_v,
+    **_ffi_attributes(**params),
+    return_max_logit=bool(return_max_logit),
+  )
+  results = (out[..., : v.shape[3]], lse)
   return (*results, decode_max_logit(max_logit_keys)) if return_max_logit else results
 
 
@@ -216,14 +326,16 @@ def _check_descale_blocks(fp8, q, k, head_dim, descale_q, descale_k):
   """Descales with several blocks must be cut as the compiled kernel's tiles are."""
   kernel_rows = _kernels.kernels_available().descale_block(q.dtype, fp8.out_dtype, head_dim)
   for name, descale, seqlen, rows, kernel in (
-      ("descale_q", descale_q, q.shape[1], fp8.q_block_rows, kernel_rows[0]),
-      ("descale_k", descale_k, k.shape[1], fp8.k_block_rows, kernel_rows[1])):
+    ("descale_q", descale_q, q.shape[1], fp8.q_block_rows, kernel_rows[0]),
+    ("descale_k", descale_k, k.shape[1], fp8.k_block_rows, kernel_rows[1]),
+  ):
     if descale.ndim == 3 and descale.shape[2] > 1 and rows != kernel:
       raise ValueError(
-          f"jax_fa3: {name} has {descale.shape[2]} blocks of {rows} rows (of {seqlen}), but the "
-          f"compiled float8_e4m3fn kernel for head_dim={head_dim} reads blocks of {kernel}; "
-          f"quantize with jax_fa3.fp8_attention, or with "
-          f"kernels_available().descale_block(...)")
+        f"jax_fa3: {name} has {descale.shape[2]} blocks of {rows} rows (of {seqlen}), but the "
+        f"compiled float8_e4m3fn kernel for head_dim={head_dim} reads blocks of {kernel}; "
+        f"quantize with jax_fa3.fp8_attention, or with "
+        f"kernels_available().descale_block(...)"
+      )
 
 
 def decode_max_logit(keys):
@@ -238,43 +350,82 @@ def decode_max_logit(keys):
 def _bwd_cuda(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks, **params):
   dims = _kernel_head_dims("bwd", q, v)
   if dims is None:
-    return reference.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows,
-                                   kv_rows, sinks, **params)
+    return reference.attention_bwd(
+      dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks, **params
+    )
   head_dim, head_dim_v = dims
   query_tile_plan = key_block_plan = absent_if_none(None)
   if q_rows.size:
     query_tile_plan, key_block_plan = segments.backward_plans(
-        q_rows, k.shape[1], *_segment_tile("bwd", q.dtype, head_dim))
+      q_rows, k.shape[1], *_segment_tile("bwd", q.dtype, head_dim)
+    )
   batch, seqlen_q, heads, _ = q.shape
   _, seqlen_k, kv_heads, _ = k.shape
-  workspace = bwd_workspace_bytes(batch, seqlen_q, seqlen_k, heads, kv_heads,
-                                  head_dim, head_dim_v, sinks=bool(sinks.size))
-  dq, dk, dv, _, dsinks = jax.ffi.ffi_call(_kernels.BWD_TARGET, (
+  workspace = bwd_workspace_bytes(
+    batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, head_dim_v, sinks=bool(sinks.size)
+  )
+  dq, dk, dv, _, dsinks = jax.ffi.ffi_call(
+    _kernels.BWD_TARGET,
+    (
       jax.ShapeDtypeStruct((*q.shape[:3], head_dim), q.dtype),
       jax.ShapeDtypeStruct((*k.shape[:3], head_dim), k.dtype),
       jax.ShapeDtypeStruct((*v.shape[:3], head_dim_v), v.dtype),
       jax.ShapeDtypeStruct((workspace,), jnp.uint8),
       jax.ShapeDtypeStruct((batch, heads) if sinks.size else (1,), jnp.float32),
-  ))(_pad_head_dim(dout, head_dim_v), _pad_head_dim(q, head_dim),
-     _pad_head_dim(k, head_dim), _pad_head_dim(v, head_dim_v),
-     _pad_head_dim(out, head_dim_v), lse, seqused_q, seqused_k, q_rows, kv_rows,
-     query_tile_plan, key_block_plan, sinks, **_ffi_attributes(**params))
-  grads = (dq[..., :q.shape[3]], dk[..., :k.shape[3]], dv[..., :v.shape[3]])
+    ),
+  )(
+    _pad_head_dim(dout, head_dim_v),
+    _pad_head_dim(q, head_dim),
+    _pad_head_dim(k, head_dim),
+    _pad_head_dim(v, head_dim_v),
+    _pad_head_dim(out, head_dim_v),
+    lse,
+    seqused_q,
+    seqused_k,
+    q_rows,
+    kv_rows,
+    query_tile_plan,
+    key_block_plan,
+    sinks,
+    **_ffi_attributes(**params),
+  )
+  grads = (dq[..., : q.shape[3]], dk[..., : k.shape[3]], dv[..., : v.shape[3]])
   return (*grads, dsinks) if sinks.size else grads
 
 
-def _decode_cuda(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table, *,
-                 softmax_scale, softcap, window_left, window_right, num_splits):
-  params = dict(softmax_scale=softmax_scale, softcap=softcap, window_left=window_left,
-                window_right=window_right, num_splits=num_splits)
+def _decode_cuda(
+  q,
+  k_cache,
+  v_cache,
+  cache_seqlens,
+  k_new,
+  v_new,
+  page_table,
+  *,
+  softmax_scale,
+  softcap,
+  window_left,
+  window_right,
+  num_splits,
+):
+  params = dict(
+    softmax_scale=softmax_scale,
+    softcap=softcap,
+    window_left=window_left,
+    window_right=window_right,
+    num_splits=num_splits,
+  )
   head_dim = q.shape[3]
   dims = _kernel_head_dims("decode", q, q) if head_dim % 8 == 0 else None
   if dims is None:
     if head_dim % 8:
-      _warn_once(f"jax_fa3: the decode kernel needs a head_dim that is a multiple of 8, got "
-                 f"{head_dim}; running the float32 reference instead (slow).")
-    return reference.kvcache_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                       page_table, **params)
+      _warn_once(
+        f"jax_fa3: the decode kernel needs a head_dim that is a multiple of 8, got "
+        f"{head_dim}; running the float32 reference instead (slow)."
+      )
+    return reference.kvcache_attention(
+      q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table, **params
+    )
   batch, seqlen_q, heads, _ = q.shape
   kv_heads = k_cache.shape[2]
   m_blocks = decode_m_blocks(heads, kv_heads, seqlen_q)
@@ -282,20 +433,34 @@ def _decode_cuda(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table, *
     block_n, ctas_per_sm = _kernels.kernels_available().decode_shape(q.dtype, dims[0])
     capacity = k_cache.shape[1] * (page_table.shape[1] if page_table.size else 1)
     max_keys = capacity + (k_new.shape[1] if k_new.ndim == 4 else 0)
-    num_splits = decode_num_splits(batch, kv_heads, m_blocks, max_keys, block_n, ctas_per_sm,
-                                   _kernels.sm_count())
+    num_splits = decode_num_splits(
+      batch, kv_heads, m_blocks, max_keys, block_n, ctas_per_sm, _kernels.sm_count()
+    )
   workspace = decode_workspace_bytes(batch, kv_heads, m_blocks, num_splits, head_dim)
   out, lse, k_cache, v_cache, _ = jax.ffi.ffi_call(
-      _kernels.DECODE_TARGET, (
-          jax.ShapeDtypeStruct(q.shape, q.dtype),
-          jax.ShapeDtypeStruct((batch, heads, seqlen_q), jnp.float32),
-          jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-          jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
-          jax.ShapeDtypeStruct((workspace,), jnp.uint8),
-      ), input_output_aliases={1: 2, 2: 3},
-  )(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table,
-    softmax_scale=np.float32(softmax_scale), softcap=np.float32(softcap),
-    window_left=int(window_left), window_right=int(window_right), num_splits=int(num_splits))
+    _kernels.DECODE_TARGET,
+    (
+      jax.ShapeDtypeStruct(q.shape, q.dtype),
+      jax.ShapeDtypeStruct((batch, heads, seqlen_q), jnp.float32),
+      jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+      jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+      jax.ShapeDtypeStruct((workspace,), jnp.uint8),
+    ),
+    input_output_aliases={1: 2, 2: 3},
+  )(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    k_new,
+    v_new,
+    page_table,
+    softmax_scale=np.float32(softmax_scale),
+    softcap=np.float32(softcap),
+    window_left=int(window_left),
+    window_right=int(window_right),
+    num_splits=int(num_splits),
+  )
   return out, lse, k_cache, v_cache
 
 
@@ -315,20 +480,26 @@ def _kernel_head_dims(direction, q, v, out_dtype=None):
     raise RuntimeError(f"jax_fa3 cannot lower to CUDA: {kernels.unavailable_reason}")
   other_gpus = _kernels.gpus_without_kernels()
   if other_gpus:  # e.g. an A100: sm_90a code cannot run there
-    _warn_once(f"jax_fa3: the kernels are built for Hopper (sm_90a), not for "
-               f"{', '.join(other_gpus)}; running the float32 reference instead (slow).")
+    _warn_once(
+      f"jax_fa3: the kernels are built for Hopper (sm_90a), not for "
+      f"{', '.join(other_gpus)}; running the float32 reference instead (slow)."
+    )
     return None
   out_dtype = q.dtype if out_dtype is None else jnp.dtype(out_dtype)
   written = kernels.out_dtypes(direction, q.dtype)
   if written and out_dtype.name not in written:
-    raise ValueError(f"jax_fa3: out_dtype={out_dtype.name} has no compiled {direction} kernel "
-                     f"for {q.dtype} inputs; the compiled ones write {', '.join(written)}. "
-                     f"See jax_fa3.kernels_available().")
+    raise ValueError(
+      f"jax_fa3: out_dtype={out_dtype.name} has no compiled {direction} kernel "
+      f"for {q.dtype} inputs; the compiled ones write {', '.join(written)}. "
+      f"See jax_fa3.kernels_available()."
+    )
   dims = kernels.head_dims_for(direction, q.dtype, q.shape[3], v.shape[3], out_dtype)
   if dims is None:
-    _warn_once(f"jax_fa3: no {direction} kernel is compiled for {q.dtype} with "
-               f"head_dim={q.shape[3]}, head_dim_v={v.shape[3]}; running the float32 "
-               f"reference instead (slow). See jax_fa3.kernels_available().")
+    _warn_once(
+      f"jax_fa3: no {direction} kernel is compiled for {q.dtype} with "
+      f"head_dim={q.shape[3]}, head_dim_v={v.shape[3]}; running the float32 "
+      f"reference instead (slow). See jax_fa3.kernels_available()."
+    )
   return dims
 
 
@@ -342,35 +513,44 @@ def _pad_head_dim(x, head_dim):
   return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, head_dim - x.shape[-1])])
 
 
-def _ffi_attributes(*, softmax_scale, softcap, window_left, window_right,
-                    diagonal_offset, deterministic=None):
+def _ffi_attributes(
+  *, softmax_scale, softcap, window_left, window_right, diagonal_offset, deterministic=None
+):
   """The FFI attributes, typed as CONTRACT.md says: f32 as np.float32, s64 as int, i1 as bool."""
-  attributes = dict(softmax_scale=np.float32(softmax_scale), softcap=np.float32(softcap),
-                    window_left=int(window_left), window_right=int(window_right),
-                    diagonal_offset=int(diagonal_offset))
+  attributes = dict(
+    softmax_scale=np.float32(softmax_scale),
+    softcap=np.float32(softcap),
+    window_left=int(window_left),
+    window_right=int(window_right),
+    diagonal_offset=int(diagonal_offset),
+  )
   if deterministic is not None:
     attributes["deterministic"] = bool(deterministic)
   return attributes
 
 
-def _decode_abstract_eval(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table,
-                          **params):
+def _decode_abstract_eval(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table, **params):
   del cache_seqlens, k_new, v_new, page_table, params
   batch, seqlen_q, heads, _ = q.shape
   spec_b, spec_t, spec_n, _ = q.sharding.spec
   lse_sharding = q.sharding.update(spec=jax.sharding.PartitionSpec(spec_b, spec_n, spec_t))
-  return (q.update(), q.update(shape=(batch, heads, seqlen_q), dtype=jnp.float32,
-                               sharding=lse_sharding),
-          k_cache.update(), v_cache.update())
+  return (
+    q.update(),
+    q.update(shape=(batch, heads, seqlen_q), dtype=jnp.float32, sharding=lse_sharding),
+    k_cache.update(),
+    v_cache.update(),
+  )
 
 
 def _no_decode_gradient(primals, tangents, **params):
   raise NotImplementedError(
-      "flash_attention_with_kvcache has no gradient: it is an inference op (KV-cache decode). "
-      "Use jax_fa3.flash_attention for training.")
+    "flash_attention_with_kvcache has no gradient: it is an inference op (KV-cache decode). "
+    "Use jax_fa3.flash_attention for training."
+  )
 
 
 # --- Batching --------------------------------------------------------------------
+
 
 def fold_vmap_axis_into_batch(primitive, args, dims, **params):
   """Every operand and result of both primitives leads with the batch axis (or is an
@@ -414,16 +594,18 @@ def decode_batch(primitive, args, dims, **params):
     page_table = fold(jnp.where(in_range, table + offset, -1))
   elif appends:
     raise NotImplementedError(
-        "vmap of flash_attention_with_kvcache: a paged k_cache/v_cache shared by the mapped "
-        "instances (not mapped) cannot take k_new/v_new: each instance would write its own "
-        "copy of the page pool. Map k_cache and v_cache too (one pool per instance), or fold "
-        "the mapped axis into the batch yourself (one page table [n * batch, max_pages] into "
-        "the one pool).")
+      "vmap of flash_attention_with_kvcache: a paged k_cache/v_cache shared by the mapped "
+      "instances (not mapped) cannot take k_new/v_new: each instance would write its own "
+      "copy of the page pool. Map k_cache and v_cache too (one pool per instance), or fold "
+      "the mapped axis into the batch yourself (one page table [n * batch, max_pages] into "
+      "the one pool)."
+    )
   else:
     caches = [k_cache, v_cache]
     page_table = fold(front(page_table, dims[6]))
-  out, lse, k_cache, v_cache = primitive.bind(operands[0], *caches, operands[1], *new,
-                                              page_table, **params)
+  out, lse, k_cache, v_cache = primitive.bind(
+    operands[0], *caches, operands[1], *new, page_table, **params
+  )
   unfold = lambda x: x.reshape(size, -1, *x.shape[1:])
   results = [unfold(out), unfold(lse)]
   if caches_mapped or not paged:
@@ -432,6 +614,7 @@ def decode_batch(primitive, args, dims, **params):
 
 
 # --- Registration ----------------------------------------------------------------
+
 
 def define_primitive(name, abstract_eval, reference_rule, cuda_rule, batcher=None):
   """A multiple-result primitive lowered to `cuda_rule` on CUDA and to `reference_rule`
@@ -442,8 +625,9 @@ def define_primitive(name, abstract_eval, reference_rule, cuda_rule, batcher=Non
   primitive.def_impl(functools.partial(xla.apply_primitive, primitive))
   primitive.def_abstract_eval(abstract_eval)
   mlir.register_lowering(primitive, mlir.lower_fun(reference_rule, multiple_results=True))
-  mlir.register_lowering(primitive, mlir.lower_fun(cuda_rule, multiple_results=True),
-                         platform="cuda")
+  mlir.register_lowering(
+    primitive, mlir.lower_fun(cuda_rule, multiple_results=True), platform="cuda"
+  )
   batching.primitive_batchers[primitive] = (batcher or fold_vmap_axis_into_batch_rule)(primitive)
   return primitive
 
@@ -457,6 +641,11 @@ bwd_p = define_primitive("fa3_bwd_local", _bwd_abstract_eval, reference.attentio
 
 # The decode primitive: its own batching rule (a paged cache is not batched by sequence) and
 # a JVP that says there is no gradient.
-decode_p = define_primitive("fa3_decode_local", _decode_abstract_eval, reference.kvcache_attention,
-                            _decode_cuda, batcher=lambda p: functools.partial(decode_batch, p))
+decode_p = define_primitive(
+  "fa3_decode_local",
+  _decode_abstract_eval,
+  reference.kvcache_attention,
+  _decode_cuda,
+  batcher=lambda p: functools.partial(decode_batch, p),
+)
 ad.primitive_jvps[decode_p] = _no_decode_gradient

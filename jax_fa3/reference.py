@@ -32,9 +32,27 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _FP8_PROBS_SCALE = 256.0
 
 
-def attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q=None,
-                  descale_k=None, descale_v=None, *, softmax_scale, softcap, window_left,
-                  window_right, diagonal_offset, return_max_logit=False, fp8=None):
+def attention_fwd(
+  q,
+  k,
+  v,
+  seqused_q,
+  seqused_k,
+  q_rows,
+  kv_rows,
+  sinks,
+  descale_q=None,
+  descale_k=None,
+  descale_v=None,
+  *,
+  softmax_scale,
+  softcap,
+  window_left,
+  window_right,
+  diagonal_offset,
+  return_max_logit=False,
+  fp8=None,
+):
   """Returns `(out [B, Sq, H, Dv], lse [B, H, Sq] float32)`, out in q's dtype (with `fp8`,
   a primitives.Fp8Params: its out_dtype), and with `return_max_logit` the largest visible
   scaled score of each (batch, head), float32 [B, H] (-inf where none). `sinks` (float32
@@ -43,8 +61,17 @@ def attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale
   descales (float8_e4m3fn inputs; absent: None or shape [0], factor 1) are float32
   `[B, H, QB]`, `[B, Hk, KB]` and `[B, Hk]`, a block covering fp8.q_block_rows query rows
   or fp8.k_block_rows keys."""
-  visible = _visible(q.shape[1], k.shape[1], seqused_q, seqused_k, q_rows, kv_rows,
-                     window_left, window_right, diagonal_offset)
+  visible = _visible(
+    q.shape[1],
+    k.shape[1],
+    seqused_q,
+    seqused_k,
+    q_rows,
+    kv_rows,
+    window_left,
+    window_right,
+    diagonal_offset,
+  )
   if fp8 is None:
     scores, _ = _scores(q, k, softmax_scale, softcap)
   else:
@@ -56,12 +83,12 @@ def attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale
   probs = jnp.exp(scores - row_max)
   row_sum = jnp.sum(probs, axis=-1, keepdims=True)
   seen_any = row_sum > 0
-  lse = jnp.where(seen_any, row_max + jnp.log(jnp.where(seen_any, row_sum, 1.0)),
-                  -jnp.inf)
+  lse = jnp.where(seen_any, row_max + jnp.log(jnp.where(seen_any, row_sum, 1.0)), -jnp.inf)
   if fp8 is None:
     probs = probs / jnp.where(seen_any, row_sum, 1.0)
-    out = _ungroup(jnp.einsum("bhgqk,bkhd->bhgqd", probs, v.astype(jnp.float32),
-                              precision=_HIGHEST))
+    out = _ungroup(
+      jnp.einsum("bhgqk,bkhd->bhgqd", probs, v.astype(jnp.float32), precision=_HIGHEST)
+    )
   else:
     out = _fp8_probs_times_values(probs, row_sum, seen_any, v, descale_v)
   batch, seqlen_q, heads = q.shape[:3]
@@ -130,29 +157,53 @@ def with_sinks(out, lse, sinks, rows=None):
   return scaled.astype(out.dtype), with_sink
 
 
-def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks, *,
-                  softmax_scale, softcap, window_left, window_right,
-                  diagonal_offset, deterministic):
+def attention_bwd(
+  dout,
+  q,
+  k,
+  v,
+  out,
+  lse,
+  seqused_q,
+  seqused_k,
+  q_rows,
+  kv_rows,
+  sinks,
+  *,
+  softmax_scale,
+  softcap,
+  window_left,
+  window_right,
+  diagonal_offset,
+  deterministic,
+):
   """Returns `(dq, dk, dv)`, recomputing the probabilities from `lse`, and with sinks their
   gradient `dsinks [B, H]` float32: -sum_i exp(sink - lse_i) rowsum(dout_i * out_i)."""
   del deterministic  # This path is always deterministic.
-  visible = _visible(q.shape[1], k.shape[1], seqused_q, seqused_k, q_rows, kv_rows,
-                     window_left, window_right, diagonal_offset)
+  visible = _visible(
+    q.shape[1],
+    k.shape[1],
+    seqused_q,
+    seqused_k,
+    q_rows,
+    kv_rows,
+    window_left,
+    window_right,
+    diagonal_offset,
+  )
   scores, tanh = _scores(q, k, softmax_scale, softcap)
   probs = jnp.where(visible, jnp.exp(scores - _group(lse[..., None], k)), 0.0)
 
   dout_g = _group(jnp.swapaxes(dout, 1, 2).astype(jnp.float32), k)
   dv = jnp.einsum("bhgqk,bhgqd->bkhd", probs, dout_g, precision=_HIGHEST)
-  dprobs = jnp.einsum("bhgqd,bkhd->bhgqk", dout_g, v.astype(jnp.float32),
-                      precision=_HIGHEST)
+  dprobs = jnp.einsum("bhgqd,bkhd->bhgqk", dout_g, v.astype(jnp.float32), precision=_HIGHEST)
   # rowsum(dP * P) = rowsum(dO * O): the softmax Jacobian's diagonal term.
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   dscores = probs * (dprobs - _group(jnp.swapaxes(delta, 1, 2)[..., None], k))
   if softcap:
     dscores = dscores * (1.0 - tanh * tanh)
   dscores = dscores * softmax_scale
-  dq = _ungroup(jnp.einsum("bhgqk,bkhd->bhgqd", dscores, k.astype(jnp.float32),
-                           precision=_HIGHEST))
+  dq = _ungroup(jnp.einsum("bhgqk,bkhd->bhgqd", dscores, k.astype(jnp.float32), precision=_HIGHEST))
   q_g = _group(jnp.swapaxes(q, 1, 2).astype(jnp.float32), k)
   dk = jnp.einsum("bhgqk,bhgqd->bkhd", dscores, q_g, precision=_HIGHEST)
   grads = (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
@@ -172,16 +223,26 @@ def sink_gradient(sinks, lse, delta):
 def _scores(q, k, softmax_scale, softcap):
   """Scores `[B, Hk, G, Sq, Sk]` in float32, and tanh(raw/softcap) when capped."""
   q_g = _group(jnp.swapaxes(q, 1, 2).astype(jnp.float32), k)
-  scores = jnp.einsum("bhgqd,bkhd->bhgqk", q_g, k.astype(jnp.float32),
-                      precision=_HIGHEST) * softmax_scale
+  scores = (
+    jnp.einsum("bhgqd,bkhd->bhgqk", q_g, k.astype(jnp.float32), precision=_HIGHEST) * softmax_scale
+  )
   if not softcap:
     return scores, None
   tanh = jnp.tanh(scores / softcap)
   return softcap * tanh, tanh
 
 
-def _visible(seqlen_q, seqlen_k, seqused_q, seqused_k, q_rows, kv_rows, window_left,
-             window_right, diagonal_offset):
+def _visible(
+  seqlen_q,
+  seqlen_k,
+  seqused_q,
+  seqused_k,
+  q_rows,
+  kv_rows,
+  window_left,
+  window_right,
+  diagonal_offset,
+):
   """Which key each query row sees: bool, broadcastable to `[B, Hk, G, Sq, Sk]`."""
   if q_rows.size:
     return segments.visible(q_rows, kv_rows)[:, None, None]
@@ -203,8 +264,7 @@ def _visible(seqlen_q, seqlen_k, seqused_q, seqused_k, q_rows, kv_rows, window_l
 def _group(x_bhs, k):
   """`[B, H, Sq, ...]` -> `[B, Hk, G, Sq, ...]`, with Hk the kv heads of `k`."""
   kv_heads = k.shape[2]
-  return x_bhs.reshape(x_bhs.shape[0], kv_heads, x_bhs.shape[1] // kv_heads,
-                       *x_bhs.shape[2:])
+  return x_bhs.reshape(x_bhs.shape[0], kv_heads, x_bhs.shape[1] // kv_heads, *x_bhs.shape[2:])
 
 
 def _ungroup(x):
@@ -213,8 +273,21 @@ def _ungroup(x):
   return jnp.swapaxes(x.reshape(batch, kv_heads * groups, seqlen, dim), 1, 2)
 
 
-def kvcache_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table, *,
-                      softmax_scale, softcap, window_left, window_right, num_splits=0):
+def kvcache_attention(
+  q,
+  k_cache,
+  v_cache,
+  cache_seqlens,
+  k_new,
+  v_new,
+  page_table,
+  *,
+  softmax_scale,
+  softcap,
+  window_left,
+  window_right,
+  num_splits=0,
+):
   """Decode against a KV cache: `(out, lse, k_cache, v_cache)`, as `jax_fa3_decode` does.
 
   The semantics of CONTRACT.md's `jax_fa3_decode`: `k_new`/`v_new` (absent: shape [0]) are
@@ -275,8 +348,9 @@ def kvcache_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_tab
   seen_any = row_sum > 0
   probs = probs / jnp.where(seen_any, row_sum, 1.0)
   lse = jnp.where(seen_any, row_max + jnp.log(jnp.where(seen_any, row_sum, 1.0)), -jnp.inf)
-  out = _ungroup(jnp.einsum("bhgqk,bkhd->bhgqd", probs, values.astype(jnp.float32),
-                            precision=_HIGHEST))
+  out = _ungroup(
+    jnp.einsum("bhgqk,bkhd->bhgqd", probs, values.astype(jnp.float32), precision=_HIGHEST)
+  )
   out = jnp.where(bad[:, None, None, None], jnp.nan, out).astype(q.dtype)
   lse = jnp.where(bad[:, None, None], jnp.nan, lse.reshape(batch, heads, seqlen_q))
   return (out, lse, k_rows.reshape(k_cache.shape), v_rows.reshape(v_cache.shape))

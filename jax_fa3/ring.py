@@ -39,14 +39,14 @@ from jax_fa3.primitives import AttentionParams
 class Contiguous:
   """Device r holds positions [r * chunk, (r + 1) * chunk) of q's and of k's sequence
   (their chunks may differ in length only where the mask ignores positions)."""
+
   chunk: int
 
   def block_mask(self, params: AttentionParams, d: int) -> AttentionParams:
     if params.window_left < 0 and params.window_right < 0:
       return params
     # Query i' of device r is position r C + i', key j' of device t is t C + j'.
-    return dataclasses.replace(params,
-                               diagonal_offset=params.diagonal_offset + d * self.chunk)
+    return dataclasses.replace(params, diagonal_offset=params.diagonal_offset + d * self.chunk)
 
   def local_lengths(self, seqused, owner, chunk):
     """The per-sequence lengths `seqused` as seen by the chunk of device `owner`."""
@@ -56,6 +56,7 @@ class Contiguous:
 @dataclasses.dataclass(frozen=True)
 class Striped:
   """Device r holds positions r, r + size, r + 2 size, ... of q's and of k's sequence."""
+
   size: int
 
   def block_mask(self, params: AttentionParams, d: int) -> AttentionParams | None:
@@ -73,8 +74,7 @@ class Striped:
       return dataclasses.replace(params, diagonal_offset=high, window_right=0)
     if low > high:
       return None
-    return dataclasses.replace(params, diagonal_offset=high, window_left=high - low,
-                               window_right=0)
+    return dataclasses.replace(params, diagonal_offset=high, window_left=high - low, window_right=0)
 
   def local_lengths(self, seqused, owner, chunk):
     """The per-sequence lengths `seqused` as seen by the chunk of device `owner`."""
@@ -84,6 +84,7 @@ class Striped:
 @dataclasses.dataclass(frozen=True)
 class Ring:
   """The devices a sequence is split over, and how it is laid out on them."""
+
   axes: tuple[str, ...]  # mesh axes, major to minor
   size: int
   striped: bool
@@ -106,20 +107,21 @@ class Ring:
   def stripe(self, x, axis):
     """Contiguous chunk -> striped chunk along `axis`: position p moves to device p mod P."""
     chunk = x.shape[axis]
-    x = x.reshape(*x.shape[:axis], chunk // self.size, self.size, *x.shape[axis + 1:])
+    x = x.reshape(*x.shape[:axis], chunk // self.size, self.size, *x.shape[axis + 1 :])
     x = lax.all_to_all(jnp.moveaxis(x, axis + 1, axis), self.axes, axis, axis, tiled=True)
-    return x.reshape(*x.shape[:axis], chunk, *x.shape[axis + 2:])
+    return x.reshape(*x.shape[:axis], chunk, *x.shape[axis + 2 :])
 
   def unstripe(self, x, axis):
     """Striped chunk -> contiguous chunk along `axis`: the inverse of `stripe`."""
     chunk = x.shape[axis]
-    x = x.reshape(*x.shape[:axis], self.size, chunk // self.size, *x.shape[axis + 1:])
+    x = x.reshape(*x.shape[:axis], self.size, chunk // self.size, *x.shape[axis + 1 :])
     x = jnp.moveaxis(lax.all_to_all(x, self.axes, axis, axis, tiled=True), axis, axis + 1)
-    return x.reshape(*x.shape[:axis], chunk, *x.shape[axis + 2:])
+    return x.reshape(*x.shape[:axis], chunk, *x.shape[axis + 2 :])
 
 
-def attention_fwd(ring: Ring, q, k, v, seqused_q, seqused_k, params: AttentionParams,
-                  return_max_logit: bool = False):
+def attention_fwd(
+  ring: Ring, q, k, v, seqused_q, seqused_k, params: AttentionParams, return_max_logit: bool = False
+):
   """The forward on this device's chunks of q, k and v: returns its chunks of (out, lse),
   and with `return_max_logit` the largest score its queries saw, per (batch, head)."""
   if ring.striped:
@@ -135,12 +137,12 @@ def attention_fwd(ring: Ring, q, k, v, seqused_q, seqused_k, params: AttentionPa
   for step in range(ring.size):
     if step + 1 < ring.size:
       next_k, next_v = ring.pass_on([k, v], k.dtype)
-    block_seqused_k = _local_lengths(layout, seqused_k, (rank - step) % ring.size,
-                                     k.shape[1])
+    block_seqused_k = _local_lengths(layout, seqused_k, (rank - step) % ring.size, k.shape[1])
 
     def attend(mask, partial, k=k, v=v, seqused_k=block_seqused_k):
-      block = primitives.attention_fwd(q, k, v, seqused_q, seqused_k, mask,
-                                       return_max_logit=return_max_logit)
+      block = primitives.attention_fwd(
+        q, k, v, seqused_q, seqused_k, mask, return_max_logit=return_max_logit
+      )
       merged = _merge(*partial[:2], *block[:2])
       return (*merged, jnp.maximum(partial[2], block[2])) if return_max_logit else merged
 
@@ -154,8 +156,19 @@ def attention_fwd(ring: Ring, q, k, v, seqused_q, seqused_k, params: AttentionPa
   return (out, lse, *max_logit)
 
 
-def attention_bwd(ring: Ring, dout, q, k, v, out, lse, seqused_q, seqused_k,
-                  params: AttentionParams, deterministic: bool):
+def attention_bwd(
+  ring: Ring,
+  dout,
+  q,
+  k,
+  v,
+  out,
+  lse,
+  seqused_q,
+  seqused_k,
+  params: AttentionParams,
+  deterministic: bool,
+):
   """The backward on this device's chunks, given the global (out, lse): returns (dq, dk, dv)."""
   if ring.striped:
     dout, q, k, v, out = (ring.stripe(x, 1) for x in (dout, q, k, v, out))
@@ -165,16 +178,17 @@ def attention_bwd(ring: Ring, dout, q, k, v, out, lse, seqused_q, seqused_k,
   seqused_q = _local_lengths(layout, seqused_q, rank, q.shape[1])
   grads = tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
   for step in range(ring.size):
-    block_seqused_k = _local_lengths(layout, seqused_k, (rank - step) % ring.size,
-                                     k.shape[1])
+    block_seqused_k = _local_lengths(layout, seqused_k, (rank - step) % ring.size, k.shape[1])
 
     def differentiate(mask, sums, k=k, v=v, seqused_k=block_seqused_k):
-      block_grads = primitives.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
-                                             mask, deterministic)
+      block_grads = primitives.attention_bwd(
+        dout, q, k, v, out, lse, seqused_q, seqused_k, mask, deterministic
+      )
       return tuple(total + g.astype(jnp.float32) for total, g in zip(sums, block_grads))
 
-    dq, dk, dv = _at_step(ring, layout, params, step, rank, q.shape[1], k.shape[1],
-                          differentiate, grads)
+    dq, dk, dv = _at_step(
+      ring, layout, params, step, rank, q.shape[1], k.shape[1], differentiate, grads
+    )
     if step + 1 < ring.size:
       k, v, dk, dv = ring.pass_on([k, v, dk, dv], k.dtype)
     grads = dq, dk, dv
@@ -192,6 +206,7 @@ def _at_step(ring, layout, params, step, rank, q_len, k_len, visit, state):
   from a later one once the ring has wrapped (d = step - P). A block in which no query
   sees a key leaves `state` as it is.
   """
+
   def case(d):
     mask = layout.block_mask(params, d)
     if mask is None or not _sees_any(mask, q_len, k_len):
@@ -247,8 +262,10 @@ def _merge(out, lse, block_out, block_lse):
 # skips the block (`lax.cond`) if none does: with documents shorter than a chunk, laid out
 # contiguously, that is most blocks.
 
-def packed_attention_fwd(ring: Ring, q, k, v, q_rows, kv_rows, params: AttentionParams,
-                         return_max_logit: bool = False):
+
+def packed_attention_fwd(
+  ring: Ring, q, k, v, q_rows, kv_rows, params: AttentionParams, return_max_logit: bool = False
+):
   """The forward on this device's chunks of q, k, v and of the packed-sequence rows
   (positions of the whole row): returns its chunks of (out, lse), and with
   `return_max_logit` the largest score its queries saw. The params' window is already in
@@ -257,19 +274,23 @@ def packed_attention_fwd(ring: Ring, q, k, v, q_rows, kv_rows, params: Attention
     q, k, v, q_rows, kv_rows = (ring.stripe(x, 1) for x in (q, k, v, q_rows, kv_rows))
   rank = lax.axis_index(ring.axes)
   layout = ring.layout(q.shape[1])
-  partial = (jnp.zeros((*q.shape[:3], v.shape[3]), jnp.float32),
-             jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf, jnp.float32))
+  partial = (
+    jnp.zeros((*q.shape[:3], v.shape[3]), jnp.float32),
+    jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf, jnp.float32),
+  )
   if return_max_logit:
     partial += (jnp.full((q.shape[0], q.shape[2]), -jnp.inf, jnp.float32),)
   for step in range(ring.size):
     if step + 1 < ring.size:
       next_chunk = ring.pass_on([k, v, kv_rows], k.dtype)
-    block_q_rows, block_kv_rows, sees = _packed_block(layout, q_rows, kv_rows, rank,
-                                                      (rank - step) % ring.size)
+    block_q_rows, block_kv_rows, sees = _packed_block(
+      layout, q_rows, kv_rows, rank, (rank - step) % ring.size
+    )
 
     def attend(partial, k=k, v=v, block_q_rows=block_q_rows, block_kv_rows=block_kv_rows):
-      block = primitives.attention_fwd(q, k, v, None, None, params, block_q_rows,
-                                       block_kv_rows, return_max_logit=return_max_logit)
+      block = primitives.attention_fwd(
+        q, k, v, None, None, params, block_q_rows, block_kv_rows, return_max_logit=return_max_logit
+      )
       merged = _merge(*partial[:2], *block[:2])
       return (*merged, jnp.maximum(partial[2], block[2])) if return_max_logit else merged
 
@@ -282,24 +303,28 @@ def packed_attention_fwd(ring: Ring, q, k, v, q_rows, kv_rows, params: Attention
   return (out, lse, *partial[2:])
 
 
-def packed_attention_bwd(ring: Ring, dout, q, k, v, out, lse, q_rows, kv_rows,
-                         params: AttentionParams, deterministic: bool):
+def packed_attention_bwd(
+  ring: Ring, dout, q, k, v, out, lse, q_rows, kv_rows, params: AttentionParams, deterministic: bool
+):
   """The backward of `packed_attention_fwd`, given the global (out, lse): returns this
   device's chunks of (dq, dk, dv). The dK/dV accumulators travel with K/V and their rows."""
   if ring.striped:
-    dout, q, k, v, out, q_rows, kv_rows = (ring.stripe(x, 1)
-                                           for x in (dout, q, k, v, out, q_rows, kv_rows))
+    dout, q, k, v, out, q_rows, kv_rows = (
+      ring.stripe(x, 1) for x in (dout, q, k, v, out, q_rows, kv_rows)
+    )
     lse = ring.stripe(lse, 2)
   rank = lax.axis_index(ring.axes)
   layout = ring.layout(q.shape[1])
   dq, dk, dv = (jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
   for step in range(ring.size):
-    block_q_rows, block_kv_rows, sees = _packed_block(layout, q_rows, kv_rows, rank,
-                                                      (rank - step) % ring.size)
+    block_q_rows, block_kv_rows, sees = _packed_block(
+      layout, q_rows, kv_rows, rank, (rank - step) % ring.size
+    )
 
     def differentiate(sums, k=k, v=v, block_q_rows=block_q_rows, block_kv_rows=block_kv_rows):
-      block_grads = primitives.attention_bwd(dout, q, k, v, out, lse, None, None, params,
-                                             deterministic, block_q_rows, block_kv_rows)
+      block_grads = primitives.attention_bwd(
+        dout, q, k, v, out, lse, None, None, params, deterministic, block_q_rows, block_kv_rows
+      )
       return tuple(total + g.astype(jnp.float32) for total, g in zip(sums, block_grads))
 
     dq, dk, dv = _unless_empty(step, sees, differentiate, (dq, dk, dv))

@@ -23,7 +23,7 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 # Beyond every position (sequences are at most 2^30 long): the bound of an empty row.
-_FAR = 2 ** 30
+_FAR = 2**30
 
 
 def rows(q_ids, kv_ids, *, window_left, window_right, q_offsets, kv_offsets):
@@ -44,13 +44,19 @@ def rows(q_ids, kv_ids, *, window_left, window_right, q_offsets, kv_offsets):
     queries = jnp.arange(seqlen_q, dtype=jnp.int32)
     keys = jnp.arange(seqlen_k, dtype=jnp.int32)
     diagonal = queries + q_offsets
-    q_side = _row_spans(q_ids, kv_ids,
-                        low=diagonal - window_left if window_left >= 0 else None,
-                        high=diagonal + window_right + 1 if window_right >= 0 else None)
+    q_side = _row_spans(
+      q_ids,
+      kv_ids,
+      low=diagonal - window_left if window_left >= 0 else None,
+      high=diagonal + window_right + 1 if window_right >= 0 else None,
+    )
     # Query i sees key j iff j - offset - window_right <= i <= j - offset + window_left.
-    kv_side = _row_spans(kv_ids, q_ids,
-                         low=keys - kv_offsets - window_right if window_right >= 0 else None,
-                         high=keys - kv_offsets + window_left + 1 if window_left >= 0 else None)
+    kv_side = _row_spans(
+      kv_ids,
+      q_ids,
+      low=keys - kv_offsets - window_right if window_right >= 0 else None,
+      high=keys - kv_offsets + window_left + 1 if window_left >= 0 else None,
+    )
     return q_side, kv_side
 
   return jax.vmap(one_row)(q_ids, kv_ids, q_offsets, kv_offsets)
@@ -66,8 +72,10 @@ def _whole_rows(*arrays):
   if AxisType.Explicit not in sharding.mesh.axis_types:
     return arrays
   whole = NamedSharding(sharding.mesh, PartitionSpec())
-  return tuple(x if jax.typeof(x).sharding.is_fully_replicated
-               else jax.sharding.reshard(x, whole) for x in arrays)
+  return tuple(
+    x if jax.typeof(x).sharding.is_fully_replicated else jax.sharding.reshard(x, whole)
+    for x in arrays
+  )
 
 
 def _row_spans(ids, other_ids, *, low, high):
@@ -92,8 +100,10 @@ def _row_spans(ids, other_ids, *, low, high):
   sees = (ids >= 0) & ((count > 1) | exact) & (first < end)
   interleaved = sees & ~exact
   zero = jnp.zeros_like(first)
-  return jnp.stack([ids, jnp.where(sees, first, zero), jnp.where(sees, end, zero),
-                    interleaved.astype(jnp.int32)], axis=-1)
+  return jnp.stack(
+    [ids, jnp.where(sees, first, zero), jnp.where(sees, end, zero), interleaved.astype(jnp.int32)],
+    axis=-1,
+  )
 
 
 def _slot(ids, size):
@@ -124,6 +134,7 @@ def visible(q_rows, kv_rows):
 
 
 # --- Tile plans ------------------------------------------------------------------
+
 
 def forward_plan(q_rows, block_m, block_n):
   """Per tile of `block_m` queries, `{n_min, n_max, right_masked, left_masked}` `[B, tiles, 4]`:
@@ -212,7 +223,9 @@ def forward_tiles(q_rows, block_m, block_n):
   # The rows' tiles one after another: tile t of row b goes to 1 + offset[b] + t.
   offsets = jnp.cumsum(counts) - counts
   slots = jnp.arange(capacity, dtype=jnp.int32)
-  index = jnp.where(slots[None] < counts[:, None], 1 + offsets[:, None] + slots[None], batch * capacity + 1)
+  index = jnp.where(
+    slots[None] < counts[:, None], 1 + offsets[:, None] + slots[None], batch * capacity + 1
+  )
   plan = jnp.zeros((1 + batch * capacity, 8), jnp.int32).at[0, 0].set(jnp.sum(counts))
   return plan.at[index.reshape(-1)].set(tiles.reshape(-1, 8), mode="drop")
 
@@ -230,7 +243,10 @@ def backward_plans(q_rows, seqlen_k, block_m, block_n):
   start = lax.cummin(jnp.where(empty, _FAR, n_min), axis=1, reverse=True)
   blocks = jnp.arange(-(-seqlen_k // block_n), dtype=jnp.int32)
   # An unrolled binary search: a few fused gathers, where the default loops on the device.
-  search = jax.vmap(lambda sorted_values: jnp.searchsorted(sorted_values, blocks, side="right",
-                                                           method="scan_unrolled"))
+  search = jax.vmap(
+    lambda sorted_values: jnp.searchsorted(
+      sorted_values, blocks, side="right", method="scan_unrolled"
+    )
+  )
   key_blocks = jnp.stack([search(reach), search(start)], axis=-1).astype(jnp.int32)
   return query_tiles, key_blocks

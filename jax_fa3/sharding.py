@@ -48,11 +48,12 @@ class Split:
   sequences' rows: [batch, sequence, -] (their spans stay positions of the whole row: the
   ring cuts them to each block, ring.block_rows).
   """
+
   batch: tuple[str, ...] = ()
   sequence: tuple[str, ...] = ()
   heads: tuple[str, ...] = ()
-  kv_heads_split: bool = True   # else each device slices the k/v head its q heads read
-  striped: bool = False         # the ring's layout (see ring.py)
+  kv_heads_split: bool = True  # else each device slices the k/v head its q heads read
+  striped: bool = False  # the ring's layout (see ring.py)
 
   @property
   def axes(self) -> frozenset[str]:
@@ -94,8 +95,11 @@ class Split:
     return PartitionSpec(_entry(self.batch), _entry(heads), *[None] * (len(x.shape) - 2))
 
   def descale_specs(self, descale_q, descale_k, descale_v):
-    return (self.descale_spec(descale_q, False), self.descale_spec(descale_k, True),
-            self.descale_spec(descale_v, True))
+    return (
+      self.descale_spec(descale_q, False),
+      self.descale_spec(descale_k, True),
+      self.descale_spec(descale_v, True),
+    )
 
 
 # Packed sequences on a ring: the layout. The ring takes both (ring.packed_attention_fwd:
@@ -117,8 +121,16 @@ _PACKED_STRIPED = False
 _PACKED_RING = False
 
 
-def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: AttentionParams,
-                 packed: bool = False, fp8: bool = False) -> Split:
+def choose_split(
+  axis_sizes,
+  q_spec,
+  k_spec,
+  q_shape,
+  k_shape,
+  params: AttentionParams,
+  packed: bool = False,
+  fp8: bool = False,
+) -> Split:
   """How to run attention on q and k sharded as `q_spec` and `k_spec` over a mesh of
   `axis_sizes` ({axis name: size}).
 
@@ -150,8 +162,7 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
   ring_size = math.prod(axis_sizes[a] for a in sequence)
   bounded_sides = (params.window_left >= 0) + (params.window_right >= 0)
   # A mask bounded on one side (causal) is a triangle, unbalanced unless striped.
-  striped = (bounded_sides == 1
-             and seqlen_q % ring_size ** 2 == 0 and seqlen_k % ring_size ** 2 == 0)
+  striped = bounded_sides == 1 and seqlen_q % ring_size**2 == 0 and seqlen_k % ring_size**2 == 0
   if packed and not _PACKED_RING:
     taken -= set(sequence)
     sequence = ()
@@ -162,13 +173,18 @@ def choose_split(axis_sizes, q_spec, k_spec, q_shape, k_shape, params: Attention
     sequence = ()
   if fp8 and sequence:
     raise ValueError(
-        f"jax_fa3: float8_e4m3fn attention does not run as ring attention: q and k are split "
-        f"over their sequence by mesh axes {sequence} (q {_spec_text(q_spec)}, k "
-        f"{_spec_text(k_spec)}). Keep the sequence whole (split the batch or the heads), "
-        f"or run this call in bfloat16.")
-  return Split(batch=split_batch, sequence=sequence, heads=split_heads,
-               kv_heads_split=kv_heads % head_shards == 0,
-               striped=bool(sequence) and striped)
+      f"jax_fa3: float8_e4m3fn attention does not run as ring attention: q and k are split "
+      f"over their sequence by mesh axes {sequence} (q {_spec_text(q_spec)}, k "
+      f"{_spec_text(k_spec)}). Keep the sequence whole (split the batch or the heads), "
+      f"or run this call in bfloat16."
+    )
+  return Split(
+    batch=split_batch,
+    sequence=sequence,
+    heads=split_heads,
+    kv_heads_split=kv_heads % head_shards == 0,
+    striped=bool(sequence) and striped,
+  )
 
 
 def _spec_text(spec):
@@ -186,9 +202,24 @@ def _pick(axis_sizes, taken, candidates, *sizes):
   return ()
 
 
-def local_fwd(split: Split, axis_sizes, params: AttentionParams, return_max_logit, fp8, q, k,
-              v, seqused_q, seqused_k, q_rows=None, kv_rows=None, sinks=None, descale_q=None,
-              descale_k=None, descale_v=None):
+def local_fwd(
+  split: Split,
+  axis_sizes,
+  params: AttentionParams,
+  return_max_logit,
+  fp8,
+  q,
+  k,
+  v,
+  seqused_q,
+  seqused_k,
+  q_rows=None,
+  kv_rows=None,
+  sinks=None,
+  descale_q=None,
+  descale_k=None,
+  descale_v=None,
+):
   """The forward on one device's shards, split as `split`: returns (out, lse), and
   max_logit with `return_max_logit`. `fp8` (primitives.Fp8Params or None) and the
   descales are the FP8 forward's, which choose_split never puts on a ring."""
@@ -196,20 +227,33 @@ def local_fwd(split: Split, axis_sizes, params: AttentionParams, return_max_logi
   sinks = primitives.none_if_absent(sinks)
   k, v = (_kv_head_of_device(split, axis_sizes, x) for x in (k, v))
   if not split.sequence:
-    descale_k, descale_v = (_kv_head_of_device(split, axis_sizes, x, axis=1)
-                            for x in _present(descale_k, descale_v))
-    return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params,
-                                          *_present(q_rows, kv_rows), sinks=sinks,
-                                          return_max_logit=return_max_logit,
-                                          descales=(primitives.none_if_absent(descale_q),
-                                                    descale_k, descale_v), fp8=fp8))
+    descale_k, descale_v = (
+      _kv_head_of_device(split, axis_sizes, x, axis=1) for x in _present(descale_k, descale_v)
+    )
+    return tuple(
+      primitives.attention_fwd(
+        q,
+        k,
+        v,
+        seqused_q,
+        seqused_k,
+        params,
+        *_present(q_rows, kv_rows),
+        sinks=sinks,
+        return_max_logit=return_max_logit,
+        descales=(primitives.none_if_absent(descale_q), descale_k, descale_v),
+        fp8=fp8,
+      )
+    )
   the_ring = _ring(split, axis_sizes)
   if primitives.none_if_absent(q_rows) is not None:
-    out, lse, *max_logit = ring.packed_attention_fwd(the_ring, q, k, v, q_rows, kv_rows, params,
-                                                     return_max_logit=return_max_logit)
+    out, lse, *max_logit = ring.packed_attention_fwd(
+      the_ring, q, k, v, q_rows, kv_rows, params, return_max_logit=return_max_logit
+    )
   else:
-    out, lse, *max_logit = ring.attention_fwd(the_ring, q, k, v, seqused_q, seqused_k, params,
-                                              return_max_logit=return_max_logit)
+    out, lse, *max_logit = ring.attention_fwd(
+      the_ring, q, k, v, seqused_q, seqused_k, params, return_max_logit=return_max_logit
+    )
   if sinks is not None:  # once, after the ring's merge
     out, lse = _with_sinks(out, lse, sinks, seqused_q, lax.axis_index(the_ring.axes))
   return (out, lse, lax.pmax(max_logit[0], the_ring.axes)) if return_max_logit else (out, lse)
@@ -224,8 +268,23 @@ def _with_sinks(out, lse, sinks, seqused_q, rank):
   return reference.with_sinks(out, lse, sinks, rows)
 
 
-def local_bwd(split: Split, axis_sizes, params: AttentionParams, deterministic, dout, q,
-              k, v, out, lse, seqused_q, seqused_k, q_rows=None, kv_rows=None, sinks=None):
+def local_bwd(
+  split: Split,
+  axis_sizes,
+  params: AttentionParams,
+  deterministic,
+  dout,
+  q,
+  k,
+  v,
+  out,
+  lse,
+  seqused_q,
+  seqused_k,
+  q_rows=None,
+  kv_rows=None,
+  sinks=None,
+):
   """The backward on one device's shards, split as `split`: returns (dq, dk, dv), and
   dsinks with sinks."""
   seqused_q, seqused_k = primitives.none_if_absent(seqused_q), primitives.none_if_absent(seqused_k)
@@ -238,27 +297,44 @@ def local_bwd(split: Split, axis_sizes, params: AttentionParams, deterministic, 
     # The lse holds the sink, so the ring's gradients need nothing more; the sinks' own
     # gradient sums over every row of the sequence.
     if primitives.none_if_absent(q_rows) is not None:
-      dq, dk, dv = ring.packed_attention_bwd(the_ring, dout, q, k, v, out, lse, q_rows,
-                                             kv_rows, params, deterministic)
+      dq, dk, dv = ring.packed_attention_bwd(
+        the_ring, dout, q, k, v, out, lse, q_rows, kv_rows, params, deterministic
+      )
     else:
-      dq, dk, dv = ring.attention_bwd(the_ring, dout, q, k, v, out, lse,
-                                      seqused_q, seqused_k, params, deterministic)
+      dq, dk, dv = ring.attention_bwd(
+        the_ring, dout, q, k, v, out, lse, seqused_q, seqused_k, params, deterministic
+      )
     if sinks is not None:
       delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-      dsinks = (lax.psum(reference.sink_gradient(sinks, lse, jnp.swapaxes(delta, 1, 2)),
-                         the_ring.axes),)
+      dsinks = (
+        lax.psum(reference.sink_gradient(sinks, lse, jnp.swapaxes(delta, 1, 2)), the_ring.axes),
+      )
   else:
     dq, dk, dv, *dsinks = primitives.attention_bwd(
-        dout, q, k, v, out, lse, seqused_q, seqused_k, params, deterministic,
-        *_present(q_rows, kv_rows), sinks=sinks)
+      dout,
+      q,
+      k,
+      v,
+      out,
+      lse,
+      seqused_q,
+      seqused_k,
+      params,
+      deterministic,
+      *_present(q_rows, kv_rows),
+      sinks=sinks,
+    )
   if split.heads and not split.kv_heads_split:
     # Each device holds a part of the gradient of its k/v head: place it, sum in float32.
     index = _kv_head_index(split, axis_sizes, kv_heads)
 
     def sum_over_heads(grad):
       placed = lax.dynamic_update_slice_in_dim(
-          lax.full((*grad.shape[:2], kv_heads, grad.shape[3]), 0, jnp.float32),
-          grad.astype(jnp.float32), index, 2)
+        lax.full((*grad.shape[:2], kv_heads, grad.shape[3]), 0, jnp.float32),
+        grad.astype(jnp.float32),
+        index,
+        2,
+      )
       return lax.psum(placed, split.heads).astype(grad.dtype)
 
     dk, dv = sum_over_heads(dk), sum_over_heads(dv)
@@ -275,8 +351,7 @@ def _kv_head_of_device(split, axis_sizes, x, axis=2):
   given (None stays None)."""
   if x is None or not split.heads or split.kv_heads_split:
     return x
-  return lax.dynamic_slice_in_dim(x, _kv_head_index(split, axis_sizes, x.shape[axis]), 1,
-                                  axis)
+  return lax.dynamic_slice_in_dim(x, _kv_head_index(split, axis_sizes, x.shape[axis]), 1, axis)
 
 
 def _kv_head_index(split, axis_sizes, kv_heads):
@@ -285,8 +360,11 @@ def _kv_head_index(split, axis_sizes, kv_heads):
 
 
 def _ring(split, axis_sizes):
-  return ring.Ring(axes=split.sequence, size=math.prod(axis_sizes[a] for a in split.sequence),
-                   striped=split.striped)
+  return ring.Ring(
+    axes=split.sequence,
+    size=math.prod(axis_sizes[a] for a in split.sequence),
+    striped=split.striped,
+  )
 
 
 def _axes_by_dimension(spec):
@@ -310,22 +388,58 @@ def _entry(axes: tuple[str, ...]):
 
 # --- The primitives attention.py binds --------------------------------------------
 
-def attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, params: AttentionParams,
-                  return_max_logit: bool = False, descales=None,
-                  fp8: primitives.Fp8Params | None = None):
+
+def attention_fwd(
+  q,
+  k,
+  v,
+  seqused_q,
+  seqused_k,
+  q_rows,
+  kv_rows,
+  sinks,
+  params: AttentionParams,
+  return_max_logit: bool = False,
+  descales=None,
+  fp8: primitives.Fp8Params | None = None,
+):
   """The forward on arrays sharded any way: returns (out, lse), and max_logit with
   `return_max_logit`. Absent seqused, rows and sinks are arrays of shape [0]; `descales`
   is None (absent) or (descale_q, descale_k, descale_v), each maybe of shape [0]."""
-  descales = tuple(primitives.absent_if_none(x, jnp.float32)
-                   for x in (descales or (None,) * 3))
+  descales = tuple(primitives.absent_if_none(x, jnp.float32) for x in (descales or (None,) * 3))
   if _in_shard_map():
-    return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params, q_rows,
-                                          kv_rows, sinks, return_max_logit, descales, fp8))
+    return tuple(
+      primitives.attention_fwd(
+        q,
+        k,
+        v,
+        seqused_q,
+        seqused_k,
+        params,
+        q_rows,
+        kv_rows,
+        sinks,
+        return_max_logit,
+        descales,
+        fp8,
+      )
+    )
   mesh = _explicit_mesh(q, k, v)
   if mesh is None:
-    return fwd_p.bind(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, *descales,
-                      **dataclasses.asdict(params), return_max_logit=bool(return_max_logit),
-                      fp8=fp8)
+    return fwd_p.bind(
+      q,
+      k,
+      v,
+      seqused_q,
+      seqused_k,
+      q_rows,
+      kv_rows,
+      sinks,
+      *descales,
+      **dataclasses.asdict(params),
+      return_max_logit=bool(return_max_logit),
+      fp8=fp8,
+    )
   split = _split_of(mesh, q, k, params, q_rows, fp8=fp8 is not None)
   q_spec = _spec(q)
   out_specs = (split.q_spec(), split.lse_spec())
@@ -334,26 +448,65 @@ def attention_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, params:
     out_specs += (split.per_head_spec(),)
     result_specs += (PartitionSpec(q_spec[0], q_spec[2]),)
   return _run_explicit(
-      mesh, split, functools.partial(local_fwd, split, dict(mesh.shape), params,
-                                     bool(return_max_logit), fp8),
-      args=(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, *descales),
-      in_specs=(split.q_spec(), split.kv_spec(), split.kv_spec(),
-                split.seqused_spec(seqused_q), split.seqused_spec(seqused_k),
-                split.rows_spec(q_rows), split.rows_spec(kv_rows), split.per_head_spec(sinks),
-                *split.descale_specs(*descales)),
-      out_specs=out_specs, result_specs=result_specs)
+    mesh,
+    split,
+    functools.partial(local_fwd, split, dict(mesh.shape), params, bool(return_max_logit), fp8),
+    args=(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, *descales),
+    in_specs=(
+      split.q_spec(),
+      split.kv_spec(),
+      split.kv_spec(),
+      split.seqused_spec(seqused_q),
+      split.seqused_spec(seqused_k),
+      split.rows_spec(q_rows),
+      split.rows_spec(kv_rows),
+      split.per_head_spec(sinks),
+      *split.descale_specs(*descales),
+    ),
+    out_specs=out_specs,
+    result_specs=result_specs,
+  )
 
 
-def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks,
-                  params: AttentionParams, deterministic: bool):
+def attention_bwd(
+  dout,
+  q,
+  k,
+  v,
+  out,
+  lse,
+  seqused_q,
+  seqused_k,
+  q_rows,
+  kv_rows,
+  sinks,
+  params: AttentionParams,
+  deterministic: bool,
+):
   """The backward on arrays sharded any way: returns (dq, dk, dv), and dsinks with sinks."""
   if _in_shard_map():
-    return tuple(primitives.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
-                                          params, deterministic, q_rows, kv_rows, sinks))
+    return tuple(
+      primitives.attention_bwd(
+        dout, q, k, v, out, lse, seqused_q, seqused_k, params, deterministic, q_rows, kv_rows, sinks
+      )
+    )
   mesh = _explicit_mesh(q, k, v)
   if mesh is None:
-    return bwd_p.bind(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks,
-                      **dataclasses.asdict(params), deterministic=deterministic)
+    return bwd_p.bind(
+      dout,
+      q,
+      k,
+      v,
+      out,
+      lse,
+      seqused_q,
+      seqused_k,
+      q_rows,
+      kv_rows,
+      sinks,
+      **dataclasses.asdict(params),
+      deterministic=deterministic,
+    )
   split = _split_of(mesh, q, k, params, q_rows)
   q_spec, kv_spec = split.q_spec(), split.kv_spec()
   out_specs, result_specs = (q_spec, kv_spec, kv_spec), (_spec(q), _spec(k), _spec(v))
@@ -361,12 +514,26 @@ def attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows
     out_specs += (split.per_head_spec(),)
     result_specs += (_spec(sinks),)
   return _run_explicit(
-      mesh, split, functools.partial(local_bwd, split, dict(mesh.shape), params, deterministic),
-      args=(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks),
-      in_specs=(q_spec, q_spec, kv_spec, kv_spec, q_spec, split.lse_spec(),
-                split.seqused_spec(seqused_q), split.seqused_spec(seqused_k),
-                split.rows_spec(q_rows), split.rows_spec(kv_rows), split.per_head_spec(sinks)),
-      out_specs=out_specs, result_specs=result_specs)
+    mesh,
+    split,
+    functools.partial(local_bwd, split, dict(mesh.shape), params, deterministic),
+    args=(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks),
+    in_specs=(
+      q_spec,
+      q_spec,
+      kv_spec,
+      kv_spec,
+      q_spec,
+      split.lse_spec(),
+      split.seqused_spec(seqused_q),
+      split.seqused_spec(seqused_k),
+      split.rows_spec(q_rows),
+      split.rows_spec(kv_rows),
+      split.per_head_spec(sinks),
+    ),
+    out_specs=out_specs,
+    result_specs=result_specs,
+  )
 
 
 def _in_shard_map():
@@ -391,8 +558,9 @@ def _spec(x):
 
 
 def _split_of(mesh, q, k, params, q_rows, fp8=False):
-  return choose_split(dict(mesh.shape), _spec(q), _spec(k), q.shape, k.shape, params,
-                      packed=q_rows.ndim == 3, fp8=fp8)
+  return choose_split(
+    dict(mesh.shape), _spec(q), _spec(k), q.shape, k.shape, params, packed=q_rows.ndim == 3, fp8=fp8
+  )
 
 
 def _run_explicit(mesh, split, program, *, args, in_specs, out_specs, result_specs):
@@ -408,8 +576,13 @@ def _run_explicit(mesh, split, program, *, args, in_specs, out_specs, result_spe
       operands = iter(operands)
       return per_device(*(next(operands) if p else None for p in present))
 
-    program = jax.shard_map(on_present, mesh=mesh, axis_names=split.axes, out_specs=out_specs,
-                            in_specs=tuple(s for s, p in zip(in_specs, present) if p))
+    program = jax.shard_map(
+      on_present,
+      mesh=mesh,
+      axis_names=split.axes,
+      out_specs=out_specs,
+      in_specs=tuple(s for s, p in zip(in_specs, present) if p),
+    )
     args = [x for x, p in zip(args, present) if p]
   return tuple(_reshard(x, mesh, spec) for x, spec in zip(program(*args), result_specs))
 
@@ -427,49 +600,110 @@ def _reshard(x, mesh, spec):
 
 # --- Automatic partitioning: custom_partitioning with a Shardy rule -----------------
 
-def _fwd_on_one_device(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q,
-                       descale_k, descale_v, params, return_max_logit, fp8):
-  return tuple(primitives.attention_fwd(q, k, v, seqused_q, seqused_k, params, q_rows,
-                                        kv_rows, sinks, return_max_logit,
-                                        (descale_q, descale_k, descale_v), fp8))
+
+def _fwd_on_one_device(
+  q,
+  k,
+  v,
+  seqused_q,
+  seqused_k,
+  q_rows,
+  kv_rows,
+  sinks,
+  descale_q,
+  descale_k,
+  descale_v,
+  params,
+  return_max_logit,
+  fp8,
+):
+  return tuple(
+    primitives.attention_fwd(
+      q,
+      k,
+      v,
+      seqused_q,
+      seqused_k,
+      params,
+      q_rows,
+      kv_rows,
+      sinks,
+      return_max_logit,
+      (descale_q, descale_k, descale_v),
+      fp8,
+    )
+  )
 
 
-def _bwd_on_one_device(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks,
-                       params, deterministic):
-  return tuple(primitives.attention_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k,
-                                        params, deterministic, q_rows, kv_rows, sinks))
+def _bwd_on_one_device(
+  dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks, params, deterministic
+):
+  return tuple(
+    primitives.attention_bwd(
+      dout, q, k, v, out, lse, seqused_q, seqused_k, params, deterministic, q_rows, kv_rows, sinks
+    )
+  )
 
 
 def _partition_fwd(params, return_max_logit, fp8, mesh, arg_shapes, result_shape):
   del result_shape
   q, k, _, seqused_q, seqused_k, q_rows, kv_rows, sinks, *descales = arg_shapes
-  split = choose_split(dict(mesh.shape), q.sharding.spec, k.sharding.spec, q.shape, k.shape,
-                       params, packed=len(q_rows.shape) == 3, fp8=fp8 is not None)
+  split = choose_split(
+    dict(mesh.shape),
+    q.sharding.spec,
+    k.sharding.spec,
+    q.shape,
+    k.shape,
+    params,
+    packed=len(q_rows.shape) == 3,
+    fp8=fp8 is not None,
+  )
   named = functools.partial(NamedSharding, mesh)
-  arg_shardings = (named(split.q_spec()), named(split.kv_spec()), named(split.kv_spec()),
-                   named(split.seqused_spec(seqused_q)), named(split.seqused_spec(seqused_k)),
-                   named(split.rows_spec(q_rows)), named(split.rows_spec(kv_rows)),
-                   named(split.per_head_spec(sinks)),
-                   *map(named, split.descale_specs(*descales)))
+  arg_shardings = (
+    named(split.q_spec()),
+    named(split.kv_spec()),
+    named(split.kv_spec()),
+    named(split.seqused_spec(seqused_q)),
+    named(split.seqused_spec(seqused_k)),
+    named(split.rows_spec(q_rows)),
+    named(split.rows_spec(kv_rows)),
+    named(split.per_head_spec(sinks)),
+    *map(named, split.descale_specs(*descales)),
+  )
   result_shardings = (named(split.q_spec()), named(split.lse_spec()))
   if return_max_logit:
     result_shardings += (named(split.per_head_spec()),)
-  program = functools.partial(local_fwd, split, dict(mesh.shape), params, return_max_logit,
-                              fp8)
+  program = functools.partial(local_fwd, split, dict(mesh.shape), params, return_max_logit, fp8)
   return mesh, program, result_shardings, arg_shardings
 
 
 def _partition_bwd(params, deterministic, mesh, arg_shapes, result_shape):
   del result_shape
   _, q, k, _, _, _, seqused_q, seqused_k, q_rows, kv_rows, sinks = arg_shapes
-  split = choose_split(dict(mesh.shape), q.sharding.spec, k.sharding.spec, q.shape, k.shape,
-                       params, packed=len(q_rows.shape) == 3)
+  split = choose_split(
+    dict(mesh.shape),
+    q.sharding.spec,
+    k.sharding.spec,
+    q.shape,
+    k.shape,
+    params,
+    packed=len(q_rows.shape) == 3,
+  )
   named = functools.partial(NamedSharding, mesh)
   q_sharding, kv_sharding = named(split.q_spec()), named(split.kv_spec())
-  arg_shardings = (q_sharding, q_sharding, kv_sharding, kv_sharding, q_sharding,
-                   named(split.lse_spec()), named(split.seqused_spec(seqused_q)),
-                   named(split.seqused_spec(seqused_k)), named(split.rows_spec(q_rows)),
-                   named(split.rows_spec(kv_rows)), named(split.per_head_spec(sinks)))
+  arg_shardings = (
+    q_sharding,
+    q_sharding,
+    kv_sharding,
+    kv_sharding,
+    q_sharding,
+    named(split.lse_spec()),
+    named(split.seqused_spec(seqused_q)),
+    named(split.seqused_spec(seqused_k)),
+    named(split.rows_spec(q_rows)),
+    named(split.rows_spec(kv_rows)),
+    named(split.per_head_spec(sinks)),
+  )
   result_shardings = (q_sharding, kv_sharding, kv_sharding)
   if len(sinks.shape) == 2:
     result_shardings += (named(split.per_head_spec()),)
@@ -479,17 +713,20 @@ def _partition_bwd(params, deterministic, mesh, arg_shapes, result_shape):
 
 def _fwd_rule(params, return_max_logit, fp8, mesh, operand_types, result_types):
   del params, fp8, mesh, result_types
-  (q, k, _, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q, descale_k,
-   descale_v) = (ir.RankedTensorType(t).shape for t in operand_types)
+  (q, k, _, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q, descale_k, descale_v) = (
+    ir.RankedTensorType(t).shape for t in operand_types
+  )
   heads, kv_heads = _head_factors(q[2], k[2])
-  rule = (f"b t {heads} d, b s {kv_heads} d, b s {kv_heads} e, "
-          f"{_seqused_factor(seqused_q, 'uq')}, {_seqused_factor(seqused_k, 'uk')}, "
-          f"{_rows_factors(q_rows, 't', 'rq')}, {_rows_factors(kv_rows, 's', 'rk')}, "
-          f"{_per_head_factors(sinks, heads, 'us')}, "
-          f"{_descale_factors(descale_q, heads, 'qb', 'aq')}, "
-          f"{_descale_factors(descale_k, kv_heads, 'kb', 'ak')}, "
-          f"{_descale_factors(descale_v, kv_heads, None, 'av')} "
-          f"-> b t {heads} e, b {heads} t" + (f", b {heads}" if return_max_logit else ""))
+  rule = (
+    f"b t {heads} d, b s {kv_heads} d, b s {kv_heads} e, "
+    f"{_seqused_factor(seqused_q, 'uq')}, {_seqused_factor(seqused_k, 'uk')}, "
+    f"{_rows_factors(q_rows, 't', 'rq')}, {_rows_factors(kv_rows, 's', 'rk')}, "
+    f"{_per_head_factors(sinks, heads, 'us')}, "
+    f"{_descale_factors(descale_q, heads, 'qb', 'aq')}, "
+    f"{_descale_factors(descale_k, kv_heads, 'kb', 'ak')}, "
+    f"{_descale_factors(descale_v, kv_heads, None, 'av')} "
+    f"-> b t {heads} e, b {heads} t" + (f", b {heads}" if return_max_logit else "")
+  )
   # The head dims and the descales' blocks are never split; Shardy wants these in order of
   # first appearance.
   blocks = tuple(f for f, x in (("qb", descale_q), ("kb", descale_k)) if len(x) == 3)
@@ -499,15 +736,18 @@ def _fwd_rule(params, return_max_logit, fp8, mesh, operand_types, result_types):
 def _bwd_rule(params, deterministic, mesh, operand_types, result_types):
   del params, deterministic, mesh, result_types
   _, q, k, _, _, _, seqused_q, seqused_k, q_rows, kv_rows, sinks = (
-      ir.RankedTensorType(t).shape for t in operand_types)
+    ir.RankedTensorType(t).shape for t in operand_types
+  )
   heads, kv_heads = _head_factors(q[2], k[2])
-  rule = (f"b t {heads} e, b t {heads} d, b s {kv_heads} d, b s {kv_heads} e, "
-          f"b t {heads} e, b {heads} t, "
-          f"{_seqused_factor(seqused_q, 'uq')}, {_seqused_factor(seqused_k, 'uk')}, "
-          f"{_rows_factors(q_rows, 't', 'rq')}, {_rows_factors(kv_rows, 's', 'rk')}, "
-          f"{_per_head_factors(sinks, heads, 'us')} "
-          f"-> b t {heads} d, b s {kv_heads} d, b s {kv_heads} e"
-          + (f", b {heads}" if len(sinks) == 2 else ""))
+  rule = (
+    f"b t {heads} e, b t {heads} d, b s {kv_heads} d, b s {kv_heads} e, "
+    f"b t {heads} e, b {heads} t, "
+    f"{_seqused_factor(seqused_q, 'uq')}, {_seqused_factor(seqused_k, 'uk')}, "
+    f"{_rows_factors(q_rows, 't', 'rq')}, {_rows_factors(kv_rows, 's', 'rk')}, "
+    f"{_per_head_factors(sinks, heads, 'us')} "
+    f"-> b t {heads} d, b s {kv_heads} d, b s {kv_heads} e"
+    + (f", b {heads}" if len(sinks) == 2 else "")
+  )
   return rule, dict(need_replication_factors=("e", "d"))
 
 
@@ -552,17 +792,59 @@ _bwd_partitioned = custom_partitioning(_bwd_on_one_device, static_argnums=(11, 1
 _bwd_partitioned.def_partition(_partition_bwd, sharding_rule=_bwd_rule)
 
 
-def _lower_fwd(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q, descale_k,
-               descale_v, *, return_max_logit, fp8, **params):
-  return _fwd_partitioned(q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q,
-                          descale_k, descale_v, AttentionParams(**params), return_max_logit,
-                          fp8)
+def _lower_fwd(
+  q,
+  k,
+  v,
+  seqused_q,
+  seqused_k,
+  q_rows,
+  kv_rows,
+  sinks,
+  descale_q,
+  descale_k,
+  descale_v,
+  *,
+  return_max_logit,
+  fp8,
+  **params,
+):
+  return _fwd_partitioned(
+    q,
+    k,
+    v,
+    seqused_q,
+    seqused_k,
+    q_rows,
+    kv_rows,
+    sinks,
+    descale_q,
+    descale_k,
+    descale_v,
+    AttentionParams(**params),
+    return_max_logit,
+    fp8,
+  )
 
 
-def _lower_bwd(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks, *,
-               deterministic, **params):
-  return _bwd_partitioned(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows,
-                          sinks, AttentionParams(**params), deterministic)
+def _lower_bwd(
+  dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks, *, deterministic, **params
+):
+  return _bwd_partitioned(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    seqused_q,
+    seqused_k,
+    q_rows,
+    kv_rows,
+    sinks,
+    AttentionParams(**params),
+    deterministic,
+  )
 
 
 def _define(name, local_primitive, lowering):
@@ -576,7 +858,8 @@ def _define(name, local_primitive, lowering):
   # jaxprs holding a primitive from this (private) registry, as jax's cuDNN attention does.
   dispatch.prim_requires_devices_during_lowering.add(primitive)
   batching.primitive_batchers[primitive] = functools.partial(
-      primitives.fold_vmap_axis_into_batch, primitive)
+    primitives.fold_vmap_axis_into_batch, primitive
+  )
   return primitive
 
 
@@ -595,9 +878,11 @@ bwd_p = _define("fa3_bwd", primitives.bwd_p, _lower_bwd)
 # Anything else (a split sequence or head dim, head counts the shards do not divide) is
 # gathered before the call.
 
+
 @dataclasses.dataclass(frozen=True)
 class DecodeSplit:
   """The mesh axes that split one decode call's batch and heads."""
+
   batch: tuple[str, ...] = ()
   heads: tuple[str, ...] = ()
   paged: bool = False
@@ -613,15 +898,21 @@ class DecodeSplit:
     return PartitionSpec(_entry(self.batch), _entry(self.heads), None)
 
   def cache_spec(self):
-    return PartitionSpec(None if self.paged else _entry(self.batch), None,
-                         _entry(self.heads), None)
+    return PartitionSpec(None if self.paged else _entry(self.batch), None, _entry(self.heads), None)
 
   def operand_specs(self, k_new, page_table):
     """q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table; absent ones replicated."""
     new = self.q_spec() if k_new.ndim == 4 else PartitionSpec(None)
     table = PartitionSpec(_entry(self.batch), None) if page_table.ndim == 2 else PartitionSpec(None)
-    return (self.q_spec(), self.cache_spec(), self.cache_spec(),
-            PartitionSpec(_entry(self.batch)), new, new, table)
+    return (
+      self.q_spec(),
+      self.cache_spec(),
+      self.cache_spec(),
+      PartitionSpec(_entry(self.batch)),
+      new,
+      new,
+      table,
+    )
 
   def result_specs(self):
     return (self.q_spec(), self.lse_spec(), self.cache_spec(), self.cache_spec())
@@ -644,9 +935,11 @@ def choose_decode_split(axis_sizes, q_spec, cache_spec, q_shape, cache_shape, pa
 def _local_decode(params, q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table):
   """Decode on one device's shards (absent operands None or shape [0])."""
   absent = lambda x: primitives.absent_if_none(primitives.none_if_absent(x))
-  return tuple(primitives.decode_p.bind(q, k_cache, v_cache, cache_seqlens,
-                                        *map(absent, (k_new, v_new, page_table)),
-                                        **dict(params)))
+  return tuple(
+    primitives.decode_p.bind(
+      q, k_cache, v_cache, cache_seqlens, *map(absent, (k_new, v_new, page_table)), **dict(params)
+    )
+  )
 
 
 def decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table, **params):
@@ -658,27 +951,41 @@ def decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table, **param
   mesh = _explicit_mesh(q, k_cache, v_cache)
   if mesh is None:
     return tuple(decode_p.bind(*operands, **params))
-  split = choose_decode_split(dict(mesh.shape), _spec(q), _spec(k_cache), q.shape,
-                              k_cache.shape, paged=page_table.ndim == 2)
+  split = choose_decode_split(
+    dict(mesh.shape), _spec(q), _spec(k_cache), q.shape, k_cache.shape, paged=page_table.ndim == 2
+  )
   q_spec = _spec(q)
   return _run_explicit(
-      mesh, split, functools.partial(_local_decode, tuple(sorted(params.items()))),
-      args=operands, in_specs=split.operand_specs(k_new, page_table),
-      out_specs=split.result_specs(),
-      result_specs=(q_spec, PartitionSpec(q_spec[0], q_spec[2], q_spec[1]), _spec(k_cache),
-                    _spec(v_cache)))
+    mesh,
+    split,
+    functools.partial(_local_decode, tuple(sorted(params.items()))),
+    args=operands,
+    in_specs=split.operand_specs(k_new, page_table),
+    out_specs=split.result_specs(),
+    result_specs=(
+      q_spec,
+      PartitionSpec(q_spec[0], q_spec[2], q_spec[1]),
+      _spec(k_cache),
+      _spec(v_cache),
+    ),
+  )
 
 
-def _decode_on_one_device(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table,
-                          params):
+def _decode_on_one_device(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table, params):
   return _local_decode(params, q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table)
 
 
 def _partition_decode(params, mesh, arg_shapes, result_shape):
   del result_shape
   q, k_cache, _, _, k_new, _, page_table = arg_shapes
-  split = choose_decode_split(dict(mesh.shape), q.sharding.spec, k_cache.sharding.spec,
-                              q.shape, k_cache.shape, paged=len(page_table.shape) == 2)
+  split = choose_decode_split(
+    dict(mesh.shape),
+    q.sharding.spec,
+    k_cache.sharding.spec,
+    q.shape,
+    k_cache.shape,
+    paged=len(page_table.shape) == 2,
+  )
   named = functools.partial(NamedSharding, mesh)
   k_new, page_table = (jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k_new, page_table))
   arg_shardings = tuple(map(named, split.operand_specs(k_new, page_table)))
@@ -693,8 +1000,10 @@ def _decode_rule(params, mesh, operand_types, result_types):
   paged = len(page_table) == 2
   cache = f"p r {kv_heads} d" if paged else f"b s {kv_heads} d"
   new = f"b u {kv_heads} d" if len(k_new) == 4 else None
-  rule = (f"b t {heads} d, {cache}, {cache}, b, {new or 'ak'}, {new or 'av'}, "
-          f"{'b m' if paged else 'ap'} -> b t {heads} d, b {heads} t, {cache}, {cache}")
+  rule = (
+    f"b t {heads} d, {cache}, {cache}, b, {new or 'ak'}, {new or 'av'}, "
+    f"{'b m' if paged else 'ap'} -> b t {heads} d, b {heads} t, {cache}, {cache}"
+  )
   # Only the batch (contiguous) and the heads may stay split; `partition` decides which.
   fixed = ("t", "d", "p", "r", "u", "m") if paged else ("t", "d", "s", "u")
   fixed = tuple(f for f in fixed if f != "u" or new)
@@ -706,8 +1015,9 @@ _decode_partitioned.def_partition(_partition_decode, sharding_rule=_decode_rule)
 
 
 def _lower_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table, **params):
-  return _decode_partitioned(q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table,
-                             tuple(sorted(params.items())))
+  return _decode_partitioned(
+    q, k_cache, v_cache, cache_seqlens, k_new, v_new, page_table, tuple(sorted(params.items()))
+  )
 
 
 decode_p = Primitive("fa3_decode")

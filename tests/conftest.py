@@ -33,6 +33,7 @@ def normal(request):
 @pytest.fixture
 def record_error(request):
   """Notes an error against the oracle for the end-of-run summary."""
+
   def record(dtype, quantity, error, oracle_max):
     eps = float(jnp.finfo(dtype).eps)
     ratio = error / (eps * oracle_max) if oracle_max else 0.0
@@ -49,4 +50,6 @@ def pytest_terminal_summary(terminalreporter):
   terminalreporter.section("max error against the float64 oracle")
   terminalreporter.write_line("dtype     quantity  max|err|   in eps*max|oracle|  case")
   for (dtype, quantity), (ratio, error, case) in sorted(_worst_errors.items()):
-    terminalreporter.write_line(f"{dtype:9} {quantity:9} {error:9.3g}  {ratio:8.3f}            {case}")
+    terminalreporter.write_line(
+      f"{dtype:9} {quantity:9} {error:9.3g}  {ratio:8.3f}            {case}"
+    )

@@ -10,4 +10,4 @@ def random_documents(rng, length, mean, pad=0):
   while len(ids) < length - pad:
     ids += [doc] * int(rng.integers(1, 2 * mean))
     doc += 1
-  return np.array(ids[:length - pad] + [-1] * pad, np.int32)
+  return np.array(ids[: length - pad] + [-1] * pad, np.int32)

@@ -11,17 +11,54 @@ import ml_dtypes
 import numpy as np
 
 
-def attention(q, k, v, dout, dlse=None, *, scale, softcap=0.0, window=(-1, -1),
-              diagonal_offset=0, seqused_q=None, seqused_k=None, mask=None):
+def attention(
+  q,
+  k,
+  v,
+  dout,
+  dlse=None,
+  *,
+  scale,
+  softcap=0.0,
+  window=(-1, -1),
+  diagonal_offset=0,
+  seqused_q=None,
+  seqused_k=None,
+  mask=None,
+):
   """Returns (out, lse, dq, dk, dv) for cotangents `dout` [B,Sq,H,Dv] and `dlse` [B,H,Sq]."""
-  return attention_with_sinks(q, k, v, dout, dlse, scale=scale, softcap=softcap, window=window,
-                              diagonal_offset=diagonal_offset, seqused_q=seqused_q,
-                              seqused_k=seqused_k, mask=mask)[:5]
+  return attention_with_sinks(
+    q,
+    k,
+    v,
+    dout,
+    dlse,
+    scale=scale,
+    softcap=softcap,
+    window=window,
+    diagonal_offset=diagonal_offset,
+    seqused_q=seqused_q,
+    seqused_k=seqused_k,
+    mask=mask,
+  )[:5]
 
 
-def attention_with_sinks(q, k, v, dout, dlse=None, *, sinks=None, scale, softcap=0.0,
-                         window=(-1, -1), diagonal_offset=0, seqused_q=None, seqused_k=None,
-                         mask=None):
+def attention_with_sinks(
+  q,
+  k,
+  v,
+  dout,
+  dlse=None,
+  *,
+  sinks=None,
+  scale,
+  softcap=0.0,
+  window=(-1, -1),
+  diagonal_offset=0,
+  seqused_q=None,
+  seqused_k=None,
+  mask=None,
+):
   """Returns (out, lse, dq, dk, dv, dsinks [H], max_logit [B, H]).
 
   `sinks` [H] (or None) is one more logit per row with no value: it joins the softmax's
@@ -39,9 +76,18 @@ def attention_with_sinks(q, k, v, dout, dlse=None, *, sinks=None, scale, softcap
   max_logit = np.full((batch, heads), -np.inf)
   for b in range(batch):
     used_q = seqlen_q if seqused_q is None else seqused_q[b]
-    visible = np.asarray(mask[b], bool) if mask is not None else _visible(
-        seqlen_q, seqlen_k, window, diagonal_offset, used_q,
-        seqlen_k if seqused_k is None else seqused_k[b])
+    visible = (
+      np.asarray(mask[b], bool)
+      if mask is not None
+      else _visible(
+        seqlen_q,
+        seqlen_k,
+        window,
+        diagonal_offset,
+        used_q,
+        seqlen_k if seqused_k is None else seqused_k[b],
+      )
+    )
     seen = visible.any(axis=1)
     for h in range(heads):
       kh = h // group
@@ -70,7 +116,11 @@ def attention_with_sinks(q, k, v, dout, dlse=None, *, sinks=None, scale, softcap
       delta = (probs * dprobs).sum(axis=1)
       dscores = probs * (dprobs - delta[:, None] + row_dlse[:, None])
       if sinks is not None:
-        sink_prob = np.where(np.isfinite(lse[b, h]), np.exp(sink - np.where(np.isfinite(lse[b, h]), lse[b, h], 0.0)), 0.0)
+        sink_prob = np.where(
+          np.isfinite(lse[b, h]),
+          np.exp(sink - np.where(np.isfinite(lse[b, h]), lse[b, h], 0.0)),
+          0.0,
+        )
         dsinks[h] += (sink_prob * (row_dlse - delta)).sum()
       if softcap:
         dscores = dscores * (1.0 - np.tanh(raw / softcap) ** 2)
@@ -80,8 +130,21 @@ def attention_with_sinks(q, k, v, dout, dlse=None, *, sinks=None, scale, softcap
   return out, lse, dq, dk, dv, dsinks, max_logit
 
 
-def fp8_attention(q8, k8, v8, descale_q, descale_k, descale_v, *, scale, softcap=0.0,
-                  window=(-1, -1), diagonal_offset=0, sinks=None, ambiguity=1e-4):
+def fp8_attention(
+  q8,
+  k8,
+  v8,
+  descale_q,
+  descale_k,
+  descale_v,
+  *,
+  scale,
+  softcap=0.0,
+  window=(-1, -1),
+  diagonal_offset=0,
+  sinks=None,
+  ambiguity=1e-4,
+):
   """The FP8 kernels' numerics (CONTRACT.md) in float64, from their definition.
 
   q8, k8, v8 hold e4m3 values (any dtype); descale_q [B, H, Sq] is each query row's factor,
@@ -127,7 +190,9 @@ def fp8_attention(q8, k8, v8, descale_q, descale_k, descale_v, *, scale, softcap
       value_scale = float(np.asarray(descale_v, np.float64)[b, kh])
       divisor = np.where(has_mass, total, 1.0)[:, None]
       out[b, :, h] = (rounded @ v8[b, :, kh]) * value_scale / divisor
-      slack[b, :, h] = (np.where(ambiguous, steps, 0.0) @ np.abs(v8[b, :, kh])) * value_scale / divisor
+      slack[b, :, h] = (
+        (np.where(ambiguous, steps, 0.0) @ np.abs(v8[b, :, kh])) * value_scale / divisor
+      )
       lse[b, h] = np.where(has_mass, top + np.log(np.where(has_mass, total, 1.0) / 256.0), -np.inf)
   return out, lse, slack
 
@@ -135,8 +200,8 @@ def fp8_attention(q8, k8, v8, descale_q, descale_k, descale_v, *, scale, softcap
 def _e4m3_step(x):
   """The spacing of e4m3 values around x >= 0: 2^(e - 3) in binade [2^e, 2^(e+1)), 2^-9 below
   2^-6 (subnormals)."""
-  exponent = np.floor(np.log2(np.maximum(x, 2.0 ** -6)))
-  return np.where(x >= 2.0 ** -6, 2.0 ** (exponent - 3), 2.0 ** -9)
+  exponent = np.floor(np.log2(np.maximum(x, 2.0**-6)))
+  return np.where(x >= 2.0**-6, 2.0 ** (exponent - 3), 2.0**-9)
 
 
 def _visible(seqlen_q, seqlen_k, window, diagonal_offset, used_q, used_k):
@@ -151,8 +216,20 @@ def _visible(seqlen_q, seqlen_k, window, diagonal_offset, used_q, used_k):
   return visible
 
 
-def kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, page_table=None, *,
-            scale, softcap=0.0, window=(-1, -1), sinks=None):
+def kvcache(
+  q,
+  k_cache,
+  v_cache,
+  cache_seqlens,
+  k_new=None,
+  v_new=None,
+  page_table=None,
+  *,
+  scale,
+  softcap=0.0,
+  window=(-1, -1),
+  sinks=None,
+):
   """KV-cache decode from its definition: returns (out, lse, k_cache, v_cache) in float64.
 
   Position p of sequence b lives at k_cache[b, p] (contiguous) or at
@@ -195,10 +272,17 @@ def kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, page_tab
     if total == 0:  # no key at all: every row sees nothing (but its sink)
       out[b], lse[b] = 0.0, -np.inf if sinks is None else np.asarray(sinks, np.float64)[:, None]
       continue
-    o, l, *_ = attention_with_sinks(q[b:b + 1], keys[None], values[None],
-                                    np.zeros(q[b:b + 1].shape), sinks=sinks, scale=scale,
-                                    softcap=softcap, window=window,
-                                    diagonal_offset=total - seqlen_q)
+    o, l, *_ = attention_with_sinks(
+      q[b : b + 1],
+      keys[None],
+      values[None],
+      np.zeros(q[b : b + 1].shape),
+      sinks=sinks,
+      scale=scale,
+      softcap=softcap,
+      window=window,
+      diagonal_offset=total - seqlen_q,
+    )
     out[b], lse[b] = o[0], l[0]
   return out, lse, k_cache, v_cache
 

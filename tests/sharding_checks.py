@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
-               "reduce-scatter")
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
 
 
 def collectives(hlo_text):
@@ -47,10 +46,12 @@ def assert_packed_ring(hlo_text, striped=False):
 def forward_and_vjp(attention):
   """(q, k, v, dout) -> dict of out and the gradients for cotangent dout (sharded like out,
   so that nothing needs a reduction over devices)."""
+
   def run(q, k, v, dout):
     out, pullback = jax.vjp(attention, q, k, v)
     dq, dk, dv = pullback(dout)
     return dict(out=out, dq=dq, dk=dk, dv=dv)
+
   return run
 
 
@@ -63,7 +64,8 @@ def assert_close(actual, expected, dtype, name="", eps_factor=2):
   difference = float(np.max(np.abs(actual - expected), initial=0.0))
   scale = float(np.max(np.abs(expected), initial=0.0))
   assert difference <= eps_factor * float(jnp.finfo(dtype).eps) * scale, (
-      f"{name}: |sharded - unsharded| = {difference}, max |unsharded| = {scale}")
+    f"{name}: |sharded - unsharded| = {difference}, max |unsharded| = {scale}"
+  )
   return difference, scale
 
 
@@ -84,9 +86,12 @@ class LargestDifferences:
     if not self._largest:
       return
     terminalreporter.section("largest |sharded - unsharded|")
-    terminalreporter.write_line("dtype     quantity   max|diff|  / max|unsharded|  "
-                                "/ eps(dtype)  case")
+    terminalreporter.write_line(
+      "dtype     quantity   max|diff|  / max|unsharded|  / eps(dtype)  case"
+    )
     for (dtype, quantity), (ratio, difference, case) in sorted(self._largest.items()):
       in_eps = ratio / float(jnp.finfo(dtype).eps)
-      terminalreporter.write_line(f"{dtype:9} {quantity:10} {difference:9.3g}  {ratio:9.3g}"
-                                  f"         {in_eps:6.2f}       {case}")
+      terminalreporter.write_line(
+        f"{dtype:9} {quantity:10} {difference:9.3g}  {ratio:9.3g}"
+        f"         {in_eps:6.2f}       {case}"
+      )

@@ -19,14 +19,19 @@ def _cited(text, pattern):
 
 def _stale_names(text):
   """What the contract cites and the tree does not have."""
-  cuda_sources = "\n".join(p.read_text() for p in (ROOT / "cuda").rglob("*") if p.suffix in (".h", ".cc", ".cu"))
+  cuda_sources = "\n".join(
+    p.read_text() for p in (ROOT / "cuda").rglob("*") if p.suffix in (".h", ".cc", ".cu")
+  )
   module = (ROOT / "cuda" / "ffi" / "module.cc").read_text()
   stale = []
   for path in _cited(text, r"[\w./]+(/|\.(h|cc|cu|py|md))"):
     if not any((base / path).exists() for base in (ROOT, ROOT / "cuda", ROOT / "cuda" / "ffi")):
       stale.append(path)
-  stale += [name for name in _cited(text, r"k[A-Z]\w+")
-            if not re.search(rf"\b{name}\b\s*=", cuda_sources) and name != "kCmdBufferCompatible"]
+  stale += [
+    name
+    for name in _cited(text, r"k[A-Z]\w+")
+    if not re.search(rf"\b{name}\b\s*=", cuda_sources) and name != "kCmdBufferCompatible"
+  ]
   for call in _cited(text, r"primitives\.\w+(\(\))?"):
     if not hasattr(primitives, call.split(".")[1].rstrip("()")):
       stale.append(call)
@@ -43,10 +48,16 @@ def test_contract_cites_only_what_exists():
 
 
 def test_a_stale_citation_is_caught():
-  stale = ("`cuda/fwd/scheduler.h`, `kFwdTileCounterBytes`, `primitives.fwd_workspace_size()`, "
-           "`_fa3_cuda.head_dims()`")
-  assert _stale_names(stale) == ["cuda/fwd/scheduler.h", "kFwdTileCounterBytes",
-                                 "primitives.fwd_workspace_size()", "_fa3_cuda.head_dims()"]
+  stale = (
+    "`cuda/fwd/scheduler.h`, `kFwdTileCounterBytes`, `primitives.fwd_workspace_size()`, "
+    "`_fa3_cuda.head_dims()`"
+  )
+  assert _stale_names(stale) == [
+    "cuda/fwd/scheduler.h",
+    "kFwdTileCounterBytes",
+    "primitives.fwd_workspace_size()",
+    "_fa3_cuda.head_dims()",
+  ]
 
 
 def test_forward_workspace_sizes_agree():
@@ -57,5 +68,7 @@ def test_forward_workspace_sizes_agree():
   allocated = primitives.fwd_workspace_bytes()
   assert allocated >= minimum
   text = CONTRACT.read_text()
-  assert re.search(rf"at least\s+{minimum}\s+bytes\s+\(`kFwdWorkspaceBytes`", text), "the handler's minimum"
+  assert re.search(rf"at least\s+{minimum}\s+bytes\s+\(`kFwdWorkspaceBytes`", text), (
+    "the handler's minimum"
+  )
   assert re.search(rf"Python allocates\s+{allocated}\b", text), "Python's size"

@@ -24,27 +24,42 @@ class Case:
   dtype: str = "bfloat16"
 
   def __str__(self):
-    return "-".join(f"{f.name}={getattr(self, f.name)}".replace(" ", "")
-                    for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
+    return "-".join(
+      f"{f.name}={getattr(self, f.name)}".replace(" ", "")
+      for f in dataclasses.fields(self)
+      if getattr(self, f.name) is not None
+    )
 
 
 F16 = "float16"
 CASES = [
-    Case((2, 7, 4, 64), (2, 113, 2, 64), is_causal=True),            # T < S, top-left
-    Case((2, 113, 4, 64), (2, 7, 2, 64), is_causal=True, dtype=F16),  # T > S
-    Case((2, 113, 4, 64), (2, 113, 4, 64), query_seq_lengths=(50, 113),
-         key_value_seq_lengths=(113, 30)),
-    Case((3, 40, 8, 32), (3, 60, 2, 32), is_causal=True, query_seq_lengths=(0, 17, 40),
-         key_value_seq_lengths=(60, 0, 25), dtype=F16),               # rows that see nothing
-    Case((2, 113, 4, 64), (2, 7, 4, 64), local_window_size=3),        # T > S: empty rows
-    Case((2, 50, 4, 64), (2, 50, 4, 64), is_causal=True, local_window_size=(5, 2), dtype=F16),
-    Case((2, 50, 8, 64), (2, 80, 1, 64), local_window_size=(0, 7)),
-    Case((7, 4, 32), (9, 2, 32), is_causal=True, query_seq_lengths=(5,),
-         key_value_seq_lengths=(6,), dtype=F16),                      # TNH
-    Case((2, 1, 8, 128), (2, 1000, 1, 128), is_causal=True, key_value_seq_lengths=(500, 1000)),
-    Case((2, 33, 4, 80), (2, 33, 4, 80), scale=0.3, query_seq_lengths=(200, -3), dtype=F16),
-    Case((1, 113, 2, 256), (1, 113, 2, 256), local_window_size=(10, 0),
-         key_value_seq_lengths=(90,)),
+  Case((2, 7, 4, 64), (2, 113, 2, 64), is_causal=True),  # T < S, top-left
+  Case((2, 113, 4, 64), (2, 7, 2, 64), is_causal=True, dtype=F16),  # T > S
+  Case(
+    (2, 113, 4, 64), (2, 113, 4, 64), query_seq_lengths=(50, 113), key_value_seq_lengths=(113, 30)
+  ),
+  Case(
+    (3, 40, 8, 32),
+    (3, 60, 2, 32),
+    is_causal=True,
+    query_seq_lengths=(0, 17, 40),
+    key_value_seq_lengths=(60, 0, 25),
+    dtype=F16,
+  ),  # rows that see nothing
+  Case((2, 113, 4, 64), (2, 7, 4, 64), local_window_size=3),  # T > S: empty rows
+  Case((2, 50, 4, 64), (2, 50, 4, 64), is_causal=True, local_window_size=(5, 2), dtype=F16),
+  Case((2, 50, 8, 64), (2, 80, 1, 64), local_window_size=(0, 7)),
+  Case(
+    (7, 4, 32),
+    (9, 2, 32),
+    is_causal=True,
+    query_seq_lengths=(5,),
+    key_value_seq_lengths=(6,),
+    dtype=F16,
+  ),  # TNH
+  Case((2, 1, 8, 128), (2, 1000, 1, 128), is_causal=True, key_value_seq_lengths=(500, 1000)),
+  Case((2, 33, 4, 80), (2, 33, 4, 80), scale=0.3, query_seq_lengths=(200, -3), dtype=F16),
+  Case((1, 113, 2, 256), (1, 113, 2, 256), local_window_size=(10, 0), key_value_seq_lengths=(90,)),
 ]
 
 
@@ -52,17 +67,29 @@ def _arrays(case, normal):
   dtype = jnp.dtype(case.dtype)
   q, k, v = normal(case.query, dtype), normal(case.key, dtype), normal(case.key, dtype)
   dout = normal(case.query, dtype)
-  lengths = {name: None if getattr(case, name) is None else jnp.array(getattr(case, name), jnp.int32)
-             for name in ("query_seq_lengths", "key_value_seq_lengths")}
+  lengths = {
+    name: None if getattr(case, name) is None else jnp.array(getattr(case, name), jnp.int32)
+    for name in ("query_seq_lengths", "key_value_seq_lengths")
+  }
   return q, k, v, dout, lengths
 
 
 def _run(fn, case, q, k, v, dout, lengths, **kwargs):
   """Output, residual and gradients of `fn` with `case`'s options."""
+
   def attention(q, k, v):
-    return fn(q, k, v, scale=case.scale, is_causal=case.is_causal,
-              local_window_size=case.local_window_size, return_residual=True,
-              **lengths, **kwargs)
+    return fn(
+      q,
+      k,
+      v,
+      scale=case.scale,
+      is_causal=case.is_causal,
+      local_window_size=case.local_window_size,
+      return_residual=True,
+      **lengths,
+      **kwargs,
+    )
+
   (out, residual), pullback = jax.vjp(attention, q, k, v)
   return (out, residual, *pullback((dout, jnp.zeros_like(residual))))
 
@@ -98,8 +125,9 @@ def test_same_dtype_as_jax_nn_within_its_own_error(normal):
   assert error(ours) <= 2 * error(base) + 1e-5
 
 
-@pytest.mark.parametrize("unsupported", ["bias", "mask", "float32", "head_dim",
-                                         "negative_window", "traced_scale"])
+@pytest.mark.parametrize(
+  "unsupported", ["bias", "mask", "float32", "head_dim", "negative_window", "traced_scale"]
+)
 def test_falls_back_to_jax_nn(unsupported, normal):
   """implementation=None hands what fa3 does not support to jax.nn, with identical results;
   implementation="fa3" refuses it, naming the argument."""
@@ -119,22 +147,30 @@ def test_falls_back_to_jax_nn(unsupported, normal):
   ours = jax.jit(lambda s: call(jax_fa3.dot_product_attention, s))(scale)
   expected = jax.jit(lambda s: call(jax.nn.dot_product_attention, s))(scale)
   np.testing.assert_array_equal(ours, expected)
-  name = {"float32": "float32", "head_dim": "head dim", "negative_window": "local_window_size",
-          "traced_scale": "scale"}.get(unsupported, unsupported)
+  name = {
+    "float32": "float32",
+    "head_dim": "head dim",
+    "negative_window": "local_window_size",
+    "traced_scale": "scale",
+  }.get(unsupported, unsupported)
   with pytest.raises((ValueError, TypeError), match=name):
     jax.jit(lambda s: call(jax_fa3.dot_product_attention, s, implementation="fa3"))(scale)
 
 
 FA3_ONLY_REFUSES = {
-    # name: (query, key shapes, keyword arguments); each valid for jax.nn.
-    "negative_scale": ((2, 16, 4, 32), (2, 16, 2, 32), dict(scale=-0.5)),
-    "scale_above_1e4": ((2, 16, 4, 32), (2, 16, 2, 32), dict(scale=2e4)),
-    "scale_below_1e-30": ((2, 16, 4, 32), (2, 16, 2, 32), dict(scale=1e-35)),  # 0 in the kernels' float32
-    "mixed_ranks": ((16, 4, 32), (1, 16, 2, 32), {}),  # rank 3 and a batch of 1
-    "mask_2d": ((2, 16, 4, 32), (2, 16, 2, 32), dict(mask=np.tri(16, dtype=bool))),
-    "empty_query_seq": ((2, 0, 4, 32), (2, 16, 2, 32), {}),
-    "empty_key_seq": ((2, 16, 4, 32), (2, 0, 2, 32), dict(is_causal=True)),
-    "empty_head_dim": ((2, 16, 4, 0), (2, 16, 2, 0), dict(scale=1.0)),
+  # name: (query, key shapes, keyword arguments); each valid for jax.nn.
+  "negative_scale": ((2, 16, 4, 32), (2, 16, 2, 32), dict(scale=-0.5)),
+  "scale_above_1e4": ((2, 16, 4, 32), (2, 16, 2, 32), dict(scale=2e4)),
+  "scale_below_1e-30": (
+    (2, 16, 4, 32),
+    (2, 16, 2, 32),
+    dict(scale=1e-35),
+  ),  # 0 in the kernels' float32
+  "mixed_ranks": ((16, 4, 32), (1, 16, 2, 32), {}),  # rank 3 and a batch of 1
+  "mask_2d": ((2, 16, 4, 32), (2, 16, 2, 32), dict(mask=np.tri(16, dtype=bool))),
+  "empty_query_seq": ((2, 0, 4, 32), (2, 16, 2, 32), {}),
+  "empty_key_seq": ((2, 16, 4, 32), (2, 0, 2, 32), dict(is_causal=True)),
+  "empty_head_dim": ((2, 16, 4, 0), (2, 16, 2, 0), dict(scale=1.0)),
 }
 
 
@@ -171,13 +207,32 @@ def test_implementation_fa3_runs_our_primitive(normal):
 @pytest.mark.parametrize("implementation", ["xla", "cudnn"])
 def test_passes_other_implementations_through(implementation, monkeypatch):
   seen = {}
-  monkeypatch.setattr(jax.nn, "dot_product_attention",
-                      lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs) or "result")
-  result = jax_fa3.dot_product_attention(1, 2, 3, 4, 5, scale=0.5, is_causal=True,
-                                         query_seq_lengths=6, key_value_seq_lengths=7,
-                                         local_window_size=(8, 9), return_residual=True,
-                                         implementation=implementation)
+  monkeypatch.setattr(
+    jax.nn,
+    "dot_product_attention",
+    lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs) or "result",
+  )
+  result = jax_fa3.dot_product_attention(
+    1,
+    2,
+    3,
+    4,
+    5,
+    scale=0.5,
+    is_causal=True,
+    query_seq_lengths=6,
+    key_value_seq_lengths=7,
+    local_window_size=(8, 9),
+    return_residual=True,
+    implementation=implementation,
+  )
   assert result == "result" and seen["args"] == (1, 2, 3, 4, 5)
-  assert seen["kwargs"] == dict(scale=0.5, is_causal=True, query_seq_lengths=6,
-                                key_value_seq_lengths=7, local_window_size=(8, 9),
-                                implementation=implementation, return_residual=True)
+  assert seen["kwargs"] == dict(
+    scale=0.5,
+    is_causal=True,
+    query_seq_lengths=6,
+    key_value_seq_lengths=7,
+    local_window_size=(8, 9),
+    implementation=implementation,
+    return_residual=True,
+  )

@@ -54,7 +54,10 @@ def test_train_gpt_packed_loss_curves_match_within_bf16_noise():
   tokens, ids = train_gpt.packed_batches(config)
   assert ids.shape == tokens.shape and (np.diff(ids, axis=-1) >= 0).all() and ids[..., -1].min() > 0
   positions = np.asarray(train_gpt.positions_in_documents(jnp.asarray(ids[0, 0])))
-  assert positions[0] == 0 and (positions[1:] == np.where(np.diff(ids[0, 0]) > 0, 0, positions[:-1] + 1)).all()
+  assert (
+    positions[0] == 0
+    and (positions[1:] == np.where(np.diff(ids[0, 0]) > 0, 0, positions[:-1] + 1)).all()
+  )
 
 
 def test_generate_paged_cache_tokens_equal_no_cache_tokens():
@@ -85,8 +88,13 @@ def test_generate_paged_cache_tokens_equal_no_cache_tokens():
   changed[1, 7] = (changed[1, 7] + 1) % len(generate.train_gpt.VOCAB)
   verdict = generate.agreement(changed, truth, logits)
   assert verdict.startswith("differ: seq 1 from token 7 (logit margin "), verdict
-  wrong = dataclasses.replace(results, runs={**runs, "jax_fa3 paged cache": dataclasses.replace(
-      runs["jax_fa3 paged cache"], tokens=changed)})
+  wrong = dataclasses.replace(
+    results,
+    runs={
+      **runs,
+      "jax_fa3 paged cache": dataclasses.replace(runs["jax_fa3 paged cache"], tokens=changed),
+    },
+  )
   assert not generate.passed(wrong)
   flat = dataclasses.replace(results, logits=np.zeros_like(logits))  # all ties
   assert not generate.decisive(flat) and not generate.passed(flat)

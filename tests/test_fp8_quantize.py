@@ -41,14 +41,14 @@ def spec_quantize(x, block_rows, signs):
   x8 = np.zeros(y.shape, np.uint8)
   descale = np.zeros((batch, heads, blocks), np.float32)
   for n in range(blocks):
-    part = y[:, n * rows:(n + 1) * rows]
+    part = y[:, n * rows : (n + 1) * rows]
     amax = np.max(np.abs(part), axis=(1, 3), initial=np.float32(0))[:, None, :, None]
-    pre = np.where(amax < np.float32(2.0 ** -64), np.float32(2.0 ** 64), np.float32(1))
+    pre = np.where(amax < np.float32(2.0**-64), np.float32(2.0**64), np.float32(1))
     with np.errstate(divide="ignore"):
       scale = np.where(amax == 0, np.float32(1), np.float32(448) / (amax * pre))
     descale[:, :, n] = np.where(amax == 0, np.float32(1), amax * np.float32(1 / 448))[:, 0, :, 0]
     scaled = np.clip((part * pre) * scale, np.float32(-448), np.float32(448))
-    x8[:, n * rows:(n + 1) * rows] = scaled.astype(E4M3).view(np.uint8)
+    x8[:, n * rows : (n + 1) * rows] = scaled.astype(E4M3).view(np.uint8)
   return x8, descale
 
 
@@ -58,7 +58,9 @@ def bits(x8):
 
 def per_row(descale, block_rows):
   """descale [batch, heads, blocks] as [batch, blocks * block_rows, heads, 1], to multiply x8."""
-  return np.repeat(np.asarray(descale, np.float64), block_rows, axis=2).transpose(0, 2, 1)[..., None]
+  return np.repeat(np.asarray(descale, np.float64), block_rows, axis=2).transpose(0, 2, 1)[
+    ..., None
+  ]
 
 
 def hadamard_matrix(d):
@@ -70,8 +72,10 @@ def hadamard_matrix(d):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-@pytest.mark.parametrize("head_dim, block_rows, seqlen", [
-    (64, 64, 100), (128, 224, 450), (256, 128, 129), (128, None, 77), (64, 1, 5), (32, 7, 30)])
+@pytest.mark.parametrize(
+  "head_dim, block_rows, seqlen",
+  [(64, 64, 100), (128, 224, 450), (256, 128, 129), (128, None, 77), (64, 1, 5), (32, 7, 30)],
+)
 @pytest.mark.parametrize("rotate", [True, False])
 def test_matches_the_numpy_spec_bit_for_bit(normal, dtype, head_dim, block_rows, seqlen, rotate):
   x = normal((2, seqlen, 3, head_dim), dtype) * 3
@@ -91,13 +95,20 @@ def test_the_rotation_is_the_normalised_hadamard_matrix_and_orthogonal(normal, h
   signs = random_signs(head_dim, seed=3)
   rotate = lambda x: fp8_quantize._walsh_hadamard(x, signs)
   matrix = np.asarray(signs, np.float64)[:, None] * hadamard_matrix(head_dim) / np.sqrt(head_dim)
-  np.testing.assert_allclose(np.asarray(rotate(q)), np.asarray(q, np.float64) @ matrix,
-                             rtol=0, atol=1e-5 * np.sqrt(head_dim))
+  np.testing.assert_allclose(
+    np.asarray(rotate(q)), np.asarray(q, np.float64) @ matrix, rtol=0, atol=1e-5 * np.sqrt(head_dim)
+  )
   norms = lambda x: np.linalg.norm(np.asarray(x, np.float64), axis=-1)
   np.testing.assert_allclose(norms(rotate(q)), norms(q), rtol=2e-6 * np.log2(head_dim) + 1e-6)
-  dots = lambda a, b: np.einsum("bqhd,bkhd->bhqk", np.asarray(a, np.float64), np.asarray(b, np.float64))
-  np.testing.assert_allclose(dots(rotate(q), rotate(k)), dots(q, k), rtol=0,
-                             atol=4e-6 * np.log2(head_dim) * np.sqrt(head_dim) + 1e-6)
+  dots = lambda a, b: np.einsum(
+    "bqhd,bkhd->bhqk", np.asarray(a, np.float64), np.asarray(b, np.float64)
+  )
+  np.testing.assert_allclose(
+    dots(rotate(q), rotate(k)),
+    dots(q, k),
+    rtol=0,
+    atol=4e-6 * np.log2(head_dim) * np.sqrt(head_dim) + 1e-6,
+  )
 
 
 def test_quantized_scores_stay_close_with_the_rotation(normal):
@@ -110,7 +121,7 @@ def test_quantized_scores_stay_close_with_the_rotation(normal):
     dequantized.append(np.asarray(x8, np.float64) * per_row(descale, 32))
   scores = np.einsum("bqhd,bkhd->bhqk", *dequantized)
   exact = np.einsum("bqhd,bkhd->bhqk", np.asarray(q, np.float64), np.asarray(k, np.float64))
-  assert np.sqrt(np.mean((scores - exact) ** 2)) < 0.1 * np.sqrt(np.mean(exact ** 2))
+  assert np.sqrt(np.mean((scores - exact) ** 2)) < 0.1 * np.sqrt(np.mean(exact**2))
 
 
 @pytest.mark.parametrize("block_rows", [16, None])
@@ -123,12 +134,12 @@ def test_descale_is_amax_over_448_and_the_amax_element_becomes_448(normal, block
   rows = block_rows or 48
   amax = np.abs(rotated).reshape(2, 48 // rows, rows, 3, 64).max(axis=(2, 4)).transpose(0, 2, 1)
   np.testing.assert_array_equal(np.asarray(descale), amax * np.float32(1 / 448))
-  np.testing.assert_allclose(np.asarray(descale), amax / np.float32(448), rtol=2 ** -23, atol=0)
+  np.testing.assert_allclose(np.asarray(descale), amax / np.float32(448), rtol=2**-23, atol=0)
   largest = np.abs(np.asarray(x8, np.float32)).reshape(2, 48 // rows, rows, 3, 64).max(axis=(2, 4))
   np.testing.assert_array_equal(largest, 448)
   dequantized = np.asarray(x8, np.float64) * per_row(descale, rows)
   # e4m3 keeps 3 mantissa bits: half an ulp is 2^-4 of the value, or 2^-10 * descale below 2^-6.
-  bound = np.maximum(np.abs(rotated) * 2.0 ** -4, per_row(descale, rows) * 2.0 ** -10)
+  bound = np.maximum(np.abs(rotated) * 2.0**-4, per_row(descale, rows) * 2.0**-10)
   assert np.all(np.abs(dequantized - rotated) <= bound * (1 + 1e-6))
 
 
@@ -136,10 +147,16 @@ def test_rounding_to_e4m3_is_nearest_even_with_saturation():
   """Every e4m3 midpoint (a tie), its float32 neighbours, random values and the range ends."""
   finite = np.arange(0, 0x7F, dtype=np.uint8).view(E4M3).astype(np.float32)  # 0 ... 448
   midpoints = (finite[:-1] + finite[1:]) / 2
-  near = np.concatenate([midpoints, np.nextafter(midpoints, np.float32(0)),
-                         np.nextafter(midpoints, np.float32(np.inf)), finite,
-                         np.random.default_rng(0).uniform(-448, 448, 10000).astype(np.float32),
-                         np.float32([2.0 ** -10, 2.0 ** -11, 1e-30, 0.0, -0.0])])
+  near = np.concatenate(
+    [
+      midpoints,
+      np.nextafter(midpoints, np.float32(0)),
+      np.nextafter(midpoints, np.float32(np.inf)),
+      finite,
+      np.random.default_rng(0).uniform(-448, 448, 10000).astype(np.float32),
+      np.float32([2.0**-10, 2.0**-11, 1e-30, 0.0, -0.0]),
+    ]
+  )
   values = np.concatenate([near, -near]).astype(np.float32)
   got = fp8_quantize._round_to_e4m3(jnp.asarray(values)).astype(jnp.float8_e4m3fn)
   np.testing.assert_array_equal(bits(got), values.astype(E4M3).view(np.uint8))
@@ -158,7 +175,9 @@ def test_zero_and_empty_blocks(normal):
   assert np.all(bits(zeros8) == 0) and np.all(np.asarray(ones) == 1.0) and ones.shape == (2, 3, 1)
   empty = jnp.zeros((2, 0, 3, 64), jnp.bfloat16)
   x8, descale = quantize_fp8(empty, block_rows=None)
-  assert x8.shape == (2, 0, 3, 64) and descale.shape == (2, 3, 1) and np.all(np.asarray(descale) == 1.0)
+  assert (
+    x8.shape == (2, 0, 3, 64) and descale.shape == (2, 3, 1) and np.all(np.asarray(descale) == 1.0)
+  )
   x8, descale = quantize_fp8(empty, block_rows=64)
   assert x8.shape == (2, 0, 3, 64) and descale.shape == (2, 3, 0)
 
@@ -185,8 +204,12 @@ def test_tiny_blocks_keep_their_precision(normal):
   x = normal((1, 8, 1, 64), jnp.float32) * 1e-30
   x8, descale = quantize_fp8(x, block_rows=None)
   assert np.all(np.isfinite(np.asarray(x8, np.float32)))
-  np.testing.assert_allclose(np.asarray(x8, np.float64) * float(descale[0, 0, 0]), np.asarray(x, np.float64),
-                             rtol=2.0 ** -4, atol=float(descale[0, 0, 0]) * 2.0 ** -10)
+  np.testing.assert_allclose(
+    np.asarray(x8, np.float64) * float(descale[0, 0, 0]),
+    np.asarray(x, np.float64),
+    rtol=2.0**-4,
+    atol=float(descale[0, 0, 0]) * 2.0**-10,
+  )
   want_bits, want_descale = spec_quantize(x, None, None)
   np.testing.assert_array_equal(bits(x8), want_bits)
   np.testing.assert_array_equal(np.asarray(descale), want_descale)
@@ -207,8 +230,8 @@ def test_odd_lengths_cut_into_blocks_with_a_short_last_one(normal):
   x8, descale = quantize_fp8(x, block_rows=25)
   assert descale.shape == (1, 2, 5)
   for n in range(5):
-    part8, part_descale = quantize_fp8(x[:, 25 * n:25 * (n + 1)], block_rows=None)
-    np.testing.assert_array_equal(bits(x8)[:, 25 * n:25 * (n + 1)], bits(part8))
+    part8, part_descale = quantize_fp8(x[:, 25 * n : 25 * (n + 1)], block_rows=None)
+    np.testing.assert_array_equal(bits(x8)[:, 25 * n : 25 * (n + 1)], bits(part8))
     np.testing.assert_array_equal(np.asarray(descale)[:, :, n], np.asarray(part_descale)[:, :, 0])
 
 
@@ -220,8 +243,10 @@ def test_jit_and_vmap_match_the_plain_call(normal):
   mapped_inside = jax.vmap(call, in_axes=2, out_axes=1)(jnp.moveaxis(x, 0, 2))
   for i in range(3):
     want8, want_descale = call(x[i])
-    for x8, descale in ((mapped_first[0][i], mapped_first[1][i]),
-                        (mapped_inside[0][:, i], mapped_inside[1][:, i])):
+    for x8, descale in (
+      (mapped_first[0][i], mapped_first[1][i]),
+      (mapped_inside[0][:, i], mapped_inside[1][:, i]),
+    ):
       np.testing.assert_array_equal(bits(x8), bits(want8))
       np.testing.assert_array_equal(np.asarray(descale), np.asarray(want_descale))
 
@@ -230,8 +255,10 @@ def test_vmap_over_signs_and_nested(normal):
   x = normal((2, 24, 2, 64), jnp.float32)
   signs = jnp.stack([random_signs(64, seed=s) for s in range(3)])
   got = jax.vmap(lambda s: quantize_fp8(x, block_rows=8, signs=s))(signs)
-  nested = jax.vmap(jax.vmap(lambda x, s: quantize_fp8(x, block_rows=8, signs=s), in_axes=(0, None)),
-                    in_axes=(None, 0))(x[:, None], signs)
+  nested = jax.vmap(
+    jax.vmap(lambda x, s: quantize_fp8(x, block_rows=8, signs=s), in_axes=(0, None)),
+    in_axes=(None, 0),
+  )(x[:, None], signs)
   for i in range(3):
     want8, want_descale = quantize_fp8(x, block_rows=8, signs=signs[i])
     np.testing.assert_array_equal(bits(got[0][i]), bits(want8))
@@ -255,10 +282,14 @@ def test_no_gradient_and_it_says_so(normal):
 
 def test_random_signs_are_fixed_plus_minus_one():
   signs = np.asarray(random_signs(128))
-  assert signs.dtype == np.float32 and signs.shape == (128,) and set(np.unique(signs)) == {-1.0, 1.0}
+  assert (
+    signs.dtype == np.float32 and signs.shape == (128,) and set(np.unique(signs)) == {-1.0, 1.0}
+  )
   np.testing.assert_array_equal(signs, np.asarray(random_signs(128)))
   assert not np.array_equal(signs, np.asarray(random_signs(128, seed=1)))
-  np.testing.assert_array_equal(np.asarray(random_signs(64)), signs[:64])  # a prefix: one hash per index
+  np.testing.assert_array_equal(
+    np.asarray(random_signs(64)), signs[:64]
+  )  # a prefix: one hash per index
   assert 40 < np.sum(signs > 0) < 88
   # Pinned: the default vector never changes (checkpoints and FP8 caches may depend on it).
   assert "".join("+" if s > 0 else "-" for s in signs[:16]) == PINNED_SIGNS_SEED0
@@ -267,24 +298,56 @@ def test_random_signs_are_fixed_plus_minus_one():
 PINNED_SIGNS_SEED0 = "---+++-+--++--+-"
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda x: quantize_fp8(x[..., :48], block_rows=8, signs=random_signs(48)), ValueError,
-     "power-of-two head_dim; got head_dim 48"),
-    (lambda x: quantize_fp8(x, block_rows=8, signs=random_signs(32)), ValueError,
-     r"signs must have shape \(head_dim,\) = \(64,\); got \(32,\)"),
-    (lambda x: quantize_fp8(x, block_rows=8, signs=jnp.ones((1, 64))), ValueError, "signs must have shape"),
-    (lambda x: quantize_fp8(x, block_rows=8, signs=jnp.full((64,), 2.0)), ValueError, "signs must all be"),
-    (lambda x: quantize_fp8(x, block_rows=8, signs=jnp.ones((64,), bool)), TypeError, "signs must be real"),
+@pytest.mark.parametrize(
+  "call, error, match",
+  [
+    (
+      lambda x: quantize_fp8(x[..., :48], block_rows=8, signs=random_signs(48)),
+      ValueError,
+      "power-of-two head_dim; got head_dim 48",
+    ),
+    (
+      lambda x: quantize_fp8(x, block_rows=8, signs=random_signs(32)),
+      ValueError,
+      r"signs must have shape \(head_dim,\) = \(64,\); got \(32,\)",
+    ),
+    (
+      lambda x: quantize_fp8(x, block_rows=8, signs=jnp.ones((1, 64))),
+      ValueError,
+      "signs must have shape",
+    ),
+    (
+      lambda x: quantize_fp8(x, block_rows=8, signs=jnp.full((64,), 2.0)),
+      ValueError,
+      "signs must all be",
+    ),
+    (
+      lambda x: quantize_fp8(x, block_rows=8, signs=jnp.ones((64,), bool)),
+      TypeError,
+      "signs must be real",
+    ),
     (lambda x: quantize_fp8(x, block_rows=0), ValueError, "block_rows .* must be >= 1; got 0"),
     (lambda x: quantize_fp8(x, block_rows=-3), ValueError, "block_rows .* must be >= 1"),
     (lambda x: quantize_fp8(x, block_rows=1.5), TypeError, "block_rows .* must be an int; got 1.5"),
     (lambda x: quantize_fp8(x, block_rows=True), TypeError, "block_rows .* must be an int"),
-    (lambda x: quantize_fp8(x[0], block_rows=8), ValueError, r"x must be \[batch, seqlen, heads, head_dim\]"),
-    (lambda x: quantize_fp8(x.astype(jnp.int32), block_rows=8), TypeError,
-     "x must be bfloat16, float16 or float32; got int32"),
-    (lambda x: quantize_fp8(x.astype(jnp.float8_e4m3fn), block_rows=8), TypeError, "got float8_e4m3fn"),
+    (
+      lambda x: quantize_fp8(x[0], block_rows=8),
+      ValueError,
+      r"x must be \[batch, seqlen, heads, head_dim\]",
+    ),
+    (
+      lambda x: quantize_fp8(x.astype(jnp.int32), block_rows=8),
+      TypeError,
+      "x must be bfloat16, float16 or float32; got int32",
+    ),
+    (
+      lambda x: quantize_fp8(x.astype(jnp.float8_e4m3fn), block_rows=8),
+      TypeError,
+      "got float8_e4m3fn",
+    ),
     (lambda x: random_signs(0), ValueError, "head_dim must be >= 1"),
-])
+  ],
+)
 def test_bad_arguments_are_named(normal, call, error, match):
   with pytest.raises(error, match=match):
     call(normal((1, 8, 2, 64), jnp.float32))
@@ -298,16 +361,42 @@ def test_block_rows_is_required():
 def test_python_geometry_matches_the_kernels(tmp_path):
   """num_blocks and workspace_bytes against cuda/quantize/geometry.h, compiled on the host."""
   rng = np.random.default_rng(0)
-  cases = [(int(rng.integers(1, 4)), int(rng.integers(0, 40000)), int(rng.integers(1, 9)),
-            int(rng.choice([64, 128, 256])), int(rng.choice([0, 1, 64, 128, 160, 224, 300, 1000, 5000])))
-           for _ in range(400)]
-  cases += [(1, 16384, 16, 128, 0), (1, 0, 2, 64, 0), (1, 0, 2, 64, 64), (2, 512, 3, 64, 0), (2, 513, 3, 64, 0)]
+  cases = [
+    (
+      int(rng.integers(1, 4)),
+      int(rng.integers(0, 40000)),
+      int(rng.integers(1, 9)),
+      int(rng.choice([64, 128, 256])),
+      int(rng.choice([0, 1, 64, 128, 160, 224, 300, 1000, 5000])),
+    )
+    for _ in range(400)
+  ]
+  cases += [
+    (1, 16384, 16, 128, 0),
+    (1, 0, 2, 64, 0),
+    (1, 0, 2, 64, 64),
+    (2, 512, 3, 64, 0),
+    (2, 513, 3, 64, 0),
+  ]
   stdin = "".join(" ".join(map(str, c)) + "\n" for c in cases)
-  result = subprocess.run([str(_build(tmp_path, "quantize_geometry_check"))], input=stdin,
-                          capture_output=True, text=True, check=True)
+  result = subprocess.run(
+    [str(_build(tmp_path, "quantize_geometry_check"))],
+    input=stdin,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   lines = result.stdout.splitlines()
-  assert len(lines) == len(cases), f"quantize_geometry_check printed {len(lines)} lines for {len(cases)} cases"
+  assert len(lines) == len(cases), (
+    f"quantize_geometry_check printed {len(lines)} lines for {len(cases)} cases"
+  )
   for (b, s, h, d, block_rows), line in zip(cases, lines):
     blocks, needed = map(int, line.split())
     assert fp8_quantize.num_blocks(s, block_rows) == blocks, (b, s, h, d, block_rows)
-    assert fp8_quantize.workspace_bytes(b, s, h, d, block_rows) >= max(needed, 1), (b, s, h, d, block_rows)
+    assert fp8_quantize.workspace_bytes(b, s, h, d, block_rows) >= max(needed, 1), (
+      b,
+      s,
+      h,
+      d,
+      block_rows,
+    )

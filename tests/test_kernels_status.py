@@ -28,6 +28,7 @@ def _has_cuda_device():
 @pytest.fixture
 def installed(monkeypatch, tmp_path):
   """Pretends jax-fa3 is installed in tmp_path/site/jax_fa3, with or without the extension."""
+
   def install(with_extension):
     package = tmp_path / "site" / "jax_fa3"
     package.mkdir(parents=True)
@@ -36,6 +37,7 @@ def installed(monkeypatch, tmp_path):
     distribution = types.SimpleNamespace(locate_file=lambda name: package.parent / name)
     monkeypatch.setattr(_kernels.importlib.metadata, "distribution", lambda name: distribution)
     return package
+
   return install
 
 
@@ -63,6 +65,7 @@ def test_install_without_the_extension_says_how_to_build_it(installed):
 def test_not_installed_says_how_to_build_it(monkeypatch, tmp_path):
   def not_found(name):
     raise _kernels.importlib.metadata.PackageNotFoundError(name)
+
   monkeypatch.setattr(_kernels.importlib.metadata, "distribution", not_found)
   reason = _kernels._missing_extension_reason(NO_MODULE, tmp_path / "jax_fa3")
   assert "shadows" not in reason and "JAX_FA3_CUDA=ON" in reason
@@ -77,9 +80,13 @@ def test_from_the_repository_root_the_shadowing_is_reported():
   if list((root / "jax_fa3").glob("_fa3_cuda*")):
     pytest.skip("the checkout holds a built extension, so nothing is shadowed")
   result = subprocess.run(
-      [sys.executable, "-c", "import jax_fa3; print(jax_fa3.kernels_available())"],
-      cwd=root, capture_output=True, text=True, check=True,
-      env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")})
+    [sys.executable, "-c", "import jax_fa3; print(jax_fa3.kernels_available())"],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    check=True,
+    env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")},
+  )
   assert f"imported from {root / 'jax_fa3'}, which shadows the installed package" in result.stdout
 
 
@@ -87,6 +94,7 @@ def test_from_the_repository_root_the_shadowing_is_reported():
 def test_no_gpu_means_the_reference_path(monkeypatch, nvidia_smi):
   def no_cuda(backend=None):
     raise RuntimeError(f"Unknown backend {backend}")
+
   monkeypatch.setattr(jax, "devices", no_cuda)
   monkeypatch.setattr(_kernels.shutil, "which", lambda name: nvidia_smi)
   text = str(KernelStatus(VARIANTS))
@@ -97,8 +105,10 @@ def test_no_gpu_means_the_reference_path(monkeypatch, nvidia_smi):
 
 
 def test_a_gpu_other_than_hopper_means_the_reference_path(monkeypatch):
-  gpus = [types.SimpleNamespace(device_kind="NVIDIA A100-SXM4-80GB", compute_capability="8.0"),
-          types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3", compute_capability="9.0")]
+  gpus = [
+    types.SimpleNamespace(device_kind="NVIDIA A100-SXM4-80GB", compute_capability="8.0"),
+    types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3", compute_capability="9.0"),
+  ]
   monkeypatch.setattr(jax, "devices", lambda backend=None: gpus)
   assert _kernels.gpus_without_kernels() == ["NVIDIA A100-SXM4-80GB (compute capability 8.0)"]
   problem = _kernels.gpu_problem()
@@ -124,9 +134,21 @@ def test_require_gpu_turns_the_skip_into_an_error():
   if _has_cuda_device():
     pytest.skip("a CUDA device is present")
   result = subprocess.run(
-      [sys.executable, "-P", "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-       str(TESTS / "gpu")],
-      cwd=TESTS.parent, capture_output=True, text=True,
-      env={**os.environ, "JAX_FA3_REQUIRE_GPU": "1"})
+    [
+      sys.executable,
+      "-P",
+      "-m",
+      "pytest",
+      "--collect-only",
+      "-q",
+      "-p",
+      "no:cacheprovider",
+      str(TESTS / "gpu"),
+    ],
+    cwd=TESTS.parent,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_FA3_REQUIRE_GPU": "1"},
+  )
   assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout + result.stderr
   assert "JAX_FA3_REQUIRE_GPU=1, but JAX sees no Hopper GPU" in result.stdout + result.stderr

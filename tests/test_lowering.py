@@ -8,19 +8,26 @@ import jax_fa3
 from jax_fa3 import _kernels, primitives
 from jax_fa3._kernels import KernelStatus, Variant
 
-VARIANTS = tuple(Variant(direction, "bfloat16", "bfloat16", d, d)
-                 for direction in ("fwd", "bwd") for d in (64, 96, 128, 256))
+VARIANTS = tuple(
+  Variant(direction, "bfloat16", "bfloat16", d, d)
+  for direction in ("fwd", "bwd")
+  for d in (64, 96, 128, 256)
+)
 # The packed-sequence kernels' tiles, as the extension would report them.
 SEGMENT_TILES = {("fwd", "bfloat16", d): (128, 128) for d in (64, 96, 128, 256)} | {
-    ("bwd", "bfloat16", d): (64, 128) for d in (64, 96, 128, 256)}
+  ("bwd", "bfloat16", d): (64, 128) for d in (64, 96, 128, 256)
+}
 
 
 @pytest.fixture
 def compiled(monkeypatch):
   """Pretends the extension holds the given variants (default: VARIANTS)."""
+
   def install(variants=VARIANTS, reason=None):
-    monkeypatch.setattr(_kernels, "_status", KernelStatus(tuple(variants), reason,
-                                                          segment_tiles=SEGMENT_TILES))
+    monkeypatch.setattr(
+      _kernels, "_status", KernelStatus(tuple(variants), reason, segment_tiles=SEGMENT_TILES)
+    )
+
   install()
   return install
 
@@ -39,45 +46,59 @@ def grads(fn):
   return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), (0, 1, 2))
 
 
-def arrays(batch=2, seqlen_q=100, seqlen_k=130, heads=4, kv_heads=2, head_dim=64,
-           dtype=jnp.bfloat16):
-  return (jnp.zeros((batch, seqlen_q, heads, head_dim), dtype),
-          jnp.zeros((batch, seqlen_k, kv_heads, head_dim), dtype),
-          jnp.zeros((batch, seqlen_k, kv_heads, head_dim), dtype))
+def arrays(
+  batch=2, seqlen_q=100, seqlen_k=130, heads=4, kv_heads=2, head_dim=64, dtype=jnp.bfloat16
+):
+  return (
+    jnp.zeros((batch, seqlen_q, heads, head_dim), dtype),
+    jnp.zeros((batch, seqlen_k, kv_heads, head_dim), dtype),
+    jnp.zeros((batch, seqlen_k, kv_heads, head_dim), dtype),
+  )
 
 
 def test_forward_and_backward_call_the_ffi_targets(compiled):
-  fn = lambda q, k, v: jax_fa3.flash_attention(q, k, v, causal=True, window_size=(32, 7),
-                                               softcap=20.0, softmax_scale=0.25,
-                                               deterministic=True)
+  fn = lambda q, k, v: jax_fa3.flash_attention(
+    q, k, v, causal=True, window_size=(32, 7), softcap=20.0, softmax_scale=0.25, deterministic=True
+  )
   text = cuda_text(grads(fn), *arrays())
   (fwd,), (bwd,) = custom_calls(text, "jax_fa3_fwd"), custom_calls(text, "jax_fa3_bwd")
-  attributes = ("softmax_scale = 2.500000e-01 : f32", "softcap = 2.000000e+01 : f32",
-                "window_left = 32 : i64", "window_right = 0 : i64",
-                "diagonal_offset = 30 : i64")
+  attributes = (
+    "softmax_scale = 2.500000e-01 : f32",
+    "softcap = 2.000000e+01 : f32",
+    "window_left = 32 : i64",
+    "window_right = 0 : i64",
+    "diagonal_offset = 30 : i64",
+  )
   for call in (fwd, bwd):
     for attribute in attributes:
       assert attribute in call
   assert "deterministic = true" in bwd and "deterministic" not in fwd
   assert "return_max_logit = false" in fwd and "return_max_logit" not in bwd
   # The max_logit and dsinks results, not asked for, are one untouched word each.
-  assert ("-> (tensor<2x100x4x64xbf16>, tensor<2x4x100xf32>, tensor<256xui8>, "
-          "tensor<1xui32>)") in fwd
+  assert (
+    "-> (tensor<2x100x4x64xbf16>, tensor<2x4x100xf32>, tensor<256xui8>, tensor<1xui32>)"
+  ) in fwd
   workspace = primitives.bwd_workspace_bytes(2, 100, 130, 4, 2, 64, 64)
-  assert (f"-> (tensor<2x100x4x64xbf16>, tensor<2x130x2x64xbf16>, tensor<2x130x2x64xbf16>, "
-          f"tensor<{workspace}xui8>, tensor<1xf32>)") in bwd
+  assert (
+    f"-> (tensor<2x100x4x64xbf16>, tensor<2x130x2x64xbf16>, tensor<2x130x2x64xbf16>, "
+    f"tensor<{workspace}xui8>, tensor<1xf32>)"
+  ) in bwd
 
 
 def test_sinks_and_max_logit_are_operands_and_results(compiled):
   """sinks [B, H] float32 after the plans; max_logit [B, H] uint32 keys, dsinks [B, H]."""
   q, k, v = arrays()
   sinks = jnp.zeros((4,), jnp.float32)
-  fn = lambda q, k, v, s: jax_fa3.flash_attention(q, k, v, causal=True, sinks=s,
-                                                  return_max_logit=True)[0]
-  text = cuda_text(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3)),
-                   q, k, v, sinks)
+  fn = lambda q, k, v, s: jax_fa3.flash_attention(
+    q, k, v, causal=True, sinks=s, return_max_logit=True
+  )[0]
+  text = cuda_text(
+    jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3)), q, k, v, sinks
+  )
   (fwd,), (bwd,) = custom_calls(text, "jax_fa3_fwd"), custom_calls(text, "jax_fa3_bwd")
-  assert "tensor<0xi32>, tensor<2x4xf32>, tensor<0xf32>, tensor<0xf32>, tensor<0xf32>)" in fwd  # sinks, then absent descales
+  assert (
+    "tensor<0xi32>, tensor<2x4xf32>, tensor<0xf32>, tensor<0xf32>, tensor<0xf32>)" in fwd
+  )  # sinks, then absent descales
   assert "return_max_logit = true" in fwd
   assert "tensor<256xui8>, tensor<2x4xui32>)" in fwd
   workspace = primitives.bwd_workspace_bytes(2, 100, 130, 4, 2, 64, 64, sinks=True)
@@ -91,12 +112,20 @@ def test_operands_follow_the_contract(compiled):
   packed-sequence rows and plan, sinks and the three FP8 descales, absent."""
   q, k, v = arrays(seqlen_k=100, kv_heads=4)
   lengths = jnp.array([60, 100], jnp.int32)
-  text = cuda_text(lambda q, k, v: jax_fa3.dot_product_attention(
-      q, k, v, is_causal=True, query_seq_lengths=lengths), q, k, v)
+  text = cuda_text(
+    lambda q, k, v: jax_fa3.dot_product_attention(
+      q, k, v, is_causal=True, query_seq_lengths=lengths
+    ),
+    q,
+    k,
+    v,
+  )
   (fwd,) = custom_calls(text, "jax_fa3_fwd")
-  assert ("(tensor<2x100x4x64xbf16>, tensor<2x100x4x64xbf16>, tensor<2x100x4x64xbf16>, "
-          "tensor<2xi32>, tensor<0xi32>, tensor<0xi32>, tensor<0xi32>, tensor<0xi32>, "
-          "tensor<0xf32>, tensor<0xf32>, tensor<0xf32>, tensor<0xf32>)") in fwd
+  assert (
+    "(tensor<2x100x4x64xbf16>, tensor<2x100x4x64xbf16>, tensor<2x100x4x64xbf16>, "
+    "tensor<2xi32>, tensor<0xi32>, tensor<0xi32>, tensor<0xi32>, tensor<0xi32>, "
+    "tensor<0xf32>, tensor<0xf32>, tensor<0xf32>, tensor<0xf32>)"
+  ) in fwd
   assert "diagonal_offset = 0 : i64" in fwd and "window_right = 0 : i64" in fwd
 
 
@@ -104,13 +133,18 @@ def test_segment_ids_pass_rows_and_plans_for_the_kernels_tiles(compiled):
   """Packed sequences: the rows [B, S, 4] and the plans for the reported tiles, no seqused."""
   q, k, v = arrays(seqlen_k=100, kv_heads=4)
   ids = jnp.zeros((2, 100), jnp.int32)
-  text = cuda_text(grads(lambda q, k, v: jax_fa3.flash_attention(q, k, v, segment_ids=ids,
-                                                                 causal=True)), q, k, v)
+  text = cuda_text(
+    grads(lambda q, k, v: jax_fa3.flash_attention(q, k, v, segment_ids=ids, causal=True)), q, k, v
+  )
   (fwd,), (bwd,) = custom_calls(text, "jax_fa3_fwd"), custom_calls(text, "jax_fa3_bwd")
-  assert ("tensor<0xi32>, tensor<0xi32>, tensor<2x100x4xi32>, tensor<2x100x4xi32>, "
-          "tensor<2x1x4xi32>, tensor<0xf32>, tensor<0xf32>, tensor<0xf32>, tensor<0xf32>)") in fwd  # one forward tile of 128 rows
-  assert ("tensor<0xi32>, tensor<0xi32>, tensor<2x100x4xi32>, tensor<2x100x4xi32>, "
-          "tensor<2x2x4xi32>, tensor<2x1x2xi32>, tensor<0xf32>)") in bwd  # two 64-row tiles, one 128-key block
+  assert (
+    "tensor<0xi32>, tensor<0xi32>, tensor<2x100x4xi32>, tensor<2x100x4xi32>, "
+    "tensor<2x1x4xi32>, tensor<0xf32>, tensor<0xf32>, tensor<0xf32>, tensor<0xf32>)"
+  ) in fwd  # one forward tile of 128 rows
+  assert (
+    "tensor<0xi32>, tensor<0xi32>, tensor<2x100x4xi32>, tensor<2x100x4xi32>, "
+    "tensor<2x2x4xi32>, tensor<2x1x2xi32>, tensor<0xf32>)"
+  ) in bwd  # two 64-row tiles, one 128-key block
 
 
 def test_head_dims_pad_to_the_next_compiled_one(compiled):
@@ -158,7 +192,8 @@ def test_workspace_sizes():
   # GQA, B=2, H=8, Hk=2, Sq=100->128, Sk=300->384, D=80->128, Dv=64: adds the f32 dk and dv
   # accumulators, 786432 and 393216, and their semaphores, 96 -> 256.
   assert primitives.bwd_workspace_bytes(2, 100, 300, 8, 2, 80, 64) == (
-      1048576 + 8192 + 8192 + 256 + 786432 + 393216 + 256)
+    1048576 + 8192 + 8192 + 256 + 786432 + 393216 + 256
+  )
 
 
 def test_kernels_available_reports_why_not(compiled):
@@ -171,8 +206,11 @@ def test_kernels_available_reports_why_not(compiled):
 
 
 def test_smallest_compiled_head_dims():
-  status = KernelStatus(tuple(Variant("fwd", "bfloat16", "bfloat16", *dims)
-                              for dims in ((64, 64), (192, 128), (256, 256))))
+  status = KernelStatus(
+    tuple(
+      Variant("fwd", "bfloat16", "bfloat16", *dims) for dims in ((64, 64), (192, 128), (256, 256))
+    )
+  )
   assert status.head_dims_for("fwd", jnp.bfloat16, 64, 64) == (64, 64)
   assert status.head_dims_for("fwd", jnp.bfloat16, 100, 100) == (192, 128)
   assert status.head_dims_for("fwd", jnp.bfloat16, 100, 200) == (256, 256)
@@ -182,7 +220,9 @@ def test_smallest_compiled_head_dims():
 
 def test_a_gpu_the_kernels_cannot_run_on_lowers_to_the_reference(compiled, monkeypatch):
   """On a non-Hopper GPU (say an A100) the sm_90a kernels cannot run: the reference path."""
-  monkeypatch.setattr(_kernels, "gpus_without_kernels", lambda: ["NVIDIA A100 (compute capability 8.0)"])
+  monkeypatch.setattr(
+    _kernels, "gpus_without_kernels", lambda: ["NVIDIA A100 (compute capability 8.0)"]
+  )
   primitives._warn_once.cache_clear()
   with pytest.warns(UserWarning, match="built for Hopper"):
     text = cuda_text(grads(jax_fa3.flash_attention), *arrays())

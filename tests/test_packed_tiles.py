@@ -14,17 +14,21 @@ from jax_fa3 import segments
 def _rows(q_ids, kv_ids, window):
   sq, sk = len(q_ids), len(kv_ids)
   offset = sk - sq
-  return segments.rows(jnp.asarray(q_ids)[None], jnp.asarray(kv_ids)[None],
-                       window_left=window[0], window_right=window[1],
-                       q_offsets=jnp.full((1, sq), offset, jnp.int32),
-                       kv_offsets=jnp.full((1, sk), offset, jnp.int32))
+  return segments.rows(
+    jnp.asarray(q_ids)[None],
+    jnp.asarray(kv_ids)[None],
+    window_left=window[0],
+    window_right=window[1],
+    q_offsets=jnp.full((1, sq), offset, jnp.int32),
+    kv_offsets=jnp.full((1, sk), offset, jnp.int32),
+  )
 
 
 def _tiles(q_rows, block_m, block_n):
   plan = np.asarray(segments.forward_tiles(q_rows, block_m, block_n))
   batch, seqlen_q = q_rows.shape[:2]
   assert plan.shape == (1 + batch * (3 * -(-seqlen_q // block_m) + 1), 8)
-  return plan[1:1 + plan[0, 0]]
+  return plan[1 : 1 + plan[0, 0]]
 
 
 def _check(q_ids, kv_ids, window, block_m, block_n):
@@ -38,13 +42,14 @@ def _check(q_ids, kv_ids, window, block_m, block_n):
     covered[q_begin:q_end] += 1
     rows = visible[q_begin:q_end]
     visited = np.zeros(sk, bool)
-    visited[key_offset:key_offset + n_blocks * block_n] = True
+    visited[key_offset : key_offset + n_blocks * block_n] = True
     assert not (rows & ~visited[None]).any(), f"tile {q_begin}:{q_end} misses a visible pair"
     assert 0 <= left <= right <= n_blocks
     for n in range(left, right):
       keys = slice(key_offset + n * block_n, key_offset + (n + 1) * block_n)
-      assert key_offset + (n + 1) * block_n <= sk and rows[:, keys].all(), \
-          f"tile {q_begin}:{q_end} runs block {n} unmasked"
+      assert key_offset + (n + 1) * block_n <= sk and rows[:, keys].all(), (
+        f"tile {q_begin}:{q_end} runs block {n} unmasked"
+      )
   np.testing.assert_array_equal(covered, 1)
   return tiles
 
@@ -60,7 +65,7 @@ def test_tiles_cover_every_query_once_and_every_visible_pair(seed):
   if seed % 4 == 1:
     q_ids[::7] = q_ids[0]  # recurring ids
   if seed % 5 == 2:
-    q_ids[-int(rng.integers(1, 40)):] = -1  # padding
+    q_ids[-int(rng.integers(1, 40)) :] = -1  # padding
   window = [(-1, -1), (-1, 0), (17, 3), (0, -1)][seed % 4]
   _check(q_ids, kv_ids, window, block_m, block_n)
 

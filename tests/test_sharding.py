@@ -47,12 +47,18 @@ def test_block_masks_are_the_global_mask(striped, size):
   for (left, right), offset in itertools.product(WINDOWS, (0, 3, -2)):
     params = AttentionParams(1.0, window_left=left, window_right=right, diagonal_offset=offset)
     for rank, owner in itertools.product(range(size), repeat=2):
-      expected = visible(global_positions(layout, rank, size, chunk),
-                         global_positions(layout, owner, size, chunk), params)
+      expected = visible(
+        global_positions(layout, rank, size, chunk),
+        global_positions(layout, owner, size, chunk),
+        params,
+      )
       mask = layout.block_mask(params, rank - owner)
       local = np.arange(chunk)
-      actual = (np.zeros_like(expected) if mask is None or not ring._sees_any(mask, chunk, chunk)
-                else visible(local, local, mask))
+      actual = (
+        np.zeros_like(expected)
+        if mask is None or not ring._sees_any(mask, chunk, chunk)
+        else visible(local, local, mask)
+      )
       np.testing.assert_array_equal(actual, expected, err_msg=f"{params}, {rank=}, {owner=}")
 
 
@@ -72,36 +78,74 @@ CAUSAL = AttentionParams(1.0, window_right=0)
 FULL = AttentionParams(1.0)
 
 
-@pytest.mark.parametrize("q_spec, k_spec, q_shape, k_shape, params, expected", [
+@pytest.mark.parametrize(
+  "q_spec, k_spec, q_shape, k_shape, params, expected",
+  [
     # Batch and heads keep q's split, with k/v heads following.
-    (P("data", None, "model"), P("data", None, "model"), (4, 32, 8, 16), (4, 32, 4, 16), FULL,
-     Split(batch=("data",), heads=("model",))),
+    (
+      P("data", None, "model"),
+      P("data", None, "model"),
+      (4, 32, 8, 16),
+      (4, 32, 4, 16),
+      FULL,
+      Split(batch=("data",), heads=("model",)),
+    ),
     # q's heads unsplit: k's split is taken (q is sliced).
-    (P(), P(None, None, "model"), (4, 32, 8, 16), (4, 32, 4, 16), FULL,
-     Split(heads=("model",))),
+    (P(), P(None, None, "model"), (4, 32, 8, 16), (4, 32, 4, 16), FULL, Split(heads=("model",))),
     # More head shards than k/v heads: each device slices its k/v head.
-    (P(None, None, "model"), P(), (4, 32, 8, 16), (4, 32, 2, 16), FULL,
-     Split(heads=("model",), kv_heads_split=False)),
+    (
+      P(None, None, "model"),
+      P(),
+      (4, 32, 8, 16),
+      (4, 32, 2, 16),
+      FULL,
+      Split(heads=("model",), kv_heads_split=False),
+    ),
     # 3 k/v heads cannot follow 4 head shards: heads are gathered.
     (P(None, None, "model"), P(), (4, 32, 12, 16), (4, 32, 3, 16), FULL, Split()),
     # A batch the axis does not divide stays whole.
     (P("model"), P("model"), (2, 32, 8, 16), (2, 32, 8, 16), FULL, Split()),
     # The sequence: a ring, striped for a causal mask when P * P divides both lengths.
-    (P(None, "seq"), P(None, "seq"), (2, 32, 4, 16), (2, 32, 4, 16), CAUSAL,
-     Split(sequence=("seq",), striped=True)),
-    (P(None, "seq"), P(None, "seq"), (2, 36, 4, 16), (2, 36, 4, 16), CAUSAL,
-     Split(sequence=("seq",))),
-    (P(None, "seq"), P(None, "seq"), (2, 32, 4, 16), (2, 32, 4, 16), FULL,
-     Split(sequence=("seq",))),
+    (
+      P(None, "seq"),
+      P(None, "seq"),
+      (2, 32, 4, 16),
+      (2, 32, 4, 16),
+      CAUSAL,
+      Split(sequence=("seq",), striped=True),
+    ),
+    (
+      P(None, "seq"),
+      P(None, "seq"),
+      (2, 36, 4, 16),
+      (2, 36, 4, 16),
+      CAUSAL,
+      Split(sequence=("seq",)),
+    ),
+    (
+      P(None, "seq"),
+      P(None, "seq"),
+      (2, 32, 4, 16),
+      (2, 32, 4, 16),
+      FULL,
+      Split(sequence=("seq",)),
+    ),
     # Unmasked, the lengths may differ; masked, they must match unless striped.
-    (P(None, "seq"), P(None, "seq"), (2, 32, 4, 16), (2, 48, 4, 16), FULL,
-     Split(sequence=("seq",))),
+    (
+      P(None, "seq"),
+      P(None, "seq"),
+      (2, 32, 4, 16),
+      (2, 48, 4, 16),
+      FULL,
+      Split(sequence=("seq",)),
+    ),
     (P(None, "seq"), P(None, "seq"), (2, 32, 4, 16), (2, 40, 4, 16), CAUSAL, Split()),
     # A query sequence the ring cannot split (decoding) leaves k/v's to be gathered.
     (P(), P(None, "seq"), (2, 1, 4, 16), (2, 32, 4, 16), CAUSAL, Split()),
     # One mesh axis splits one dimension: q's batch wins over k's sequence.
     (P("seq"), P(None, "seq"), (4, 32, 4, 16), (4, 32, 4, 16), FULL, Split(batch=("seq",))),
-])
+  ],
+)
 def test_choose_split(q_spec, k_spec, q_shape, k_shape, params, expected):
   assert choose_split(SIZES, q_spec, k_spec, q_shape, k_shape, params) == expected
 
@@ -110,18 +154,30 @@ def test_on_eight_cpu_devices():
   """tests/sharding/ in a subprocess whose CPU backend has 8 devices (see its conftest)."""
   flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   # The same jax_fa3 as this process's, wherever it was imported from.
-  path = os.pathsep.join([str(pathlib.Path(jax_fa3.__file__).parents[1]),
-                          os.environ.get("PYTHONPATH", "")])
-  env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", PYTHONPATH=path,
-             JAX_FA3_EIGHT_CPU_DEVICES="1")
+  path = os.pathsep.join(
+    [str(pathlib.Path(jax_fa3.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+  )
+  env = dict(
+    os.environ,
+    XLA_FLAGS=flags.strip(),
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=path,
+    JAX_FA3_EIGHT_CPU_DEVICES="1",
+  )
   folder = pathlib.Path(__file__).parent / "sharding"
-  result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(folder)], cwd=folder, env=env, capture_output=True, text=True,
-                          check=False)
+  result = subprocess.run(
+    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder)],
+    cwd=folder,
+    env=env,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert result.returncode == 0, f"{result.stdout[-30000:]}\n{result.stderr[-5000:]}"
 
 
 # --- Packed sequences on the ring ------------------------------------------------------
+
 
 def _packed_ids(rng, length, chunk, recurring):
   """Documents of 1 to 1.5 chunks and shorter ones, padding (-1) inside and at the end."""
@@ -130,7 +186,7 @@ def _packed_ids(rng, length, chunk, recurring):
     ids += [doc] * int(rng.integers(1, 3 * chunk // 2 + 1))
     doc += 1
   ids = np.array(ids[:length], np.int32)
-  ids[length // 3:length // 3 + 2] = -1
+  ids[length // 3 : length // 3 + 2] = -1
   ids[-3:] = -1
   runs = np.cumsum(np.r_[True, ids[1:] != ids[:-1]]).astype(np.int32)
   ids = np.where(ids >= 0, runs, -1)  # a document the padding cut in two is two
@@ -147,7 +203,8 @@ def test_packed_block_rows_are_the_global_mask(striped, size):
   holds a visible pair is never skipped."""
   rng = np.random.default_rng(size + 10 * striped)
   for (left, right), (chunk_q, chunk_k), recurring in itertools.product(
-      WINDOWS, [(6, 6), (3, 9)], [False, True]):
+    WINDOWS, [(6, 6), (3, 9)], [False, True]
+  ):
     if striped and (chunk_q % size or chunk_k % size):
       chunk_q, chunk_k = chunk_q * size, chunk_k * size
     length_q, length_k = size * chunk_q, size * chunk_k
@@ -155,22 +212,29 @@ def test_packed_block_rows_are_the_global_mask(striped, size):
     kv_ids = q_ids if length_q == length_k else _packed_ids(rng, length_k, chunk_k, recurring)
     offset = length_k - length_q
     q_rows, kv_rows = segments.rows(
-        q_ids[None], kv_ids[None], window_left=left, window_right=right,
-        q_offsets=np.full((1, length_q), offset, np.int32),
-        kv_offsets=np.full((1, length_k), offset, np.int32))
+      q_ids[None],
+      kv_ids[None],
+      window_left=left,
+      window_right=right,
+      q_offsets=np.full((1, length_q), offset, np.int32),
+      kv_offsets=np.full((1, length_k), offset, np.int32),
+    )
     mask = np.asarray(segments.visible(q_rows, kv_rows))[0]
     layout = ring.Striped(size) if striped else ring.Contiguous(chunk_q)
     for rank, owner in itertools.product(range(size), repeat=2):
       queries = global_positions(layout, rank, size, chunk_q)
       keys = global_positions(layout, owner, size, chunk_k)
       block_q_rows, block_kv_rows, sees = ring._packed_block(
-          layout, q_rows[:, queries], kv_rows[:, keys], rank, owner)
+        layout, q_rows[:, queries], kv_rows[:, keys], rank, owner
+      )
       expected = mask[np.ix_(queries, keys)]
       message = f"window {(left, right)}, {recurring=}, {rank=}, {owner=}"
-      np.testing.assert_array_equal(np.asarray(segments.visible(block_q_rows, block_kv_rows))[0],
-                                    expected, err_msg=message)
-      np.testing.assert_array_equal(np.asarray(segments.visible(block_kv_rows, block_q_rows))[0],
-                                    expected.T, err_msg=message)
+      np.testing.assert_array_equal(
+        np.asarray(segments.visible(block_q_rows, block_kv_rows))[0], expected, err_msg=message
+      )
+      np.testing.assert_array_equal(
+        np.asarray(segments.visible(block_kv_rows, block_q_rows))[0], expected.T, err_msg=message
+      )
       # Exact for contiguous documents; with an id recurring non-contiguously the test
       # reads spans only (not ids), so a block may be attended and found empty.
       assert bool(sees) == expected.any() or (recurring and bool(sees)), message
@@ -184,19 +248,33 @@ def test_packed_contiguous_blocks_of_other_documents_are_skipped():
   keys of chunk 1) are attended."""
   chunk, size = 8, 4
   ids = np.repeat(np.arange(8, dtype=np.int32), chunk // 2)
-  ids[chunk + chunk // 2:2 * chunk + chunk // 2] = 99
-  q_rows, kv_rows = segments.rows(ids[None], ids[None], window_left=-1, window_right=0,
-                                  q_offsets=np.zeros((1, 32), np.int32),
-                                  kv_offsets=np.zeros((1, 32), np.int32))
+  ids[chunk + chunk // 2 : 2 * chunk + chunk // 2] = 99
+  q_rows, kv_rows = segments.rows(
+    ids[None],
+    ids[None],
+    window_left=-1,
+    window_right=0,
+    q_offsets=np.zeros((1, 32), np.int32),
+    kv_offsets=np.zeros((1, 32), np.int32),
+  )
   layout = ring.Contiguous(chunk)
-  attended = {(rank, owner) for rank, owner in itertools.product(range(size), repeat=2)
-              if ring._packed_block(layout, q_rows[:, rank * chunk:(rank + 1) * chunk],
-                                    kv_rows[:, owner * chunk:(owner + 1) * chunk], rank,
-                                    owner)[2]}
+  attended = {
+    (rank, owner)
+    for rank, owner in itertools.product(range(size), repeat=2)
+    if ring._packed_block(
+      layout,
+      q_rows[:, rank * chunk : (rank + 1) * chunk],
+      kv_rows[:, owner * chunk : (owner + 1) * chunk],
+      rank,
+      owner,
+    )[2]
+  }
   assert attended == {(0, 0), (1, 1), (2, 2), (3, 3), (2, 1)}
 
 
-@pytest.mark.parametrize("q_shape, k_shape, params, expected", [
+@pytest.mark.parametrize(
+  "q_shape, k_shape, params, expected",
+  [
     # Any mask, the lengths equal or not: a contiguous ring when P divides both.
     ((2, 32, 4, 16), (2, 32, 4, 16), CAUSAL, Split(sequence=("seq",))),
     ((2, 32, 4, 16), (2, 32, 4, 16), FULL, Split(sequence=("seq",))),
@@ -204,7 +282,8 @@ def test_packed_contiguous_blocks_of_other_documents_are_skipped():
     ((2, 36, 4, 16), (2, 36, 4, 16), AttentionParams(1.0, 5, 2), Split(sequence=("seq",))),
     # A length the ring cannot divide is gathered.
     ((2, 30, 4, 16), (2, 32, 4, 16), CAUSAL, Split()),
-])
+  ],
+)
 def test_choose_split_for_packed_sequences(q_shape, k_shape, params, expected, monkeypatch):
   seq = P(None, "seq")
   monkeypatch.setattr(sharding, "_PACKED_RING", True)  # opt-in: measured slower (NOTES)

@@ -38,13 +38,16 @@ def test_jit_matches_eager(qkv):
 def test_vmap_any_in_axes(in_axes, normal, qkv):
   """A mapped axis anywhere, unmapped operands broadcast: equal to a loop."""
   size = 3
-  args = [x if axis is None else jnp.stack([normal(x.shape) for _ in range(size)], axis)
-          for x, axis in zip(qkv, in_axes)]
+  args = [
+    x if axis is None else jnp.stack([normal(x.shape) for _ in range(size)], axis)
+    for x, axis in zip(qkv, in_axes)
+  ]
   take = lambda i: [x if a is None else jnp.take(x, i, a) for x, a in zip(args, in_axes)]
   expected = jnp.stack([attention(*take(i)) for i in range(size)])
   assert_close(jax.vmap(attention, in_axes)(*args), expected)
-  expected_grads = [jnp.stack(g) for g in zip(*[jax.grad(loss, (0, 1, 2))(*take(i))
-                                                for i in range(size)])]
+  expected_grads = [
+    jnp.stack(g) for g in zip(*[jax.grad(loss, (0, 1, 2))(*take(i)) for i in range(size)])
+  ]
   grads = jax.vmap(jax.grad(loss, (0, 1, 2)), in_axes)(*args)
   assert_close(grads, expected_grads)
 
@@ -54,8 +57,9 @@ def test_nested_vmap(normal):
   k, v = normal((2, 2, 11, 2, 32)), normal((2, 11, 2, 32))
   inner = jax.vmap(attention, in_axes=(0, 0, None))
   outer = jax.vmap(inner, in_axes=(0, None, None))
-  expected = jnp.stack([jnp.stack([attention(q[i, j], k[j], v) for j in range(2)])
-                        for i in range(3)])
+  expected = jnp.stack(
+    [jnp.stack([attention(q[i, j], k[j], v) for j in range(2)]) for i in range(3)]
+  )
   assert_close(outer(q, k, v), expected)
 
 
@@ -96,7 +100,8 @@ def test_vmap_of_seq_lengths(normal):
   q_lengths = jnp.array([[3, 8], [0, 5], [8, 1]], jnp.int32)
   kv_lengths = jnp.array([10, 4], jnp.int32)
   fn = lambda q, lq: jax_fa3.dot_product_attention(
-      q, k, k, is_causal=True, query_seq_lengths=lq, key_value_seq_lengths=kv_lengths)
+    q, k, k, is_causal=True, query_seq_lengths=lq, key_value_seq_lengths=kv_lengths
+  )
   expected = jnp.stack([fn(q[i], q_lengths[i]) for i in range(3)])
   assert_close(jax.vmap(fn)(q, q_lengths), expected)
 
@@ -117,15 +122,18 @@ def _bwd_value_head_dims(jaxpr):
 def test_lse_cotangent_only_when_used(wrap, qkv):
   """The backward runs at v's own head dim unless the lse is differentiated, which adds
   one value column (see attention._attention_bwd)."""
+
   def uses(lse_too):
     def f(q, k, v):
       out, lse = jax_fa3.flash_attention(q, k, v, return_lse=True)
       return jnp.sum(out.astype(jnp.float32)) + (jnp.sum(jnp.tanh(lse)) if lse_too else 0.0)
+
     if wrap == "checkpoint":
       return jax.checkpoint(f)
     if wrap == "scan":
       return lambda q, k, v: jax.lax.scan(lambda c, _: (c + f(q, k, v), None), 0.0, None, 2)[0]
     return f
+
   head_dim = qkv[2].shape[-1]
   assert set(_bwd_value_head_dims(jax.make_jaxpr(jax.grad(uses(False)))(*qkv))) == {head_dim}
   assert set(_bwd_value_head_dims(jax.make_jaxpr(jax.grad(uses(True)))(*qkv))) == {head_dim + 1}

@@ -40,20 +40,38 @@ def main():
         for label, splits in cases:
           if splits is None:
             full = lengths + 1
-            fn = jax.jit(lambda q, k, v, n: jax.nn.dot_product_attention(
-                q, k, v, key_value_seq_lengths=n, implementation="cudnn"))
+            fn = jax.jit(
+              lambda q, k, v, n: jax.nn.dot_product_attention(
+                q, k, v, key_value_seq_lengths=n, implementation="cudnn"
+              )
+            )
             fn_args = (q, k_cache, v_cache, full)
           else:
-            fn = jax.jit(lambda q, k, v, n, kn, vn, t, s=splits: jax_fa3.flash_attention_with_kvcache(
-                q, k, v, n, k_new=kn, v_new=vn, page_table=t, num_splits=s)[0])
+            fn = jax.jit(
+              lambda q, k, v, n, kn, vn, t, s=splits: jax_fa3.flash_attention_with_kvcache(
+                q, k, v, n, k_new=kn, v_new=vn, page_table=t, num_splits=s
+              )[0]
+            )
             fn_args = (q, k_cache, v_cache, lengths, k_new, v_new, table)
           kernels = per_kernel_ms(fn, fn_args, args.iterations)
           total = sum(ms for _, ms in kernels)
-          print(f"d={head_dim} batch={batch} seqlen_k={seqlen} {label:18} {total * 1e3:8.1f} us "
-                f"{problem.kv_bytes() / total / 1e6:6.0f} GB/s  "
-                + "  ".join(f"{short(n, 28)}={ms * 1e3:.1f}" for n, ms in kernels), flush=True)
-          rows.append(dict(label=label, head_dim=head_dim, batch=batch, seqlen_k=seqlen,
-                           page_size=args.page_size, kernels=kernels, total_ms=total))
+          print(
+            f"d={head_dim} batch={batch} seqlen_k={seqlen} {label:18} {total * 1e3:8.1f} us "
+            f"{problem.kv_bytes() / total / 1e6:6.0f} GB/s  "
+            + "  ".join(f"{short(n, 28)}={ms * 1e3:.1f}" for n, ms in kernels),
+            flush=True,
+          )
+          rows.append(
+            dict(
+              label=label,
+              head_dim=head_dim,
+              batch=batch,
+              seqlen_k=seqlen,
+              page_size=args.page_size,
+              kernels=kernels,
+              total_ms=total,
+            )
+          )
           jax.clear_caches()
   if args.json:
     args.json.write_text(json.dumps(rows, indent=1))

@@ -26,7 +26,7 @@ def per_kernel_ms(fn, args, iterations):
 
 
 def short(name, width=60):
-  return name if len(name) <= width else name[:width - 3] + "..."
+  return name if len(name) <= width else name[: width - 3] + "..."
 
 
 def main():
@@ -42,19 +42,36 @@ def main():
   rows = []
   for head_dim in args.head_dims:
     for seqlen in args.seqlens:
-      problem = bench.Problem(head_dim=head_dim, causal=args.causal, seqlen=seqlen, batch=16384 // seqlen,
-                              heads=2048 // head_dim, dtype="bfloat16")
+      problem = bench.Problem(
+        head_dim=head_dim,
+        causal=args.causal,
+        seqlen=seqlen,
+        batch=16384 // seqlen,
+        heads=2048 // head_dim,
+        dtype="bfloat16",
+      )
       q, k, v, dout = problem.inputs("bfloat16")
       for impl in args.impls:
         fn, fn_args = bench.timed_call(bench.attention_fn(impl, problem), args.mode, q, k, v, dout)
         kernels = per_kernel_ms(fn, fn_args, args.iterations)
         total = sum(ms for _, ms in kernels)
-        print(f"\n{impl} {args.mode} d={head_dim} seqlen={seqlen} causal={args.causal}: {total:.3f} ms, "
-              f"{problem.flops(args.mode) / total / 1e9:.0f} TFLOP/s")
+        print(
+          f"\n{impl} {args.mode} d={head_dim} seqlen={seqlen} causal={args.causal}: {total:.3f} ms, "
+          f"{problem.flops(args.mode) / total / 1e9:.0f} TFLOP/s"
+        )
         for name, ms in kernels:
           print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  {short(name)}")
-        rows.append(dict(impl=impl, mode=args.mode, head_dim=head_dim, seqlen=seqlen, causal=args.causal,
-                         kernels=kernels, total_ms=total))
+        rows.append(
+          dict(
+            impl=impl,
+            mode=args.mode,
+            head_dim=head_dim,
+            seqlen=seqlen,
+            causal=args.causal,
+            kernels=kernels,
+            total_ms=total,
+          )
+        )
   if args.json:
     args.json.write_text(json.dumps(rows, indent=1))
 

@@ -37,15 +37,22 @@ def main():
   for method in args.methods:
     jnp.searchsorted = functools.partial(original, method=method)
     attend = lambda q, k, v, ids: jax_fa3.flash_attention(q, k, v, segment_ids=ids, causal=True)
-    cases = {"fwd": (jax.jit(attend), (q, k, v, ids)),
-             "fwdbwd": (jax.jit(lambda q, k, v, ids, d: jax.vjp(lambda *x: attend(*x, ids), q, k, v)[1](d)),
-                        (q, k, v, ids, dout))}
+    cases = {
+      "fwd": (jax.jit(attend), (q, k, v, ids)),
+      "fwdbwd": (
+        jax.jit(lambda q, k, v, ids, d: jax.vjp(lambda *x: attend(*x, ids), q, k, v)[1](d)),
+        (q, k, v, ids, dout),
+      ),
+    }
     for mode, (fn, fn_args) in cases.items():
       kernels = per_kernel_ms(fn, fn_args, 10)
       ours = sum(ms for name, ms in kernels if any(a in name for a in ATTENTION))
       rest = sum(ms for name, ms in kernels) - ours
-      print(f"searchsorted={method:13} {mode:6}: attention {ours * 1e3:8.1f} us, the rest {rest * 1e3:7.1f} us "
-            f"in {len(kernels)} kernels", flush=True)
+      print(
+        f"searchsorted={method:13} {mode:6}: attention {ours * 1e3:8.1f} us, the rest {rest * 1e3:7.1f} us "
+        f"in {len(kernels)} kernels",
+        flush=True,
+      )
       for name, ms in sorted(kernels, key=lambda x: -x[1])[:12]:
         print(f"    {ms * 1e3:8.1f} us  {short(name, 90)}")
       jax.clear_caches()

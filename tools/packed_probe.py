@@ -33,8 +33,12 @@ def main():
   parser.add_argument("--row", type=int, default=16384)
   parser.add_argument("--causal", choices=("yes", "no", "both"), default="both")
   parser.add_argument("--align", type=int, default=128)
-  parser.add_argument("--cases", nargs="+", default=["packed", "aligned", "one_doc", "no_ids", "per_doc"])
-  parser.add_argument("--once", action="store_true", help="run each case once, untimed (for a profiler)")
+  parser.add_argument(
+    "--cases", nargs="+", default=["packed", "aligned", "one_doc", "no_ids", "per_doc"]
+  )
+  parser.add_argument(
+    "--once", action="store_true", help="run each case once, untimed (for a profiler)"
+  )
   args = parser.parse_args()
 
   def measure(name, docs, fn, *fn_args):
@@ -45,8 +49,11 @@ def main():
       print(f"d={head_dim} causal={causal!s:5} {name:10} ran once", flush=True)
       return
     ms = time_ms(fn, *fn_args, iterations=20)
-    print(f"d={head_dim} causal={causal!s:5} {name:10} docs={len(docs):3} {ms * 1e3:8.1f} us "
-          f"{useful_tflops(docs, problem.heads, head_dim, causal, ms):6.0f} useful TFLOP/s", flush=True)
+    print(
+      f"d={head_dim} causal={causal!s:5} {name:10} docs={len(docs):3} {ms * 1e3:8.1f} us "
+      f"{useful_tflops(docs, problem.heads, head_dim, causal, ms):6.0f} useful TFLOP/s",
+      flush=True,
+    )
 
   causal_values = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
   for head_dim in args.head_dims:
@@ -60,13 +67,17 @@ def main():
       cases = {"packed": lengths, "aligned": aligned, "one_doc": [args.row]}
       for name, docs in cases.items():
         ids = jnp.asarray(np.repeat(np.arange(len(docs), dtype=np.int32), docs)[None])
-        fn = jax.jit(lambda q, k, v, ids: jax_fa3.flash_attention(q, k, v, segment_ids=ids, causal=causal))
+        fn = jax.jit(
+          lambda q, k, v, ids: jax_fa3.flash_attention(q, k, v, segment_ids=ids, causal=causal)
+        )
         measure(name, docs, fn, q, k, v, ids)
       plain = jax.jit(lambda q, k, v: jax_fa3.flash_attention(q, k, v, causal=causal))
       measure("no_ids", [args.row], plain, q, k, v)
       starts = np.cumsum([0] + lengths)[:-1]
-      pieces = [tuple(x[:, s:s + n] for x in (q, k, v)) for s, n in zip(starts, lengths)]
-      per_doc = jax.jit(lambda pieces: [jax_fa3.flash_attention(a, b, c, causal=causal) for a, b, c in pieces])
+      pieces = [tuple(x[:, s : s + n] for x in (q, k, v)) for s, n in zip(starts, lengths)]
+      per_doc = jax.jit(
+        lambda pieces: [jax_fa3.flash_attention(a, b, c, causal=causal) for a, b, c in pieces]
+      )
       measure("per_doc", lengths, per_doc, pieces)
 
 

@@ -1,6 +1,6 @@
 """One backward (and forward) call per head dim, for a profiler to look at (tools/profile.sh).
 
-    python tools/profile_kernels.py [--head-dims 128 256] [--seqlen 8192] [--cudnn]
+python tools/profile_kernels.py [--head-dims 128 256] [--seqlen 8192] [--cudnn]
 """
 
 import argparse
@@ -19,8 +19,10 @@ def main():
   args = parser.parse_args()
   for head_dim in args.head_dims:
     shape = (16384 // args.seqlen, args.seqlen, 2048 // head_dim, head_dim)
-    q, k, v, dout = (jax.random.normal(key, shape, jnp.bfloat16)
-                     for key in jax.random.split(jax.random.key(head_dim), 4))
+    q, k, v, dout = (
+      jax.random.normal(key, shape, jnp.bfloat16)
+      for key in jax.random.split(jax.random.key(head_dim), 4)
+    )
     impls = {"jax_fa3": jax_fa3.flash_attention}
     if args.cudnn:
       impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")

@@ -15,7 +15,9 @@ import sys
 import tomllib
 
 pyproject = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
-groups = {"build": pyproject["build-system"]["requires"],
-          "package": pyproject["project"]["dependencies"],
-          **pyproject["project"]["optional-dependencies"]}
+groups = {
+  "build": pyproject["build-system"]["requires"],
+  "package": pyproject["project"]["dependencies"],
+  **pyproject["project"]["optional-dependencies"],
+}
 print("\n".join(requirement for group in sys.argv[1:] for requirement in groups[group]))

@@ -18,8 +18,12 @@ NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "attenti
 def main():
   output = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else NOTEBOOK
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  client = nbclient.NotebookClient(notebook, timeout=None, kernel_name="python3",
-                                   resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+  client = nbclient.NotebookClient(
+    notebook,
+    timeout=None,
+    kernel_name="python3",
+    resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+  )
   start = time.time()
   try:
     client.execute()

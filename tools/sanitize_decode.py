@@ -17,7 +17,7 @@ def main():
   rng = np.random.default_rng(0)
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16)
   batch, capacity, page_size = 4, 512, 16
-  lengths = jnp.array([100, -7, capacity, 2 ** 31 - 1], jnp.int32)  # sequences 1-3 are bad
+  lengths = jnp.array([100, -7, capacity, 2**31 - 1], jnp.int32)  # sequences 1-3 are bad
   q, k_new, v_new = normal(batch, 1, 8, 128), normal(batch, 1, 2, 128), normal(batch, 1, 2, 128)
   failures = 0
   for paged in (False, True):
@@ -32,9 +32,11 @@ def main():
         table = None
         caches = [normal(batch, capacity, 2, 128) for _ in range(2)]
         expected_nan = [False, True, True, True]
-      out, _, _ = jax.jit(lambda q, k, v, lengths, table: jax_fa3.flash_attention_with_kvcache(
-          q, k, v, lengths, k_new=k_new, v_new=v_new, page_table=table, num_splits=splits))(
-              q, *caches, lengths, None if table is None else jnp.asarray(table))
+      out, _, _ = jax.jit(
+        lambda q, k, v, lengths, table: jax_fa3.flash_attention_with_kvcache(
+          q, k, v, lengths, k_new=k_new, v_new=v_new, page_table=table, num_splits=splits
+        )
+      )(q, *caches, lengths, None if table is None else jnp.asarray(table))
       nan = np.isnan(np.asarray(out, np.float32)).all(axis=(1, 2, 3))
       print(f"paged={paged} splits={splits}: NaN per sequence {list(nan)}")
       failures += list(nan) != expected_nan

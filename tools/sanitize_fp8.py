@@ -30,8 +30,17 @@ def main():
       dq = jnp.asarray(rng.uniform(0.5, 1.5, (b, h, -(-sq // q_rows))), jnp.float32)
       dk = jnp.asarray(rng.uniform(0.5, 1.5, (b, hk, -(-sk // k_rows))), jnp.float32)
       dv = jnp.asarray(rng.uniform(0.5, 1.5, (b, hk)), jnp.float32)
-      out, lse = kernel_ffi.fwd(q, k, v, softmax_scale=1 / math.sqrt(d), window=window,
-                                diagonal_offset=sk - sq, descale_q=dq, descale_k=dk, descale_v=dv)
+      out, lse = kernel_ffi.fwd(
+        q,
+        k,
+        v,
+        softmax_scale=1 / math.sqrt(d),
+        window=window,
+        diagonal_offset=sk - sq,
+        descale_q=dq,
+        descale_k=dk,
+        descale_v=dv,
+      )
       bad = bool(np.isnan(np.asarray(out, np.float32)).any() or np.isnan(np.asarray(lse)).any())
       print(f"d{d} q{sq} k{sk} window {window}: {'NaN' if bad else 'ok'}")
       failures += bad

@@ -38,7 +38,7 @@ def main():
   print(f"{total} samples over {len(sass)} instructions")
   for reason, n in reasons.most_common(12):
     print(f"  {reason:20s} {n:8d} {100 * n / total:5.1f}%")
-  ranked = sorted(range(len(sass)), key=lambda i: -sass[i][1])[:args.top]
+  ranked = sorted(range(len(sass)), key=lambda i: -sass[i][1])[: args.top]
   print(f"\ntop {args.top} instructions (index: samples %, reasons, executed)")
   for i in sorted(ranked):
     for j in range(max(0, i - args.context), min(len(sass), i + 1)):

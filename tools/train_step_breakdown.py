@@ -30,7 +30,9 @@ def step_function(config, attention):
 
   def loss_fn(params, tokens):
     logits = nnx.merge(graphdef, params)(tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:]).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), tokens[:, 1:]
+    ).mean()
 
   @jax.jit
   def train_step(params, opt_state, tokens):
@@ -64,7 +66,7 @@ def main():
     medians = {name: statistics.median(times) for name, times in by_name.items()}
     total = sum(medians.values())
     print(f"\n{attention}: {total:.3f} ms of kernels per step, {len(runs[0])} launches ({config})")
-    for name, ms in sorted(medians.items(), key=lambda item: -item[1])[:args.top]:
+    for name, ms in sorted(medians.items(), key=lambda item: -item[1])[: args.top]:
       print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  {name[:90]}")
     report[attention] = dict(total_ms=total, launches=len(runs[0]), kernels=medians)
   if args.json:

@@ -49,8 +49,9 @@ def sinks_or_call(sinks):
 def no_fall_back_with_sinks(unsupported, sinks):
   """Flax's own attention has no sinks: with them, a call the kernels can't serve is an error."""
   if sinks is not None:
-    raise ValueError(f"{unsupported}; with `sinks` there is no fall-back (Flax's attention "
-                     "has no sinks)") from unsupported
+    raise ValueError(
+      f"{unsupported}; with `sinks` there is no fall-back (Flax's attention has no sinks)"
+    ) from unsupported
 
 
 def segment_mask(segment_ids):
@@ -70,31 +71,50 @@ def check_shapes(query, key, value, mask):
   a ValueError naming the rule, raised before either runs (never a fall-back)."""
   shapes = f"query {query.shape}, key {key.shape}, value {value.shape}"
   if not 3 <= query.ndim == key.ndim == value.ndim:
-    raise ValueError(f"jax_fa3.flax: query, key and value must be [batch..., length, heads, "
-                     f"head_dim], of one rank of at least 3, got {shapes}")
+    raise ValueError(
+      f"jax_fa3.flax: query, key and value must be [batch..., length, heads, "
+      f"head_dim], of one rank of at least 3, got {shapes}"
+    )
   batch_dims = query.shape[:-3]
   if key.shape[:-3] != batch_dims or value.shape[:-3] != batch_dims:
-    raise ValueError(f"jax_fa3.flax: query, key and value must have the same batch dims, "
-                     f"got {shapes}")
+    raise ValueError(
+      f"jax_fa3.flax: query, key and value must have the same batch dims, got {shapes}"
+    )
   if key.shape[-3] != value.shape[-3]:
     raise ValueError(f"jax_fa3.flax: key and value must have the same length, got {shapes}")
   if query.shape[-1] != key.shape[-1]:
     raise ValueError(f"jax_fa3.flax: query and key must have the same head_dim, got {shapes}")
   heads = query.shape[-2]
   if any(x.shape[-2] == 0 or heads % x.shape[-2] for x in (key, value)):
-    raise ValueError(f"jax_fa3.flax: query heads must be a multiple of key and value "
-                     f"heads, got {shapes}")
+    raise ValueError(
+      f"jax_fa3.flax: query heads must be a multiple of key and value heads, got {shapes}"
+    )
   if mask is not None:
     target = (*batch_dims, heads, query.shape[-3], key.shape[-3])
     mask_shape = jnp.shape(mask)
     padded = (1,) * (len(target) - len(mask_shape)) + mask_shape
     if len(mask_shape) > len(target) or any(m not in (1, t) for m, t in zip(padded, target)):
-      raise ValueError(f"jax_fa3.flax: `mask` must broadcast to [batch..., heads, q_length, "
-                       f"kv_length] = {list(target)}, got shape {mask_shape}")
+      raise ValueError(
+        f"jax_fa3.flax: `mask` must broadcast to [batch..., heads, q_length, "
+        f"kv_length] = {list(target)}, got shape {mask_shape}"
+      )
 
 
-def attention(query, key, value, *, bias, mask, is_causal, mask_structure, dropout_rate,
-              deterministic, module, segment_ids=None, sinks=None):
+def attention(
+  query,
+  key,
+  value,
+  *,
+  bias,
+  mask,
+  is_causal,
+  mask_structure,
+  dropout_rate,
+  deterministic,
+  module,
+  segment_ids=None,
+  sinks=None,
+):
   """Flax's dot-product attention on the kernels: the same result, up to rounding.
 
   Shapes as in Flax: `query [batch..., T, N, H]`, `key` and `value [batch..., S, K, H]`
@@ -117,31 +137,46 @@ def attention(query, key, value, *, bias, mask, is_causal, mask_structure, dropo
   weight is on the sink) rather than Flax's mean of the values.
   """
   if bias is not None:
-    raise ValueError("jax_fa3.flax: `bias` must be None on the kernels, which add no bias "
-                     "to the scores")
+    raise ValueError(
+      "jax_fa3.flax: `bias` must be None on the kernels, which add no bias to the scores"
+    )
   if module is not None:
-    raise ValueError("jax_fa3.flax: `module` must be None on the kernels: it asks for the "
-                     "attention weights to be sown (sow_weights=True), and they never form them")
+    raise ValueError(
+      "jax_fa3.flax: `module` must be None on the kernels: it asks for the "
+      "attention weights to be sown (sow_weights=True), and they never form them"
+    )
   if dropout_rate > 0 and not deterministic:
-    raise ValueError(f"jax_fa3.flax: `dropout_rate` must be 0 (or `deterministic` True) on the "
-                     f"kernels, which have no attention dropout; got dropout_rate={dropout_rate}")
+    raise ValueError(
+      f"jax_fa3.flax: `dropout_rate` must be 0 (or `deterministic` True) on the "
+      f"kernels, which have no attention dropout; got dropout_rate={dropout_rate}"
+    )
   if query.dtype not in DTYPES:
-    raise TypeError(f"jax_fa3.flax: query, key and value must be bfloat16 or float16 on the "
-                    f"kernels, got {query.dtype}; set the module's dtype=jnp.bfloat16")
+    raise TypeError(
+      f"jax_fa3.flax: query, key and value must be bfloat16 or float16 on the "
+      f"kernels, got {query.dtype}; set the module's dtype=jnp.bfloat16"
+    )
   if segment_ids is not None and mask is not None:
-    raise ValueError("jax_fa3.flax: `segment_ids` and a `mask` together are not served by the "
-                     "kernels; pass the documents as one or the other")
+    raise ValueError(
+      "jax_fa3.flax: `segment_ids` and a `mask` together are not served by the "
+      "kernels; pass the documents as one or the other"
+    )
   if mask is not None and mask_structure not in ("padding", "segments"):
-    raise ValueError("jax_fa3.flax: a `mask` needs mask_structure='padding' or 'segments' on "
-                     "the kernels, which then check that it only marks right padding (valid "
-                     "tokens first) or documents; express causality with is_causal=True")
+    raise ValueError(
+      "jax_fa3.flax: a `mask` needs mask_structure='padding' or 'segments' on "
+      "the kernels, which then check that it only marks right padding (valid "
+      "tokens first) or documents; express causality with is_causal=True"
+    )
   if sinks is not None and mask is not None and mask_structure != "segments":
-    raise ValueError("jax_fa3.flax: `sinks` with a padding mask are not served; mark padding "
-                     "with negative `segment_ids` instead")
+    raise ValueError(
+      "jax_fa3.flax: `sinks` with a padding mask are not served; mark padding "
+      "with negative `segment_ids` instead"
+    )
   if sinks is not None and is_causal and query.shape[-3] != key.shape[-3]:
-    raise ValueError(f"jax_fa3.flax: `sinks` with is_causal need equal query and key lengths "
-                     f"(Flax's causal mask is top-left aligned), got {query.shape[-3]} and "
-                     f"{key.shape[-3]}")
+    raise ValueError(
+      f"jax_fa3.flax: `sinks` with is_causal need equal query and key lengths "
+      f"(Flax's causal mask is top-left aligned), got {query.shape[-3]} and "
+      f"{key.shape[-3]}"
+    )
   batch_dims = query.shape[:-3]  # shapes checked by check_shapes
   q, k, v = (x.reshape(-1, *x.shape[-3:]) for x in (query, key, value))
   if segment_ids is not None or (mask_structure == "segments" and mask is not None):
@@ -152,10 +187,17 @@ def attention(query, key, value, *, bias, mask, is_causal, mask_structure, dropo
     out = jax_fa3.dot_product_attention(q, k, v, is_causal=is_causal, implementation="fa3")
   else:
     query_lengths, key_lengths, matches = _padding_lengths(
-        mask, batch_dims, q.shape[1], k.shape[1], is_causal)
+      mask, batch_dims, q.shape[1], k.shape[1], is_causal
+    )
     out = jax_fa3.dot_product_attention(
-        q, k, v, is_causal=is_causal, query_seq_lengths=query_lengths,
-        key_value_seq_lengths=key_lengths, implementation="fa3")
+      q,
+      k,
+      v,
+      is_causal=is_causal,
+      query_seq_lengths=query_lengths,
+      key_value_seq_lengths=key_lengths,
+      implementation="fa3",
+    )
     out = _mean_value_in_padded_rows(out, v, query_lengths)
     out = jnp.where(matches, out, jnp.nan)
   return out.reshape(*batch_dims, *out.shape[1:])
@@ -167,19 +209,24 @@ def _segment_attention(q, k, v, segment_ids, mask, batch_dims, is_causal, sinks=
   instead of ids, the ids are read from it and the mask checked."""
   seqlen = q.shape[1]
   if k.shape[1] != seqlen:
-    raise ValueError(f"jax_fa3.flax: packed documents need self-attention (equal query and "
-                     f"key lengths), got {seqlen} and {k.shape[1]}")
+    raise ValueError(
+      f"jax_fa3.flax: packed documents need self-attention (equal query and "
+      f"key lengths), got {seqlen} and {k.shape[1]}"
+    )
   matches = True
   if segment_ids is None:
     segment_ids, matches = _documents_of_mask(mask, batch_dims, seqlen, is_causal)
   else:
     segment_ids = jnp.asarray(segment_ids)
     if segment_ids.shape != (*batch_dims, seqlen):
-      raise ValueError(f"jax_fa3.flax: segment_ids must have shape [batch..., length] = "
-                       f"{[*batch_dims, seqlen]}, got {list(segment_ids.shape)}")
+      raise ValueError(
+        f"jax_fa3.flax: segment_ids must have shape [batch..., length] = "
+        f"{[*batch_dims, seqlen]}, got {list(segment_ids.shape)}"
+      )
     segment_ids = segment_ids.reshape(-1, seqlen)
-  out, lse = jax_fa3.flash_attention(q, k, v, segment_ids=segment_ids, causal=is_causal,
-                                     sinks=sinks, return_lse=True)
+  out, lse = jax_fa3.flash_attention(
+    q, k, v, segment_ids=segment_ids, causal=is_causal, sinks=sinks, return_lse=True
+  )
   keyless = jnp.swapaxes(lse, 1, 2)[..., None] == -jnp.inf
   mean_value = jnp.mean(v.astype(jnp.float32), axis=1, keepdims=True)
   mean_value = jnp.repeat(mean_value, q.shape[2] // v.shape[2], axis=2)
@@ -228,8 +275,9 @@ def _padding_lengths(mask, batch_dims, seqlen_q, seqlen_k, is_causal):
   keep, causal = _kept_pairs(mask, batch_dims, seqlen_q, seqlen_k, is_causal)
   query_lengths = jnp.sum(jnp.any(keep, axis=(1, 3)), axis=-1, dtype=jnp.int32)
   key_lengths = jnp.sum(jnp.any(keep, axis=(1, 2)), axis=-1, dtype=jnp.int32)
-  rebuilt = ((jnp.arange(seqlen_q)[:, None] < query_lengths[:, None, None])
-             & (jnp.arange(seqlen_k) < key_lengths[:, None, None]))
+  rebuilt = (jnp.arange(seqlen_q)[:, None] < query_lengths[:, None, None]) & (
+    jnp.arange(seqlen_k) < key_lengths[:, None, None]
+  )
   if is_causal:
     rebuilt &= causal
   return query_lengths, key_lengths, jnp.all(keep == rebuilt[:, None])

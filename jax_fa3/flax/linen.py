@@ -18,12 +18,30 @@ from flax.linen import dtypes
 from jax_fa3.flax import _adapter
 
 
-def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dropout=True,
-                          dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
-                          precision=None, module=None, force_fp32_for_softmax=False,
-                          einsum_dot_general=None, qk_attn_weights_einsum=None,
-                          attn_weights_value_einsum=None, *, is_causal=False,
-                          segment_ids=None, sinks=None, mask_structure=None, strict=False):
+def dot_product_attention(
+  query,
+  key,
+  value,
+  bias=None,
+  mask=None,
+  broadcast_dropout=True,
+  dropout_rng=None,
+  dropout_rate=0.0,
+  deterministic=False,
+  dtype=None,
+  precision=None,
+  module=None,
+  force_fp32_for_softmax=False,
+  einsum_dot_general=None,
+  qk_attn_weights_einsum=None,
+  attn_weights_value_einsum=None,
+  *,
+  is_causal=False,
+  segment_ids=None,
+  sinks=None,
+  mask_structure=None,
+  strict=False,
+):
   """`flax.linen.dot_product_attention` on jax_fa3's kernels, where they can serve the call.
 
   Takes every argument of `flax.linen.dot_product_attention`, by name, since
@@ -70,13 +88,25 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
   _adapter.check_shapes(query, key, value, mask)
   try:
     if einsum_dot_general or qk_attn_weights_einsum or attn_weights_value_einsum:
-      raise ValueError("jax_fa3.flax: einsum_dot_general, qk_attn_weights_einsum and "
-                       "attn_weights_value_einsum must be None on the kernels, which run "
-                       "their own matrix products")
-    return _adapter.attention(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
-                              mask_structure=mask_structure, dropout_rate=dropout_rate,
-                              deterministic=deterministic, module=module,
-                              segment_ids=segment_ids, sinks=sinks)
+      raise ValueError(
+        "jax_fa3.flax: einsum_dot_general, qk_attn_weights_einsum and "
+        "attn_weights_value_einsum must be None on the kernels, which run "
+        "their own matrix products"
+      )
+    return _adapter.attention(
+      query,
+      key,
+      value,
+      bias=bias,
+      mask=mask,
+      is_causal=is_causal,
+      mask_structure=mask_structure,
+      dropout_rate=dropout_rate,
+      deterministic=deterministic,
+      module=module,
+      segment_ids=segment_ids,
+      sinks=sinks,
+    )
   except (TypeError, ValueError) as unsupported:
     _adapter.no_fall_back_with_sinks(unsupported, sinks)
     _adapter.fall_back(unsupported, strict)
@@ -87,10 +117,23 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
     causal = jnp.tril(jnp.ones((query.shape[-3], key.shape[-3]), bool))
     mask = causal if mask is None else jnp.logical_and(mask, causal)
   return nn.dot_product_attention(
-      query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
-      deterministic, dtype, precision, module, force_fp32_for_softmax,
-      einsum_dot_general=einsum_dot_general, qk_attn_weights_einsum=qk_attn_weights_einsum,
-      attn_weights_value_einsum=attn_weights_value_einsum)
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    broadcast_dropout,
+    dropout_rng,
+    dropout_rate,
+    deterministic,
+    dtype,
+    precision,
+    module,
+    force_fp32_for_softmax,
+    einsum_dot_general=einsum_dot_general,
+    qk_attn_weights_einsum=qk_attn_weights_einsum,
+    attn_weights_value_einsum=attn_weights_value_einsum,
+  )
 
 
 class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
@@ -101,6 +144,7 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
   `sinks=True` adds attention sinks (as in gpt-oss): a learnable float32 `[num_heads]`
   parameter "sinks", initialised to zeros, passed to the attention function.
   """
+
   attention_fn: Callable[..., jax.Array] = dot_product_attention
   sinks: bool = False
 
@@ -108,7 +152,10 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
   def __call__(self, *args, segment_ids=None, **kwargs):
     """Flax's call; `segment_ids` (packed documents, `[batch..., length]`) goes to the
     attention function."""
-    sinks = (self.param("sinks", nn.initializers.zeros_init(), (self.num_heads,), jnp.float32)
-             if self.sinks else None)
+    sinks = (
+      self.param("sinks", nn.initializers.zeros_init(), (self.num_heads,), jnp.float32)
+      if self.sinks
+      else None
+    )
     with _adapter.module_call(segment_ids, sinks):
       return super().__call__(*args, **kwargs)

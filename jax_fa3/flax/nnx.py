@@ -14,10 +14,27 @@ from flax.nnx.nn import dtypes
 from jax_fa3.flax import _adapter
 
 
-def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dropout=True,
-                          dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
-                          precision=None, module=None, promote_dtype=dtypes.promote_dtype,
-                          is_causal=False, *, segment_ids=None, sinks=None, mask_structure=None, strict=False):
+def dot_product_attention(
+  query,
+  key,
+  value,
+  bias=None,
+  mask=None,
+  broadcast_dropout=True,
+  dropout_rng=None,
+  dropout_rate=0.0,
+  deterministic=False,
+  dtype=None,
+  precision=None,
+  module=None,
+  promote_dtype=dtypes.promote_dtype,
+  is_causal=False,
+  *,
+  segment_ids=None,
+  sinks=None,
+  mask_structure=None,
+  strict=False,
+):
   """`flax.nnx.dot_product_attention` on jax_fa3's kernels, where they can serve the call.
 
   Takes the arguments of `flax.nnx.dot_product_attention`. The kernels serve a call with
@@ -57,10 +74,20 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
   query, key, value = promote_dtype((query, key, value), dtype=dtype)
   _adapter.check_shapes(query, key, value, mask)
   try:
-    return _adapter.attention(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
-                              mask_structure=mask_structure, dropout_rate=dropout_rate,
-                              deterministic=deterministic, module=module,
-                              segment_ids=segment_ids, sinks=sinks)
+    return _adapter.attention(
+      query,
+      key,
+      value,
+      bias=bias,
+      mask=mask,
+      is_causal=is_causal,
+      mask_structure=mask_structure,
+      dropout_rate=dropout_rate,
+      deterministic=deterministic,
+      module=module,
+      segment_ids=segment_ids,
+      sinks=sinks,
+    )
   except (TypeError, ValueError) as unsupported:
     _adapter.no_fall_back_with_sinks(unsupported, sinks)
     _adapter.fall_back(unsupported, strict)
@@ -68,8 +95,21 @@ def dot_product_attention(query, key, value, bias=None, mask=None, broadcast_dro
     documents = _adapter.segment_mask(segment_ids)
     mask = documents if mask is None else jnp.logical_and(mask, documents)
   return nnx.dot_product_attention(
-      query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
-      deterministic, dtype, precision, module, promote_dtype, is_causal)
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    broadcast_dropout,
+    dropout_rng,
+    dropout_rate,
+    deterministic,
+    dtype,
+    precision,
+    module,
+    promote_dtype,
+    is_causal,
+  )
 
 
 class MultiHeadAttention(nnx.MultiHeadAttention):

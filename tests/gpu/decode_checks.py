@@ -17,13 +17,25 @@ from jax_fa3._kernels import DECODE_TARGET
 from test_decode_kernel import _baseline, _inputs
 
 
-def decode_inputs(rng, *, batch, heads, kv_heads, head_dim=128, capacity=512, seqlen_q=1,
-                  seqlen_new=1, dtype=jnp.bfloat16, page_size=0):
+def decode_inputs(
+  rng,
+  *,
+  batch,
+  heads,
+  kv_heads,
+  head_dim=128,
+  capacity=512,
+  seqlen_q=1,
+  seqlen_new=1,
+  dtype=jnp.bfloat16,
+  page_size=0,
+):
   """[q, k_cache, v_cache, lengths, k_new, v_new, page_table] as test_decode_kernel.py draws
   them (pages in random order, some spare; k_new/v_new and page_table None when absent),
   with ragged lengths that leave room for the new tokens: one full cache, one empty."""
-  q, k_cache, v_cache, new, table = _inputs(rng, batch, seqlen_q, heads, kv_heads, head_dim,
-                                            capacity, seqlen_new, dtype, page_size)
+  q, k_cache, v_cache, new, table = _inputs(
+    rng, batch, seqlen_q, heads, kv_heads, head_dim, capacity, seqlen_new, dtype, page_size
+  )
   lengths = rng.integers(0, capacity - seqlen_new + 1, batch).astype(np.int32)
   lengths[0] = capacity - seqlen_new
   lengths[-1] = 0
@@ -33,8 +45,16 @@ def decode_inputs(rng, *, batch, heads, kv_heads, head_dim=128, capacity=512, se
 def decode(q, k_cache, v_cache, lengths, k_new=None, v_new=None, page_table=None, **kwargs):
   """flash_attention_with_kvcache with its lse: (out, lse, k_cache, v_cache)."""
   (out, lse), k_cache, v_cache = jax_fa3.flash_attention_with_kvcache(
-      q, k_cache, v_cache, lengths, k_new=k_new, v_new=v_new, page_table=page_table,
-      return_lse=True, **kwargs)
+    q,
+    k_cache,
+    v_cache,
+    lengths,
+    k_new=k_new,
+    v_new=v_new,
+    page_table=page_table,
+    return_lse=True,
+    **kwargs,
+  )
   return out, lse, k_cache, v_cache
 
 
@@ -50,8 +70,8 @@ def assert_matches_the_oracle(arrays, results, *, window=(-1, -1), softcap=0.0, 
   scale = q.shape[-1] ** -0.5
   window = (window[0], 0) if causal else tuple(window)
   want_out, want_lse, want_k, want_v = oracle.kvcache(
-      q, k_cache, v_cache, lengths, k_new, v_new, table, scale=scale, softcap=softcap,
-      window=window)
+    q, k_cache, v_cache, lengths, k_new, v_new, table, scale=scale, softcap=softcap, window=window
+  )
   np.testing.assert_array_equal(np.asarray(results[2], np.float64), want_k)
   np.testing.assert_array_equal(np.asarray(results[3], np.float64), want_v)
   assert out.shape == want_out.shape and lse.shape == want_lse.shape
@@ -75,15 +95,20 @@ def assert_matches_the_oracle(arrays, results, *, window=(-1, -1), softcap=0.0, 
 
 def instance(tree, i, axis):
   """Mapped instance i of `tree` (its arrays mapped on `axis`; None: not mapped)."""
-  return jax.tree.map(lambda x: x if axis is None or x is None else x[(slice(None),) * axis + (i,)],
-                      tree, is_leaf=lambda x: x is None)
+  return jax.tree.map(
+    lambda x: x if axis is None or x is None else x[(slice(None),) * axis + (i,)],
+    tree,
+    is_leaf=lambda x: x is None,
+  )
 
 
 def run_sharded(arrays, specs, mesh, **kwargs):
   """jit(decode) on `arrays` put on `mesh` as `specs` (None for an absent operand):
   (results, compiled HLO text)."""
-  placed = [None if x is None else jax.device_put(x, NamedSharding(mesh, spec))
-            for x, spec in zip(arrays, specs)]
+  placed = [
+    None if x is None else jax.device_put(x, NamedSharding(mesh, spec))
+    for x, spec in zip(arrays, specs)
+  ]
   compiled = jax.jit(lambda *a: decode(*a, **kwargs)).lower(*placed).compile()
   return compiled(*placed), compiled.as_text()
 

@@ -27,7 +27,10 @@ def on_cpu(x, block_rows, signs):
 
 def assert_bitwise_equal(got, want):
   """x8 (uint8 bits) and descale (uint32 bits) equal; a NaN only where the reference has one."""
-  for name, a, b, bits in (("x8", got[0], want[0], np.uint8), ("descale", got[1], want[1], np.uint32)):
+  for name, a, b, bits in (
+    ("x8", got[0], want[0], np.uint8),
+    ("descale", got[1], want[1], np.uint32),
+  ):
     a_float, b_float = np.asarray(a, np.float32), np.asarray(b, np.float32)
     assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
     nan = np.isnan(b_float)
@@ -35,16 +38,19 @@ def assert_bitwise_equal(got, want):
     a_bits, b_bits = np.asarray(a).view(bits), np.asarray(b).view(bits)
     mismatched = np.flatnonzero((a_bits != b_bits) & ~nan)
     assert mismatched.size == 0, (
-        f"{name}: {mismatched.size} of {a_bits.size} differ, first at flat index {mismatched[0]}: "
-        f"kernel {a_float.ravel()[mismatched[0]]}, reference {b_float.ravel()[mismatched[0]]}")
+      f"{name}: {mismatched.size} of {a_bits.size} differ, first at flat index {mismatched[0]}: "
+      f"kernel {a_float.ravel()[mismatched[0]]}, reference {b_float.ravel()[mismatched[0]]}"
+    )
 
 
 def assert_within_one_e4m3_step(got, want):
   """XLA's GPU ops against its CPU ops: the float32 steps may round differently (division,
   fusion), so an x8 value may land one e4m3 step away; descales agree to float32 rounding."""
   a, b = (np.asarray(x, np.float32) for x in (got[0], want[0]))
-  step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(b), 2.0 ** -6))) - 3)  # e4m3: 3 mantissa bits
-  assert np.all(np.abs(a - b) <= step), f"x8: {np.sum(np.abs(a - b) > step)} values more than one e4m3 step apart"
+  step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(b), 2.0**-6))) - 3)  # e4m3: 3 mantissa bits
+  assert np.all(np.abs(a - b) <= step), (
+    f"x8: {np.sum(np.abs(a - b) > step)} values more than one e4m3 step apart"
+  )
   np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-6)
 
 
@@ -55,11 +61,14 @@ def kernel(x, block_rows, signs, workspace=None, descale_blocks=None):
   blocks = fp8_quantize.num_blocks(seqlen, block_rows) if descale_blocks is None else descale_blocks
   if workspace is None:
     workspace = fp8_quantize.workspace_bytes(batch, seqlen, heads, head_dim, block_rows)
-  x8, descale, _ = jax.ffi.ffi_call(TARGET, (
+  x8, descale, _ = jax.ffi.ffi_call(
+    TARGET,
+    (
       jax.ShapeDtypeStruct(x.shape, jnp.float8_e4m3fn),
       jax.ShapeDtypeStruct((batch, heads, blocks), jnp.float32),
       jax.ShapeDtypeStruct((workspace,), jnp.uint8),
-  ))(x, jnp.zeros((0,), jnp.float32) if signs is None else signs, block_rows=int(block_rows or 0))
+    ),
+  )(x, jnp.zeros((0,), jnp.float32) if signs is None else signs, block_rows=int(block_rows or 0))
   return x8, descale
 
 
@@ -83,13 +92,21 @@ def test_kernel_equals_the_reference_bit_for_bit(normal, dtype, head_dim, block_
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim, seqlen, block_rows", [
-    (64, 1, 64), (64, 1, None), (128, 63, 64), (128, 65, None), (256, 129, 128), (256, 127, None),
-    (128, 4097, None),   # longer than a CTA holds (256 rows at d128): two passes
-    (64, 3001, 1000),    # blocks longer than a CTA (512 rows at d64): two passes, short last block
-    (256, 300, 129),     # 129 > 128 rows: two chunks per block, the second of one row
+@pytest.mark.parametrize(
+  "head_dim, seqlen, block_rows",
+  [
+    (64, 1, 64),
+    (64, 1, None),
+    (128, 63, 64),
+    (128, 65, None),
+    (256, 129, 128),
+    (256, 127, None),
+    (128, 4097, None),  # longer than a CTA holds (256 rows at d128): two passes
+    (64, 3001, 1000),  # blocks longer than a CTA (512 rows at d64): two passes, short last block
+    (256, 300, 129),  # 129 > 128 rows: two chunks per block, the second of one row
     (128, 100, 1),
-])
+  ],
+)
 def test_odd_lengths_and_long_blocks(normal, dtype, head_dim, seqlen, block_rows):
   x = inputs(normal, (2, seqlen, 5, head_dim), dtype)
   signs = random_signs(head_dim)
@@ -106,12 +123,12 @@ def test_many_heads_and_blocks(normal):
 
 def test_zero_tiny_and_non_finite_blocks(normal):
   x = np.array(normal((1, 256, 4, 128), jnp.float32))
-  x[0, :64, 0] = 0                       # an all-zero block: descale 1, x8 0
-  x[0, 64:128, 0] = -0.0                 # negative zeros
-  x[0, 128:192, 0] *= 1e-30              # amax below 2^-64
-  x[0, 192:, 0] *= 1e30                  # large but finite
-  x[0, 3, 1, 7] = np.nan                 # NaN: its block only
-  x[0, 70, 2, 0] = np.inf                # inf: its block only
+  x[0, :64, 0] = 0  # an all-zero block: descale 1, x8 0
+  x[0, 64:128, 0] = -0.0  # negative zeros
+  x[0, 128:192, 0] *= 1e-30  # amax below 2^-64
+  x[0, 192:, 0] *= 1e30  # large but finite
+  x[0, 3, 1, 7] = np.nan  # NaN: its block only
+  x[0, 70, 2, 0] = np.inf  # inf: its block only
   signs = random_signs(128)
   for s in (signs, None):
     for block_rows in (64, None):
@@ -142,12 +159,18 @@ def test_other_head_dims_run_as_xla_ops(normal):
   assert_within_one_e4m3_step(quantize_fp8(x, block_rows=16), on_cpu(x, 16, None))
 
 
-@pytest.mark.parametrize("call, message", [
+@pytest.mark.parametrize(
+  "call, message",
+  [
     (lambda x: kernel(x[..., :96], 64, None), "head_dim must be 64, 128 or 256"),
     (lambda x: kernel(x, 64, jnp.ones((32,), jnp.float32)), "signs must be float32 \\[head_dim\\]"),
-    (lambda x: kernel(x, 64, None, descale_blocks=3), "descale must be float32 \\[batch, heads, 16\\]"),
+    (
+      lambda x: kernel(x, 64, None, descale_blocks=3),
+      "descale must be float32 \\[batch, heads, 16\\]",
+    ),
     (lambda x: kernel(x, None, None, workspace=4), "workspace must be uint8 of at least"),
-])
+  ],
+)
 def test_the_handler_refuses_bad_calls(normal, call, message):
   x = inputs(normal, (1, 1000, 2, 128), jnp.bfloat16)  # None: 1000 rows, 4 chunks of 256
   with pytest.raises(Exception, match=message):

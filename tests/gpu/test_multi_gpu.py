@@ -50,7 +50,8 @@ def _devices():
 DEVICES = _devices()
 NUM = len(DEVICES)  # P, the devices each test splits over
 pytestmark = pytest.mark.skipif(
-    NUM < 2, reason=f"needs 2 or more {PLATFORM.upper()} devices; {NUM} visible")
+  NUM < 2, reason=f"needs 2 or more {PLATFORM.upper()} devices; {NUM} visible"
+)
 
 # The unit of sequence lengths: GPU-sized, or small for the float32 reference on CPUs.
 SEQ = 1024 if ON_GPU else 16
@@ -59,8 +60,9 @@ BF16, FP16 = jnp.bfloat16, jnp.float16
 
 def mesh_of(shape, names, explicit=False):
   kind = AxisType.Explicit if explicit else AxisType.Auto
-  return jax.make_mesh(shape, names, axis_types=(kind,) * len(names),
-                       devices=DEVICES[:int(np.prod(shape))])
+  return jax.make_mesh(
+    shape, names, axis_types=(kind,) * len(names), devices=DEVICES[: int(np.prod(shape))]
+  )
 
 
 def qkv_dout(normal, *, batch, seqlen_q, seqlen_k=None, heads, kv_heads, head_dim, dtype):
@@ -75,6 +77,7 @@ def compare(request, largest_differences):
   arrays sharded as `specs` over `mesh` equals jit(fn) on one device with the arrays
   whole, within 2 eps(dtype of the first array) of the largest value. Returns the sharded
   results and the compiled HLO text of the sharded program."""
+
   def run(fn, arrays, specs, mesh):
     whole = [jax.device_put(x, DEVICES[0]) for x in arrays]
     expected = jax.jit(fn)(*whole)
@@ -88,8 +91,9 @@ def compare(request, largest_differences):
       difference, scale = assert_close(actual[name], e, dtype, name)
       largest_differences.record(request.node.name, dtype, name, difference, scale)
     if ON_GPU:
-      _assert_kernels_called(hlo, dtype, arrays[0].shape[-1],
-                             gradients=any(name.startswith("d") for name in expected))
+      _assert_kernels_called(
+        hlo, dtype, arrays[0].shape[-1], gradients=any(name.startswith("d") for name in expected)
+      )
     return actual, hlo
 
   return run
@@ -124,21 +128,38 @@ def test_devices_are_distinct_accelerators():
 
 # --- Batch and heads: each device attends to its shards, with no communication ----------
 
-@pytest.mark.parametrize("split, explicit, dtype, head_dim, causal", [
+
+@pytest.mark.parametrize(
+  "split, explicit, dtype, head_dim, causal",
+  [
     ("batch", False, BF16, 128, True),
     ("batch", False, FP16, 64, False),
     ("heads", False, BF16, 128, True),
     ("heads", False, FP16, 64, False),
     ("batch", True, BF16, 128, True),
-], ids=["batch-bf16-d128-causal", "batch-fp16-d64-full", "heads-bf16-d128-causal",
-        "heads-fp16-d64-full", "batch-explicit-bf16-d128-causal"])
+  ],
+  ids=[
+    "batch-bf16-d128-causal",
+    "batch-fp16-d64-full",
+    "heads-bf16-d128-causal",
+    "heads-fp16-d64-full",
+    "batch-explicit-bf16-d128-causal",
+  ],
+)
 def test_batch_and_heads_run_locally(split, explicit, dtype, head_dim, causal, normal, compare):
   """GQA (4 query heads a k/v head) with the k/v heads split like q's: no collective at
   all, and outputs and gradients sharded like their inputs."""
   mesh = mesh_of((NUM,), ("x",), explicit)
   spec = P("x") if split == "batch" else P(None, None, "x")
-  arrays = qkv_dout(normal, batch=2 * NUM if split == "batch" else 2, seqlen_q=SEQ,
-                    heads=4 * NUM, kv_heads=NUM, head_dim=head_dim, dtype=dtype)
+  arrays = qkv_dout(
+    normal,
+    batch=2 * NUM if split == "batch" else 2,
+    seqlen_q=SEQ,
+    heads=4 * NUM,
+    kv_heads=NUM,
+    head_dim=head_dim,
+    dtype=dtype,
+  )
   attention = functools.partial(jax_fa3.flash_attention, causal=causal)
   actual, hlo = compare(forward_and_vjp(attention), arrays, [spec] * 4, mesh)
   assert collectives(hlo) == set()
@@ -152,8 +173,9 @@ def test_more_head_shards_than_kv_heads(normal, compare):
   and v are never gathered."""
   mesh = mesh_of((NUM,), ("x",))
   heads = P(None, None, "x")
-  arrays = qkv_dout(normal, batch=2, seqlen_q=SEQ, heads=4 * NUM, kv_heads=1, head_dim=128,
-                    dtype=BF16)
+  arrays = qkv_dout(
+    normal, batch=2, seqlen_q=SEQ, heads=4 * NUM, kv_heads=1, head_dim=128, dtype=BF16
+  )
   attention = functools.partial(jax_fa3.flash_attention, causal=True)
   actual, hlo = compare(forward_and_vjp(attention), arrays, [heads, P(), P(), heads], mesh)
   found = collectives(hlo)
@@ -164,21 +186,27 @@ def test_more_head_shards_than_kv_heads(normal, compare):
 
 def _lengths(total, batch, salt):
   """Per-sequence lengths in [0, total], with 0 and total among them."""
-  return jnp.asarray([(0, total, total // 3 + salt, total - 1 - salt)[i % 4]
-                      for i in range(batch)], jnp.int32)
+  return jnp.asarray(
+    [(0, total, total // 3 + salt, total - 1 - salt)[i % 4] for i in range(batch)], jnp.int32
+  )
 
 
 def test_dot_product_attention_with_lengths_split_over_the_batch(normal, compare):
   """jax.nn's semantics with per-sequence lengths: the lengths are split with the batch."""
   mesh = mesh_of((NUM,), ("x",))
   batch = 2 * NUM
-  arrays = qkv_dout(normal, batch=batch, seqlen_q=SEQ, heads=8, kv_heads=2, head_dim=128,
-                    dtype=FP16)
+  arrays = qkv_dout(
+    normal, batch=batch, seqlen_q=SEQ, heads=8, kv_heads=2, head_dim=128, dtype=FP16
+  )
   lengths = [_lengths(SEQ, batch, 5), _lengths(SEQ, batch, 2)[::-1]]
 
   def run(q, k, v, dout, lengths_q, lengths_kv):
-    attention = functools.partial(jax_fa3.dot_product_attention, is_causal=True,
-                                  query_seq_lengths=lengths_q, key_value_seq_lengths=lengths_kv)
+    attention = functools.partial(
+      jax_fa3.dot_product_attention,
+      is_causal=True,
+      query_seq_lengths=lengths_q,
+      key_value_seq_lengths=lengths_kv,
+    )
     return forward_and_vjp(attention)(q, k, v, dout)
 
   _, hlo = compare(run, arrays + lengths, [P("x")] * 6, mesh)
@@ -187,33 +215,45 @@ def test_dot_product_attention_with_lengths_split_over_the_batch(normal, compare
 
 # --- The sequence: ring attention ----------------------------------------------------------
 
+
 def _square_length():
   """A length the striped layout takes: the first multiple of P * P from 4 SEQ."""
-  return -(-4 * SEQ // NUM ** 2) * NUM ** 2
+  return -(-4 * SEQ // NUM**2) * NUM**2
 
 
 def _odd_length():
   """A length the ring splits but cannot stripe, about 2 SEQ: P chunks of c P + 1."""
-  return NUM * (max(1, 2 * SEQ // NUM ** 2) * NUM + 1)
+  return NUM * (max(1, 2 * SEQ // NUM**2) * NUM + 1)
 
 
-@pytest.mark.parametrize("dtype, head_dim, window, length, striped", [
+@pytest.mark.parametrize(
+  "dtype, head_dim, window, length, striped",
+  [
     (BF16, 128, (-1, -1), _square_length, False),
     (BF16, 128, (-1, 0), _square_length, True),
     (FP16, 64, (-1, 0), _square_length, True),
     (BF16, 128, (-1, 0), _odd_length, False),
     (FP16, 64, (-1, -1), _odd_length, False),
     (BF16, 128, (SEQ // 2 + 3, 0), _square_length, False),
-], ids=["full-bf16-d128", "causal-striped-bf16-d128", "causal-striped-fp16-d64",
-        "causal-contiguous-bf16-d128", "full-odd-chunks-fp16-d64", "band-bf16-d128"])
+  ],
+  ids=[
+    "full-bf16-d128",
+    "causal-striped-bf16-d128",
+    "causal-striped-fp16-d64",
+    "causal-contiguous-bf16-d128",
+    "full-odd-chunks-fp16-d64",
+    "band-bf16-d128",
+  ],
+)
 def test_ring(dtype, head_dim, window, length, striped, normal, compare):
   """The sequence split over all devices, GQA: a causal mask runs striped where the length
   is a multiple of P * P, contiguous (unbalanced) otherwise; a band (sliding window) runs
   contiguous, skipping the blocks it does not reach."""
   mesh = mesh_of((NUM,), ("x",))
   spec = P(None, "x")
-  arrays = qkv_dout(normal, batch=2, seqlen_q=length(), heads=8, kv_heads=2,
-                    head_dim=head_dim, dtype=dtype)
+  arrays = qkv_dout(
+    normal, batch=2, seqlen_q=length(), heads=8, kv_heads=2, head_dim=head_dim, dtype=dtype
+  )
   split = chosen_split(mesh, [spec, spec], arrays, window)
   assert split.sequence == ("x",) and split.striped == striped
   attention = functools.partial(jax_fa3.flash_attention, window_size=window)
@@ -226,8 +266,9 @@ def test_ring(dtype, head_dim, window, length, striped, normal, compare):
 def test_ring_on_an_explicit_mesh(normal, compare):
   """Explicit axes: the ring runs under shard_map, set up as the arrays are traced."""
   mesh = mesh_of((NUM,), ("x",), explicit=True)
-  arrays = qkv_dout(normal, batch=2, seqlen_q=_square_length(), heads=8, kv_heads=2,
-                    head_dim=128, dtype=BF16)
+  arrays = qkv_dout(
+    normal, batch=2, seqlen_q=_square_length(), heads=8, kv_heads=2, head_dim=128, dtype=BF16
+  )
   attention = functools.partial(jax_fa3.flash_attention, causal=True)
   _, hlo = compare(forward_and_vjp(attention), arrays, [P(None, "x")] * 4, mesh)
   assert_ring(hlo)
@@ -236,8 +277,16 @@ def test_ring_on_an_explicit_mesh(normal, compare):
 def test_ring_cross_attention_of_different_lengths(normal, compare):
   """Without a mask the chunks of q and of k/v may differ in length."""
   mesh = mesh_of((NUM,), ("x",))
-  arrays = qkv_dout(normal, batch=2, seqlen_q=SEQ // 2 * NUM, seqlen_k=3 * SEQ // 2 * NUM,
-                    heads=8, kv_heads=2, head_dim=64, dtype=FP16)
+  arrays = qkv_dout(
+    normal,
+    batch=2,
+    seqlen_q=SEQ // 2 * NUM,
+    seqlen_k=3 * SEQ // 2 * NUM,
+    heads=8,
+    kv_heads=2,
+    head_dim=64,
+    dtype=FP16,
+  )
   _, hlo = compare(forward_and_vjp(jax_fa3.flash_attention), arrays, [P(None, "x")] * 4, mesh)
   assert_ring(hlo)
 
@@ -246,8 +295,7 @@ def test_ring_lse_and_its_gradient(normal, compare):
   """The log-sum-exp merged over the ring, and the gradient through it."""
   mesh = mesh_of((NUM,), ("x",))
   length = _square_length()
-  arrays = qkv_dout(normal, batch=2, seqlen_q=length, heads=8, kv_heads=2, head_dim=128,
-                    dtype=BF16)
+  arrays = qkv_dout(normal, batch=2, seqlen_q=length, heads=8, kv_heads=2, head_dim=128, dtype=BF16)
   dlse = normal((2, 8, length), jnp.float32)
 
   def run(q, k, v, dout, dlse):
@@ -265,13 +313,16 @@ def test_ring_dot_product_attention_with_lengths(normal, compare):
   """Per-sequence lengths on a striped ring (jax.nn's top-left causal mask)."""
   mesh = mesh_of((NUM,), ("x",))
   length = _square_length()
-  arrays = qkv_dout(normal, batch=4, seqlen_q=length, heads=8, kv_heads=2, head_dim=128,
-                    dtype=BF16)
+  arrays = qkv_dout(normal, batch=4, seqlen_q=length, heads=8, kv_heads=2, head_dim=128, dtype=BF16)
   lengths = [_lengths(length, 4, 7), _lengths(length, 4, 3)[::-1]]
 
   def run(q, k, v, dout, lengths_q, lengths_kv):
-    attention = functools.partial(jax_fa3.dot_product_attention, is_causal=True,
-                                  query_seq_lengths=lengths_q, key_value_seq_lengths=lengths_kv)
+    attention = functools.partial(
+      jax_fa3.dot_product_attention,
+      is_causal=True,
+      query_seq_lengths=lengths_q,
+      key_value_seq_lengths=lengths_kv,
+    )
     return forward_and_vjp(attention)(q, k, v, dout)
 
   _, hlo = compare(run, arrays + lengths, [P(None, "x")] * 4 + [P()] * 2, mesh)
@@ -284,9 +335,8 @@ def test_batch_sequence_and_heads_together(normal, compare):
   half = NUM // 2
   mesh = mesh_of((2, half), ("data", "seq"))
   spec = P("data", "seq")
-  length = -(-4 * SEQ // half ** 2) * half ** 2
-  arrays = qkv_dout(normal, batch=4, seqlen_q=length, heads=8, kv_heads=2, head_dim=128,
-                    dtype=BF16)
+  length = -(-4 * SEQ // half**2) * half**2
+  arrays = qkv_dout(normal, batch=4, seqlen_q=length, heads=8, kv_heads=2, head_dim=128, dtype=BF16)
   attention = functools.partial(jax_fa3.flash_attention, causal=True)
   actual, hlo = compare(forward_and_vjp(attention), arrays, [spec] * 4, mesh)
   assert_ring(hlo)
@@ -295,22 +345,28 @@ def test_batch_sequence_and_heads_together(normal, compare):
 
 # --- Packed sequences (segment ids) on the ring -----------------------------------------
 
+
 def _packed_ids(length, mean, seed):
   """One row of documents of 1 to 2 `mean` tokens (some straddle the chunks, some sit inside
   one), the last 5% padding (-1); a second row of a few long documents."""
   rng = np.random.default_rng(seed)
-  ids = np.stack([random_documents(rng, length, mean_length) for mean_length in (mean, 3 * length // 8)])
-  ids[0, length - length // 20:] = -1
+  ids = np.stack(
+    [random_documents(rng, length, mean_length) for mean_length in (mean, 3 * length // 8)]
+  )
+  ids[0, length - length // 20 :] = -1
   return ids
 
 
-@pytest.mark.parametrize("dtype, head_dim, causal, window, explicit", [
+@pytest.mark.parametrize(
+  "dtype, head_dim, causal, window, explicit",
+  [
     (BF16, 128, True, (-1, -1), False),
     (FP16, 64, False, (-1, -1), False),
     (BF16, 128, True, (SEQ // 2 + 3, -1), False),
     (BF16, 128, True, (-1, -1), True),
-], ids=["causal-bf16-d128", "full-fp16-d64", "causal-window-bf16-d128",
-        "causal-explicit-bf16-d128"])
+  ],
+  ids=["causal-bf16-d128", "full-fp16-d64", "causal-window-bf16-d128", "causal-explicit-bf16-d128"],
+)
 def test_packed_ring(dtype, head_dim, causal, window, explicit, normal, compare, monkeypatch):
   """Documents of ~SEQ / 2 tokens packed into rows of 2 SEQ P, GQA: the sequence runs as a
   contiguous ring whose K/V chunks carry their rows, skipping the blocks of other
@@ -319,17 +375,25 @@ def test_packed_ring(dtype, head_dim, causal, window, explicit, normal, compare,
   mesh = mesh_of((NUM,), ("x",), explicit)
   spec = P(None, "x")
   length = 2 * SEQ * NUM
-  arrays = qkv_dout(normal, batch=2, seqlen_q=length, heads=8, kv_heads=2, head_dim=head_dim,
-                    dtype=dtype)
+  arrays = qkv_dout(
+    normal, batch=2, seqlen_q=length, heads=8, kv_heads=2, head_dim=head_dim, dtype=dtype
+  )
   ids = _packed_ids(length, SEQ // 2, seed=head_dim + causal)
-  split = sharding.choose_split(dict(mesh.shape), spec, spec, arrays[0].shape, arrays[1].shape,
-                                AttentionParams(1.0, window[0], 0 if causal else window[1]),
-                                packed=True)
+  split = sharding.choose_split(
+    dict(mesh.shape),
+    spec,
+    spec,
+    arrays[0].shape,
+    arrays[1].shape,
+    AttentionParams(1.0, window[0], 0 if causal else window[1]),
+    packed=True,
+  )
   assert split.sequence == ("x",) and not split.striped
 
   def run(q, k, v, dout, ids):
-    attention = functools.partial(jax_fa3.flash_attention, segment_ids=ids, causal=causal,
-                                  window_size=window)
+    attention = functools.partial(
+      jax_fa3.flash_attention, segment_ids=ids, causal=causal, window_size=window
+    )
     return forward_and_vjp(attention)(q, k, v, dout)
 
   actual, hlo = compare(run, arrays + [ids], [spec] * 5, mesh)
@@ -340,18 +404,21 @@ def test_packed_ring(dtype, head_dim, causal, window, explicit, normal, compare,
 
 # --- Attention sinks and the max logit ------------------------------------------------
 
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal-striped", "full"])
 def test_sinks_and_max_logit_on_the_ring(causal, normal, compare):
   """Sinks applied once after the ring's merge, max logit and dsinks reduced over the ring:
   equal to the single-device kernels (lse cotangent included, for the sinks' lse term)."""
   mesh = mesh_of((NUM,), ("x",))
   seq = P(None, "x")
-  arrays = qkv_dout(normal, batch=2, seqlen_q=SEQ * NUM, heads=8, kv_heads=2, head_dim=64,
-                    dtype=BF16) + [normal((8,), jnp.float32)]
+  arrays = qkv_dout(
+    normal, batch=2, seqlen_q=SEQ * NUM, heads=8, kv_heads=2, head_dim=64, dtype=BF16
+  ) + [normal((8,), jnp.float32)]
 
   def run(q, k, v, dout, sinks):
-    fn = lambda q, k, v, s: jax_fa3.flash_attention(q, k, v, causal=causal, sinks=s, return_lse=True,
-                                                    return_max_logit=True)
+    fn = lambda q, k, v, s: jax_fa3.flash_attention(
+      q, k, v, causal=causal, sinks=s, return_lse=True, return_max_logit=True
+    )
     (out, lse, max_logit), pullback = jax.vjp(fn, q, k, v, sinks)
     dq, dk, dv, dsinks = pullback((dout, jnp.ones_like(lse), jnp.zeros_like(max_logit)))
     return dict(out=out, lse=lse, max_logit=max_logit, dq=dq, dk=dk, dv=dv, dsinks=dsinks)

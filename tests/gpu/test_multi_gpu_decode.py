@@ -18,15 +18,21 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from decode_checks import (assert_matches_the_oracle, assert_sharded_as, calls_the_kernel,
-                           decode_inputs, run_sharded)
+from decode_checks import (
+  assert_matches_the_oracle,
+  assert_sharded_as,
+  calls_the_kernel,
+  decode_inputs,
+  run_sharded,
+)
 from sharding_checks import collectives
 from test_multi_gpu import NUM, ON_GPU, PLATFORM, mesh_of
 
 # tests/gpu/conftest.py leaves the skipping of this module to the module: by device count.
 CHECKS_ITS_OWN_DEVICES = True
 pytestmark = pytest.mark.skipif(
-    NUM < 2, reason=f"needs 2 or more {PLATFORM.upper()} devices; {NUM} visible")
+  NUM < 2, reason=f"needs 2 or more {PLATFORM.upper()} devices; {NUM} visible"
+)
 
 
 def _sharded(request, specs, explicit, **inputs):
@@ -44,8 +50,16 @@ def _sharded(request, specs, explicit, **inputs):
 def test_contiguous_split_over_the_batch(explicit, request):
   """2 sequences a device, GQA 4:1, two query rows and two new tokens each."""
   batch = P("x")
-  results, hlo, mesh = _sharded(request, [batch] * 3 + [batch] * 3 + [None], explicit,
-                                batch=2 * NUM, heads=8, kv_heads=2, seqlen_q=2, seqlen_new=2)
+  results, hlo, mesh = _sharded(
+    request,
+    [batch] * 3 + [batch] * 3 + [None],
+    explicit,
+    batch=2 * NUM,
+    heads=8,
+    kv_heads=2,
+    seqlen_q=2,
+    seqlen_new=2,
+  )
   assert collectives(hlo) == set()
   assert_sharded_as(results, mesh, (batch, batch, batch, batch))
 
@@ -55,8 +69,9 @@ def test_contiguous_split_over_the_heads(explicit, request):
   """4 query heads and their k/v head a device; lengths replicated."""
   heads = P(None, None, "x")
   specs = [heads, heads, heads, P(), heads, heads, None]
-  results, hlo, mesh = _sharded(request, specs, explicit, batch=3, heads=4 * NUM,
-                                kv_heads=NUM, seqlen_new=1)
+  results, hlo, mesh = _sharded(
+    request, specs, explicit, batch=3, heads=4 * NUM, kv_heads=NUM, seqlen_new=1
+  )
   assert collectives(hlo) == set()
   assert_sharded_as(results, mesh, (heads, P(None, "x", None), heads, heads))
 
@@ -66,8 +81,17 @@ def test_paged_split_over_the_heads(explicit, request):
   """A paged pool split over its k/v heads, the page table and lengths replicated."""
   heads = P(None, None, "x")
   specs = [heads, heads, heads, P(), heads, heads, P()]
-  results, hlo, mesh = _sharded(request, specs, explicit, batch=3, heads=4 * NUM,
-                                kv_heads=NUM, capacity=1024, seqlen_new=3, page_size=64)
+  results, hlo, mesh = _sharded(
+    request,
+    specs,
+    explicit,
+    batch=3,
+    heads=4 * NUM,
+    kv_heads=NUM,
+    capacity=1024,
+    seqlen_new=3,
+    page_size=64,
+  )
   assert collectives(hlo) == set()
   assert_sharded_as(results, mesh, (heads, P(None, "x", None), heads, heads))
 
@@ -79,7 +103,16 @@ def test_paged_with_q_split_over_the_batch_is_gathered(explicit, request):
   rows into its copy of the pool."""
   batch = P("x")
   specs = [batch, P(), P(), batch, batch, batch, batch]
-  results, hlo, mesh = _sharded(request, specs, explicit, batch=2 * NUM, heads=8,
-                                kv_heads=2, capacity=512, seqlen_new=1, page_size=16)
+  results, hlo, mesh = _sharded(
+    request,
+    specs,
+    explicit,
+    batch=2 * NUM,
+    heads=8,
+    kv_heads=2,
+    capacity=512,
+    seqlen_new=1,
+    page_size=16,
+  )
   assert "all-gather" in collectives(hlo)
   assert_sharded_as(results[2:], mesh, (P(), P()))

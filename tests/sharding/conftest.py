@@ -30,10 +30,16 @@ def eight_cpu_devices():
 @pytest.fixture
 def make_mesh():
   """`make_mesh(shape, names, explicit=False)`: CPU devices with Auto (or Explicit) axes."""
+
   def make(shape, names, explicit=False):
     kind = AxisType.Explicit if explicit else AxisType.Auto
-    return jax.make_mesh(shape, names, axis_types=(kind,) * len(names),
-                         devices=jax.devices("cpu")[:int(np.prod(shape))])
+    return jax.make_mesh(
+      shape,
+      names,
+      axis_types=(kind,) * len(names),
+      devices=jax.devices("cpu")[: int(np.prod(shape))],
+    )
+
   return make
 
 
@@ -62,6 +68,7 @@ def compare(request):
   arrays sharded as `specs` over `mesh` equals jit(fn) on one device, within 2 eps of the
   largest value (eps of the inputs' dtype). Returns the sharded results and the compiled
   HLO text."""
+
   def run(fn, arrays, specs, mesh):
     with jax.default_device(jax.devices("cpu")[0]):
       expected = jax.jit(fn)(*arrays)

@@ -14,8 +14,16 @@ import jax_fa3
 
 def decode(q, k_cache, v_cache, lengths, k_new, v_new, page_table=None, **kwargs):
   (out, lse), k_cache, v_cache = jax_fa3.flash_attention_with_kvcache(
-      q, k_cache, v_cache, lengths, k_new=k_new, v_new=v_new, page_table=page_table,
-      return_lse=True, **kwargs)
+    q,
+    k_cache,
+    v_cache,
+    lengths,
+    k_new=k_new,
+    v_new=v_new,
+    page_table=page_table,
+    return_lse=True,
+    **kwargs,
+  )
   return dict(out=out, lse=lse, k_cache=k_cache, v_cache=v_cache)
 
 
@@ -33,11 +41,13 @@ def paged(normal, page_size=8, **kwargs):
   batch, max_seqlen = k_cache.shape[:2]
   per_sequence = max_seqlen // page_size
   order = np.random.default_rng(0).permutation(batch * per_sequence + 2)
-  table = order[:batch * per_sequence].reshape(batch, per_sequence).astype(np.int32)
+  table = order[: batch * per_sequence].reshape(batch, per_sequence).astype(np.int32)
   pools = []
   for cache in (k_cache, v_cache):
     pool = np.zeros((len(order), page_size) + cache.shape[2:], np.float32)
-    pool[table] = np.asarray(cache, np.float32).reshape(batch, per_sequence, page_size, *cache.shape[2:])
+    pool[table] = np.asarray(cache, np.float32).reshape(
+      batch, per_sequence, page_size, *cache.shape[2:]
+    )
     pools.append(jnp.asarray(pool, cache.dtype))
   return [q, *pools, lengths, k_new, v_new, jnp.asarray(table)]
 
@@ -49,10 +59,14 @@ def assert_sharded_as(results, mesh, specs):
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
-@pytest.mark.parametrize("spec", [P("data"), P(None, None, "model"), P("data", None, "model")],
-                         ids=["batch", "heads", "batch+heads"])
-def test_contiguous_batch_and_heads_run_locally(spec, explicit, normal, compare, make_mesh,
-                                                collectives):
+@pytest.mark.parametrize(
+  "spec",
+  [P("data"), P(None, None, "model"), P("data", None, "model")],
+  ids=["batch", "heads", "batch+heads"],
+)
+def test_contiguous_batch_and_heads_run_locally(
+  spec, explicit, normal, compare, make_mesh, collectives
+):
   """GQA 2:1, heads over 4 devices, batch over 2, appending 2 tokens: no collective; the
   results and the updated caches keep their inputs' shardings."""
   mesh = make_mesh((2, 4), ("data", "model"), explicit)
@@ -72,11 +86,16 @@ def test_paged_heads_run_locally(explicit, normal, compare, make_mesh, collectiv
   mesh = make_mesh((2, 4), ("data", "model"), explicit)
   heads = P(None, None, "model")
   arrays = paged(normal)
-  actual, hlo = compare(functools.partial(decode, window_size=(9, 0)), arrays,
-                        [heads, heads, heads, P(), heads, heads, P()], mesh)
+  actual, hlo = compare(
+    functools.partial(decode, window_size=(9, 0)),
+    arrays,
+    [heads, heads, heads, P(), heads, heads, P()],
+    mesh,
+  )
   assert collectives(hlo) == set()
-  assert_sharded_as(actual, mesh, dict(out=heads, k_cache=heads, v_cache=heads,
-                                       lse=P(None, "model", None)))
+  assert_sharded_as(
+    actual, mesh, dict(out=heads, k_cache=heads, v_cache=heads, lse=P(None, "model", None))
+  )
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
@@ -87,22 +106,25 @@ def test_paged_batch_split_is_gathered(explicit, normal, compare, make_mesh, col
   mesh = make_mesh((2, 4), ("data", "model"), explicit)
   both, heads = P("data", None, "model"), P(None, None, "model")
   arrays = paged(normal)
-  actual, hlo = compare(decode, arrays, [both, heads, heads, P("data"), both, both, P("data")],
-                        mesh)
+  actual, hlo = compare(
+    decode, arrays, [both, heads, heads, P("data"), both, both, P("data")], mesh
+  )
   assert "all-gather" in collectives(hlo)
   assert actual["k_cache"].sharding.is_equivalent_to(NamedSharding(mesh, heads), 4)
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
-def test_heads_the_kv_heads_cannot_follow_are_gathered(explicit, normal, compare, make_mesh,
-                                                        collectives):
+def test_heads_the_kv_heads_cannot_follow_are_gathered(
+  explicit, normal, compare, make_mesh, collectives
+):
   """8 query heads over 4 devices but 2 k/v heads (replicated): the heads are gathered, the
   batch stays split."""
   mesh = make_mesh((2, 4), ("data", "model"), explicit)
   q_spec, cache_spec = P("data", None, "model"), P("data")
   arrays = contiguous(normal, kv_heads=2)
-  actual, hlo = compare(decode, arrays, [q_spec, cache_spec, cache_spec, P("data"), cache_spec,
-                                         cache_spec], mesh)
+  actual, hlo = compare(
+    decode, arrays, [q_spec, cache_spec, cache_spec, P("data"), cache_spec, cache_spec], mesh
+  )
   assert "all-gather" in collectives(hlo)
   assert actual["k_cache"].sharding.is_equivalent_to(NamedSharding(mesh, cache_spec), 4)
 
@@ -112,12 +134,19 @@ def test_inside_shard_map_runs_on_the_local_shards(normal, make_mesh):
   arrays = contiguous(normal, heads=16, kv_heads=8)
   heads = P(None, None, "model")
   specs = (heads, heads, heads, P(), heads, heads)
-  mapped = jax.jit(jax.shard_map(lambda *a: tuple(decode(*a).values()), mesh=mesh,
-                                 in_specs=specs, out_specs=(heads, P(None, "model"), heads, heads)))
+  mapped = jax.jit(
+    jax.shard_map(
+      lambda *a: tuple(decode(*a).values()),
+      mesh=mesh,
+      in_specs=specs,
+      out_specs=(heads, P(None, "model"), heads, heads),
+    )
+  )
   actual = mapped(*arrays)
   with jax.default_device(jax.devices("cpu")[0]):
     expected = jax.jit(decode)(*arrays)
   expected = [expected[name] for name in ("out", "lse", "k_cache", "v_cache")]
   for a, e in zip(actual, expected):
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32),
-                               rtol=2 ** -7, atol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(e, np.float32), rtol=2**-7, atol=1e-6
+    )

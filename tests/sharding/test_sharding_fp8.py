@@ -17,11 +17,20 @@ E4M3 = jnp.float8_e4m3fn
 def fp8_forward(**kwargs):
   """(q, k, v, descale_k) -> out and lse of flash_attention on q, k, v rounded to e4m3 (the
   inputs stay bfloat16, so that the comparison's eps is bfloat16's)."""
+
   def run(q, k, v, descale_k):
-    out, lse = jax_fa3.flash_attention(q.astype(E4M3), k.astype(E4M3), v.astype(E4M3),
-                                       descale_q=0.5, descale_k=descale_k, descale_v=2.0,
-                                       return_lse=True, **kwargs)
+    out, lse = jax_fa3.flash_attention(
+      q.astype(E4M3),
+      k.astype(E4M3),
+      v.astype(E4M3),
+      descale_q=0.5,
+      descale_k=descale_k,
+      descale_v=2.0,
+      return_lse=True,
+      **kwargs,
+    )
     return dict(out=out, lse=lse)
+
   return run
 
 
@@ -35,8 +44,9 @@ def inputs(normal, heads, kv_heads, batch=4, seqlen=16, head_dim=16):
 def test_fp8_batch_and_heads_run_locally(explicit, normal, compare, make_mesh, collectives):
   mesh = make_mesh((2, 4), ("data", "model"), explicit)
   spec = P("data", None, "model")
-  actual, hlo = compare(fp8_forward(causal=True), inputs(normal, 8, 4), [spec] * 3 + [P("data", "model")],
-                        mesh)
+  actual, hlo = compare(
+    fp8_forward(causal=True), inputs(normal, 8, 4), [spec] * 3 + [P("data", "model")], mesh
+  )
   assert collectives(hlo) == set()
   assert actual["out"].sharding.is_equivalent_to(NamedSharding(mesh, spec), 4)
 
@@ -51,8 +61,9 @@ def test_fp8_more_head_shards_than_kv_heads(explicit, normal, compare, make_mesh
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
-def test_fp8_attention_and_its_gradients_split_over_batch_and_heads(explicit, normal, compare,
-                                                                   make_mesh, forward_and_vjp):
+def test_fp8_attention_and_its_gradients_split_over_batch_and_heads(
+  explicit, normal, compare, make_mesh, forward_and_vjp
+):
   """Block-quantized q and k (descales [B, H, blocks], [B, Hk, blocks]) split with them."""
   mesh = make_mesh((2, 4), ("data", "model"), explicit)
   spec = P("data", None, "model")
@@ -66,8 +77,13 @@ def test_fp8_on_a_ring_is_refused(explicit, normal, make_mesh):
   """A ValueError; with Auto axes XLA reports it from the partitioner, with the message."""
   mesh = make_mesh((4,), ("seq",), explicit)
   arrays = inputs(normal, 4, 2)
-  sharded = [jax.device_put(x, NamedSharding(mesh, spec))
-             for x, spec in zip(arrays, [P(None, "seq")] * 3 + [P()])]
-  with pytest.raises(Exception, match="float8_e4m3fn attention does not run as ring attention: q and "
-                                      r"k are split over their sequence by mesh axes \('seq',\)"):
+  sharded = [
+    jax.device_put(x, NamedSharding(mesh, spec))
+    for x, spec in zip(arrays, [P(None, "seq")] * 3 + [P()])
+  ]
+  with pytest.raises(
+    Exception,
+    match="float8_e4m3fn attention does not run as ring attention: q and "
+    r"k are split over their sequence by mesh axes \('seq',\)",
+  ):
     jax.jit(fp8_forward()).lower(*sharded).compile()

@@ -34,14 +34,14 @@ def packed_ids(length, size):
   for n in [3, chunk + 2, 2 * chunk + 1, 1, chunk // 2]:
     straddling += [doc] * n
     doc += 1
-  straddling = (straddling + [doc] * length)[:length - 3] + [-1] * 3
+  straddling = (straddling + [doc] * length)[: length - 3] + [-1] * 3
   inside = []
   for c in range(size):
     half = chunk // 2
     inside += [10 + 2 * c] * half + [11 + 2 * c] * (chunk - half)
   inside = np.array(inside)
-  inside[chunk // 2 + 1:chunk // 2 + 3] = -1
-  inside[chunk + chunk // 2:2 * chunk + chunk // 2] = 99
+  inside[chunk // 2 + 1 : chunk // 2 + 3] = -1
+  inside[chunk + chunk // 2 : 2 * chunk + chunk // 2] = 99
   return np.stack([straddling, inside]).astype(np.int32)
 
 
@@ -50,8 +50,7 @@ def dense_mask(q_ids, kv_ids, window):
   return oracle.segment_mask(q_ids, kv_ids, window, kv_ids.shape[1] - q_ids.shape[1])
 
 
-def inputs(normal, seqlen_q, seqlen_k=None, heads=4, kv_heads=2, head_dim=16,
-           dtype=jnp.float16):
+def inputs(normal, seqlen_q, seqlen_k=None, heads=4, kv_heads=2, head_dim=16, dtype=jnp.float16):
   seqlen_k = seqlen_k or seqlen_q
   q, dout = (normal((2, seqlen_q, heads, head_dim), dtype) for _ in range(2))
   k, v = (normal((2, seqlen_k, kv_heads, head_dim), dtype) for _ in range(2))
@@ -62,11 +61,13 @@ def inputs(normal, seqlen_q, seqlen_k=None, heads=4, kv_heads=2, head_dim=16,
 def forward_and_vjp_with_lse(attention):
   """(q, k, v, dout, dlse, *ids) -> out, lse (0 where -inf, with `seen` saying where it is
   finite: the comparison subtracts) and the gradients for cotangents (dout, dlse)."""
+
   def run(q, k, v, dout, dlse, *ids):
     (out, lse), pullback = jax.vjp(lambda q, k, v: attention(q, k, v, *ids), q, k, v)
     dq, dk, dv = pullback((dout, dlse))
     seen = jnp.isfinite(lse)
     return dict(out=out, lse=jnp.where(seen, lse, 0.0), seen=seen, dq=dq, dk=dk, dv=dv)
+
   return run
 
 
@@ -83,8 +84,12 @@ def assert_matches_oracle(actual, q, k, v, dout, dlse, mask, dtype, ulps=2):
     assert error <= bound, f"{name}: |sharded - oracle| = {error:.3g} > {bound:.3g}"
 
 
-MASKS = {"full": (False, (-1, -1)), "causal": (True, (-1, -1)),
-         "causal-window": (True, (5, -1)), "band": (False, (3, 5))}
+MASKS = {
+  "full": (False, (-1, -1)),
+  "causal": (True, (-1, -1)),
+  "causal-window": (True, (5, -1)),
+  "band": (False, (3, 5)),
+}
 
 
 @pytest.mark.parametrize("mask", MASKS)
@@ -96,8 +101,9 @@ def test_packed_ring(size, mask, normal, compare, make_mesh):
   mesh = make_mesh((size,), ("seq",))
   arrays = inputs(normal, 32)
   ids = packed_ids(32, size)
-  attention = functools.partial(jax_fa3.flash_attention, causal=causal, window_size=window,
-                                return_lse=True)
+  attention = functools.partial(
+    jax_fa3.flash_attention, causal=causal, window_size=window, return_lse=True
+  )
   run = forward_and_vjp_with_lse(lambda q, k, v, ids: attention(q, k, v, segment_ids=ids))
   actual, hlo = compare(run, arrays + [ids], [SEQ] * 4 + [P(None, None, "seq"), SEQ], mesh)
   assert_packed_ring(hlo)
@@ -112,9 +118,13 @@ def test_packed_ring_with_recurring_ids(normal, compare, make_mesh):
   arrays = inputs(normal, 32, dtype=jnp.bfloat16)
   ids = packed_ids(32, 4)
   ids[:, ::5] = 1
-  run = forward_and_vjp_with_lse(functools.partial(
-      lambda q, k, v, ids: jax_fa3.flash_attention(q, k, v, segment_ids=ids, causal=True,
-                                                   return_lse=True)))
+  run = forward_and_vjp_with_lse(
+    functools.partial(
+      lambda q, k, v, ids: jax_fa3.flash_attention(
+        q, k, v, segment_ids=ids, causal=True, return_lse=True
+      )
+    )
+  )
   actual, hlo = compare(run, arrays + [ids], [SEQ] * 4 + [P(None, None, "seq"), SEQ], mesh)
   assert_packed_ring(hlo)
   assert_matches_oracle(actual, *arrays, dense_mask(ids, ids, (-1, 0)), jnp.bfloat16)
@@ -128,10 +138,13 @@ def test_packed_cross_attention_of_different_lengths(normal, compare, make_mesh)
   kv_ids = packed_ids(48, 4)
   q_ids = kv_ids[:, 32:]
   run = forward_and_vjp_with_lse(
-      lambda q, k, v, q_ids, kv_ids: jax_fa3.flash_attention(
-          q, k, v, segment_ids=q_ids, kv_segment_ids=kv_ids, causal=True, return_lse=True))
-  actual, hlo = compare(run, arrays + [q_ids, kv_ids], [SEQ] * 4 + [P(None, None, "seq")]
-                        + [SEQ] * 2, mesh)
+    lambda q, k, v, q_ids, kv_ids: jax_fa3.flash_attention(
+      q, k, v, segment_ids=q_ids, kv_segment_ids=kv_ids, causal=True, return_lse=True
+    )
+  )
+  actual, hlo = compare(
+    run, arrays + [q_ids, kv_ids], [SEQ] * 4 + [P(None, None, "seq")] + [SEQ] * 2, mesh
+  )
   assert_packed_ring(hlo)
   assert_matches_oracle(actual, *arrays, dense_mask(q_ids, kv_ids, (-1, 0)), jnp.float16)
 
@@ -143,16 +156,22 @@ def test_packed_batch_sequence_and_heads_together(explicit, normal, compare, mak
   arrays = inputs(normal, 32, heads=8, kv_heads=4)
   ids = packed_ids(32, 2)
   run = forward_and_vjp_with_lse(
-      lambda q, k, v, ids: jax_fa3.flash_attention(q, k, v, segment_ids=ids, causal=True,
-                                                   return_lse=True))
-  actual, hlo = compare(run, arrays + [ids], [spec] * 4 + [P("data", "model", "seq"),
-                                                           P("data", "seq")], mesh)
+    lambda q, k, v, ids: jax_fa3.flash_attention(
+      q, k, v, segment_ids=ids, causal=True, return_lse=True
+    )
+  )
+  actual, hlo = compare(
+    run, arrays + [ids], [spec] * 4 + [P("data", "model", "seq"), P("data", "seq")], mesh
+  )
   assert_packed_ring(hlo)
   assert_matches_oracle(actual, *arrays, dense_mask(ids, ids, (-1, 0)), jnp.float16)
 
 
-@pytest.mark.parametrize("explicit, causal, window", [
-    (False, True, (-1, -1)), (True, False, (-1, 3))], ids=["auto-causal", "explicit-right-window"])
+@pytest.mark.parametrize(
+  "explicit, causal, window",
+  [(False, True, (-1, -1)), (True, False, (-1, 3))],
+  ids=["auto-causal", "explicit-right-window"],
+)
 def test_packed_striped_ring(explicit, causal, window, normal, compare, make_mesh, monkeypatch):
   """The striped layout, which choose_split leaves off for packed sequences (see
   sharding._PACKED_STRIPED): the rows are restriped with q, k and v, and each block's
@@ -162,8 +181,10 @@ def test_packed_striped_ring(explicit, causal, window, normal, compare, make_mes
   arrays = inputs(normal, 32)
   ids = packed_ids(32, 4)
   run = forward_and_vjp_with_lse(
-      lambda q, k, v, ids: jax_fa3.flash_attention(q, k, v, segment_ids=ids, causal=causal,
-                                                   window_size=window, return_lse=True))
+    lambda q, k, v, ids: jax_fa3.flash_attention(
+      q, k, v, segment_ids=ids, causal=causal, window_size=window, return_lse=True
+    )
+  )
   actual, hlo = compare(run, arrays + [ids], [SEQ] * 4 + [P(None, None, "seq"), SEQ], mesh)
   assert_packed_ring(hlo, striped=True)
   full_window = (window[0], 0) if causal else window
@@ -180,8 +201,9 @@ def test_varlen_on_a_ring(normal, compare, make_mesh):
   k, v = normal((48, 2, 16), jnp.float16), normal((48, 2, 16), jnp.float16)
 
   def run(q, k, v, dout):
-    attention = functools.partial(jax_fa3.flash_attention_varlen, cu_seqlens_q=cu_q,
-                                  cu_seqlens_k=cu_k, causal=True)
+    attention = functools.partial(
+      jax_fa3.flash_attention_varlen, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True
+    )
     out, pullback = jax.vjp(attention, q, k, v)
     return dict(zip(("out", "dq", "dk", "dv"), (out, *pullback(dout))))
 
@@ -198,13 +220,15 @@ def test_packed_kernel_path_skips_blocks_at_run_time(normal, make_mesh, monkeypa
   tiles = {("fwd", "bfloat16", 16): (128, 128), ("bwd", "bfloat16", 16): (64, 128)}
   monkeypatch.setattr(_kernels, "_status", KernelStatus(variants, segment_tiles=tiles))
   mesh = make_mesh((4,), ("seq",), explicit=True)
-  arrays = [jax.device_put(x, NamedSharding(mesh, SEQ))
-            for x in inputs(normal, 32, dtype=jnp.bfloat16)[:4]]
+  arrays = [
+    jax.device_put(x, NamedSharding(mesh, SEQ)) for x in inputs(normal, 32, dtype=jnp.bfloat16)[:4]
+  ]
   ids = jax.device_put(packed_ids(32, 4), NamedSharding(mesh, SEQ))
 
   def run(q, k, v, dout, ids):
     out, pullback = jax.vjp(
-        lambda q, k, v: jax_fa3.flash_attention(q, k, v, segment_ids=ids, causal=True), q, k, v)
+      lambda q, k, v: jax_fa3.flash_attention(q, k, v, segment_ids=ids, causal=True), q, k, v
+    )
     return out, pullback(dout)
 
   text = jax.jit(run).trace(*arrays, ids).lower(lowering_platforms=("cuda",)).as_text()

@@ -15,25 +15,40 @@ import jax_fa3
 def sinks_and_grads(**kwargs):
   """(q, k, v, dout, sinks) -> out, lse, max_logit and the four gradients (the lse's
   cotangent nonzero too, so that the sinks' lse term is on the path)."""
+
   def run(q, k, v, dout, sinks):
-    fn = functools.partial(jax_fa3.flash_attention, return_lse=True, return_max_logit=True, **kwargs)
-    (out, lse, max_logit), pullback = jax.vjp(lambda q, k, v, s: fn(q, k, v, sinks=s), q, k, v, sinks)
+    fn = functools.partial(
+      jax_fa3.flash_attention, return_lse=True, return_max_logit=True, **kwargs
+    )
+    (out, lse, max_logit), pullback = jax.vjp(
+      lambda q, k, v, s: fn(q, k, v, sinks=s), q, k, v, sinks
+    )
     dq, dk, dv, dsinks = pullback((dout, jnp.ones_like(lse), jnp.zeros_like(max_logit)))
     return dict(out=out, lse=lse, max_logit=max_logit, dq=dq, dk=dk, dv=dv, dsinks=dsinks)
+
   return run
 
 
 def inputs(normal, seqlen=32, heads=4, kv_heads=2, batch=2, head_dim=16):
   q_shape, kv_shape = (batch, seqlen, heads, head_dim), (batch, seqlen, kv_heads, head_dim)
-  return [normal(q_shape, jnp.float16), normal(kv_shape, jnp.float16), normal(kv_shape, jnp.float16),
-          normal(q_shape, jnp.float16), normal((heads,), jnp.float32)]
+  return [
+    normal(q_shape, jnp.float16),
+    normal(kv_shape, jnp.float16),
+    normal(kv_shape, jnp.float16),
+    normal(q_shape, jnp.float16),
+    normal((heads,), jnp.float32),
+  ]
 
 
-@pytest.mark.parametrize("kwargs, collective", [
-    (dict(causal=True), "all-to-all"),               # striped ring
-    (dict(), "collective-permute"),                  # contiguous ring, every block whole
+@pytest.mark.parametrize(
+  "kwargs, collective",
+  [
+    (dict(causal=True), "all-to-all"),  # striped ring
+    (dict(), "collective-permute"),  # contiguous ring, every block whole
     (dict(causal=True, window_size=(5, 0)), "collective-permute"),
-], ids=["causal-striped", "full", "window"])
+  ],
+  ids=["causal-striped", "full", "window"],
+)
 def test_sinks_on_a_ring(kwargs, collective, normal, compare, make_mesh, collectives):
   mesh = make_mesh((4,), ("seq",))
   seq = P(None, "seq")
@@ -45,13 +60,19 @@ def test_sinks_on_a_ring(kwargs, collective, normal, compare, make_mesh, collect
 def test_sinks_split_with_the_heads_and_batch(explicit, normal, compare, make_mesh, collectives):
   mesh = make_mesh((2, 2, 2), ("data", "seq", "model"), explicit)
   spec = P("data", "seq", "model")
-  actual, _ = compare(sinks_and_grads(causal=True), inputs(normal, heads=8, kv_heads=4),
-                      [spec] * 4 + [P("model")], mesh)
+  actual, _ = compare(
+    sinks_and_grads(causal=True),
+    inputs(normal, heads=8, kv_heads=4),
+    [spec] * 4 + [P("model")],
+    mesh,
+  )
   assert actual["max_logit"].shape == (2, 8)
 
 
 def test_sinks_on_a_packed_ring(normal, compare, make_mesh):
   mesh = make_mesh((4,), ("seq",))
-  ids = jnp.asarray(np.repeat(np.arange(6), [3, 9, 1, 12, 5, 2])[None].repeat(2, 0).astype(np.int32))
+  ids = jnp.asarray(
+    np.repeat(np.arange(6), [3, 9, 1, 12, 5, 2])[None].repeat(2, 0).astype(np.int32)
+  )
   fn = sinks_and_grads(causal=True, segment_ids=ids)
   compare(fn, inputs(normal), [P(None, "seq")] * 4 + [P()], mesh)

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-CHILD = r'''
+CHILD = r"""
 import math, sys, time
 sys.path.insert(0, "tests/gpu")
 import jax, jax.numpy as jnp, numpy as np
@@ -25,22 +25,27 @@ out = np.asarray(out, np.float32)
 ref, _ = kernel_ffi.attention(q, k, v, **kw)
 err = float(np.max(np.abs(out - np.asarray(ref))))
 print(f"ok err={err:.2e} nan={int(np.isnan(out).sum())} {time.time() - t:.1f}s")
-'''
+"""
 
 
 def main():
-    ext_dir, configs = sys.argv[1], sys.argv[2:]
-    env = dict(os.environ, JAX_FA3_EXT_DIR=ext_dir, JAX_FA3_DEBUG_POISON="1")
-    for config in configs:
-        try:
-            r = subprocess.run([sys.executable, "-c", CHILD, config], env=env, capture_output=True, text=True,
-                               timeout=float(os.environ.get("REPRO_TIMEOUT", 40)))
-            lines = (r.stdout + r.stderr).strip().splitlines()
-            result = lines[-1] if lines else f"rc={r.returncode}"
-        except subprocess.TimeoutExpired:
-            result = "HANG (timeout)"
-        print(f"{config:45s} {result[:200]}", flush=True)
+  ext_dir, configs = sys.argv[1], sys.argv[2:]
+  env = dict(os.environ, JAX_FA3_EXT_DIR=ext_dir, JAX_FA3_DEBUG_POISON="1")
+  for config in configs:
+    try:
+      r = subprocess.run(
+        [sys.executable, "-c", CHILD, config],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=float(os.environ.get("REPRO_TIMEOUT", 40)),
+      )
+      lines = (r.stdout + r.stderr).strip().splitlines()
+      result = lines[-1] if lines else f"rc={r.returncode}"
+    except subprocess.TimeoutExpired:
+      result = "HANG (timeout)"
+    print(f"{config:45s} {result[:200]}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+  main()
