@@ -114,14 +114,21 @@ def _slot(ids, size):
 
 def _run_table(ids, size):
   """Per slot of `_slot`: how many runs of one non-negative id start there, and the first
-  and one-past-last positions of those runs' ids."""
-  positions = jnp.arange(ids.shape[0], dtype=jnp.int32)
+  and one-past-last positions of those runs' ids. Only a run's first and last positions
+  write (the others go out of range and are dropped), so no two writes wait on one slot
+  unless two runs share it."""
+  length = ids.shape[0]
+  positions = jnp.arange(length, dtype=jnp.int32)
   valid = ids >= 0
-  head = valid & jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
+  change = ids[1:] != ids[:-1]
+  head = valid & jnp.concatenate([jnp.ones((1,), bool), change])
+  tail = valid & jnp.concatenate([change, jnp.ones((1,), bool)])
   slot = _slot(ids, size)
-  runs = jnp.zeros((size,), jnp.int32).at[slot].add(head.astype(jnp.int32))
-  first = jnp.full((size,), _FAR, jnp.int32).at[slot].min(jnp.where(valid, positions, _FAR))
-  end = jnp.zeros((size,), jnp.int32).at[slot].max(jnp.where(valid, positions + 1, 0))
+  at_head = jnp.where(head, slot, size)
+  at_tail = jnp.where(tail, slot, size)
+  runs = jnp.zeros((size,), jnp.int32).at[at_head].add(1, mode="drop")
+  first = jnp.full((size,), _FAR, jnp.int32).at[at_head].min(positions, mode="drop")
+  end = jnp.zeros((size,), jnp.int32).at[at_tail].max(positions + 1, mode="drop")
   return runs, first, end
 
 
@@ -195,22 +202,26 @@ def forward_tiles(q_rows, block_m, block_n):
     stretch_start = run_start & (long_run | after_long)
     stretch_begin = lax.cummax(jnp.where(stretch_start, queries, 0))
     tile_start = (queries - stretch_begin) % block_m == 0
-    tile = jnp.cumsum(tile_start, dtype=jnp.int32) - 1  # each query's tile
-    count = tile[-1] + 1
-    reduce = lambda op, x: op(x, tile, num_segments=capacity, indices_are_sorted=True)
-    q_begin = reduce(jax.ops.segment_min, queries)
-    q_end = reduce(jax.ops.segment_max, queries) + 1
+    count = jnp.sum(tile_start, dtype=jnp.int32)
+    # The tiles' first queries, in order: each start writes its own slot.
+    slot = jnp.where(tile_start, jnp.cumsum(tile_start, dtype=jnp.int32) - 1, capacity)
+    q_begin = jnp.full((capacity,), seqlen_q, jnp.int32).at[slot].set(queries, mode="drop")
+    q_end = jnp.concatenate([q_begin[1:], jnp.array([seqlen_q], jnp.int32)])
+    # A tile's rows as one line of a [capacity, block_m] gather (past its end: left out).
+    index = q_begin[:, None] + jnp.arange(block_m, dtype=jnp.int32)[None]
+    inside = index < q_end[:, None]
+    take = lambda x, fill: jnp.where(inside, x[jnp.minimum(index, seqlen_q - 1)], fill)
     sees = first < end
-    lowest = reduce(jax.ops.segment_min, jnp.where(sees, first, _FAR))
-    highest = reduce(jax.ops.segment_max, jnp.where(sees, end, 0))
+    lowest = jnp.min(take(jnp.where(sees, first, _FAR), _FAR), axis=1)
+    highest = jnp.max(take(jnp.where(sees, end, 0), 0), axis=1)
     empty = highest == 0
     key_offset = jnp.where(empty, 0, lowest)
     n_blocks = jnp.where(empty, 0, -(-(highest - key_offset) // block_n))
     # Keys every query of the tile sees; one that sees none, or needs the id comparison,
     # leaves every block masked.
     whole = sees & (interleaved == 0)
-    common_first = reduce(jax.ops.segment_max, jnp.where(whole, first, _FAR))
-    common_end = reduce(jax.ops.segment_min, jnp.where(whole, end, 0))
+    common_first = jnp.max(take(jnp.where(whole, first, _FAR), 0), axis=1)
+    common_end = jnp.min(take(jnp.where(whole, end, 0), _FAR), axis=1)
     left = jnp.clip(-(-(common_first - key_offset) // block_n), 0, n_blocks)
     right = jnp.clip((common_end - key_offset) // block_n, left, n_blocks)
     none_whole = right <= left

@@ -101,7 +101,8 @@ struct FwdEpilogue {
                          int64_t(row_begin) * p.o_row_stride;
     for (int i = thread_idx; i < rows * kChunksPerRow; i += kConsumerThreads) {
       int const row = i / kChunksPerRow, column = i % kChunksPerRow * kPerChunk;
-      uint4 const piece = *reinterpret_cast<uint4 const*>(raw_pointer_cast(sO.data() + sO.layout()(row, column)));
+      // Through the element reference: sO's pointer applies the swizzle when dereferenced.
+      uint4 const piece = *reinterpret_cast<uint4 const*>(&sO(row, column));
       *reinterpret_cast<uint4*>(out + int64_t(row) * p.o_row_stride + column) = piece;
     }
     if constexpr (Traits::kOAliasesV) {  // V may take the buffers back once every thread has read O
