@@ -139,8 +139,8 @@ def test_segment_ids_pass_rows_and_plans_for_the_kernels_tiles(compiled):
   (fwd,), (bwd,) = custom_calls(text, "jax_fa3_fwd"), custom_calls(text, "jax_fa3_bwd")
   assert (
     "tensor<0xi32>, tensor<0xi32>, tensor<2x100x4xi32>, tensor<2x100x4xi32>, "
-    "tensor<2x1x4xi32>, tensor<0xf32>, tensor<0xf32>, tensor<0xf32>, tensor<0xf32>)"
-  ) in fwd  # one forward tile of 128 rows
+    "tensor<9x8xi32>, tensor<0xf32>, tensor<0xf32>, tensor<0xf32>, tensor<0xf32>)"
+  ) in fwd  # the tile list: a count, then room for 3 * ceil(100 / 128) + 1 tiles per row
   assert (
     "tensor<0xi32>, tensor<0xi32>, tensor<2x100x4xi32>, tensor<2x100x4xi32>, "
     "tensor<2x2x4xi32>, tensor<2x1x2xi32>, tensor<0xf32>)"
