@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_sources_are_formatted():
   result = subprocess.run(
-    [sys.executable, "-m", "ruff", "format", "--check", "--diff", str(ROOT)],
+    [sys.executable, "-m", "ruff", "format", "--no-cache", "--check", "--diff", str(ROOT)],
     capture_output=True,
     text=True,
     check=False,
