@@ -27,14 +27,17 @@ __device__ __forceinline__ int planned_tiles(Params const& p) {
 
 // Tile `tile.m_block` of the plan: entries of two int4, {batch, row_begin, row_end,
 // key_offset} and {n_blocks, right_masked, left_masked, 0}, after the header's two.
-// An entry naming a batch row out of range comes back empty (no rows, no blocks).
+// An entry out of range (its batch row, or rows outside [0, seqlen_q)) comes back empty (no
+// rows, no blocks), so a malformed plan writes nothing.
 template <class Traits>
 __device__ __forceinline__ PlannedTile<Traits::kBlockM, Traits::kBlockN> planned_tile(
     typename Traits::Params const& p, QueryTile const& tile) {
   int4 const* const entry = p.tile_plan + 2 * (int64_t(tile.m_block) + 1);
   int4 const where = __ldg(entry);
   int4 const blocks = __ldg(entry + 1);
-  if (where.x < 0 || where.x >= p.batch) { return {0, 0, 0, 0, {0, 0, 0, 0}}; }
+  if (where.x < 0 || where.x >= p.batch || where.y < 0 || where.y > where.z || where.z > p.seqlen_q) {
+    return {0, 0, 0, 0, {0, 0, 0, 0}};
+  }
   return {where.x, where.y, where.z, where.w, {0, blocks.x, blocks.y, blocks.z}};
 }
 
