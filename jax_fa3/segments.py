@@ -153,23 +153,40 @@ def forward_plan(q_rows, block_m, block_n):
     padded = jnp.pad(x, [(0, 0), (0, tiles * block_m - x.shape[1])], constant_values=fill)
     return padded.reshape(x.shape[0], tiles, block_m)
 
-  first, end, interleaved = q_rows[..., 1], q_rows[..., 2], q_rows[..., 3]
-  sees = first < end
-  lowest = jnp.min(per_tile(jnp.where(sees, first, _FAR), _FAR), axis=-1)
-  highest = jnp.max(per_tile(jnp.where(sees, end, 0), 0), axis=-1)
-  empty = highest == 0
-  n_min = jnp.where(empty, 0, lowest // block_n)
-  n_max = jnp.where(empty, 0, (highest - 1) // block_n + 1)
-  # Keys every row of the tile sees (padding rows past the end do not count).
-  whole = sees & (interleaved == 0)
-  common_first = jnp.max(per_tile(jnp.where(whole, first, _FAR), 0), axis=-1)
-  common_end = jnp.min(per_tile(jnp.where(whole, end, 0), _FAR), axis=-1)
-  left = jnp.clip(-(-common_first // block_n), n_min, n_max)
-  right = jnp.clip(common_end // block_n, left, n_max)
-  none_whole = right <= left
-  right = jnp.where(none_whole, n_min, right)
-  left = jnp.where(none_whole, n_min, left)
+  _, n_min, n_max, right, left = _key_blocks(
+    per_tile, q_rows[..., 1], q_rows[..., 2], q_rows[..., 3], block_n, from_first_key=False
+  )
   return jnp.stack([n_min, n_max, right, left], axis=-1).astype(jnp.int32)
+
+
+def _key_blocks(group, first, end, interleaved, block_n, *, from_first_key):
+  """The key blocks of each tile of rows: `group(x, fill)` gathers a row array into
+  `[..., tiles, rows]`, `fill` past a tile's rows. Blocks are numbered from key 0, or (with
+  `from_first_key`) from the tile's first visible key. Returns `(offset, n_min, n_max, right,
+  left)`: the keys of block n start at `offset + n * block_n`; the tile visits `[n_min, n_max)`
+  and every one of its rows sees `[left, right)` whole."""
+  sees = first < end
+  lowest = jnp.min(group(jnp.where(sees, first, _FAR), _FAR), axis=-1)
+  highest = jnp.max(group(jnp.where(sees, end, 0), 0), axis=-1)
+  empty = highest == 0
+  offset = jnp.where(empty, 0, lowest) if from_first_key else jnp.zeros_like(lowest)
+  n_min = jnp.where(empty, 0, (lowest - offset) // block_n)
+  n_max = jnp.where(empty, 0, -(-(highest - offset) // block_n))
+  # Keys every row of the tile sees; one that sees none, or needs the id comparison, leaves
+  # every block masked (rows past the end of the array do not count).
+  whole = sees & (interleaved == 0)
+  common_first = jnp.max(group(jnp.where(whole, first, _FAR), 0), axis=-1)
+  common_end = jnp.min(group(jnp.where(whole, end, 0), _FAR), axis=-1)
+  left = jnp.clip(-(-(common_first - offset) // block_n), n_min, n_max)
+  right = jnp.clip((common_end - offset) // block_n, left, n_max)
+  none_whole = right <= left
+  return (
+    offset,
+    n_min,
+    n_max,
+    jnp.where(none_whole, n_min, right),
+    jnp.where(none_whole, n_min, left),
+  )
 
 
 def forward_tiles(q_rows, block_m, block_n):
@@ -211,21 +228,9 @@ def forward_tiles(q_rows, block_m, block_n):
     index = q_begin[:, None] + jnp.arange(block_m, dtype=jnp.int32)[None]
     inside = index < q_end[:, None]
     take = lambda x, fill: jnp.where(inside, x[jnp.minimum(index, seqlen_q - 1)], fill)
-    sees = first < end
-    lowest = jnp.min(take(jnp.where(sees, first, _FAR), _FAR), axis=1)
-    highest = jnp.max(take(jnp.where(sees, end, 0), 0), axis=1)
-    empty = highest == 0
-    key_offset = jnp.where(empty, 0, lowest)
-    n_blocks = jnp.where(empty, 0, -(-(highest - key_offset) // block_n))
-    # Keys every query of the tile sees; one that sees none, or needs the id comparison,
-    # leaves every block masked.
-    whole = sees & (interleaved == 0)
-    common_first = jnp.max(take(jnp.where(whole, first, _FAR), 0), axis=1)
-    common_end = jnp.min(take(jnp.where(whole, end, 0), _FAR), axis=1)
-    left = jnp.clip(-(-(common_first - key_offset) // block_n), 0, n_blocks)
-    right = jnp.clip((common_end - key_offset) // block_n, left, n_blocks)
-    none_whole = right <= left
-    right, left = jnp.where(none_whole, 0, right), jnp.where(none_whole, 0, left)
+    key_offset, _, n_blocks, right, left = _key_blocks(
+      take, first, end, interleaved, block_n, from_first_key=True
+    )
     zero = jnp.zeros_like(q_begin)
     return count, jnp.stack([zero, q_begin, q_end, key_offset, n_blocks, right, left, zero], -1)
 
