@@ -18,6 +18,10 @@ import numpy as np
 FWD_TARGET = "jax_fa3_fwd"
 BWD_TARGET = "jax_fa3_bwd"
 DECODE_TARGET = "jax_fa3_decode"
+# The packed-sequence descriptors (segment_kernels.py).
+SEGMENT_ROWS_TARGET = "jax_fa3_segment_rows"
+FORWARD_TILES_TARGET = "jax_fa3_forward_tiles"
+BACKWARD_PLANS_TARGET = "jax_fa3_backward_plans"
 
 
 class Variant(NamedTuple):
@@ -57,6 +61,8 @@ class KernelStatus:
   descale_blocks: Mapping[tuple[str, str, int], tuple[int, int]] = dataclasses.field(
     default_factory=dict
   )
+  # The FFI targets the extension registered.
+  targets: frozenset[str] = frozenset()
 
   def __bool__(self):
     return bool(self.variants)
@@ -197,7 +203,8 @@ def _load() -> KernelStatus:
     _fa3_cuda = importlib.import_module("jax_fa3._fa3_cuda")
   except ImportError as e:
     return KernelStatus((), _missing_extension_reason(e, pathlib.Path(__file__).parent))
-  for name, capsule in _fa3_cuda.registrations().items():
+  targets = _fa3_cuda.registrations()
+  for name, capsule in targets.items():
     jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
   variants = tuple(Variant(d, t, o, int(h), int(hv)) for d, t, o, h, hv in _fa3_cuda.variants())
   reason = None if variants else "the extension was built with an empty variant list"
@@ -207,7 +214,13 @@ def _load() -> KernelStatus:
     (t, o, int(h)): (int(m), int(n)) for t, o, h, m, n in _fa3_cuda.descale_blocks()
   }
   return KernelStatus(
-    variants, reason, dict(_fa3_cuda.build_info()), segment_tiles, decode_shapes, descale_blocks
+    variants,
+    reason,
+    dict(_fa3_cuda.build_info()),
+    segment_tiles,
+    decode_shapes,
+    descale_blocks,
+    frozenset(targets),
   )
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from jax_fa3 import _checks, reference, segments, sharding
+from jax_fa3 import _checks, reference, segment_kernels, sharding
 from jax_fa3.primitives import AttentionParams, Fp8Params
 
 # The one list of the dtypes jax_fa3 takes (the Flax adapters read it too).
@@ -140,7 +140,7 @@ def flash_attention(
   q_rows, kv_rows = absent, absent
   if segment_ids is not None or kv_segment_ids is not None:
     q_ids, kv_ids = _check_segment_ids(segment_ids, kv_segment_ids, q, k)
-    q_rows, kv_rows = segments.rows(
+    q_rows, kv_rows = segment_kernels.rows(
       q_ids,
       kv_ids,
       window_left=params.window_left,
@@ -244,7 +244,7 @@ def flash_attention_varlen(
   kv_ids, k_start, k_length, bad_k = _sequence_of_tokens(cu_k, used_k, k.shape[0])
   # Bottom-right alignment in each sequence: query a of s sits on key a + Lk - Lq of s.
   offset = (k_start + k_length) - (q_start + q_length)
-  q_rows, kv_rows = segments.rows(
+  q_rows, kv_rows = segment_kernels.rows(
     q_ids[None],
     kv_ids[None],
     window_left=params.window_left,

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import ad, batching
 
-from jax_fa3 import _kernels, primitives
+from jax_fa3 import _kernels, _primitive_rules
 
 E4M3_MAX = 448.0
 QUANTIZE_TARGET = "jax_fa3_fp8_quantize"
@@ -318,7 +318,7 @@ def _no_gradient(primals, tangents, **params):
   )
 
 
-fp8_quantize_p = primitives.define_primitive(
+fp8_quantize_p = _primitive_rules.define_primitive(
   "fa3_fp8_quantize", _abstract_eval, _quantize_xla, _quantize_cuda, batcher=lambda _: _batch
 )
 ad.primitive_jvps[fp8_quantize_p] = _no_gradient

@@ -32,10 +32,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir, xla
+from jax.interpreters import ad, batching
 
-from jax_fa3 import _kernels, reference, segments
+from jax_fa3 import _kernels, reference, segment_kernels
+from jax_fa3._primitive_rules import define_primitive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +293,7 @@ def _fwd_cuda(
   batch, seqlen_q, heads, _ = q.shape
   tile_plan = absent_if_none(None)
   if q_rows.size:
-    tile_plan = segments.forward_tiles(q_rows, *_segment_tile("fwd", q.dtype, head_dim))
+    tile_plan = segment_kernels.forward_tiles(q_rows, *_segment_tile("fwd", q.dtype, head_dim))
   out, lse, _, max_logit_keys = jax.ffi.ffi_call(
     _kernels.FWD_TARGET,
     (
@@ -356,7 +356,7 @@ def _bwd_cuda(dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, si
   head_dim, head_dim_v = dims
   query_tile_plan = key_block_plan = absent_if_none(None)
   if q_rows.size:
-    query_tile_plan, key_block_plan = segments.backward_plans(
+    query_tile_plan, key_block_plan = segment_kernels.backward_plans(
       q_rows, k.shape[1], *_segment_tile("bwd", q.dtype, head_dim)
     )
   batch, seqlen_q, heads, _ = q.shape
@@ -552,15 +552,6 @@ def _no_decode_gradient(primals, tangents, **params):
 # --- Batching --------------------------------------------------------------------
 
 
-def fold_vmap_axis_into_batch(primitive, args, dims, **params):
-  """Every operand and result of both primitives leads with the batch axis (or is an
-  absent operand, shape [0]), so a vmapped axis, moved to the front, merges into it."""
-  size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
-  args = [batching.bdim_at_front(x, d, size) for x, d in zip(args, dims)]
-  outs = primitive.bind(*[x.reshape(-1, *x.shape[2:]) for x in args], **params)
-  return [o.reshape(size, -1, *o.shape[1:]) for o in outs], [0] * len(outs)
-
-
 def decode_batch(primitive, args, dims, **params):
   """vmap of decode, exactly (each mapped instance gets the results and caches it would get
   alone), by folding the mapped axis into the batch:
@@ -614,26 +605,6 @@ def decode_batch(primitive, args, dims, **params):
 
 
 # --- Registration ----------------------------------------------------------------
-
-
-def define_primitive(name, abstract_eval, reference_rule, cuda_rule, batcher=None):
-  """A multiple-result primitive lowered to `cuda_rule` on CUDA and to `reference_rule`
-  elsewhere; vmap folds the mapped axis into the batch unless `batcher(primitive)` gives
-  another rule."""
-  primitive = Primitive(name)
-  primitive.multiple_results = True
-  primitive.def_impl(functools.partial(xla.apply_primitive, primitive))
-  primitive.def_abstract_eval(abstract_eval)
-  mlir.register_lowering(primitive, mlir.lower_fun(reference_rule, multiple_results=True))
-  mlir.register_lowering(
-    primitive, mlir.lower_fun(cuda_rule, multiple_results=True), platform="cuda"
-  )
-  batching.primitive_batchers[primitive] = (batcher or fold_vmap_axis_into_batch_rule)(primitive)
-  return primitive
-
-
-def fold_vmap_axis_into_batch_rule(primitive):
-  return functools.partial(fold_vmap_axis_into_batch, primitive)
 
 
 fwd_p = define_primitive("fa3_fwd_local", _fwd_abstract_eval, reference.attention_fwd, _fwd_cuda)

@@ -34,8 +34,16 @@ def rows(q_ids, kv_ids, *, window_left, window_right, q_offsets, kv_offsets):
   the offset of key j's own sequence (the same rule seen from the key). The window is
   `[diagonal - window_left, diagonal + window_right]`, -1 unbounded.
   """
-  seqlen_q, seqlen_k = q_ids.shape[1], kv_ids.shape[1]
   q_ids, kv_ids, q_offsets, kv_offsets = _whole_rows(q_ids, kv_ids, q_offsets, kv_offsets)
+  return spans(
+    q_ids, kv_ids, q_offsets, kv_offsets, window_left=window_left, window_right=window_right
+  )
+
+
+def spans(q_ids, kv_ids, q_offsets, kv_offsets, *, window_left, window_right):
+  """`rows` on arrays already whole on each device (`segment_kernels.rows` builds the same
+  arrays on the GPU)."""
+  seqlen_q, seqlen_k = q_ids.shape[1], kv_ids.shape[1]
   # A window wider than both sequences is none; bounding it keeps the sums in int32.
   window_left = min(window_left, seqlen_q + seqlen_k)
   window_right = min(window_right, seqlen_q + seqlen_k)

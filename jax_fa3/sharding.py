@@ -35,7 +35,7 @@ from jax.interpreters import ad, batching, mlir, xla
 from jax.interpreters.mlir import ir
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from jax_fa3 import primitives, reference, ring
+from jax_fa3 import _primitive_rules, primitives, reference, ring
 from jax_fa3.primitives import AttentionParams
 
 
@@ -858,7 +858,7 @@ def _define(name, local_primitive, lowering):
   # jaxprs holding a primitive from this (private) registry, as jax's cuDNN attention does.
   dispatch.prim_requires_devices_during_lowering.add(primitive)
   batching.primitive_batchers[primitive] = functools.partial(
-    primitives.fold_vmap_axis_into_batch, primitive
+    _primitive_rules.fold_vmap_axis_into_batch, primitive
   )
   return primitive
 

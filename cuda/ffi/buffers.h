@@ -38,6 +38,19 @@ inline char const* fwd_input_dtype_name(xla::ffi::DataType t) {
 
 inline bool aligned16(void const* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// An optional operand left out: shape [0].
+inline bool absent(xla::ffi::AnyBuffer const& b) { return b.dimensions().size() == 1 && b.dimensions()[0] == 0; }
+
+inline bool has_dims(xla::ffi::AnyBuffer const& b, std::initializer_list<int64_t> dims) {
+  auto d = b.dimensions();
+  if (d.size() != dims.size()) { return false; }
+  size_t i = 0;
+  for (int64_t x : dims) {
+    if (d[i++] != x) { return false; }
+  }
+  return true;
+}
+
 // JAX_FA3_DEBUG_POISON=1 fills outputs with NaN before each launch so that tests see
 // any element a kernel fails to write. Read once; asynchronous, so graph-safe.
 inline bool poison_outputs() {

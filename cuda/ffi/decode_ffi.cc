@@ -23,21 +23,9 @@ constexpr int64_t kMaxPositions = int64_t(1) << 30;  // a sequence's capacity; p
 constexpr int64_t kMaxCacheRows = (int64_t(1) << 31) - 1;  // num_pages * page_size: cache rows are int32
 constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
 
-bool absent(ffi::AnyBuffer const& b) { return b.dimensions().size() == 1 && b.dimensions()[0] == 0; }
-
 bool same_dtype_and_shape(ffi::AnyBuffer const& a, ffi::AnyBuffer const& b) {
   auto x = a.dimensions(), y = b.dimensions();
   return a.element_type() == b.element_type() && x.size() == y.size() && std::equal(x.begin(), x.end(), y.begin());
-}
-
-bool has_dims(ffi::AnyBuffer const& b, std::initializer_list<int64_t> dims) {
-  auto d = b.dimensions();
-  if (d.size() != dims.size()) { return false; }
-  size_t i = 0;
-  for (int64_t x : dims) {
-    if (d[i++] != x) { return false; }
-  }
-  return true;
 }
 
 // The smallest compiled head dim that holds `head_dim` (the kernel zero-pads the rest).

@@ -6,6 +6,7 @@
 #include <cutlass/version.h>
 
 #include "ffi/attention_ffi.h"
+#include "ffi/plans_ffi.h"
 #include "ffi/quantize_ffi.h"
 #include "ffi/registry.h"
 
@@ -20,6 +21,9 @@ PYBIND11_MODULE(_fa3_cuda, m) {
     targets["jax_fa3_bwd"] = py::capsule(reinterpret_cast<void*>(&JaxFa3Bwd));
     targets["jax_fa3_decode"] = py::capsule(reinterpret_cast<void*>(&JaxFa3Decode));
     targets["jax_fa3_fp8_quantize"] = py::capsule(reinterpret_cast<void*>(&JaxFa3Fp8Quantize));
+    targets["jax_fa3_segment_rows"] = py::capsule(reinterpret_cast<void*>(&JaxFa3SegmentRows));
+    targets["jax_fa3_forward_tiles"] = py::capsule(reinterpret_cast<void*>(&JaxFa3ForwardTiles));
+    targets["jax_fa3_backward_plans"] = py::capsule(reinterpret_cast<void*>(&JaxFa3BackwardPlans));
     return targets;
   }, "FFI target name -> handler capsule, for jax.ffi.register_ffi_target(..., platform='CUDA').");
 

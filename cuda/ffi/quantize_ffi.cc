@@ -20,18 +20,6 @@ namespace ffi = xla::ffi;
 
 constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
 
-bool absent(ffi::AnyBuffer const& b) { return b.dimensions().size() == 1 && b.dimensions()[0] == 0; }
-
-bool has_dims(ffi::AnyBuffer const& b, std::initializer_list<int64_t> dims) {
-  auto d = b.dimensions();
-  if (d.size() != dims.size()) { return false; }
-  size_t i = 0;
-  for (int64_t x : dims) {
-    if (d[i++] != x) { return false; }
-  }
-  return true;
-}
-
 bool input_of(ffi::DataType t, QuantizeInput& input) {
   switch (t) {
     case ffi::DataType::BF16: input = QuantizeInput::kBfloat16; return true;
