@@ -29,7 +29,8 @@ def forward_tiles(q_rows, block_m, block_n):
     return segments.forward_tiles(q_rows, block_m, block_n)
   batch, seqlen_q = q_rows.shape[:2]
   capacity = 3 * -(-seqlen_q // block_m) + 1
-  workspace = batch * (2 * (seqlen_q + 1) + 8 * capacity + 1)
+  # Per row: its tiles' bounds, run and stretch starts and count, 16-byte aligned (cuda/plans/params.h).
+  workspace = batch * -(-(2 * capacity + 2 * (seqlen_q + 1) + 1) // 4) * 4
   plan, _ = jax.ffi.ffi_call(
     _kernels.FORWARD_TILES_TARGET,
     (

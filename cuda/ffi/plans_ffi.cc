@@ -132,6 +132,7 @@ ffi::Error ForwardTilesImpl(cudaStream_t stream, ffi::AnyBuffer q_rows, ffi::Res
   p.block_m = int(block_m);
   p.block_n = int(block_n);
   p.capacity = int(capacity);
+  p.row_ints = tiles_workspace_row_ints(seqlen_q, int(block_m));
   return poison_and_launch("forward_tiles", stream, {&plan}, [&] { return run_forward_tiles(p, stream); });
 }
 

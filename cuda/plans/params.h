@@ -10,6 +10,9 @@
 
 namespace jax_fa3 {
 
+// Threads of the plans' launches that give a thread (or a warp) to each position (or tile).
+constexpr int kPlanPositionThreads = 256;
+
 // Past every position (sequences are at most 2^30 long): segments.py's _FAR.
 constexpr int kPlanFar = 1 << 30;
 
@@ -45,10 +48,15 @@ inline int64_t forward_tile_capacity(int64_t seqlen_q, int block_m) {
   return 3 * ((seqlen_q + block_m - 1) / block_m) + 1;
 }
 
-// Per row: its run starts and stretch starts (seqlen_q + 1 each), its plan rows (capacity
-// x 8) before they are moved next to the other rows', and its tile count.
+// Per row: its tiles' query bounds (capacity x 2), its run starts and stretch starts
+// (seqlen_q + 1 each) and its tile count, 16-byte aligned.
+inline int64_t tiles_workspace_row_ints(int64_t seqlen_q, int block_m) {
+  int64_t const ints = 2 * forward_tile_capacity(seqlen_q, block_m) + 2 * (seqlen_q + 1) + 1;
+  return (ints + 3) / 4 * 4;
+}
+
 inline int64_t tiles_workspace_ints(int64_t batch, int64_t seqlen_q, int block_m) {
-  return batch * (2 * (seqlen_q + 1) + 8 * forward_tile_capacity(seqlen_q, block_m) + 1);
+  return batch * tiles_workspace_row_ints(seqlen_q, block_m);
 }
 
 struct TilesParams {
@@ -56,6 +64,7 @@ struct TilesParams {
   int* plan;           // [1 + batch * capacity, 8]
   int* workspace;      // tiles_workspace_ints
   int batch, seqlen_q, block_m, block_n, capacity;
+  int64_t row_ints;  // tiles_workspace_row_ints
 };
 
 // Per row and query tile: the tile's reach and start (segments.py, backward_plans).

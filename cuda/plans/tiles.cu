@@ -1,8 +1,9 @@
 // jax_fa3_forward_tiles: the packed forward's query tiles, cut at the documents (segments.py,
-// forward_tiles). One CTA per row finds its runs of one id, the stretches (a run at least
-// block_m long, or the queries between two such runs), a tile every block_m queries of each
-// stretch, and each tile's key blocks (one warp per tile); a second launch moves the rows'
-// tiles next to each other behind the total count.
+// forward_tiles). Two launches:
+//   1. one CTA per row finds its runs of one id, its stretches (a run at least block_m long,
+//      or the queries between two such runs) and a tile every block_m queries of each stretch;
+//   2. a warp per tile finds its key blocks and writes it to its place in the plan, behind
+//      the tiles of the rows before it (and the unused rows at the end are zeroed).
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -14,116 +15,114 @@
 namespace jax_fa3 {
 namespace {
 
-using plans::kPlanThreads;
-using plans::kPlanWarps;
+constexpr int kWarps = kPlanPositionThreads / 32;
 
 struct RowWorkspace {
-  int* runs;       // run starts, then seqlen_q; later each stretch's first tile
+  int2* bounds;    // [capacity] each tile's [q_begin, q_end)
+  int* runs;       // run starts, then seqlen_q
   int* stretches;  // stretch starts, then seqlen_q
-  int* tiles;      // [capacity, 8] plan rows
-  int* count;
+  int* count;      // the row's tiles
 };
 
 __device__ RowWorkspace row_workspace(TilesParams const& p, int row) {
-  int* const base = p.workspace + int64_t(row) * (2 * (p.seqlen_q + 1) + 8 * p.capacity + 1);
-  int* const stretches = base + p.seqlen_q + 1;
-  int* const tiles = stretches + p.seqlen_q + 1;
-  return {base, stretches, tiles, tiles + 8 * p.capacity};
+  int* const base = p.workspace + int64_t(row) * p.row_ints;
+  int* const runs = base + 2 * p.capacity;
+  int* const stretches = runs + p.seqlen_q + 1;
+  return {reinterpret_cast<int2*>(base), runs, stretches, stretches + p.seqlen_q + 1};
 }
 
-__global__ void __launch_bounds__(kPlanThreads) row_tiles_kernel(TilesParams const p) {
-  __shared__ int warp_totals[32];
+__global__ void __launch_bounds__(plans::kPlanThreads) row_tiles_kernel(TilesParams const p) {
+  __shared__ plans::ScanStorage storage;
   int const row = blockIdx.x;
   int const n = p.seqlen_q;
   int4 const* const rows = p.q_rows + int64_t(row) * n;
   RowWorkspace const w = row_workspace(p, row);
 
   int const runs = plans::compact_row(
-      n, [&](int i) { return i == 0 || rows[i].x != rows[i - 1].x; }, [&](int r, int i) { w.runs[r] = i; },
-      warp_totals);
+      n, [&](int i) { return (i == 0) | (rows[i].x != rows[max(i - 1, 0)].x); }, [&](int r, int i) { w.runs[r] = i; },
+      storage);
   if (threadIdx.x == 0) { w.runs[runs] = n; }
   __syncthreads();
   // Run 0 always starts one: the queries before the first long run form a stretch.
   auto long_run = [&](int r) { return w.runs[r + 1] - w.runs[r] >= p.block_m; };
   int const stretches = plans::compact_row(
-      runs, [&](int r) { return r == 0 || long_run(r) || long_run(r - 1); },
-      [&](int k, int r) { w.stretches[k] = w.runs[r]; }, warp_totals);
+      runs, [&](int r) { return (r == 0) | long_run(r) | long_run(max(r - 1, 0)); },
+      [&](int k, int r) { w.stretches[k] = w.runs[r]; }, storage);
   if (threadIdx.x == 0) { w.stretches[stretches] = n; }
   __syncthreads();
 
-  // Each stretch's first tile (in w.runs, free now), and the row's tile count.
-  int* const first_tile = w.runs;
+  // A tile every block_m queries of each stretch, numbered in order.
+  plans::Chunk const c(stretches);
   auto tiles_of = [&](int k) { return (w.stretches[k + 1] - w.stretches[k] + p.block_m - 1) / p.block_m; };
-  __shared__ int tile_count;
-  if (threadIdx.x == 0) { tile_count = 0; }
-  __syncthreads();
-  plans::scan_row(
-      stretches, false, plans::Sum{}, 0, tiles_of,
-      [&](int k, int through_k) {
-        first_tile[k] = through_k - tiles_of(k);
-        if (k == stretches - 1) { tile_count = through_k; }
-      },
-      warp_totals);
-  __syncthreads();
-
-  int const lane = threadIdx.x % 32;
-  for (int t = threadIdx.x / 32; t < tile_count; t += kPlanWarps) {
-    int lo = 0, hi = stretches - 1;  // the last stretch whose first tile is at most t
-    while (lo < hi) {
-      int const mid = (lo + hi + 1) / 2;
-      if (first_tile[mid] <= t) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
-    }
-    int const q_begin = w.stretches[lo] + (t - first_tile[lo]) * p.block_m;
-    int const q_end = min(q_begin + p.block_m, w.stretches[lo + 1]);
-    plans::TileKeyBlocks const b =
-        plans::tile_key_blocks(plans::warp_tile_spans(rows, q_begin, q_end), p.block_n, /*from_first_key=*/true);
-    if (lane == 0) {
-      int4* const out = reinterpret_cast<int4*>(w.tiles + 8 * t);
-      out[0] = make_int4(row, q_begin, q_end, b.offset);
-      out[1] = make_int4(b.n_max, b.right, b.left, 0);
+  int mine = 0;
+  for (int k = c.begin; k < c.end; ++k) { mine += tiles_of(k); }
+  int total;
+  int t = plans::cta_exclusive_scan(mine, plans::Sum{}, 0, storage, &total);
+  for (int k = c.begin; k < c.end; ++k) {
+    for (int begin = w.stretches[k]; begin < w.stretches[k + 1]; begin += p.block_m) {
+      w.bounds[t++] = make_int2(begin, min(begin + p.block_m, w.stretches[k + 1]));
     }
   }
-  if (threadIdx.x == 0) { *w.count = tile_count; }
+  if (threadIdx.x == 0) { *w.count = total; }
 }
 
-// Row b's tiles go to plan rows 1 + (tiles of rows before b) on; row 0 holds the total and
-// the rows past it are zero.
-__global__ void __launch_bounds__(kPlanThreads) gather_tiles_kernel(TilesParams const p) {
-  __shared__ int warp_totals[32];
-  int const row = blockIdx.x;
+// The sum over the CTA of one value per thread (kPlanPositionThreads of them).
+__device__ int cta_sum(int value, int* warp_sums) {
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) { value += __shfl_xor_sync(0xffffffffu, value, d); }
+  if (threadIdx.x % 32 == 0) { warp_sums[threadIdx.x / 32] = value; }
+  __syncthreads();
+  int sum = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) { sum += warp_sums[w]; }
+  __syncthreads();
+  return sum;
+}
+
+// Grid: ceil(capacity / kWarps) CTAs per row, rows after one another.
+__global__ void __launch_bounds__(kPlanPositionThreads) tile_blocks_kernel(TilesParams const p, int ctas_per_row) {
+  __shared__ int warp_sums[kWarps];
+  int const row = int(blockIdx.x / unsigned(ctas_per_row));
+  int const t = int(blockIdx.x % unsigned(ctas_per_row)) * kWarps + int(threadIdx.x / 32);
+  int const lane = threadIdx.x % 32;
   int before = 0, all = 0;
   for (int r = threadIdx.x; r < p.batch; r += blockDim.x) {
     int const c = *row_workspace(p, r).count;
     all += c;
     before += r < row ? c : 0;
   }
-  before = plans::cta_sum(before, warp_totals);
-  int const total = plans::cta_sum(all, warp_totals);
+  before = cta_sum(before, warp_sums);
+  int const total = cta_sum(all, warp_sums);
+  if (t >= p.capacity) { return; }
+
   RowWorkspace const w = row_workspace(p, row);
   int const count = *w.count;
   int4* const plan = reinterpret_cast<int4*>(p.plan);  // two int4 per plan row
-  int4 const* const tiles = reinterpret_cast<int4 const*>(w.tiles);
-  for (int i = threadIdx.x; i < 2 * count; i += blockDim.x) { plan[2 * (1 + before) + i] = tiles[i]; }
-  // This row's share of the zeros: plan rows [1 + row * capacity, 1 + (row + 1) * capacity)
-  // past the total.
-  int64_t const zero_begin = max(int64_t(1) + total, int64_t(1) + int64_t(row) * p.capacity);
-  int64_t const zero_end = int64_t(1) + int64_t(row + 1) * p.capacity;
-  for (int64_t r = zero_begin + threadIdx.x / 2; r < zero_end; r += blockDim.x / 2) {
-    plan[2 * r + threadIdx.x % 2] = make_int4(0, 0, 0, 0);
+  if (row == 0 && t == 0 && lane == 0) { plan[0] = make_int4(total, 0, 0, 0), plan[1] = make_int4(0, 0, 0, 0); }
+  if (t >= count) {
+    // The rows' unused slots, in order, are the plan rows after the last tile.
+    int64_t const r = 1 + total + (int64_t(row) * p.capacity - before) + (t - count);
+    if (lane < 2) { plan[2 * r + lane] = make_int4(0, 0, 0, 0); }
+    return;
   }
-  if (row == 0 && threadIdx.x < 2) { plan[threadIdx.x] = make_int4(threadIdx.x == 0 ? total : 0, 0, 0, 0); }
+  int2 const q = w.bounds[t];
+  int4 const* const rows = p.q_rows + int64_t(row) * p.seqlen_q;
+  plans::TileKeyBlocks const b =
+      plans::tile_key_blocks(plans::warp_tile_spans(rows, q.x, q.y), p.block_n, /*from_first_key=*/true);
+  if (lane == 0) {
+    int64_t const r = 1 + before + t;
+    plan[2 * r] = make_int4(row, q.x, q.y, b.offset);
+    plan[2 * r + 1] = make_int4(b.n_max, b.right, b.left, 0);
+  }
 }
 
 }  // namespace
 
 cudaError_t run_forward_tiles(TilesParams const& p, cudaStream_t stream) {
   if (p.batch == 0) { return cudaSuccess; }
-  row_tiles_kernel<<<unsigned(p.batch), kPlanThreads, 0, stream>>>(p);
-  gather_tiles_kernel<<<unsigned(p.batch), kPlanThreads, 0, stream>>>(p);
+  row_tiles_kernel<<<unsigned(p.batch), plans::kPlanThreads, 0, stream>>>(p);
+  int const ctas_per_row = (p.capacity + kWarps - 1) / kWarps;
+  tile_blocks_kernel<<<unsigned(int64_t(ctas_per_row) * p.batch), kPlanPositionThreads, 0, stream>>>(p, ctas_per_row);
   return cudaGetLastError();
 }
 
