@@ -29,8 +29,11 @@ def forward_tiles(q_rows, block_m, block_n):
     return segments.forward_tiles(q_rows, block_m, block_n)
   batch, seqlen_q = q_rows.shape[:2]
   capacity = 3 * -(-seqlen_q // block_m) + 1
-  # Per row: its tiles' bounds, run and stretch starts and count, 16-byte aligned (cuda/plans/params.h).
-  workspace = batch * -(-(2 * capacity + 2 * (seqlen_q + 1) + 1) // 4) * 4
+  # Per row: its tiles' bounds, run and stretch starts, count, and each block of 256
+  # queries' run starts and their count, 16-byte aligned (cuda/plans/params.h).
+  blocks = -(-seqlen_q // 256)
+  row = 2 * capacity + 2 * (seqlen_q + 1) + 1 + blocks * 257
+  workspace = batch * -(-row // 4) * 4
   plan, _ = jax.ffi.ffi_call(
     _kernels.FORWARD_TILES_TARGET,
     (

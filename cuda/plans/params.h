@@ -49,9 +49,12 @@ inline int64_t forward_tile_capacity(int64_t seqlen_q, int block_m) {
 }
 
 // Per row: its tiles' query bounds (capacity x 2), its run starts and stretch starts
-// (seqlen_q + 1 each) and its tile count, 16-byte aligned.
+// (seqlen_q + 1 each), its tile count, and per block of kPlanPositionThreads queries the
+// block's run starts (a slot per query) and their count; 16-byte aligned.
 inline int64_t tiles_workspace_row_ints(int64_t seqlen_q, int block_m) {
-  int64_t const ints = 2 * forward_tile_capacity(seqlen_q, block_m) + 2 * (seqlen_q + 1) + 1;
+  int64_t const blocks = (seqlen_q + kPlanPositionThreads - 1) / kPlanPositionThreads;
+  int64_t const ints = 2 * forward_tile_capacity(seqlen_q, block_m) + 2 * (seqlen_q + 1) + 1 +
+                       blocks * (kPlanPositionThreads + 1);
   return (ints + 3) / 4 * 4;
 }
 
