@@ -6,6 +6,7 @@ Outputs are NaN-poisoned before each launch (conftest.py)."""
 
 import dataclasses
 import math
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -128,7 +129,7 @@ def _inputs(case, seed):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_sinks_forward_gradients_and_max_logit(case):
-  q, k, v, dout, dlse, sinks, q_ids = _inputs(case, hash(str(case)) % 2**32)
+  q, k, v, dout, dlse, sinks, q_ids = _inputs(case, zlib.crc32(str(case).encode()))
   scale = 1 / math.sqrt(case.head_dim)
   mask = _mask(case, q_ids)
 
