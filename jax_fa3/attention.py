@@ -116,7 +116,7 @@ def flash_attention(
   """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   fp8 = _check_qkv(q, k, v)
-  context_parallel = _check_context_parallel("flash_attention", context_parallel)
+  context_parallel = strategy.check("flash_attention", context_parallel)
   causal, return_lse, return_max_logit, deterministic = _check_flags(
     causal=causal,
     return_lse=return_lse,
@@ -224,7 +224,7 @@ def flash_attention_varlen(
     `max_logit [heads]` (the largest score over all sequences), as asked for.
   """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-  context_parallel = _check_context_parallel("flash_attention_varlen", context_parallel)
+  context_parallel = strategy.check("flash_attention_varlen", context_parallel)
   for name, x in (("q", q), ("k", k), ("v", v)):
     if x.ndim != 3:
       raise ValueError(
@@ -340,7 +340,7 @@ def dot_product_attention(
   all-zero) result.
   """
   is_causal, return_residual = _check_flags(is_causal=is_causal, return_residual=return_residual)
-  context_parallel = _check_context_parallel("dot_product_attention", context_parallel)
+  context_parallel = strategy.check("dot_product_attention", context_parallel)
   if implementation in ("xla", "cudnn"):
     return _jax_nn(
       query,
@@ -819,16 +819,6 @@ def _tokens_of(flagged, cu_seqlens, total):
   edges = jnp.zeros((total + 1,), jnp.int32)
   edges = edges.at[lo].add(flagged.astype(jnp.int32)).at[hi].add(-flagged.astype(jnp.int32))
   return jnp.cumsum(edges)[:total] > 0
-
-
-def _check_context_parallel(function, value):
-  if not isinstance(value, str) or value not in strategy.STRATEGIES:
-    raise ValueError(
-      f"{function}: context_parallel must be one of "
-      f"{', '.join(map(repr, strategy.STRATEGIES))} (how a sequence split over devices "
-      f"runs), got {value!r}"
-    )
-  return value
 
 
 def _check_window(name, window):

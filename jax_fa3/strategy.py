@@ -24,6 +24,17 @@ from jax_fa3.primitives import AttentionParams
 
 STRATEGIES = ("auto", "ring", "all_gather")
 
+
+def check(function, context_parallel):
+  """`context_parallel` as given, or a ValueError from `function` that lists the choices."""
+  if not isinstance(context_parallel, str) or context_parallel not in STRATEGIES:
+    raise ValueError(
+      f"{function}: context_parallel must be one of {', '.join(map(repr, STRATEGIES))} "
+      f"(how a sequence split over devices runs), got {context_parallel!r}"
+    )
+  return context_parallel
+
+
 # One GPU's attention forward, FLOPs per ms: an H100 at 32k tokens, 16 heads, d128, not
 # causal, 626 TFLOP/s (benchmarks/results/2026-11-25_h100-sxm-x2/scaling.md, ring sweep, 1
 # device). The two strategies share this term, so it sets only the ring's hiding of hops.
@@ -71,11 +82,7 @@ def plan(
   benchmarks/NOTES.md) and where the ring cannot run, else the cheaper by `costs`.
   Forcing "ring" where it cannot run raises a ValueError.
   """
-  if context_parallel not in STRATEGIES:
-    raise ValueError(
-      f"context_parallel must be one of {', '.join(map(repr, STRATEGIES))}, "
-      f"got {context_parallel!r}"
-    )
+  check("jax_fa3", context_parallel)
   seqlen_q, seqlen_k = q_shape[1], k_shape[1]
   one_sided = _bounded_sides(params) == 1
   striped = one_sided and seqlen_q % size**2 == 0 and seqlen_k % size**2 == 0
