@@ -54,7 +54,6 @@ import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jax_fa3
@@ -249,8 +248,8 @@ def _ring_program(point, mesh, q, k, v, dout):
   """The forward or the backward of the causal ring in the point's layout, run directly
   (jax_fa3 itself always stripes a causal ring that it can)."""
   split = sharding.Split(sequence=("x",), striped=point.layout == "striped")
-  params, sizes, absent = _params(point.problem), dict(mesh.shape), jnp.zeros((0,), jnp.int32)
-  seq, lse, none = split.q_spec(), split.lse_spec(), P(None)
+  params, sizes = _params(point.problem), dict(mesh.shape)
+  seq, lse = split.q_spec(), split.lse_spec()
 
   # No lengths (None): an empty array must not enter a manual computation (NOTES).
   def forward(q, k, v):
@@ -445,8 +444,10 @@ def _strategies(records):
   return [
     "## strategy: ring against all-gather (measured; the cost model's forward estimate)",
     "",
-    "| mode | causal | seqlen | devices | ring ms | all-gather ms | faster | auto picks | "
-    "model ring ms | model all-gather ms |",
+    (
+      "| mode | causal | seqlen | devices | ring ms | all-gather ms | faster | auto picks | "
+      "model ring ms | model all-gather ms |"
+    ),
     "|---|---|---|---|---|---|---|---|---|---|",
     *rows,
     "",

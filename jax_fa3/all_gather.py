@@ -12,7 +12,7 @@ Against the ring: one collective each way instead of P hops, no lse merges, one 
 kernel calls instead of P; but each device holds the whole K/V (and in the backward its
 float32 dK/dV), and the gather is not hidden behind attention as the ring's hops are. It
 pays where the K/V chunks are small next to the ring's per-step costs: short sequences,
-many devices, few k/v heads (sharding.choose_split weighs the two).
+many devices, few k/v heads (strategy.py weighs the two).
 
 Two layouts place the queries (C = the local query chunk):
 - contiguous: device r holds positions [r C, (r + 1) C) and makes one call, its diagonal
@@ -253,9 +253,10 @@ def _piece(start, chunk, length, params, seqused_q, q_rows, kv_rows):
 
 def _on_this_device(gather, params, packed, program, *operands):
   """`program(rank, *operands)` for this device's index: an int, one `lax.switch` branch per
-  device, where the mask's offsets depend on it; else the traced index."""
+  device, where the mask's offsets or the zigzag halves depend on it; else the traced index."""
   rank = lax.axis_index(gather.axes)
-  if packed or (params.window_left < 0 and params.window_right < 0):
+  unmasked = params.window_left < 0 and params.window_right < 0
+  if not gather.zigzag and (packed or unmasked):
     return program(rank, *operands)
   branches = [functools.partial(program, r) for r in range(gather.size)]
   return lax.switch(rank, branches, *operands)

@@ -198,7 +198,7 @@ def test_the_cost_model_crosses_over_once():
 
   seqlens = [2**n for n in range(13, 21)]  # 8k ... 1M
   leads = [lead(2, s) for s in seqlens]
-  assert all(a >= b for a, b in zip(leads, leads[1:])), leads
+  assert all(a >= b for a, b in itertools.pairwise(leads)), leads
   assert leads[0] > 0 > leads[-1], leads
   for seqlen in seqlens:
     assert lead(2, seqlen, kv_heads=2) > lead(2, seqlen)
