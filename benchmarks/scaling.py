@@ -2,7 +2,10 @@
 
 Sweeps, on 1, 2, 4, ... of the visible devices (--devices):
 - ring: one long sequence split over the devices (context parallelism), through
-  `flash_attention` under jit: time against seqlen and device count, causal and not;
+  `flash_attention` under jit: time against seqlen and device count, causal and not, for
+  each of --strategies (ring attention, all-gathered K/V: `context_parallel=`), with the
+  cost model's estimate of each (jax_fa3/strategy.py, a forward) and the strategy "auto"
+  picks, so that one run says whether the model picks the faster one;
 - layout: the causal ring striped (load-balanced, what jax_fa3 picks) against contiguous,
   forward and backward apart: the balancing gain, expected (2P - 1) / P on P devices
   (ring.py);
@@ -10,9 +13,10 @@ Sweeps, on 1, 2, 4, ... of the visible devices (--devices):
   parallelism), which needs no communication: efficiency t(1) / (P t(P)), ideally 1;
 - packed: one row of --packed-seqlens tokens (32k) holding documents of ~--mean-doc
   tokens (2k; uniform in [mean/4, 7 mean/4], as benchmarks/packed.py makes them) with
-  segment ids, the sequence split over the devices: the contiguous ring whose K/V chunks
-  carry their rows and which skips the blocks of other documents. TFLOP/s count the
-  in-document work only ("useful", as in packed.py).
+  segment ids, the sequence split over the devices, for each of --strategies: the
+  contiguous ring whose K/V chunks carry their rows and which skips the blocks of other
+  documents, or K/V gathered with their rows. TFLOP/s count the in-document work only
+  ("useful", as in packed.py).
 
 Timing: wall-clock time of the jitted call, median of --iterations (timing.wall_time_ms).
 Not CUPTI kernel time: a sharded call costs what its slowest device takes, plus the
@@ -33,7 +37,8 @@ scaling.png (with matplotlib; --replot draws it from a scaling.json afterwards).
 GPU it runs small sizes on the CPU devices, say
 XLA_FLAGS=--xla_force_host_platform_device_count=8, to check the plumbing.
 
-    python benchmarks/scaling.py --sweeps ring layout --seqlens 32768 131072
+    python benchmarks/scaling.py --sweeps ring layout --seqlens 8192 32768 131072 \
+      --strategies ring all_gather
 """
 
 import os
@@ -49,17 +54,17 @@ import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jax_fa3
 from bench import NO_GPU_BANNER, Problem, card_name, default_out_dir, pyplot, timed_call
 from packed import Packed
-from jax_fa3 import sharding
+from jax_fa3 import sharding, strategy
 from jax_fa3.primitives import AttentionParams
 from timing import on_gpu, wall_time_ms
 
 SWEEPS = ("ring", "layout", "batch", "heads", "packed")
+STRATEGIES = ("ring", "all_gather")  # the sequence's (context_parallel), "auto" excepted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +101,7 @@ class Point:
   devices: int
   problem: Problem
   mean_doc: int = 0  # packed documents' mean length; 0: not packed
+  strategy: str = "-"  # ring and packed sweeps on several devices: context_parallel
 
   def packed(self) -> Packed:
     problem = self.problem
@@ -116,20 +122,63 @@ class Point:
     return self.problem.flops(self.mode)
 
 
-def ring_points(sizes, device_counts, dtype):
+def ring_points(sizes, device_counts, dtype, strategies=STRATEGIES):
+  """One device once, then each strategy on each device count."""
   for seqlen, causal, devices in itertools.product(sizes.seqlens, (False, True), device_counts):
     problem = Problem(1, seqlen, sizes.heads, sizes.head_dim, causal, dtype)
-    for mode in ("fwd", "fwdbwd"):
-      yield Point("ring", mode, "sequence", _layout_chosen(problem, devices), devices, problem)
+    for mode, context_parallel in itertools.product(("fwd", "fwdbwd"), _each(strategies, devices)):
+      layout = _layout_chosen(problem, devices, context_parallel)
+      yield Point("ring", mode, "sequence", layout, devices, problem, strategy=context_parallel)
 
 
-def _layout_chosen(problem, devices):
-  """The ring's layout as jax_fa3 chooses it for this problem on `devices` devices."""
+def _each(strategies, devices):
+  """The strategies to time on `devices` devices: one device has none ("-")."""
+  return strategies if devices > 1 else ("-",)
+
+
+def _split_chosen(problem, devices, context_parallel="auto"):
   shape = (problem.batch, problem.seqlen, problem.heads, problem.head_dim)
-  split = sharding.choose_split(
-    {"x": devices}, P(None, "x"), P(None, "x"), shape, shape, _params(problem)
+  return sharding.choose_split(
+    {"x": devices},
+    P(None, "x"),
+    P(None, "x"),
+    shape,
+    shape,
+    _params(problem),
+    packed=False,
+    context_parallel=context_parallel,
   )
-  return "striped" if split.striped else "contiguous" if split.sequence else "-"
+
+
+def _layout_chosen(problem, devices, context_parallel="auto"):
+  """The strategy and layout jax_fa3 runs for this problem on `devices` devices."""
+  split = _split_chosen(problem, devices, "auto" if context_parallel == "-" else context_parallel)
+  if not split.sequence:
+    return "-"
+  if split.strategy == "ring":
+    return "ring " + ("striped" if split.striped else "contiguous")
+  return "all_gather " + ("zigzag" if split.zigzag else "contiguous")
+
+
+def _model(point):
+  """The cost model's view of a ring point: its estimate for the point's strategy (a forward,
+  ms) and the strategy "auto" picks."""
+  if point.sweep != "ring" or point.strategy == "-":
+    return {}
+  problem = point.problem
+  shape = (problem.batch, problem.seqlen, problem.heads, problem.head_dim)
+  ring_ms, gather_ms = strategy.costs(
+    point.devices,
+    shape,
+    shape,
+    _params(problem),
+    _split_chosen(problem, point.devices, "ring").striped,
+    _split_chosen(problem, point.devices, "all_gather").zigzag,
+  )
+  return dict(
+    model_fwd_ms=ring_ms if point.strategy == "ring" else gather_ms,
+    auto_picks=_split_chosen(problem, point.devices).strategy,
+  )
 
 
 def _params(problem):
@@ -146,21 +195,21 @@ def layout_points(sizes, device_counts, dtype):
         yield Point("layout", mode, "sequence", layout, devices, problem)
 
 
-def packed_points(sizes, device_counts, dtype):
+def packed_points(sizes, device_counts, dtype, strategies=STRATEGIES):
   for seqlen, causal, devices in itertools.product(
     sizes.packed_seqlens, (False, True), device_counts
   ):
     problem = Problem(1, seqlen, sizes.heads, sizes.head_dim, causal, dtype)
-    for mode in ("fwd", "fwdbwd"):
-      strategy = "ring" if sharding._PACKED_RING else "gathered"
+    for mode, context_parallel in itertools.product(("fwd", "fwdbwd"), _each(strategies, devices)):
       yield Point(
         "packed",
         mode,
         "sequence",
-        f"docs~{sizes.mean_doc} {strategy}",
+        f"docs~{sizes.mean_doc} {context_parallel}",
         devices,
         problem,
         sizes.mean_doc,
+        context_parallel,
       )
 
 
@@ -185,33 +234,36 @@ def timed(point):
     return _ring_program(point, mesh, q, k, v, dout)
   if point.sweep == "packed":
     return _packed_program(point, mesh, q, k, v, dout)
-  attention = functools.partial(jax_fa3.flash_attention, causal=point.problem.causal)
+  attention = functools.partial(
+    jax_fa3.flash_attention, causal=point.problem.causal, **_context_parallel(point)
+  )
   return timed_call(attention, point.mode, q, k, v, dout)
+
+
+def _context_parallel(point):
+  return {} if point.strategy == "-" else dict(context_parallel=point.strategy)
 
 
 def _ring_program(point, mesh, q, k, v, dout):
   """The forward or the backward of the causal ring in the point's layout, run directly
   (jax_fa3 itself always stripes a causal ring that it can)."""
   split = sharding.Split(sequence=("x",), striped=point.layout == "striped")
-  params, sizes, absent = _params(point.problem), dict(mesh.shape), jnp.zeros((0,), jnp.int32)
-  seq, lse, none = split.q_spec(), split.lse_spec(), P(None)
+  params, sizes = _params(point.problem), dict(mesh.shape)
+  seq, lse = split.q_spec(), split.lse_spec()
 
-  def forward(q, k, v, seqused):
-    return sharding.local_fwd(split, sizes, params, q, k, v, seqused, seqused)
+  # No lengths (None): an empty array must not enter a manual computation (NOTES).
+  def forward(q, k, v):
+    return sharding.local_fwd(split, sizes, params, False, None, q, k, v, None, None)
 
-  def backward(dout, q, k, v, out, lse, seqused):
-    return sharding.local_bwd(
-      split, sizes, params, False, dout, q, k, v, out, lse, seqused, seqused
-    )
+  def backward(dout, q, k, v, out, lse):
+    return sharding.local_bwd(split, sizes, params, False, dout, q, k, v, out, lse, None, None)
 
-  forward = jax.shard_map(forward, mesh=mesh, in_specs=(seq, seq, seq, none), out_specs=(seq, lse))
+  forward = jax.shard_map(forward, mesh=mesh, in_specs=(seq, seq, seq), out_specs=(seq, lse))
   if point.mode == "fwd":
-    return forward, (q, k, v, absent)
-  out, lse_value = jax.jit(forward)(q, k, v, absent)
-  backward = jax.shard_map(
-    backward, mesh=mesh, in_specs=(seq,) * 5 + (lse, none), out_specs=(seq, seq, seq)
-  )
-  return backward, (dout, q, k, v, out, lse_value, absent)
+    return forward, (q, k, v)
+  out, lse_value = jax.jit(forward)(q, k, v)
+  backward = jax.shard_map(backward, mesh=mesh, in_specs=(seq,) * 5 + (lse,), out_specs=(seq,) * 3)
+  return backward, (dout, q, k, v, out, lse_value)
 
 
 def _packed_program(point, mesh, q, k, v, dout):
@@ -219,7 +271,9 @@ def _packed_program(point, mesh, q, k, v, dout):
   ids = jax.device_put(point.packed().segment_ids(), NamedSharding(mesh, P(None, "x")))
 
   def attention(q, k, v, ids):
-    return jax_fa3.flash_attention(q, k, v, segment_ids=ids, causal=point.problem.causal)
+    return jax_fa3.flash_attention(
+      q, k, v, segment_ids=ids, causal=point.problem.causal, **_context_parallel(point)
+    )
 
   if point.mode == "fwd":
     return attention, (q, k, v, ids)
@@ -262,6 +316,7 @@ def run(points, iterations, on_record=lambda records, failures: None):
         tflops_per_device=point.flops() / ms / 1e9 / point.devices,
         speedup=one_device / ms if one_device else None,
         efficiency=one_device / ms / point.devices if one_device else None,
+        **_model(point),
       )
     )
     print(
@@ -279,6 +334,7 @@ def _fields(point):
     mode=point.mode,
     split=point.split,
     layout=point.layout,
+    strategy=point.strategy,
     devices=point.devices,
     batch=problem.batch,
     seqlen=problem.seqlen,
@@ -328,6 +384,7 @@ def markdown(records, header, failures=()):
       )
     lines.append("")
   lines += _striping_gains(records)
+  lines += _strategies(records)
   return "\n".join(lines)
 
 
@@ -364,6 +421,39 @@ def _striping_gains(records):
   ]
 
 
+def _strategies(records):
+  """The ring sweep's strategies side by side, with the cost model's forward estimates and
+  its pick: the table that sets (or moves) strategy.py's constants."""
+  ms = {}
+  for r in records:
+    if r["sweep"] == "ring" and r.get("strategy", "-") != "-":
+      ms.setdefault((r["mode"], r["causal"], r["seqlen"], r["devices"]), {})[r["strategy"]] = r
+  rows = []
+  for (mode, causal, seqlen, devices), by_strategy in sorted(ms.items()):
+    if set(by_strategy) != set(STRATEGIES):
+      continue
+    ring, gather = by_strategy["ring"], by_strategy["all_gather"]
+    faster = "ring" if ring["ms"] < gather["ms"] else "all_gather"
+    rows.append(
+      f"| {mode} | {'yes' if causal else 'no'} | {seqlen} | {devices} | {ring['ms']:.3f} | "
+      f"{gather['ms']:.3f} | {faster} | {ring['auto_picks']} | "
+      f"{ring['model_fwd_ms']:.4g} | {gather['model_fwd_ms']:.4g} |"
+    )
+  if not rows:
+    return []
+  return [
+    "## strategy: ring against all-gather (measured; the cost model's forward estimate)",
+    "",
+    (
+      "| mode | causal | seqlen | devices | ring ms | all-gather ms | faster | auto picks | "
+      "model ring ms | model all-gather ms |"
+    ),
+    "|---|---|---|---|---|---|---|---|---|---|",
+    *rows,
+    "",
+  ]
+
+
 def _ratio(x):
   return "-" if x is None else f"{x:.2f}"
 
@@ -388,22 +478,26 @@ def plot(records, header, out_dir):
     ax.set_visible(False)
   for ax, (panel, mode) in zip(axes.flat, panels):
     if panel == "ring":
-      for devices, causal in sorted({(r["devices"], r["causal"]) for r in ring}):
+      lines = sorted({(r["devices"], r["causal"], r.get("strategy", "-")) for r in ring})
+      for devices, causal, context_parallel in lines:
         points = sorted(
           (r["seqlen"], r["tflops_per_device"])
           for r in ring
-          if r["mode"] == mode and r["devices"] == devices and r["causal"] == causal
+          if (r["mode"], r["devices"], r["causal"], r.get("strategy", "-"))
+          == (mode, devices, causal, context_parallel)
         )
+        how = "" if context_parallel == "-" else f", {context_parallel}"
         if points:
           ax.plot(
             *zip(*points),
             marker="o",
             linestyle="-" if causal else "--",
-            label=f"{devices} device{'s' * (devices > 1)}, {'causal' if causal else 'not causal'}",
+            label=f"{devices} device{'s' * (devices > 1)}{how}, "
+            f"{'causal' if causal else 'not causal'}",
           )
       _seqlen_axis(ax, {r["seqlen"] for r in ring})
       ax.set(
-        title=f"ring: sequence split, {mode}",
+        title=f"sequence split (ring, all-gather), {mode}",
         xlabel="seqlen (batch 1)",
         ylabel="TFLOP/s per device",
       )
@@ -493,11 +587,12 @@ def parse_args(argv=None):
     "--mean-doc", type=int, help="packed sweep: mean document length (default 2048 on GPUs)"
   )
   parser.add_argument(
-    "--packed-ring",
-    choices=("on", "off"),
-    default="off",
-    help="packed sweep: run a split row as a ring (on) or gather it (off, "
-    "the default strategy; jax_fa3.sharding._PACKED_RING)",
+    "--strategies",
+    nargs="+",
+    choices=STRATEGIES,
+    default=STRATEGIES,
+    help="ring and packed sweeps: how a split sequence runs (flash_attention's "
+    "context_parallel), each timed (default: both)",
   )
   parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
   parser.add_argument("--iterations", type=int, help="timed runs per point (default 10 on GPUs)")
@@ -518,7 +613,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
-  sharding._PACKED_RING = args.packed_ring == "on"
   if args.replot:
     results = json.loads(args.replot.read_text())
     written = write(
@@ -547,11 +641,11 @@ def main(argv=None):
   points = []
   for sweep in args.sweeps:
     if sweep == "ring":
-      points += ring_points(sizes, device_counts, args.dtype)
+      points += ring_points(sizes, device_counts, args.dtype, tuple(args.strategies))
     elif sweep == "layout":
       points += layout_points(sizes, device_counts, args.dtype)
     elif sweep == "packed":
-      points += packed_points(sizes, device_counts, args.dtype)
+      points += packed_points(sizes, device_counts, args.dtype, tuple(args.strategies))
     else:
       points += split_points(sweep, sizes, device_counts, args.dtype)
 

@@ -49,7 +49,7 @@ class KernelStatus:
   unavailable_reason: str | None = None
   build_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   # (direction, dtype name, head_dim) -> (block_m, block_n) of the packed-sequence kernels,
-  # whose tile plans are made in JAX (segments.py).
+  # whose tile plans segment_kernels.py makes.
   segment_tiles: Mapping[tuple[str, str, int], tuple[int, int]] = dataclasses.field(
     default_factory=dict
   )

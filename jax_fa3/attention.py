@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from jax_fa3 import _checks, reference, segment_kernels, sharding
+from jax_fa3 import _checks, reference, segment_kernels, sharding, strategy
 from jax_fa3.primitives import AttentionParams, Fp8Params
 
 # The one list of the dtypes jax_fa3 takes (the Flax adapters read it too).
@@ -39,6 +39,7 @@ def flash_attention(
   descale_k=None,
   descale_v=None,
   out_dtype=None,
+  context_parallel="auto",
 ):
   """FlashAttention-3: softmax(q kᵀ · softmax_scale) v, on Hopper kernels where compiled.
 
@@ -86,6 +87,13 @@ def flash_attention(
     out_dtype: the output dtype. For float8_e4m3fn inputs bfloat16 (the default) or
       float16 where a kernel writes it (`kernels_available()`; the reference path writes
       both); for 16-bit inputs None or their own dtype.
+    context_parallel: how a sequence split over devices (q's and k's sequence sharded
+      under `jax.jit`) runs: "auto" (the default) picks by a cost model of shape, device
+      count and mask; "ring" passes K/V chunks round the devices (ring attention);
+      "all_gather" gathers K/V whole on each device, which keeps its queries. No effect
+      on arrays whose sequence is not split. `jax_fa3.sharding.choose_split(...).reason`
+      says which runs and why; a forced "ring" that cannot run the split raises a
+      ValueError that says why.
 
   `causal`, `return_lse`, `return_max_logit` and `deterministic` are static Python (or
   NumPy) bools, and `softmax_scale`, `softcap` and `window_size` static numbers: they
@@ -108,6 +116,7 @@ def flash_attention(
   """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   fp8 = _check_qkv(q, k, v)
+  context_parallel = strategy.check("flash_attention", context_parallel)
   causal, return_lse, return_max_logit, deterministic = _check_flags(
     causal=causal,
     return_lse=return_lse,
@@ -149,7 +158,18 @@ def flash_attention(
       kv_offsets=jnp.full(kv_ids.shape, params.diagonal_offset, jnp.int32),
     )
   out, lse, *max_logit = _attention(
-    q, k, v, absent, absent, q_rows, kv_rows, sinks, params, deterministic, return_max_logit
+    q,
+    k,
+    v,
+    absent,
+    absent,
+    q_rows,
+    kv_rows,
+    sinks,
+    params,
+    deterministic,
+    return_max_logit,
+    context_parallel,
   )
   return _results(out, lse if return_lse else None, *max_logit)
 
@@ -179,6 +199,7 @@ def flash_attention_varlen(
   return_lse=False,
   return_max_logit=False,
   deterministic=False,
+  context_parallel="auto",
 ):
   """FlashAttention's variable-length form: sequences concatenated along one token axis.
 
@@ -195,13 +216,15 @@ def flash_attention_varlen(
       of sequence `s` take part (the rest get output 0).
     causal, window_size: as in `flash_attention`, within each sequence, aligned
       bottom-right on its (used) lengths.
-    The other arguments are `flash_attention`'s.
+    The other arguments are `flash_attention`'s (`context_parallel` applies to a split
+    token axis).
 
   Returns:
     `out [total_q, heads, head_dim_v]`, or a tuple with `lse [heads, total_q]` and/or
     `max_logit [heads]` (the largest score over all sequences), as asked for.
   """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  context_parallel = strategy.check("flash_attention_varlen", context_parallel)
   for name, x in (("q", q), ("k", k), ("v", v)):
     if x.ndim != 3:
       raise ValueError(
@@ -254,7 +277,18 @@ def flash_attention_varlen(
   )
   absent = jnp.zeros((0,), jnp.int32)
   out, lse, *max_logit = _attention(
-    q4, k4, v4, absent, absent, q_rows, kv_rows, sinks, params, deterministic, return_max_logit
+    q4,
+    k4,
+    v4,
+    absent,
+    absent,
+    q_rows,
+    kv_rows,
+    sinks,
+    params,
+    deterministic,
+    return_max_logit,
+    context_parallel,
   )
   # Tokens of a malformed sequence (of q's or k's bounds): NaN, never a silent number.
   bad_tokens = _tokens_of(bad_q | bad_k, cu_q, q.shape[0])
@@ -278,6 +312,7 @@ def dot_product_attention(
   local_window_size=None,
   implementation=None,
   return_residual=False,
+  context_parallel="auto",
 ):
   """A drop-in for `jax.nn.dot_product_attention`, with exactly its semantics.
 
@@ -291,6 +326,9 @@ def dot_product_attention(
     "fa3": jax_fa3, or a ValueError/TypeError naming what it does not support.
     "xla", "cudnn": passed through to `jax.nn.dot_product_attention`.
 
+  `context_parallel` (jax_fa3's own, not jax.nn's): how jax_fa3 runs a sequence split over
+  devices, as in `flash_attention`; checked with every implementation, used by jax_fa3's.
+
   `is_causal` and `return_residual` must be static bools with every implementation (a
   string such as "False" would otherwise be taken as true). With None and "fa3",
   arguments that break jax.nn's own rules raise a ValueError or TypeError naming the
@@ -302,6 +340,7 @@ def dot_product_attention(
   all-zero) result.
   """
   is_causal, return_residual = _check_flags(is_causal=is_causal, return_residual=return_residual)
+  context_parallel = strategy.check("dot_product_attention", context_parallel)
   if implementation in ("xla", "cudnn"):
     return _jax_nn(
       query,
@@ -384,6 +423,7 @@ def dot_product_attention(
     params,
     False,
     False,
+    context_parallel,
   )
   # Without lengths or a window every query row sees key 0 (the causal mask is top-left
   # aligned here): no row is key-less.
@@ -425,29 +465,68 @@ def _as_jax_nn_gives(out, lse, value, query_seq_lengths, keyless_rows):
 
 # The mask operands (lengths, packed-sequence rows) are int32 and get no cotangent. sinks
 # (float32 [batch, heads], or [0] when absent) do; max_logit, when asked for, has none.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+# `context_parallel` says how a sequence split over devices runs (sharding.choose_split).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
 def _attention(
-  q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, params, deterministic, return_max_logit
+  q,
+  k,
+  v,
+  seqused_q,
+  seqused_k,
+  q_rows,
+  kv_rows,
+  sinks,
+  params,
+  deterministic,
+  return_max_logit,
+  context_parallel,
 ):
   del deterministic
   return tuple(
     sharding.attention_fwd(
-      q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, params, return_max_logit
+      q,
+      k,
+      v,
+      seqused_q,
+      seqused_k,
+      q_rows,
+      kv_rows,
+      sinks,
+      params,
+      return_max_logit,
+      context_parallel=context_parallel,
     )
   )
 
 
 def _attention_fwd(
-  q, k, v, seqused_q, seqused_k, q_rows, kv_rows, sinks, params, deterministic, return_max_logit
+  q,
+  k,
+  v,
+  seqused_q,
+  seqused_k,
+  q_rows,
+  kv_rows,
+  sinks,
+  params,
+  deterministic,
+  return_max_logit,
+  context_parallel,
 ):
   del deterministic
   q, k, v, sinks, *mask = (x.value for x in (q, k, v, sinks, seqused_q, seqused_k, q_rows, kv_rows))
-  results = tuple(sharding.attention_fwd(q, k, v, *mask, sinks, params, return_max_logit))
+  results = tuple(
+    sharding.attention_fwd(
+      q, k, v, *mask, sinks, params, return_max_logit, context_parallel=context_parallel
+    )
+  )
   out, lse = results[:2]
   return results, (q, k, v, mask, sinks, out, lse)
 
 
-def _attention_bwd(params, deterministic, return_max_logit, residuals, cotangents):
+def _attention_bwd(
+  params, deterministic, return_max_logit, context_parallel, residuals, cotangents
+):
   del return_max_logit  # the max logit passes no gradient
   q, k, v, mask, sinks, out, lse = residuals
   dout, dlse = cotangents[:2]
@@ -463,14 +542,24 @@ def _attention_bwd(params, deterministic, return_max_logit, residuals, cotangent
     dout = jnp.concatenate([dout, jnp.swapaxes(dlse, 1, 2)[..., None].astype(dout.dtype)], -1)
     out = jnp.concatenate([out, jnp.zeros((*out.shape[:3], 1), out.dtype)], -1)
     dq, dk, dv, *dsinks = sharding.attention_bwd(
-      dout, q, k, jnp.concatenate([v, ones], -1), out, lse, *mask, sinks, params, deterministic
+      dout,
+      q,
+      k,
+      jnp.concatenate([v, ones], -1),
+      out,
+      lse,
+      *mask,
+      sinks,
+      params,
+      deterministic,
+      context_parallel,
     )
     if sinks.size:  # d lse_i / d sink = exp(sink - lse_i): the lse's own share of dsinks
       lse_share = reference.sink_gradient(sinks, lse, dlse)
       dsinks = [dsinks[0] - sharding.sharded_like(lse_share, sinks)]
     return (dq, dk, dv[..., :-1], *mask_grads, *(dsinks or [None]))
   dq, dk, dv, *dsinks = sharding.attention_bwd(
-    dout, q, k, v, out, lse, *mask, sinks, params, deterministic
+    dout, q, k, v, out, lse, *mask, sinks, params, deterministic, context_parallel
   )
   return (dq, dk, dv, *mask_grads, *(dsinks or [None]))
 

@@ -172,6 +172,7 @@ def _fp8_attention_bwd(params, quantization, residuals, cotangents):
     params,
     False,
     False,
+    "auto",
     (q, k, v, [absent] * 4, jnp.zeros((0,), jnp.float32), out, lse),
     cotangents,
   )

@@ -465,7 +465,7 @@ def _decode_cuda(
 
 
 def _segment_tile(direction, dtype, head_dim):
-  """(block_m, block_n) of the packed-sequence kernel whose plan is made in JAX."""
+  """(block_m, block_n) of the packed-sequence kernel, for its plans (segment_kernels.py)."""
   return _kernels.kernels_available().segment_tile(direction, dtype, head_dim)
 
 

@@ -93,16 +93,10 @@ class Ring:
     return Striped(self.size) if self.striped else Contiguous(chunk)
 
   def pass_on(self, arrays, wire_dtype):
-    """Sends the arrays to the next device, in one ppermute whose operands all have
-    `wire_dtype`: wider arrays (the float32 accumulators) travel as several words of it.
-
-    Once XLA combines collective-permutes, one that mixes float widths fails to verify
-    (jax#32148, xla#32845), so every ppermute of the ring carries the input dtype.
-    """
-    words = [lax.bitcast_convert_type(x, wire_dtype) for x in arrays]
-    perm = [(r, (r + 1) % self.size) for r in range(self.size)]
-    moved = lax.ppermute(words, self.axes, perm)
-    return [lax.bitcast_convert_type(w, x.dtype) for w, x in zip(moved, arrays)]
+    """Sends the arrays to the next device (see `permute`)."""
+    return permute(
+      arrays, self.axes, [(r, (r + 1) % self.size) for r in range(self.size)], wire_dtype
+    )
 
   def stripe(self, x, axis):
     """Contiguous chunk -> striped chunk along `axis`: position p moves to device p mod P."""
@@ -117,6 +111,19 @@ class Ring:
     x = x.reshape(*x.shape[:axis], self.size, chunk // self.size, *x.shape[axis + 1 :])
     x = jnp.moveaxis(lax.all_to_all(x, self.axes, axis, axis, tiled=True), axis, axis + 1)
     return x.reshape(*x.shape[:axis], chunk, *x.shape[axis + 2 :])
+
+
+def permute(arrays, axes, perm, wire_dtype):
+  """`lax.ppermute` of the arrays over `axes` by `perm`, in one ppermute whose operands all
+  have `wire_dtype`: wider arrays (float32 accumulators, int32 rows) travel as several words
+  of it.
+
+  Once XLA combines collective-permutes, one that mixes float widths fails to verify
+  (jax#32148, xla#32845), so every ppermute here carries the input dtype.
+  """
+  words = [lax.bitcast_convert_type(x, wire_dtype) for x in arrays]
+  moved = lax.ppermute(words, axes, perm)
+  return [lax.bitcast_convert_type(w, x.dtype) for w, x in zip(moved, arrays)]
 
 
 def attention_fwd(

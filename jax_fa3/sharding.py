@@ -1,13 +1,16 @@
-"""Attention on a device mesh: batch and heads split locally, the sequence as a ring.
+"""Attention on a device mesh: batch and heads split locally, the sequence as a ring or by
+all-gathering K/V.
 
 `flash_attention` and `dot_product_attention` take sharded arrays under `jax.jit` as they
 are, and `choose_split` decides how each call runs:
 - a split batch or split heads stay split, with no communication; k/v heads follow the
   grouping of q's heads (GQA), and where there are more head shards than k/v heads each
   device slices the one k/v head its query heads read;
-- a split sequence runs as ring attention (`ring.py`), striped for causal masks;
-- whatever cannot be split that way (a split head dim, a sequence length the ring cannot
-  divide) is gathered first.
+- a split sequence runs as ring attention (`ring.py`, striped for causal masks) or as
+  all-gather attention (`all_gather.py`, zigzag for causal masks), whichever
+  `strategy.plan` finds cheaper, or the one the caller forces;
+- whatever cannot be split that way (a split head dim, a sequence length the devices
+  cannot divide) is gathered first.
 
 How: the custom VJP in attention.py binds `fwd_p` and `bwd_p` ("fa3_fwd", "fa3_bwd"), which
 are the per-device primitives of primitives.py lifted to a mesh. They have those
@@ -35,7 +38,7 @@ from jax.interpreters import ad, batching, mlir, xla
 from jax.interpreters.mlir import ir
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from jax_fa3 import _primitive_rules, primitives, reference, ring
+from jax_fa3 import _primitive_rules, all_gather, primitives, reference, ring, strategy
 from jax_fa3.primitives import AttentionParams
 
 
@@ -53,7 +56,11 @@ class Split:
   sequence: tuple[str, ...] = ()
   heads: tuple[str, ...] = ()
   kv_heads_split: bool = True  # else each device slices the k/v head its q heads read
+  strategy: str = "ring"  # how the split sequence runs: "ring" or "all_gather"
   striped: bool = False  # the ring's layout (see ring.py)
+  zigzag: bool = False  # all-gather's layout (see all_gather.py)
+  # Why the sequence runs so (or stays whole), for people: strategy.plan's reason.
+  reason: str = dataclasses.field(default="", compare=False)
 
   @property
   def axes(self) -> frozenset[str]:
@@ -110,15 +117,9 @@ class Split:
 # documents themselves (about equal work per chunk). Striped, every document spreads over
 # all devices: no block can be skipped, and the arrays are restriped on the way in and out.
 # Striping would pay only for documents about as long as the row under a causal mask, which
-# the split cannot see (the ids are traced); a user's choice of strategy (issue 20) can
-# turn it on here.
+# the split cannot see (the ids are traced). Packed sequences run all-gathered unless the
+# caller forces the ring (context_parallel="ring"; strategy.plan says why).
 _PACKED_STRIPED = False
-# Whether packed sequences split over the sequence run as that ring at all. Off: they are
-# gathered, as before the ring existed. Measured on two H200s (benchmarks/NOTES.md, session
-# 6; one 32k row of ~2k-token documents, 16 heads, d128), the ring took 0.54-0.74x the time
-# of one GPU doing all of it; until the ring's overheads are found (issue 20), the gather is
-# the default and the ring is opt-in here (tests and benchmarks/scaling.py --packed-ring).
-_PACKED_RING = False
 
 
 def choose_split(
@@ -130,6 +131,7 @@ def choose_split(
   params: AttentionParams,
   packed: bool = False,
   fp8: bool = False,
+  context_parallel: str = "auto",
 ) -> Split:
   """How to run attention on q and k sharded as `q_spec` and `k_spec` over a mesh of
   `axis_sizes` ({axis name: size}).
@@ -137,14 +139,11 @@ def choose_split(
   Each dimension keeps the mesh axes q is split over, or else those k is split over (q is
   then sliced, which costs no communication), provided they divide it. The heads stay
   split if the k/v heads can follow: when their count is a multiple of the shards, or a
-  divisor, in which case each device slices the one k/v head it needs. The sequence is
-  split (as a ring) if both sequence lengths are; a mask that depends on positions also
-  needs both lengths equal, or both multiples of P * P for the striped layout, which
-  balances a causal mask and is used whenever it applies to one. Packed sequences
-  (`packed`: segment ids, varlen) keep the sequence whole (gathered) unless `_PACKED_RING`
-  is on; then they are split whenever P divides both lengths, whatever the mask (their rows
-  hold it in positions of the whole row), and contiguous: see `_PACKED_STRIPED`.
-  FP8 inputs (`fp8`) have no ring: a sequence the ring would split raises a ValueError.
+  divisor, in which case each device slices the one k/v head it needs. The sequence stays
+  split if the shards divide both lengths; `strategy.plan` then says how it runs
+  ("auto": ring or all-gather by its cost model; "ring" or "all_gather" forced) and why
+  (the result's `reason`). Packed sequences (`packed`: segment ids, varlen) run contiguous.
+  FP8 inputs (`fp8`) have neither: a split sequence raises a ValueError.
   """
   batch, seqlen_q, heads, _ = q_shape
   _, seqlen_k, kv_heads, _ = k_shape
@@ -159,31 +158,33 @@ def choose_split(
     taken -= set(split_heads)
     split_heads, head_shards = (), 1
   sequence = pick([q_axes[1], k_axes[1]], seqlen_q, seqlen_k)
-  ring_size = math.prod(axis_sizes[a] for a in sequence)
-  bounded_sides = (params.window_left >= 0) + (params.window_right >= 0)
-  # A mask bounded on one side (causal) is a triangle, unbalanced unless striped.
-  striped = bounded_sides == 1 and seqlen_q % ring_size**2 == 0 and seqlen_k % ring_size**2 == 0
-  if packed and not _PACKED_RING:
-    taken -= set(sequence)
-    sequence = ()
-  elif packed:
-    striped = _PACKED_STRIPED and striped
-  elif bounded_sides and not striped and seqlen_q != seqlen_k:
-    taken -= set(sequence)
-    sequence = ()
   if fp8 and sequence:
     raise ValueError(
       f"jax_fa3: float8_e4m3fn attention does not run as ring attention: q and k are split "
       f"over their sequence by mesh axes {sequence} (q {_spec_text(q_spec)}, k "
-      f"{_spec_text(k_spec)}). Keep the sequence whole (split the batch or the heads), "
-      f"or run this call in bfloat16."
+      f"{_spec_text(k_spec)}), and it has no all-gather form either. Keep the sequence "
+      f"whole (split the batch or the heads), or run this call in bfloat16."
+    )
+  plan = strategy.Plan("ring", reason="no sequence split: each device holds whole sequences")
+  if sequence:
+    plan = strategy.plan(
+      math.prod(axis_sizes[a] for a in sequence),
+      q_shape,
+      k_shape,
+      params,
+      packed=packed,
+      context_parallel=context_parallel,
+      packed_striped=_PACKED_STRIPED,
     )
   return Split(
     batch=split_batch,
     sequence=sequence,
     heads=split_heads,
     kv_heads_split=kv_heads % head_shards == 0,
-    striped=bool(sequence) and striped,
+    strategy=plan.strategy,
+    striped=plan.striped,
+    zigzag=plan.zigzag,
+    reason=plan.reason,
   )
 
 
@@ -222,7 +223,7 @@ def local_fwd(
 ):
   """The forward on one device's shards, split as `split`: returns (out, lse), and
   max_logit with `return_max_logit`. `fp8` (primitives.Fp8Params or None) and the
-  descales are the FP8 forward's, which choose_split never puts on a ring."""
+  descales are the FP8 forward's, which choose_split never splits by sequence."""
   seqused_q, seqused_k = primitives.none_if_absent(seqused_q), primitives.none_if_absent(seqused_k)
   sinks = primitives.none_if_absent(sinks)
   k, v = (_kv_head_of_device(split, axis_sizes, x) for x in (k, v))
@@ -244,6 +245,19 @@ def local_fwd(
         descales=(primitives.none_if_absent(descale_q), descale_k, descale_v),
         fp8=fp8,
       )
+    )
+  if split.strategy == "all_gather":
+    return all_gather.attention_fwd(
+      _gather(split, axis_sizes),
+      q,
+      k,
+      v,
+      seqused_q,
+      seqused_k,
+      params,
+      *_present(q_rows, kv_rows),
+      sinks=sinks,
+      return_max_logit=return_max_logit,
     )
   the_ring = _ring(split, axis_sizes)
   if primitives.none_if_absent(q_rows) is not None:
@@ -292,7 +306,23 @@ def local_bwd(
   kv_heads = k.shape[2]
   k, v = (_kv_head_of_device(split, axis_sizes, x) for x in (k, v))
   dsinks = ()
-  if split.sequence:
+  if split.strategy == "all_gather" and split.sequence:
+    dq, dk, dv, *dsinks = all_gather.attention_bwd(
+      _gather(split, axis_sizes),
+      dout,
+      q,
+      k,
+      v,
+      out,
+      lse,
+      seqused_q,
+      seqused_k,
+      params,
+      deterministic,
+      *_present(q_rows, kv_rows),
+      sinks=sinks,
+    )
+  elif split.sequence:
     the_ring = _ring(split, axis_sizes)
     # The lse holds the sink, so the ring's gradients need nothing more; the sinks' own
     # gradient sums over every row of the sequence.
@@ -367,6 +397,14 @@ def _ring(split, axis_sizes):
   )
 
 
+def _gather(split, axis_sizes):
+  return all_gather.Gather(
+    axes=split.sequence,
+    size=math.prod(axis_sizes[a] for a in split.sequence),
+    zigzag=split.zigzag,
+  )
+
+
 def _axes_by_dimension(spec):
   """The mesh axes of each of the four dimensions of a (maybe shorter) PartitionSpec."""
   return [_axes(entry) for entry in spec] + [()] * (4 - len(spec))
@@ -402,10 +440,13 @@ def attention_fwd(
   return_max_logit: bool = False,
   descales=None,
   fp8: primitives.Fp8Params | None = None,
+  context_parallel: str = "auto",
 ):
   """The forward on arrays sharded any way: returns (out, lse), and max_logit with
   `return_max_logit`. Absent seqused, rows and sinks are arrays of shape [0]; `descales`
-  is None (absent) or (descale_q, descale_k, descale_v), each maybe of shape [0]."""
+  is None (absent) or (descale_q, descale_k, descale_v), each maybe of shape [0].
+  `context_parallel` ("auto", "ring" or "all_gather") says how a split sequence runs
+  (strategy.plan)."""
   descales = tuple(primitives.absent_if_none(x, jnp.float32) for x in (descales or (None,) * 3))
   if _in_shard_map():
     return tuple(
@@ -439,8 +480,11 @@ def attention_fwd(
       **dataclasses.asdict(params),
       return_max_logit=bool(return_max_logit),
       fp8=fp8,
+      context_parallel=context_parallel,
     )
-  split = _split_of(mesh, q, k, params, q_rows, fp8=fp8 is not None)
+  split = _split_of(
+    mesh, q, k, params, q_rows, fp8=fp8 is not None, context_parallel=context_parallel
+  )
   q_spec = _spec(q)
   out_specs = (split.q_spec(), split.lse_spec())
   result_specs = (q_spec, PartitionSpec(q_spec[0], q_spec[2], q_spec[1]))
@@ -482,6 +526,7 @@ def attention_bwd(
   sinks,
   params: AttentionParams,
   deterministic: bool,
+  context_parallel: str = "auto",
 ):
   """The backward on arrays sharded any way: returns (dq, dk, dv), and dsinks with sinks."""
   if _in_shard_map():
@@ -506,8 +551,9 @@ def attention_bwd(
       sinks,
       **dataclasses.asdict(params),
       deterministic=deterministic,
+      context_parallel=context_parallel,
     )
-  split = _split_of(mesh, q, k, params, q_rows)
+  split = _split_of(mesh, q, k, params, q_rows, context_parallel=context_parallel)
   q_spec, kv_spec = split.q_spec(), split.kv_spec()
   out_specs, result_specs = (q_spec, kv_spec, kv_spec), (_spec(q), _spec(k), _spec(v))
   if sinks.ndim == 2:
@@ -557,9 +603,17 @@ def _spec(x):
   return jax.typeof(x).sharding.spec
 
 
-def _split_of(mesh, q, k, params, q_rows, fp8=False):
+def _split_of(mesh, q, k, params, q_rows, fp8=False, context_parallel="auto"):
   return choose_split(
-    dict(mesh.shape), _spec(q), _spec(k), q.shape, k.shape, params, packed=q_rows.ndim == 3, fp8=fp8
+    dict(mesh.shape),
+    _spec(q),
+    _spec(k),
+    q.shape,
+    k.shape,
+    params,
+    packed=q_rows.ndim == 3,
+    fp8=fp8,
+    context_parallel=context_parallel,
   )
 
 
@@ -616,7 +670,9 @@ def _fwd_on_one_device(
   params,
   return_max_logit,
   fp8,
+  context_parallel,
 ):
+  del context_parallel  # how a split sequence runs: nothing to do on one device
   return tuple(
     primitives.attention_fwd(
       q,
@@ -636,8 +692,22 @@ def _fwd_on_one_device(
 
 
 def _bwd_on_one_device(
-  dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks, params, deterministic
+  dout,
+  q,
+  k,
+  v,
+  out,
+  lse,
+  seqused_q,
+  seqused_k,
+  q_rows,
+  kv_rows,
+  sinks,
+  params,
+  deterministic,
+  context_parallel,
 ):
+  del context_parallel  # how a split sequence runs: nothing to do on one device
   return tuple(
     primitives.attention_bwd(
       dout, q, k, v, out, lse, seqused_q, seqused_k, params, deterministic, q_rows, kv_rows, sinks
@@ -645,7 +715,7 @@ def _bwd_on_one_device(
   )
 
 
-def _partition_fwd(params, return_max_logit, fp8, mesh, arg_shapes, result_shape):
+def _partition_fwd(params, return_max_logit, fp8, context_parallel, mesh, arg_shapes, result_shape):
   del result_shape
   q, k, _, seqused_q, seqused_k, q_rows, kv_rows, sinks, *descales = arg_shapes
   split = choose_split(
@@ -657,6 +727,7 @@ def _partition_fwd(params, return_max_logit, fp8, mesh, arg_shapes, result_shape
     params,
     packed=len(q_rows.shape) == 3,
     fp8=fp8 is not None,
+    context_parallel=context_parallel,
   )
   named = functools.partial(NamedSharding, mesh)
   arg_shardings = (
@@ -677,7 +748,7 @@ def _partition_fwd(params, return_max_logit, fp8, mesh, arg_shapes, result_shape
   return mesh, program, result_shardings, arg_shardings
 
 
-def _partition_bwd(params, deterministic, mesh, arg_shapes, result_shape):
+def _partition_bwd(params, deterministic, context_parallel, mesh, arg_shapes, result_shape):
   del result_shape
   _, q, k, _, _, _, seqused_q, seqused_k, q_rows, kv_rows, sinks = arg_shapes
   split = choose_split(
@@ -688,6 +759,7 @@ def _partition_bwd(params, deterministic, mesh, arg_shapes, result_shape):
     k.shape,
     params,
     packed=len(q_rows.shape) == 3,
+    context_parallel=context_parallel,
   )
   named = functools.partial(NamedSharding, mesh)
   q_sharding, kv_sharding = named(split.q_spec()), named(split.kv_spec())
@@ -711,8 +783,8 @@ def _partition_bwd(params, deterministic, mesh, arg_shapes, result_shape):
   return mesh, program, result_shardings, arg_shardings
 
 
-def _fwd_rule(params, return_max_logit, fp8, mesh, operand_types, result_types):
-  del params, fp8, mesh, result_types
+def _fwd_rule(params, return_max_logit, fp8, context_parallel, mesh, operand_types, result_types):
+  del params, fp8, context_parallel, mesh, result_types
   (q, k, _, seqused_q, seqused_k, q_rows, kv_rows, sinks, descale_q, descale_k, descale_v) = (
     ir.RankedTensorType(t).shape for t in operand_types
   )
@@ -733,8 +805,8 @@ def _fwd_rule(params, return_max_logit, fp8, mesh, operand_types, result_types):
   return rule, dict(need_replication_factors=("d", "e", *blocks))
 
 
-def _bwd_rule(params, deterministic, mesh, operand_types, result_types):
-  del params, deterministic, mesh, result_types
+def _bwd_rule(params, deterministic, context_parallel, mesh, operand_types, result_types):
+  del params, deterministic, context_parallel, mesh, result_types
   _, q, k, _, _, _, seqused_q, seqused_k, q_rows, kv_rows, sinks = (
     ir.RankedTensorType(t).shape for t in operand_types
   )
@@ -786,9 +858,9 @@ def _rows_factors(shape, sequence, absent_factor):
   return f"b {sequence} {absent_factor}" if len(shape) == 3 else absent_factor
 
 
-_fwd_partitioned = custom_partitioning(_fwd_on_one_device, static_argnums=(11, 12, 13))
+_fwd_partitioned = custom_partitioning(_fwd_on_one_device, static_argnums=(11, 12, 13, 14))
 _fwd_partitioned.def_partition(_partition_fwd, sharding_rule=_fwd_rule)
-_bwd_partitioned = custom_partitioning(_bwd_on_one_device, static_argnums=(11, 12))
+_bwd_partitioned = custom_partitioning(_bwd_on_one_device, static_argnums=(11, 12, 13))
 _bwd_partitioned.def_partition(_partition_bwd, sharding_rule=_bwd_rule)
 
 
@@ -807,6 +879,7 @@ def _lower_fwd(
   *,
   return_max_logit,
   fp8,
+  context_parallel,
   **params,
 ):
   return _fwd_partitioned(
@@ -824,11 +897,26 @@ def _lower_fwd(
     AttentionParams(**params),
     return_max_logit,
     fp8,
+    context_parallel,
   )
 
 
 def _lower_bwd(
-  dout, q, k, v, out, lse, seqused_q, seqused_k, q_rows, kv_rows, sinks, *, deterministic, **params
+  dout,
+  q,
+  k,
+  v,
+  out,
+  lse,
+  seqused_q,
+  seqused_k,
+  q_rows,
+  kv_rows,
+  sinks,
+  *,
+  deterministic,
+  context_parallel,
+  **params,
 ):
   return _bwd_partitioned(
     dout,
@@ -844,6 +932,7 @@ def _lower_bwd(
     sinks,
     AttentionParams(**params),
     deterministic,
+    context_parallel,
   )
 
 

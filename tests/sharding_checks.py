@@ -43,6 +43,41 @@ def assert_packed_ring(hlo_text, striped=False):
       assert not floats, (kind, types)
 
 
+def collective_shapes(hlo_text, kind):
+  """(element type, shape) of every array in the results of the `kind` collectives in
+  compiled HLO text (an asynchronous start's result holds its operands too)."""
+  shapes = []
+  for result in re.findall(rf"= ([^=\n]*?)\s{kind}(?:-start)?\(", hlo_text):
+    for element_type, dims in re.findall(r"(\w+)\[([\d,]*)\]", result):
+      shapes.append((element_type, tuple(int(d) for d in dims.split(",") if d)))
+  return shapes
+
+
+def assert_all_gather(hlo_text, kv_heads, zigzag=False):
+  """All-gather attention: K/V are gathered and their gradients reduce-scattered, nothing
+  is exchanged all-to-all, and q (whose heads differ from the k/v heads in these tests) is
+  never gathered: every floating-point array gathered has the k/v heads (v maybe a wider
+  head dim: the lse's gradient), or is a packed row's int32 fields as 16-bit words
+  ([..., 4, 2]). The zigzag layout moves the
+  query halves by collective-permutes; the contiguous one moves no floating-point array so.
+  (Making packed rows from the ids exchanges int32 ids, O(seqlen): those may stay.)"""
+  found = collectives(hlo_text)
+  assert {"all-gather", "reduce-scatter"} <= found, found
+  floats = {kind: _float_shapes(hlo_text, kind) for kind in COLLECTIVES}
+  assert not floats["all-to-all"], floats["all-to-all"]
+  assert bool(floats["collective-permute"]) == zigzag, floats["collective-permute"]
+  for shape in floats["all-gather"]:
+    assert shape[2] == kv_heads or shape[2:] == (4, 2), shape
+
+
+def _float_shapes(hlo_text, kind):
+  return [
+    shape
+    for element_type, shape in collective_shapes(hlo_text, kind)
+    if not element_type.startswith(("s", "u", "pred"))
+  ]
+
+
 def forward_and_vjp(attention):
   """(q, k, v, dout) -> dict of out and the gradients for cotangent dout (sharded like out,
   so that nothing needs a reduction over devices)."""

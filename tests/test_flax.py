@@ -429,3 +429,48 @@ def test_sinks_never_fall_back_to_flax(normal):
     jax_fa3.flax.nnx.dot_product_attention(
       q, q, q, sinks=jnp.zeros(4), dropout_rate=0.1, dropout_rng=jax.random.key(0)
     )
+
+
+# --- context_parallel: how the kernels run a split sequence -----------------------------
+
+
+@pytest.mark.parametrize(
+  "attention_fn, kwargs, called",
+  [
+    (jax_fa3.flax.nnx.dot_product_attention, {}, "dot_product_attention"),
+    (jax_fa3.flax.linen.dot_product_attention, {"is_causal": True}, "dot_product_attention"),
+    (
+      jax_fa3.flax.nnx.dot_product_attention,
+      {"sinks": np.zeros((4,), np.float32)},
+      "flash_attention",
+    ),
+    (
+      jax_fa3.flax.linen.dot_product_attention,
+      {"segment_ids": np.zeros((2, 16), np.int32)},
+      "flash_attention",
+    ),
+  ],
+  ids=["nnx", "linen-causal", "nnx-sinks", "linen-segments"],
+)
+def test_context_parallel_reaches_the_kernels(attention_fn, kwargs, called, normal, monkeypatch):
+  """The option goes to the jax_fa3 function that serves the call."""
+  seen = []
+  original = getattr(jax_fa3, called)
+
+  def spy(*args, **spy_kwargs):
+    seen.append(spy_kwargs.get("context_parallel"))
+    return original(*args, **spy_kwargs)
+
+  monkeypatch.setattr(jax_fa3, called, spy)
+  q, k, v = (normal((2, 16, 4, 32), jnp.bfloat16) for _ in range(3))
+  attention_fn(q, k, v, strict=True, context_parallel="all_gather", **kwargs)
+  assert seen == ["all_gather"]
+
+
+@pytest.mark.parametrize(
+  "attention_fn", [jax_fa3.flax.nnx.dot_product_attention, jax_fa3.flax.linen.dot_product_attention]
+)
+def test_a_bad_context_parallel_never_falls_back(attention_fn, normal):
+  q, k, v = (normal((2, 16, 4, 32), jnp.bfloat16) for _ in range(3))
+  with pytest.raises(ValueError, match="jax_fa3.flax: context_parallel must be one of 'auto'"):
+    attention_fn(q, k, v, context_parallel="zigzag")

@@ -94,6 +94,7 @@ def test_scaling_reports_the_points_that_fail(scaling, monkeypatch, tmp_path):
       mode="fwd",
       split="sequence",
       layout="contiguous",
+      strategy="-",
       devices=2,
       batch=1,
       seqlen=256,

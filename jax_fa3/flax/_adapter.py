@@ -15,6 +15,7 @@ import warnings
 import jax.numpy as jnp
 
 import jax_fa3
+from jax_fa3 import strategy
 from jax_fa3.attention import DTYPES
 
 MASK_STRUCTURES = (None, "padding", "segments")
@@ -59,6 +60,10 @@ def segment_mask(segment_ids):
   ids = jnp.asarray(segment_ids)
   same = ids[..., :, None] == ids[..., None, :]
   return (same & (ids >= 0)[..., :, None])[..., None, :, :]
+
+
+def check_context_parallel(context_parallel):
+  return strategy.check("jax_fa3.flax", context_parallel)
 
 
 def check_mask_structure(mask_structure):
@@ -114,6 +119,7 @@ def attention(
   module,
   segment_ids=None,
   sinks=None,
+  context_parallel="auto",
 ):
   """Flax's dot-product attention on the kernels: the same result, up to rounding.
 
@@ -135,6 +141,9 @@ def attention(
   `sinks [heads]`: attention sinks (jax_fa3.flash_attention's), served without a mask, with
   `segment_ids` or a "segments" mask. A row that sees no key then has output 0 (all its
   weight is on the sink) rather than Flax's mean of the values.
+
+  `context_parallel`: how the kernels run a sequence split over devices (checked first by
+  `check_context_parallel`, so that a bad value is an error, not a fall-back).
   """
   if bias is not None:
     raise ValueError(
@@ -179,12 +188,13 @@ def attention(
     )
   batch_dims = query.shape[:-3]  # shapes checked by check_shapes
   q, k, v = (x.reshape(-1, *x.shape[-3:]) for x in (query, key, value))
+  how = dict(context_parallel=context_parallel)
   if segment_ids is not None or (mask_structure == "segments" and mask is not None):
-    out = _segment_attention(q, k, v, segment_ids, mask, batch_dims, is_causal, sinks)
+    out = _segment_attention(q, k, v, segment_ids, mask, batch_dims, is_causal, sinks, how)
   elif sinks is not None:
-    out = jax_fa3.flash_attention(q, k, v, causal=is_causal, sinks=sinks)
+    out = jax_fa3.flash_attention(q, k, v, causal=is_causal, sinks=sinks, **how)
   elif mask is None:
-    out = jax_fa3.dot_product_attention(q, k, v, is_causal=is_causal, implementation="fa3")
+    out = jax_fa3.dot_product_attention(q, k, v, is_causal=is_causal, implementation="fa3", **how)
   else:
     query_lengths, key_lengths, matches = _padding_lengths(
       mask, batch_dims, q.shape[1], k.shape[1], is_causal
@@ -197,13 +207,14 @@ def attention(
       query_seq_lengths=query_lengths,
       key_value_seq_lengths=key_lengths,
       implementation="fa3",
+      **how,
     )
     out = _mean_value_in_padded_rows(out, v, query_lengths)
     out = jnp.where(matches, out, jnp.nan)
   return out.reshape(*batch_dims, *out.shape[1:])
 
 
-def _segment_attention(q, k, v, segment_ids, mask, batch_dims, is_causal, sinks=None):
+def _segment_attention(q, k, v, segment_ids, mask, batch_dims, is_causal, sinks, how):
   """Packed documents on the kernels, with Flax's mean of values in rows that see no key
   (without sinks: with them such rows have lse = the sink, and output 0). Given a mask
   instead of ids, the ids are read from it and the mask checked."""
@@ -225,7 +236,7 @@ def _segment_attention(q, k, v, segment_ids, mask, batch_dims, is_causal, sinks=
       )
     segment_ids = segment_ids.reshape(-1, seqlen)
   out, lse = jax_fa3.flash_attention(
-    q, k, v, segment_ids=segment_ids, causal=is_causal, sinks=sinks, return_lse=True
+    q, k, v, segment_ids=segment_ids, causal=is_causal, sinks=sinks, return_lse=True, **how
   )
   keyless = jnp.swapaxes(lse, 1, 2)[..., None] == -jnp.inf
   mean_value = jnp.mean(v.astype(jnp.float32), axis=1, keepdims=True)

@@ -34,6 +34,7 @@ def dot_product_attention(
   sinks=None,
   mask_structure=None,
   strict=False,
+  context_parallel="auto",
 ):
   """`flax.nnx.dot_product_attention` on jax_fa3's kernels, where they can serve the call.
 
@@ -67,8 +68,11 @@ def dot_product_attention(
       segment ids or a "segments" mask; Flax's attention has none, so a call the kernels
       can't serve is an error, not a fall-back.
     strict: raise instead of falling back to Flax's attention.
+    context_parallel: how the kernels run a sequence split over devices ("auto", "ring",
+      "all_gather"), as in `jax_fa3.flash_attention`; any other value is an error.
   """
   _adapter.check_mask_structure(mask_structure)
+  _adapter.check_context_parallel(context_parallel)
   segment_ids = _adapter.segment_ids_or_call(segment_ids)
   sinks = _adapter.sinks_or_call(sinks)
   query, key, value = promote_dtype((query, key, value), dtype=dtype)
@@ -87,6 +91,7 @@ def dot_product_attention(
       module=module,
       segment_ids=segment_ids,
       sinks=sinks,
+      context_parallel=context_parallel,
     )
   except (TypeError, ValueError) as unsupported:
     _adapter.no_fall_back_with_sinks(unsupported, sinks)

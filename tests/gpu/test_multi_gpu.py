@@ -1,12 +1,13 @@
 """Sharded attention on several GPUs, against the same jitted function on one GPU (issue 7).
 
 `flash_attention` and `dot_product_attention` under `jax.jit` on arrays split over the
-batch, the heads (GQA, MQA) and the sequence (ring attention, striped and contiguous),
-and packed sequences (segment ids) on the ring, forward and gradients, over all visible
-GPUs (P >= 2, at most 8; the sizes follow P).
+batch, the heads (GQA, MQA) and the sequence (ring attention, striped and contiguous; and
+all-gather attention, zigzag and contiguous), and packed sequences (segment ids) on both,
+forward and gradients, over all visible GPUs (P >= 2, at most 8; the sizes follow P).
 Each result must be within 2 eps(dtype) of max|unsharded| (tests/sharding_checks.py, as
 in tests/sharding/), and the compiled program must communicate as README's table says:
-nothing for batch and heads, collective-permutes and no all-gather for the ring. On GPUs
+nothing for batch and heads, collective-permutes and no all-gather for the ring, K/V
+gathered and their gradients reduce-scattered for all-gather. On GPUs
 the program must also call the kernels (the backward's where one is compiled).
 
 The tests skip, with the reason, where fewer than 2 devices are visible (and a test that
@@ -32,7 +33,13 @@ from jax_fa3 import sharding
 from jax_fa3._kernels import BWD_TARGET, FWD_TARGET
 from jax_fa3.primitives import AttentionParams
 from documents import random_documents
-from sharding_checks import assert_close, assert_packed_ring, collectives, forward_and_vjp
+from sharding_checks import (
+  assert_all_gather,
+  assert_close,
+  assert_packed_ring,
+  collectives,
+  forward_and_vjp,
+)
 
 PLATFORM = os.environ.get("JAX_FA3_MULTI_DEVICE_PLATFORM", "gpu")
 ON_GPU = PLATFORM == "gpu"
@@ -56,6 +63,8 @@ pytestmark = pytest.mark.skipif(
 # The unit of sequence lengths: GPU-sized, or small for the float32 reference on CPUs.
 SEQ = 1024 if ON_GPU else 16
 BF16, FP16 = jnp.bfloat16, jnp.float16
+# The strategy for a split sequence, forced: at these sizes "auto" all-gathers.
+RING, ALL_GATHER = dict(context_parallel="ring"), dict(context_parallel="all_gather")
 
 
 def mesh_of(shape, names, explicit=False):
@@ -114,10 +123,18 @@ def assert_ring(hlo):
   assert "collective-permute" in found and "all-gather" not in found, found
 
 
-def chosen_split(mesh, specs, arrays, window):
+def chosen_split(mesh, specs, arrays, window, context_parallel="auto"):
   q, k = arrays[:2]
   params = AttentionParams(1.0, window_left=window[0], window_right=window[1])
-  return sharding.choose_split(dict(mesh.shape), specs[0], specs[1], q.shape, k.shape, params)
+  return sharding.choose_split(
+    dict(mesh.shape),
+    specs[0],
+    specs[1],
+    q.shape,
+    k.shape,
+    params,
+    context_parallel=context_parallel,
+  )
 
 
 def test_devices_are_distinct_accelerators():
@@ -254,9 +271,9 @@ def test_ring(dtype, head_dim, window, length, striped, normal, compare):
   arrays = qkv_dout(
     normal, batch=2, seqlen_q=length(), heads=8, kv_heads=2, head_dim=head_dim, dtype=dtype
   )
-  split = chosen_split(mesh, [spec, spec], arrays, window)
+  split = chosen_split(mesh, [spec, spec], arrays, window, "ring")
   assert split.sequence == ("x",) and split.striped == striped
-  attention = functools.partial(jax_fa3.flash_attention, window_size=window)
+  attention = functools.partial(jax_fa3.flash_attention, window_size=window, **RING)
   actual, hlo = compare(forward_and_vjp(attention), arrays, [spec] * 4, mesh)
   assert_ring(hlo)
   for x in actual.values():
@@ -269,7 +286,7 @@ def test_ring_on_an_explicit_mesh(normal, compare):
   arrays = qkv_dout(
     normal, batch=2, seqlen_q=_square_length(), heads=8, kv_heads=2, head_dim=128, dtype=BF16
   )
-  attention = functools.partial(jax_fa3.flash_attention, causal=True)
+  attention = functools.partial(jax_fa3.flash_attention, causal=True, **RING)
   _, hlo = compare(forward_and_vjp(attention), arrays, [P(None, "x")] * 4, mesh)
   assert_ring(hlo)
 
@@ -287,7 +304,8 @@ def test_ring_cross_attention_of_different_lengths(normal, compare):
     head_dim=64,
     dtype=FP16,
   )
-  _, hlo = compare(forward_and_vjp(jax_fa3.flash_attention), arrays, [P(None, "x")] * 4, mesh)
+  attention = functools.partial(jax_fa3.flash_attention, **RING)
+  _, hlo = compare(forward_and_vjp(attention), arrays, [P(None, "x")] * 4, mesh)
   assert_ring(hlo)
 
 
@@ -299,7 +317,7 @@ def test_ring_lse_and_its_gradient(normal, compare):
   dlse = normal((2, 8, length), jnp.float32)
 
   def run(q, k, v, dout, dlse):
-    attention = functools.partial(jax_fa3.flash_attention, causal=True, return_lse=True)
+    attention = functools.partial(jax_fa3.flash_attention, causal=True, return_lse=True, **RING)
     (out, lse), pullback = jax.vjp(attention, q, k, v)
     dq, dk, dv = pullback((dout, dlse))
     return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
@@ -322,6 +340,7 @@ def test_ring_dot_product_attention_with_lengths(normal, compare):
       is_causal=True,
       query_seq_lengths=lengths_q,
       key_value_seq_lengths=lengths_kv,
+      **RING,
     )
     return forward_and_vjp(attention)(q, k, v, dout)
 
@@ -337,10 +356,117 @@ def test_batch_sequence_and_heads_together(normal, compare):
   spec = P("data", "seq")
   length = -(-4 * SEQ // half**2) * half**2
   arrays = qkv_dout(normal, batch=4, seqlen_q=length, heads=8, kv_heads=2, head_dim=128, dtype=BF16)
-  attention = functools.partial(jax_fa3.flash_attention, causal=True)
+  attention = functools.partial(jax_fa3.flash_attention, causal=True, **RING)
   actual, hlo = compare(forward_and_vjp(attention), arrays, [spec] * 4, mesh)
   assert_ring(hlo)
   assert actual["out"].sharding.spec[:2] == ("data", "seq")
+
+
+# --- The sequence: all-gather attention -------------------------------------------------
+
+
+def _zigzag(length, window):
+  """Whether all-gather runs zigzag: a mask bounded on one side, 2P halves of the queries."""
+  return ((window[0] >= 0) + (window[1] >= 0)) == 1 and length % (2 * NUM) == 0
+
+
+@pytest.mark.parametrize(
+  "dtype, head_dim, window, length, explicit",
+  [
+    (BF16, 128, (-1, -1), _square_length, False),
+    (BF16, 128, (-1, 0), _square_length, False),
+    (FP16, 64, (-1, 0), _square_length, True),
+    (BF16, 128, (-1, 0), _odd_length, False),
+    (BF16, 128, (SEQ // 2 + 3, 0), _square_length, False),
+  ],
+  ids=[
+    "full-bf16-d128",
+    "causal-zigzag-bf16-d128",
+    "causal-zigzag-explicit-fp16-d64",
+    "causal-odd-chunks-bf16-d128",
+    "band-bf16-d128",
+  ],
+)
+def test_all_gather(dtype, head_dim, window, length, explicit, normal, compare):
+  """The sequence split over all devices, GQA, K/V all-gathered (forced): a causal mask
+  runs zigzag where 2P divides the length (each device two halves, one call each),
+  contiguous otherwise; q is never gathered, dK/dV are reduce-scattered."""
+  mesh = mesh_of((NUM,), ("x",), explicit)
+  spec = P(None, "x")
+  arrays = qkv_dout(
+    normal, batch=2, seqlen_q=length(), heads=8, kv_heads=2, head_dim=head_dim, dtype=dtype
+  )
+  zigzag = _zigzag(length(), window)
+  split = chosen_split(mesh, [spec, spec], arrays, window, "all_gather")
+  assert (split.sequence, split.strategy, split.zigzag) == (("x",), "all_gather", zigzag)
+  attention = functools.partial(jax_fa3.flash_attention, window_size=window, **ALL_GATHER)
+  actual, hlo = compare(forward_and_vjp(attention), arrays, [spec] * 4, mesh)
+  assert_all_gather(hlo, kv_heads=2, zigzag=zigzag)
+  for x in actual.values():
+    assert x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim)
+
+
+def test_all_gather_takes_masked_lengths_the_ring_cannot(normal, compare):
+  """Causal, 2 SEQ queries against 3 SEQ keys (bottom-right): no ring can split it (the
+  chunks differ, and SEQ is no multiple of P * P for every P), so "auto" all-gathers."""
+  mesh = mesh_of((NUM,), ("x",))
+  arrays = qkv_dout(
+    normal,
+    batch=2,
+    seqlen_q=2 * SEQ,
+    seqlen_k=3 * SEQ + NUM,
+    heads=8,
+    kv_heads=2,
+    head_dim=128,
+    dtype=BF16,
+  )
+  split = chosen_split(mesh, [P(None, "x")] * 2, arrays, (-1, 0))
+  assert split.strategy == "all_gather", split.reason
+  attention = functools.partial(jax_fa3.flash_attention, causal=True)
+  _, hlo = compare(forward_and_vjp(attention), arrays, [P(None, "x")] * 4, mesh)
+  assert_all_gather(hlo, kv_heads=2, zigzag=split.zigzag)
+
+
+def test_all_gather_lse_and_its_gradient_by_default(normal, compare):
+  """At these sizes "auto" all-gathers (strategy.py's cost model): the lse, and the
+  gradient through it."""
+  mesh = mesh_of((NUM,), ("x",))
+  length = _square_length()
+  arrays = qkv_dout(normal, batch=2, seqlen_q=length, heads=8, kv_heads=2, head_dim=128, dtype=BF16)
+  assert chosen_split(mesh, [P(None, "x")] * 2, arrays, (-1, 0)).strategy == "all_gather"
+  dlse = normal((2, 8, length), jnp.float32)
+
+  def run(q, k, v, dout, dlse):
+    attention = functools.partial(jax_fa3.flash_attention, causal=True, return_lse=True)
+    (out, lse), pullback = jax.vjp(attention, q, k, v)
+    dq, dk, dv = pullback((dout, dlse))
+    return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
+
+  seq = P(None, "x")
+  _, hlo = compare(run, arrays + [dlse], [seq] * 4 + [P(None, None, "x")], mesh)
+  assert_all_gather(hlo, kv_heads=2, zigzag=True)
+
+
+def test_all_gather_dot_product_attention_with_lengths(normal, compare):
+  """Per-sequence lengths (jax.nn's top-left causal mask), zigzag: each half's lengths cut
+  to its place in the sequence."""
+  mesh = mesh_of((NUM,), ("x",))
+  length = _square_length()
+  arrays = qkv_dout(normal, batch=4, seqlen_q=length, heads=8, kv_heads=2, head_dim=128, dtype=BF16)
+  lengths = [_lengths(length, 4, 7), _lengths(length, 4, 3)[::-1]]
+
+  def run(q, k, v, dout, lengths_q, lengths_kv):
+    attention = functools.partial(
+      jax_fa3.dot_product_attention,
+      is_causal=True,
+      query_seq_lengths=lengths_q,
+      key_value_seq_lengths=lengths_kv,
+      **ALL_GATHER,
+    )
+    return forward_and_vjp(attention)(q, k, v, dout)
+
+  _, hlo = compare(run, arrays + lengths, [P(None, "x")] * 4 + [P()] * 2, mesh)
+  assert_all_gather(hlo, kv_heads=2, zigzag=True)
 
 
 # --- Packed sequences (segment ids) on the ring -----------------------------------------
@@ -367,11 +493,10 @@ def _packed_ids(length, mean, seed):
   ],
   ids=["causal-bf16-d128", "full-fp16-d64", "causal-window-bf16-d128", "causal-explicit-bf16-d128"],
 )
-def test_packed_ring(dtype, head_dim, causal, window, explicit, normal, compare, monkeypatch):
+def test_packed_ring(dtype, head_dim, causal, window, explicit, normal, compare):
   """Documents of ~SEQ / 2 tokens packed into rows of 2 SEQ P, GQA: the sequence runs as a
   contiguous ring whose K/V chunks carry their rows, skipping the blocks of other
   documents; nothing but the int32 ids is gathered."""
-  monkeypatch.setattr(sharding, "_PACKED_RING", True)  # opt-in (sharding._PACKED_RING)
   mesh = mesh_of((NUM,), ("x",), explicit)
   spec = P(None, "x")
   length = 2 * SEQ * NUM
@@ -385,14 +510,15 @@ def test_packed_ring(dtype, head_dim, causal, window, explicit, normal, compare,
     spec,
     arrays[0].shape,
     arrays[1].shape,
-    AttentionParams(1.0, window[0], 0 if causal else window[1]),
+    AttentionParams(1.0, window_left=window[0], window_right=0 if causal else window[1]),
     packed=True,
+    context_parallel="ring",
   )
   assert split.sequence == ("x",) and not split.striped
 
   def run(q, k, v, dout, ids):
     attention = functools.partial(
-      jax_fa3.flash_attention, segment_ids=ids, causal=causal, window_size=window
+      jax_fa3.flash_attention, segment_ids=ids, causal=causal, window_size=window, **RING
     )
     return forward_and_vjp(attention)(q, k, v, dout)
 
@@ -402,13 +528,41 @@ def test_packed_ring(dtype, head_dim, causal, window, explicit, normal, compare,
     assert x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim)
 
 
+@pytest.mark.parametrize(
+  "causal, window, explicit",
+  [(True, (-1, -1), False), (False, (-1, -1), False), (True, (SEQ // 2 + 3, -1), True)],
+  ids=["causal", "full", "causal-window-explicit"],
+)
+def test_packed_all_gather(causal, window, explicit, normal, compare):
+  """Packed documents by default: K/V and their rows gathered, one call a device whose
+  keys' rows are cut to its queries (the backward kernel walks them); bf16, d128, GQA."""
+  mesh = mesh_of((NUM,), ("x",), explicit)
+  spec = P(None, "x")
+  length = 2 * SEQ * NUM
+  arrays = qkv_dout(normal, batch=2, seqlen_q=length, heads=8, kv_heads=2, head_dim=128, dtype=BF16)
+  ids = _packed_ids(length, SEQ // 2, seed=7 + causal)
+
+  def run(q, k, v, dout, ids):
+    attention = functools.partial(
+      jax_fa3.flash_attention, segment_ids=ids, causal=causal, window_size=window
+    )
+    return forward_and_vjp(attention)(q, k, v, dout)
+
+  actual, hlo = compare(run, arrays + [ids], [spec] * 5, mesh)
+  assert_all_gather(hlo, kv_heads=2)
+  for x in actual.values():
+    assert x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim)
+
+
 # --- Attention sinks and the max logit ------------------------------------------------
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal-striped", "full"])
-def test_sinks_and_max_logit_on_the_ring(causal, normal, compare):
-  """Sinks applied once after the ring's merge, max logit and dsinks reduced over the ring:
-  equal to the single-device kernels (lse cotangent included, for the sinks' lse term)."""
+@pytest.mark.parametrize("context_parallel", ["ring", "all_gather"])
+def test_sinks_and_max_logit_on_a_split_sequence(causal, context_parallel, normal, compare):
+  """Sinks applied once after the ring's merge (all-gather: in each device's calls), max
+  logit and dsinks reduced over the devices: equal to the single-device kernels (lse
+  cotangent included, for the sinks' lse term)."""
   mesh = mesh_of((NUM,), ("x",))
   seq = P(None, "x")
   arrays = qkv_dout(
@@ -417,11 +571,21 @@ def test_sinks_and_max_logit_on_the_ring(causal, normal, compare):
 
   def run(q, k, v, dout, sinks):
     fn = lambda q, k, v, s: jax_fa3.flash_attention(
-      q, k, v, causal=causal, sinks=s, return_lse=True, return_max_logit=True
+      q,
+      k,
+      v,
+      causal=causal,
+      sinks=s,
+      return_lse=True,
+      return_max_logit=True,
+      context_parallel=context_parallel,
     )
     (out, lse, max_logit), pullback = jax.vjp(fn, q, k, v, sinks)
     dq, dk, dv, dsinks = pullback((dout, jnp.ones_like(lse), jnp.zeros_like(max_logit)))
     return dict(out=out, lse=lse, max_logit=max_logit, dq=dq, dk=dk, dv=dv, dsinks=dsinks)
 
   _, hlo = compare(run, arrays, [seq] * 4 + [P()], mesh)
-  assert_ring(hlo)
+  if context_parallel == "ring":
+    assert_ring(hlo)
+  else:
+    assert_all_gather(hlo, kv_heads=2, zigzag=causal)

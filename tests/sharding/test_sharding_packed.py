@@ -1,5 +1,7 @@
 """Packed sequences (segment ids, varlen) with the sequence split: ring attention whose
-K/V chunks carry their rows, against the unsharded call and the float64 oracle."""
+K/V chunks carry their rows (context_parallel="ring"), and all-gather attention whose
+gathered keys' rows are cut to each device's queries (the default), against the unsharded
+call and the float64 oracle."""
 
 import functools
 import re
@@ -12,17 +14,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_fa3
 import oracle
-from sharding_checks import assert_packed_ring
+from sharding_checks import assert_all_gather, assert_packed_ring
 from jax_fa3 import _kernels, sharding
 from jax_fa3._kernels import KernelStatus, Variant
 
 SEQ = P(None, "seq")
-
-
-@pytest.fixture(autouse=True)
-def packed_ring(monkeypatch):
-  """The ring for packed sequences is opt-in (sharding._PACKED_RING): these tests test it."""
-  monkeypatch.setattr(sharding, "_PACKED_RING", True)
+RING = dict(context_parallel="ring")  # opt-in for packed sequences (strategy.plan)
 
 
 def packed_ids(length, size):
@@ -102,7 +99,7 @@ def test_packed_ring(size, mask, normal, compare, make_mesh):
   arrays = inputs(normal, 32)
   ids = packed_ids(32, size)
   attention = functools.partial(
-    jax_fa3.flash_attention, causal=causal, window_size=window, return_lse=True
+    jax_fa3.flash_attention, causal=causal, window_size=window, return_lse=True, **RING
   )
   run = forward_and_vjp_with_lse(lambda q, k, v, ids: attention(q, k, v, segment_ids=ids))
   actual, hlo = compare(run, arrays + [ids], [SEQ] * 4 + [P(None, None, "seq"), SEQ], mesh)
@@ -112,7 +109,28 @@ def test_packed_ring(size, mask, normal, compare, make_mesh):
   assert_matches_oracle(actual, *arrays, dense_mask(ids, ids, full_window), jnp.float16)
 
 
-def test_packed_ring_with_recurring_ids(normal, compare, make_mesh):
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("size", [2, 4])
+def test_packed_all_gather(size, mask, normal, compare, make_mesh):
+  """As test_packed_ring, with the default strategy for packed sequences: K/V and their rows
+  gathered, one call a device, no q/k/v exchanged otherwise."""
+  causal, window = MASKS[mask]
+  mesh = make_mesh((size,), ("seq",))
+  arrays = inputs(normal, 32)
+  ids = packed_ids(32, size)
+  attention = functools.partial(
+    jax_fa3.flash_attention, causal=causal, window_size=window, return_lse=True
+  )
+  run = forward_and_vjp_with_lse(lambda q, k, v, ids: attention(q, k, v, segment_ids=ids))
+  actual, hlo = compare(run, arrays + [ids], [SEQ] * 4 + [P(None, None, "seq"), SEQ], mesh)
+  assert_all_gather(hlo, kv_heads=2)
+  assert actual["out"].sharding.spec[1] == "seq"
+  full_window = (window[0], 0) if causal else window
+  assert_matches_oracle(actual, *arrays, dense_mask(ids, ids, full_window), jnp.float16)
+
+
+@pytest.mark.parametrize("strategy", ["ring", "all_gather"])
+def test_packed_with_recurring_ids(strategy, normal, compare, make_mesh):
   """Ids that recur non-contiguously (the rows' id comparison) across the chunks."""
   mesh = make_mesh((4,), ("seq",))
   arrays = inputs(normal, 32, dtype=jnp.bfloat16)
@@ -121,16 +139,20 @@ def test_packed_ring_with_recurring_ids(normal, compare, make_mesh):
   run = forward_and_vjp_with_lse(
     functools.partial(
       lambda q, k, v, ids: jax_fa3.flash_attention(
-        q, k, v, segment_ids=ids, causal=True, return_lse=True
+        q, k, v, segment_ids=ids, causal=True, return_lse=True, context_parallel=strategy
       )
     )
   )
   actual, hlo = compare(run, arrays + [ids], [SEQ] * 4 + [P(None, None, "seq"), SEQ], mesh)
-  assert_packed_ring(hlo)
+  if strategy == "ring":
+    assert_packed_ring(hlo)
+  else:
+    assert_all_gather(hlo, kv_heads=2)
   assert_matches_oracle(actual, *arrays, dense_mask(ids, ids, (-1, 0)), jnp.bfloat16)
 
 
-def test_packed_cross_attention_of_different_lengths(normal, compare, make_mesh):
+@pytest.mark.parametrize("strategy", ["ring", "all_gather"])
+def test_packed_cross_attention_of_different_lengths(strategy, normal, compare, make_mesh):
   """16 queries and 48 keys with their own ids, causal (bottom-right): chunks of 4 queries
   and 12 keys, which the rows' positions place."""
   mesh = make_mesh((4,), ("seq",))
@@ -139,31 +161,45 @@ def test_packed_cross_attention_of_different_lengths(normal, compare, make_mesh)
   q_ids = kv_ids[:, 32:]
   run = forward_and_vjp_with_lse(
     lambda q, k, v, q_ids, kv_ids: jax_fa3.flash_attention(
-      q, k, v, segment_ids=q_ids, kv_segment_ids=kv_ids, causal=True, return_lse=True
+      q,
+      k,
+      v,
+      segment_ids=q_ids,
+      kv_segment_ids=kv_ids,
+      causal=True,
+      return_lse=True,
+      context_parallel=strategy,
     )
   )
   actual, hlo = compare(
     run, arrays + [q_ids, kv_ids], [SEQ] * 4 + [P(None, None, "seq")] + [SEQ] * 2, mesh
   )
-  assert_packed_ring(hlo)
+  if strategy == "ring":
+    assert_packed_ring(hlo)
+  else:
+    assert_all_gather(hlo, kv_heads=2)
   assert_matches_oracle(actual, *arrays, dense_mask(q_ids, kv_ids, (-1, 0)), jnp.float16)
 
 
+@pytest.mark.parametrize("strategy", ["ring", "all_gather"])
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
-def test_packed_batch_sequence_and_heads_together(explicit, normal, compare, make_mesh):
+def test_packed_batch_sequence_and_heads_together(strategy, explicit, normal, compare, make_mesh):
   mesh = make_mesh((2, 2, 2), ("data", "seq", "model"), explicit)
   spec = P("data", "seq", "model")
   arrays = inputs(normal, 32, heads=8, kv_heads=4)
   ids = packed_ids(32, 2)
   run = forward_and_vjp_with_lse(
     lambda q, k, v, ids: jax_fa3.flash_attention(
-      q, k, v, segment_ids=ids, causal=True, return_lse=True
+      q, k, v, segment_ids=ids, causal=True, return_lse=True, context_parallel=strategy
     )
   )
   actual, hlo = compare(
     run, arrays + [ids], [spec] * 4 + [P("data", "model", "seq"), P("data", "seq")], mesh
   )
-  assert_packed_ring(hlo)
+  if strategy == "ring":
+    assert_packed_ring(hlo)
+  else:
+    assert_all_gather(hlo, kv_heads=2)
   assert_matches_oracle(actual, *arrays, dense_mask(ids, ids, (-1, 0)), jnp.float16)
 
 
@@ -182,7 +218,7 @@ def test_packed_striped_ring(explicit, causal, window, normal, compare, make_mes
   ids = packed_ids(32, 4)
   run = forward_and_vjp_with_lse(
     lambda q, k, v, ids: jax_fa3.flash_attention(
-      q, k, v, segment_ids=ids, causal=causal, window_size=window, return_lse=True
+      q, k, v, segment_ids=ids, causal=causal, window_size=window, return_lse=True, **RING
     )
   )
   actual, hlo = compare(run, arrays + [ids], [SEQ] * 4 + [P(None, None, "seq"), SEQ], mesh)
@@ -191,9 +227,11 @@ def test_packed_striped_ring(explicit, causal, window, normal, compare, make_mes
   assert_matches_oracle(actual, *arrays, dense_mask(ids, ids, full_window), jnp.float16)
 
 
-def test_varlen_on_a_ring(normal, compare, make_mesh):
+@pytest.mark.parametrize("strategy", ["ring", "all_gather"])
+def test_varlen_split(strategy, normal, compare, make_mesh):
   """flash_attention_varlen with its token axis split: the sequences' own diagonals
-  (bottom-right per sequence, Tq != Tk) are in the rows, which the ring cuts per block."""
+  (bottom-right per sequence, Tq != Tk) are in the rows, which the ring cuts per block
+  (all-gather: the gathered keys' rows, to the device's queries)."""
   mesh = make_mesh((4,), ("seq",))
   cu_q = np.array([0, 5, 5, 14, 27, 30], np.int32)
   cu_k = np.array([0, 9, 13, 20, 35, 44], np.int32)
@@ -202,14 +240,22 @@ def test_varlen_on_a_ring(normal, compare, make_mesh):
 
   def run(q, k, v, dout):
     attention = functools.partial(
-      jax_fa3.flash_attention_varlen, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True
+      jax_fa3.flash_attention_varlen,
+      cu_seqlens_q=cu_q,
+      cu_seqlens_k=cu_k,
+      causal=True,
+      context_parallel=strategy,
     )
     out, pullback = jax.vjp(attention, q, k, v)
     return dict(zip(("out", "dq", "dk", "dv"), (out, *pullback(dout))))
 
   tokens = P("seq")
   actual, hlo = compare(run, [q, k, v, dout], [tokens] * 4, mesh)
-  assert_packed_ring(hlo)
+  if strategy == "ring":
+    assert_packed_ring(hlo)
+  else:
+    # The token axis is a batch of one: each gathered array is [1, tokens, 2, 16].
+    assert_all_gather(hlo, kv_heads=2)
   assert actual["out"].sharding.spec[0] == "seq"
 
 
@@ -227,7 +273,10 @@ def test_packed_kernel_path_skips_blocks_at_run_time(normal, make_mesh, monkeypa
 
   def run(q, k, v, dout, ids):
     out, pullback = jax.vjp(
-      lambda q, k, v: jax_fa3.flash_attention(q, k, v, segment_ids=ids, causal=True), q, k, v
+      lambda q, k, v: jax_fa3.flash_attention(q, k, v, segment_ids=ids, causal=True, **RING),
+      q,
+      k,
+      v,
     )
     return out, pullback(dout)
 

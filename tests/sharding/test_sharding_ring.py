@@ -1,4 +1,4 @@
-"""Sequence sharding: ring attention, striped for causal masks."""
+"""Sequence sharding: ring attention (context_parallel="ring"), striped for causal masks."""
 
 import functools
 import re
@@ -13,6 +13,7 @@ from jax_fa3 import _kernels
 from jax_fa3._kernels import KernelStatus, Variant
 
 SEQ = P(None, "seq")
+RING = dict(context_parallel="ring")  # these tests' small chunks would be all-gathered
 
 
 def qkv_dout(
@@ -38,7 +39,7 @@ def test_ring(seqlen, window, striped, normal, compare, make_mesh, collectives, 
   """K/V chunks go round the ring (collective-permutes), nothing is gathered; the striped
   layout adds the all-to-alls that restripe the arrays."""
   mesh = make_mesh((4,), ("seq",))
-  attention = functools.partial(jax_fa3.flash_attention, window_size=window)
+  attention = functools.partial(jax_fa3.flash_attention, window_size=window, **RING)
   actual, hlo = compare(forward_and_vjp(attention), qkv_dout(normal, seqlen), [SEQ] * 4, mesh)
   expected = {"collective-permute", "all-to-all"} if striped else {"collective-permute"}
   assert collectives(hlo) == expected
@@ -47,7 +48,7 @@ def test_ring(seqlen, window, striped, normal, compare, make_mesh, collectives, 
 
 def test_ring_of_eight_bfloat16(normal, compare, make_mesh, collectives, forward_and_vjp):
   mesh = make_mesh((8,), ("seq",))
-  attention = functools.partial(jax_fa3.flash_attention, causal=True)
+  attention = functools.partial(jax_fa3.flash_attention, causal=True, **RING)
   _, hlo = compare(
     forward_and_vjp(attention), qkv_dout(normal, 64, dtype=jnp.bfloat16), [SEQ] * 4, mesh
   )
@@ -59,7 +60,7 @@ def test_batch_sequence_and_heads_together(
   explicit, normal, compare, make_mesh, collectives, forward_and_vjp
 ):
   mesh = make_mesh((2, 2, 2), ("data", "seq", "model"), explicit)
-  attention = functools.partial(jax_fa3.flash_attention, causal=True)
+  attention = functools.partial(jax_fa3.flash_attention, causal=True, **RING)
   spec = P("data", "seq", "model")
   _, hlo = compare(
     forward_and_vjp(attention), qkv_dout(normal, heads=8, kv_heads=4), [spec] * 4, mesh
@@ -73,25 +74,12 @@ def test_cross_attention_of_different_lengths(
   """Without a mask the chunks of q and of k/v may differ in length."""
   mesh = make_mesh((4,), ("seq",))
   _, hlo = compare(
-    forward_and_vjp(jax_fa3.flash_attention),
+    forward_and_vjp(functools.partial(jax_fa3.flash_attention, **RING)),
     qkv_dout(normal, seqlen_q=16, seqlen_k=48),
     [SEQ] * 4,
     mesh,
   )
   assert collectives(hlo) == {"collective-permute"}
-
-
-def test_masked_lengths_the_ring_cannot_take_are_gathered(
-  normal, compare, make_mesh, collectives, forward_and_vjp
-):
-  """Causal with 32 queries and 40 keys on 4 devices: neither striped (40 % 16) nor
-  contiguous (chunks of 8 and 10 keys), so the sequence is gathered, and still right."""
-  mesh = make_mesh((4,), ("seq",))
-  attention = functools.partial(jax_fa3.flash_attention, causal=True)
-  _, hlo = compare(
-    forward_and_vjp(attention), qkv_dout(normal, seqlen_q=32, seqlen_k=40), [SEQ] * 4, mesh
-  )
-  assert "all-gather" in collectives(hlo)
 
 
 def test_dot_product_attention_with_lengths(
@@ -109,6 +97,7 @@ def test_dot_product_attention_with_lengths(
       is_causal=True,
       query_seq_lengths=lengths_q,
       key_value_seq_lengths=lengths_kv,
+      **RING,
     )
     return forward_and_vjp(attention)(q, k, v, dout)
 
@@ -123,7 +112,7 @@ def test_lse_and_its_gradient(normal, compare, make_mesh):
   dlse = normal((2, 4, 32), jnp.float32)
 
   def run(q, k, v, dout, dlse):
-    attention = functools.partial(jax_fa3.flash_attention, causal=True, return_lse=True)
+    attention = functools.partial(jax_fa3.flash_attention, causal=True, return_lse=True, **RING)
     (out, lse), pullback = jax.vjp(attention, q, k, v)
     dq, dk, dv = pullback((dout, dlse))
     return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
@@ -136,7 +125,7 @@ def test_scan_over_layers(normal, compare, make_mesh):
   x, layers = normal((2, 32, 4, 16), jnp.float16), normal((3, 2, 32, 4, 16), jnp.float16)
 
   def loss(x, layers):
-    step = lambda x, kv: (jax_fa3.flash_attention(x, kv, kv, causal=True) + x, None)
+    step = lambda x, kv: (jax_fa3.flash_attention(x, kv, kv, causal=True, **RING) + x, None)
     return jnp.sum(jax.lax.scan(step, x, layers)[0].astype(jnp.float32) ** 2)
 
   grads = lambda x, layers: dict(zip(("dx", "dlayers"), jax.grad(loss, (0, 1))(x, layers)))
@@ -151,7 +140,7 @@ def ring_program(normal, make_mesh, forward_and_vjp, causal=True):
     jax.device_put(x, jax.sharding.NamedSharding(mesh, SEQ))
     for x in qkv_dout(normal, dtype=jnp.bfloat16)
   ]
-  run = forward_and_vjp(functools.partial(jax_fa3.flash_attention, causal=causal))
+  run = forward_and_vjp(functools.partial(jax_fa3.flash_attention, causal=causal, **RING))
   return jax.jit(run), arrays
 
 

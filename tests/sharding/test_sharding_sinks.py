@@ -1,5 +1,6 @@
 """Attention sinks and the max logit with the arrays sharded: sinks split with the heads,
-applied once after a ring's merge, dsinks and max_logit reduced over the ring."""
+applied once after a ring's merge (all-gather: in each device's calls), dsinks and
+max_logit reduced over the sequence's devices."""
 
 import functools
 
@@ -10,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jax_fa3
+from sharding_checks import assert_all_gather
 
 
 def sinks_and_grads(**kwargs):
@@ -43,9 +45,9 @@ def inputs(normal, seqlen=32, heads=4, kv_heads=2, batch=2, head_dim=16):
 @pytest.mark.parametrize(
   "kwargs, collective",
   [
-    (dict(causal=True), "all-to-all"),  # striped ring
-    (dict(), "collective-permute"),  # contiguous ring, every block whole
-    (dict(causal=True, window_size=(5, 0)), "collective-permute"),
+    (dict(causal=True, context_parallel="ring"), "all-to-all"),  # striped ring
+    (dict(context_parallel="ring"), "collective-permute"),  # contiguous ring, every block whole
+    (dict(causal=True, window_size=(5, 0), context_parallel="ring"), "collective-permute"),
   ],
   ids=["causal-striped", "full", "window"],
 )
@@ -56,12 +58,15 @@ def test_sinks_on_a_ring(kwargs, collective, normal, compare, make_mesh, collect
   assert collective in collectives(hlo) and "all-gather" not in collectives(hlo)
 
 
+@pytest.mark.parametrize("context_parallel", ["ring", "all_gather"])
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
-def test_sinks_split_with_the_heads_and_batch(explicit, normal, compare, make_mesh, collectives):
+def test_sinks_split_with_the_heads_and_batch(
+  explicit, context_parallel, normal, compare, make_mesh, collectives
+):
   mesh = make_mesh((2, 2, 2), ("data", "seq", "model"), explicit)
   spec = P("data", "seq", "model")
   actual, _ = compare(
-    sinks_and_grads(causal=True),
+    sinks_and_grads(causal=True, context_parallel=context_parallel),
     inputs(normal, heads=8, kv_heads=4),
     [spec] * 4 + [P("model")],
     mesh,
@@ -69,10 +74,24 @@ def test_sinks_split_with_the_heads_and_batch(explicit, normal, compare, make_me
   assert actual["max_logit"].shape == (2, 8)
 
 
-def test_sinks_on_a_packed_ring(normal, compare, make_mesh):
+@pytest.mark.parametrize(
+  "kwargs, zigzag",
+  [(dict(causal=True), True), (dict(), False), (dict(causal=True, window_size=(5, 0)), False)],
+  ids=["causal-zigzag", "full", "window"],
+)
+def test_sinks_all_gathered(kwargs, zigzag, normal, compare, make_mesh):
+  mesh = make_mesh((4,), ("seq",))
+  seq = P(None, "seq")
+  fn = sinks_and_grads(context_parallel="all_gather", **kwargs)
+  _, hlo = compare(fn, inputs(normal), [seq] * 4 + [P()], mesh)
+  assert_all_gather(hlo, kv_heads=2, zigzag=zigzag)
+
+
+@pytest.mark.parametrize("context_parallel", ["ring", "all_gather"])
+def test_sinks_on_packed_sequences(context_parallel, normal, compare, make_mesh):
   mesh = make_mesh((4,), ("seq",))
   ids = jnp.asarray(
     np.repeat(np.arange(6), [3, 9, 1, 12, 5, 2])[None].repeat(2, 0).astype(np.int32)
   )
-  fn = sinks_and_grads(causal=True, segment_ids=ids)
+  fn = sinks_and_grads(causal=True, segment_ids=ids, context_parallel=context_parallel)
   compare(fn, inputs(normal), [P(None, "seq")] * 4 + [P()], mesh)
