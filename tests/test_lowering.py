@@ -23,10 +23,11 @@ SEGMENT_TILES = {("fwd", "bfloat16", d): (128, 128) for d in (64, 96, 128, 256)}
 def compiled(monkeypatch):
   """Pretends the extension holds the given variants (default: VARIANTS)."""
 
-  def install(variants=VARIANTS, reason=None):
-    monkeypatch.setattr(
-      _kernels, "_status", KernelStatus(tuple(variants), reason, segment_tiles=SEGMENT_TILES)
+  def install(variants=VARIANTS, reason=None, targets=frozenset()):
+    status = KernelStatus(
+      tuple(variants), reason, segment_tiles=SEGMENT_TILES, targets=frozenset(targets)
     )
+    monkeypatch.setattr(_kernels, "_status", status)
 
   install()
   return install
@@ -145,6 +146,35 @@ def test_segment_ids_pass_rows_and_plans_for_the_kernels_tiles(compiled):
     "tensor<0xi32>, tensor<0xi32>, tensor<2x100x4xi32>, tensor<2x100x4xi32>, "
     "tensor<2x2x4xi32>, tensor<2x1x2xi32>, tensor<0xf32>)"
   ) in bwd  # two 64-row tiles, one 128-key block
+
+
+PLAN_TARGETS = (
+  _kernels.SEGMENT_ROWS_TARGET,
+  _kernels.FORWARD_TILES_TARGET,
+  _kernels.BACKWARD_PLANS_TARGET,
+)
+
+
+@pytest.mark.parametrize("with_plan_kernels", [False, True])
+def test_segment_plans_come_from_their_kernels_when_compiled(compiled, with_plan_kernels):
+  """With the plan targets in the extension, the rows and plans are one custom call each,
+  of the shapes the attention calls take; without them, XLA builds them (no such call)."""
+  compiled(targets=PLAN_TARGETS if with_plan_kernels else ())
+  q, k, v = arrays(seqlen_k=100, kv_heads=4)
+  ids = jnp.zeros((2, 100), jnp.int32)
+  text = cuda_text(
+    grads(lambda q, k, v: jax_fa3.flash_attention(q, k, v, segment_ids=ids, causal=True)), q, k, v
+  )
+  calls = {target: custom_calls(text, target) for target in PLAN_TARGETS}
+  if not with_plan_kernels:
+    assert not any(calls.values())
+    return
+  (rows,), (tiles,), (plans,) = calls.values()
+  assert "-> (tensor<2x100x4xi32>, tensor<2x100x4xi32>, tensor<" in rows
+  assert "window_left = -1 : i64" in rows and "window_right = 0 : i64" in rows
+  assert "(tensor<2x100x4xi32>) -> (tensor<9x8xi32>, tensor<" in tiles
+  assert "block_m = 128 : i64" in tiles and "block_n = 128 : i64" in tiles
+  assert "(tensor<2x100x4xi32>) -> (tensor<2x2x4xi32>, tensor<2x1x2xi32>, tensor<" in plans
 
 
 def test_head_dims_pad_to_the_next_compiled_one(compiled):
