@@ -28,7 +28,7 @@ def forward_tiles(q_rows, block_m, block_n):
   if not _has(_kernels.FORWARD_TILES_TARGET):
     return segments.forward_tiles(q_rows, block_m, block_n)
   batch, seqlen_q = q_rows.shape[:2]
-  capacity = 3 * -(-seqlen_q // block_m) + 1
+  capacity = segments.tile_capacity(seqlen_q, block_m)
   # Per row: its tiles' bounds, run and stretch starts, count, and each block of 256
   # queries' run starts and their count, 16-byte aligned (cuda/plans/params.h).
   blocks = -(-seqlen_q // 256)
@@ -65,18 +65,13 @@ def _has(target):
   return target in _kernels.kernels_available().targets
 
 
-def _table_slots(other_length):
-  """segments._row_spans' table size for a side whose other side has `other_length`."""
-  return 1 << max(1, 2 * other_length - 1).bit_length()
-
-
 def _rows_cuda(q_ids, kv_ids, q_offsets, kv_offsets, *, window_left, window_right):
   if not _has(_kernels.SEGMENT_ROWS_TARGET):
     return segments.spans(
       q_ids, kv_ids, q_offsets, kv_offsets, window_left=window_left, window_right=window_right
     )
   (batch, seqlen_q), seqlen_k = q_ids.shape, kv_ids.shape[1]
-  workspace = batch * 3 * (_table_slots(seqlen_k) + _table_slots(seqlen_q))
+  workspace = batch * 3 * (segments.table_slots(seqlen_k) + segments.table_slots(seqlen_q))
   q_rows, kv_rows, _ = jax.ffi.ffi_call(
     _kernels.SEGMENT_ROWS_TARGET,
     (

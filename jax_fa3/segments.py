@@ -14,7 +14,9 @@ usual packed documents never need the id comparison.
 
 The tile plans (`forward_plan`, `backward_plans`) say which key blocks each query tile
 visits and which of them it sees fully (those run without the mask). They are computed
-from the rows for the kernels' tile shapes, without a sort: a few XLA kernels per call.
+from the rows for the kernels' tile shapes, without a sort. On the GPU the same arrays come
+from small CUDA kernels (`segment_kernels.py`); this module states them, and is the path
+everywhere else.
 """
 
 import jax
@@ -96,7 +98,7 @@ def _row_spans(ids, other_ids, *, low, high):
   with more (the id recurs, or two ids share the slot) gives a span holding all of them,
   marked interleaved so the kernels compare ids inside it: exact for any ids, and as fast
   as a run of its own for the usual documents."""
-  size = 1 << max(1, 2 * other_ids.shape[0] - 1).bit_length()  # at least 2x the positions
+  size = table_slots(other_ids.shape[0])
   runs, slot_first, slot_end = _run_table(other_ids, size)
   slot = _slot(ids, size)
   count, first, end = runs[slot], slot_first[slot], slot_end[slot]
@@ -112,6 +114,12 @@ def _row_spans(ids, other_ids, *, low, high):
     [ids, jnp.where(sees, first, zero), jnp.where(sees, end, zero), interleaved.astype(jnp.int32)],
     axis=-1,
   )
+
+
+def table_slots(other_length):
+  """The id table's slot count for a side whose other side has `other_length` positions: the
+  power of two at least twice that."""
+  return 1 << max(1, 2 * other_length - 1).bit_length()
 
 
 def _slot(ids, size):
@@ -213,7 +221,7 @@ def forward_tiles(q_rows, block_m, block_n):
   C = 3 * ceil(Sq / block_m) + 1 bounds the tiles of a row: a stretch of n queries has at
   most n / block_m + 1 tiles, and there are at most 2 Sq / block_m + 1 stretches."""
   batch, seqlen_q = q_rows.shape[:2]
-  capacity = 3 * -(-seqlen_q // block_m) + 1
+  capacity = tile_capacity(seqlen_q, block_m)
 
   def one_row(rows):
     ids, first, end, interleaved = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
@@ -252,6 +260,11 @@ def forward_tiles(q_rows, block_m, block_n):
   )
   plan = jnp.zeros((1 + batch * capacity, 8), jnp.int32).at[0, 0].set(jnp.sum(counts))
   return plan.at[index.reshape(-1)].set(tiles.reshape(-1, 8), mode="drop")
+
+
+def tile_capacity(seqlen_q, block_m):
+  """The most tiles `forward_tiles` can cut a row of seqlen_q queries into (its docstring)."""
+  return 3 * -(-seqlen_q // block_m) + 1
 
 
 def backward_plans(q_rows, seqlen_k, block_m, block_n):

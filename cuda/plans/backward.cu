@@ -13,13 +13,11 @@
 namespace jax_fa3 {
 namespace {
 
-constexpr int kWarps = kPlanPositionThreads / 32;
-
-// Grid: ceil(tiles / kWarps) CTAs per row, rows after one another.
+// Grid: ceil(tiles / kPlanPositionWarps) CTAs per row, rows after one another.
 __global__ void __launch_bounds__(kPlanPositionThreads) query_tiles_kernel(BackwardPlansParams const p,
                                                                          int ctas_per_row) {
   int const row = int(blockIdx.x / unsigned(ctas_per_row));
-  int const t = int(blockIdx.x % unsigned(ctas_per_row)) * kWarps + int(threadIdx.x / 32);
+  int const t = int(blockIdx.x % unsigned(ctas_per_row)) * kPlanPositionWarps + int(threadIdx.x / 32);
   if (t >= p.tiles) { return; }
   int const begin = t * p.block_m;
   plans::TileKeyBlocks const b =
@@ -64,7 +62,7 @@ __global__ void __launch_bounds__(plans::kPlanThreads) key_blocks_kernel(Backwar
 
 cudaError_t run_backward_plans(BackwardPlansParams const& p, cudaStream_t stream) {
   if (p.batch == 0 || (p.tiles == 0 && p.num_key_blocks == 0)) { return cudaSuccess; }
-  int const ctas_per_row = (p.tiles + kWarps - 1) / kWarps;
+  int const ctas_per_row = (p.tiles + kPlanPositionWarps - 1) / kPlanPositionWarps;
   if (ctas_per_row > 0) {
     query_tiles_kernel<<<unsigned(int64_t(ctas_per_row) * p.batch), kPlanPositionThreads, 0, stream>>>(p,
                                                                                                         ctas_per_row);

@@ -12,6 +12,7 @@ namespace jax_fa3 {
 
 // Threads of the plans' launches that give a thread (or a warp) to each position (or tile).
 constexpr int kPlanPositionThreads = 256;
+constexpr int kPlanPositionWarps = kPlanPositionThreads / 32;
 
 // Past every position (sequences are at most 2^30 long): segments.py's _FAR.
 constexpr int kPlanFar = 1 << 30;

@@ -16,8 +16,6 @@
 namespace jax_fa3 {
 namespace {
 
-constexpr int kWarps = kPlanPositionThreads / 32;
-
 struct RowWorkspace {
   int2* bounds;        // [capacity] each tile's [q_begin, q_end)
   int* runs;           // run starts, then seqlen_q
@@ -47,7 +45,7 @@ __device__ WarpPrefix warp_prefix(int warp_value, int* warp_values) {
   __syncthreads();
   WarpPrefix r{0, 0};
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
+  for (int w = 0; w < kPlanPositionWarps; ++w) {
     r.before += w < int(threadIdx.x / 32) ? warp_values[w] : 0;
     r.total += warp_values[w];
   }
@@ -57,7 +55,7 @@ __device__ WarpPrefix warp_prefix(int warp_value, int* warp_values) {
 
 // Grid: the row's blocks of kPlanPositionThreads queries, rows after one another.
 __global__ void __launch_bounds__(kPlanPositionThreads) run_starts_kernel(TilesParams const p, int blocks) {
-  __shared__ int warp_values[kWarps];
+  __shared__ int warp_values[kPlanPositionWarps];
   int const row = int(blockIdx.x / unsigned(blocks));
   int const block = int(blockIdx.x % unsigned(blocks));
   int const i = block * kPlanPositionThreads + int(threadIdx.x);
@@ -121,11 +119,11 @@ __device__ int cta_sum(int value, int* warp_values) {
   return warp_prefix(value, warp_values).total;
 }
 
-// Grid: ceil(capacity / kWarps) CTAs per row, rows after one another.
+// Grid: ceil(capacity / kPlanPositionWarps) CTAs per row, rows after one another.
 __global__ void __launch_bounds__(kPlanPositionThreads) tile_blocks_kernel(TilesParams const p, int ctas_per_row) {
-  __shared__ int warp_values[kWarps];
+  __shared__ int warp_values[kPlanPositionWarps];
   int const row = int(blockIdx.x / unsigned(ctas_per_row));
-  int const t = int(blockIdx.x % unsigned(ctas_per_row)) * kWarps + int(threadIdx.x / 32);
+  int const t = int(blockIdx.x % unsigned(ctas_per_row)) * kPlanPositionWarps + int(threadIdx.x / 32);
   int const lane = threadIdx.x % 32;
   int before = 0, all = 0;
   for (int r = threadIdx.x; r < p.batch; r += blockDim.x) {
@@ -167,7 +165,7 @@ cudaError_t run_forward_tiles(TilesParams const& p, cudaStream_t stream) {
     run_starts_kernel<<<unsigned(int64_t(blocks) * p.batch), kPlanPositionThreads, 0, stream>>>(p, blocks);
   }
   row_tiles_kernel<<<unsigned(p.batch), plans::kPlanThreads, 0, stream>>>(p);
-  int const ctas_per_row = (p.capacity + kWarps - 1) / kWarps;
+  int const ctas_per_row = (p.capacity + kPlanPositionWarps - 1) / kPlanPositionWarps;
   tile_blocks_kernel<<<unsigned(int64_t(ctas_per_row) * p.batch), kPlanPositionThreads, 0, stream>>>(p, ctas_per_row);
   return cudaGetLastError();
 }

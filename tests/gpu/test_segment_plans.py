@@ -111,7 +111,7 @@ def _tile_shapes():
   return sorted(shapes | {(64, 64), (128, 176), (192, 128), (80, 112)})
 
 
-def _lowered_rows(seed, kind, batch, seqlen_q, seqlen_k, offsets, window):
+def _spec_rows(seed, kind, batch, seqlen_q, seqlen_k, offsets, window):
   q_ids, kv_ids, q_off, kv_off = _rows_inputs(seed, kind, batch, seqlen_q, seqlen_k, offsets)
   return segments.rows(
     q_ids, kv_ids, window_left=window[0], window_right=window[1], q_offsets=q_off,
@@ -123,7 +123,7 @@ def _lowered_rows(seed, kind, batch, seqlen_q, seqlen_k, offsets, window):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_tile_plans_match_segments(case, window):
   seed = 100 + CASES.index(case)
-  q_rows, _ = _lowered_rows(seed, *case, window)
+  q_rows, _ = _spec_rows(seed, *case, window)
   seqlen_k = case[3]
   for block_m, block_n in _tile_shapes():
     what = f"{case} window {window} tile {block_m}x{block_n}"
