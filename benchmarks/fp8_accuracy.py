@@ -7,7 +7,9 @@ of the output against float64 attention on those bfloat16 values, for:
   (FlashAttention-3's per-tensor descale shape);
 - FP8 + block: per-tile scales (64 query rows; the kernel's key block);
 - FP8 + Hadamard: the random-sign Hadamard transform of q and k (incoherent processing);
-- FP8 + both: jax_fa3's default.
+- FP8 + both: both techniques, k and v not split (jax_fa3's default at head dims above 64);
+- FP8 + both + split k, v: k and v as two e4m3 terms each (`split_kv=True`, the kernel of
+  twice the head dim; jax_fa3's default at head dim 64; head dims up to 128).
 The quantization is part of each FP8 row (fp8_attention quantizes its 16-bit inputs).
 The paper (H100): baseline 1.9e-4, FP8 per-tensor 2.4e-2, FP8 with both 9.1e-3.
 
@@ -36,18 +38,23 @@ from timing import on_gpu
 METHODS = {  # name -> the call on bfloat16 q, k, v
   "bf16": lambda q, k, v, causal: jax_fa3.flash_attention(q, k, v, causal=causal),
   "FP8 plain": lambda q, k, v, causal: jax_fa3.fp8_attention(
-    q, k, v, causal=causal, hadamard=False, block_quantize=False
+    q, k, v, causal=causal, hadamard=False, block_quantize=False, split_kv=False
   ),
   "FP8 + block": lambda q, k, v, causal: jax_fa3.fp8_attention(
-    q, k, v, causal=causal, hadamard=False, block_quantize=True
+    q, k, v, causal=causal, hadamard=False, block_quantize=True, split_kv=False
   ),
   "FP8 + Hadamard": lambda q, k, v, causal: jax_fa3.fp8_attention(
-    q, k, v, causal=causal, hadamard=True, block_quantize=False
+    q, k, v, causal=causal, hadamard=True, block_quantize=False, split_kv=False
   ),
   "FP8 + both": lambda q, k, v, causal: jax_fa3.fp8_attention(
-    q, k, v, causal=causal, hadamard=True, block_quantize=True
+    q, k, v, causal=causal, hadamard=True, block_quantize=True, split_kv=False
+  ),
+  "FP8 + both + split k, v": lambda q, k, v, causal: jax_fa3.fp8_attention(
+    q, k, v, causal=causal, split_kv=True
   ),
 }
+# Methods that need the kernel of twice the head dim (none above 256).
+SPLIT_METHODS = {"FP8 + both + split k, v": 128}
 PAPER = {"bf16": "1.9e-4 (FP16)", "FP8 plain": "2.4e-2 (per-tensor)", "FP8 + both": "9.1e-3"}
 
 
@@ -89,6 +96,7 @@ def path_of(method, head_dim):
   """ "kernel" where the method runs jax_fa3's kernels here, else "reference"."""
   kernels = jax_fa3.kernels_available()
   dtype, out_dtype = ("bfloat16", None) if method == "bf16" else ("float8_e4m3fn", "bfloat16")
+  head_dim = 2 * head_dim if method in SPLIT_METHODS else head_dim
   compiled = kernels and kernels.head_dims_for("fwd", dtype, head_dim, head_dim, out_dtype)
   return "kernel" if on_gpu() and compiled else "reference"
 
@@ -102,6 +110,8 @@ def measure(setup, causal, seed, card):
     q, k, v = (paper_inputs(rng, shape) for _ in range(3))
     expected = float64_attention(q, k, v, causal)
     for method, fn in METHODS.items():
+      if head_dim > SPLIT_METHODS.get(method, head_dim):
+        continue
       out = jax.jit(fn, static_argnums=3)(q, k, v, causal)
       rmse = float(np.sqrt(np.mean((np.asarray(out, np.float64) - expected) ** 2)))
       records.append(

@@ -889,6 +889,7 @@ _FLAG_ROLES = {
   "deterministic": "it selects the backward kernel's mode",
   "hadamard": "it selects how the inputs are quantized",
   "block_quantize": "it selects how the inputs are quantized",
+  "split_kv": "it selects how the inputs are quantized",
   "return_lse": "it sets how many arrays the call returns",
   "return_max_logit": "it sets how many arrays the call returns",
   "return_residual": "it sets how many arrays the call returns",
