@@ -20,7 +20,7 @@ carried as two e4m3 terms at the same scale, the value and its rounding residual
 q8 twice, [q8, q8] . [k8, r8_k] = q8 . (k8 + r8_k), and P . [v8, r8_v], whose two halves of
 the output are summed. That removes k's and v's rounding, two of the three large error
 terms (q's rounding, the third, is left; P's is small). Measured on the paper's outliers
-(benchmarks/NOTES.md, FP8_ACCURACY_FINDINGS.md): at head dim 64 the RMSE goes from 1.5e-2
+(benchmarks/NOTES.md, benchmarks/fp8_accuracy_findings.md): at head dim 64 the RMSE goes from 1.5e-2
 to 9.2e-3, for the d128 kernel's time (about 1.45x the d64 kernel's at 4k tokens). At 128
 and 256 the plain FP8 path is within 1e-2 already, and the doubled kernel (d256; none for
 d512) would cost more, so it is off there.

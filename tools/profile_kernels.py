@@ -1,35 +1,88 @@
-"""One backward (and forward) call per head dim, for a profiler to look at (tools/profile.sh).
+"""One call of each kernel family for a profiler to look at (tools/profile.sh,
+tools/profile_source.sh). Each implementation runs twice: profile the second launch.
 
-python tools/profile_kernels.py [--head-dims 128 256] [--seqlen 8192] [--cudnn]
+python tools/profile_kernels.py [--mode backward|fp8|decode] [--head-dims 128 256]
+                                [--seqlen 8192] [--batch 1] [--cudnn]
+
+- backward: forward + backward of flash_attention in bf16 (16k tokens, 2048 hidden);
+- fp8: the FP8 forward on e4m3 inputs with per-head descales (benchmarks/fp8.py's inputs);
+  with --cudnn also cuDNN's FP8 forward;
+- decode: flash_attention_with_kvcache, one token appended (benchmarks/decode.py's inputs,
+  32/8 heads, cache of --seqlen keys); with --cudnn also jax.nn's cuDNN attention on it.
 """
 
 import argparse
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 
-import jax_fa3
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import jax_fa3  # noqa: E402
+
+
+def backward_calls(head_dim, seqlen, cudnn):
+  shape = (16384 // seqlen, seqlen, 2048 // head_dim, head_dim)
+  q, k, v, dout = (
+    jax.random.normal(key, shape, jnp.bfloat16) for key in jax.random.split(jax.random.key(head_dim), 4)
+  )
+  impls = {"jax_fa3": jax_fa3.flash_attention}
+  if cudnn:
+    impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  for name, attention in impls.items():
+    yield name, jax.jit(lambda q, k, v, dout, f=attention: jax.vjp(f, q, k, v)[1](dout)), (q, k, v, dout)
+
+
+def fp8_calls(head_dim, seqlen, cudnn):
+  import fp8  # noqa: PLC0415  (benchmarks/fp8.py: its inputs and calls)
+
+  problem = fp8.Problem(head_dim, seqlen, fp8.HIDDEN // head_dim, 16384 // seqlen, causal=False)
+  q, k, v = problem.inputs()
+  for impl in ("jax_fa3", "cudnn_fp8") if cudnn else ("jax_fa3",):
+    fn, args = fp8.timed_call(impl, problem, q, k, v)
+    yield impl, jax.jit(fn), args
+
+
+def decode_calls(head_dim, seqlen, batch, cudnn):
+  import decode  # noqa: PLC0415  (benchmarks/decode.py's inputs)
+
+  q, k_cache, v_cache, lengths, (k_new, v_new), table = decode.Decode(
+    batch, seqlen, 32, 8, head_dim, 0
+  ).inputs()
+  yield (
+    "jax_fa3",
+    jax.jit(
+      lambda q, k, v, n, kn, vn: jax_fa3.flash_attention_with_kvcache(q, k, v, n, k_new=kn, v_new=vn)[0]
+    ),
+    (q, k_cache, v_cache, lengths, k_new, v_new),
+  )
+  if cudnn:
+    attend = jax.jit(
+      lambda q, k, v, n: jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=n, implementation="cudnn")
+    )
+    yield "cudnn", attend, (q, k_cache, v_cache, lengths + 1)
 
 
 def main():
   parser = argparse.ArgumentParser()
+  parser.add_argument("--mode", choices=("backward", "fp8", "decode"), default="backward")
   parser.add_argument("--head-dims", type=int, nargs="+", default=[128, 256])
   parser.add_argument("--seqlen", type=int, default=8192)
-  parser.add_argument("--cudnn", action="store_true", help="also jax.nn's cuDNN attention")
+  parser.add_argument("--batch", type=int, default=1, help="decode only")
+  parser.add_argument("--cudnn", action="store_true", help="also cuDNN's kernel for the same inputs")
   args = parser.parse_args()
   for head_dim in args.head_dims:
-    shape = (16384 // args.seqlen, args.seqlen, 2048 // head_dim, head_dim)
-    q, k, v, dout = (
-      jax.random.normal(key, shape, jnp.bfloat16)
-      for key in jax.random.split(jax.random.key(head_dim), 4)
-    )
-    impls = {"jax_fa3": jax_fa3.flash_attention}
-    if args.cudnn:
-      impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    for name, attention in impls.items():
-      step = jax.jit(lambda q, k, v, dout, f=attention: jax.vjp(f, q, k, v)[1](dout))
-      jax.block_until_ready(step(q, k, v, dout))
-      print(f"{name} d{head_dim} s{args.seqlen}: done", flush=True)
+    if args.mode == "backward":
+      calls = backward_calls(head_dim, args.seqlen, args.cudnn)
+    elif args.mode == "fp8":
+      calls = fp8_calls(head_dim, args.seqlen, args.cudnn)
+    else:
+      calls = decode_calls(head_dim, args.seqlen, args.batch, args.cudnn)
+    for name, fn, fn_args in calls:
+      for _ in range(2):
+        jax.block_until_ready(fn(*fn_args))
+      print(f"{args.mode} {name} d{head_dim} s{args.seqlen}: done", flush=True)
 
 
 if __name__ == "__main__":

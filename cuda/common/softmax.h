@@ -57,6 +57,27 @@ struct OnlineSoftmax {
   float row_sum[kRows];  // per-thread partial sums, reduced across the quad in finalize()
   float scale_log2;
 
+  // The maximum of row r's columns (-inf when none is a number) through kMaxChains
+  // independent chains of fmaxf: exact, max being associative, and a chain kMaxChains
+  // times shorter.
+  static constexpr int kMaxChains = 4;
+  template <class Rows>
+  __device__ __forceinline__ static float row_max_of(Rows const& s, int r) {
+    constexpr int kCols = decltype(size<1>(s))::value;
+    static_assert(kCols % kMaxChains == 0);
+    float chain[kMaxChains];
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kMaxChains; ++i) { chain[i] = -INFINITY; }  // as a NaN-only row: -inf
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < kCols; ++c) { chain[c % kMaxChains] = fmaxf(chain[c % kMaxChains], s(r, c)); }
+    CUTLASS_PRAGMA_UNROLL
+    for (int width = kMaxChains / 2; width > 0; width /= 2) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < width; ++i) { chain[i] = fmaxf(chain[i], chain[i + width]); }
+    }
+    return chain[0];
+  }
+
   // Folds a tile of scores into the running state and overwrites it with exp2 of the
   // shifted scores (the unnormalised probabilities). o_scale receives the factor that
   // brings the output accumulated so far onto the new maximum.
@@ -67,8 +88,12 @@ struct OnlineSoftmax {
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
       float new_max = kFirst || kFp8 ? -INFINITY : row_max[r];
-      CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < size<1>(s); ++c) { new_max = fmaxf(new_max, s(r, c)); }
+      if constexpr (kFp8) {
+        new_max = row_max_of(s, r);
+      } else {
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < size<1>(s); ++c) { new_max = fmaxf(new_max, s(r, c)); }
+      }
       new_max = quad_max(new_max);
       float shift;
       if constexpr (kFp8) {

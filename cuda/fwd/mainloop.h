@@ -84,13 +84,28 @@ struct FwdMainloop {
     return p.descale_q[(int64_t(tile.batch) * p.heads + tile.head) * p.descale_q_blocks +
                        block * p.descale_q_block_stride];
   }
-  __device__ float k_descale(QueryTile const& tile, int n_block) const {
-    if (!p.descale_k) { return 1.f; }
-    return p.descale_k[(int64_t(tile.batch) * p.kv_heads + tile.head / p.kv_group) * p.descale_k_blocks +
-                       n_block * p.descale_k_block_stride];
+  // k's factors of the tile's KV head, one per key tile (a stride of 0: one per head), or
+  // nullptr; found once per tile so that a step costs one load, not an integer division.
+  __device__ float const* k_descales(QueryTile const& tile) const {
+    if (!p.descale_k) { return nullptr; }
+    return p.descale_k + (int64_t(tile.batch) * p.kv_heads + tile.head / p.kv_group) * p.descale_k_blocks;
+  }
+  __device__ float k_descale(float const* descales, int n_block) const {
+    return descales ? descales[n_block * p.descale_k_block_stride] : 1.f;
   }
 
   __device__ bool warpgroup_leader() const { return thread_idx % 128 == 0; }
+
+  // FP8: most key tiles leave every row maximum where it was (factor exactly 1); a warp
+  // whose rows all kept theirs skips the rescale of its output accumulator. Exact: the
+  // skipped products are x * 1.
+  template <class AccO>
+  __device__ void rescale_unless_unchanged(AccO& acc_o, float const (&o_scale)[kRows]) const {
+    bool unchanged = true;
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) { unchanged &= o_scale[r] == 1.f; }
+    if (!__all_sync(0xffffffff, unchanged)) { scale_rows(acc_o, o_scale); }
+  }
 
   __device__ void release_k() {
     if (warpgroup_leader()) { k_ring.release(k_pos); }
@@ -159,6 +174,7 @@ struct FwdMainloop {
     OnlineSoftmax<kRows, Traits::kFp8> softmax;
     softmax.scale_log2 = p.scale_log2;
     float const scale_q = Traits::kFp8 ? q_descale(tile) : 1.f;
+    float const* const tile_k_descales = Traits::kFp8 ? k_descales(tile) : nullptr;
     // FP8 descales scale the scores before the softcap, or else fold into the exp2 scale.
     // k_scale: k_descale of the tile, loaded before its Q·K^T is issued.
     auto prepare_scores = [&](auto& scores, int n_block, auto masked, float k_scale) {
@@ -191,7 +207,7 @@ struct FwdMainloop {
     // diagonal edge whenever there is one).
     cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full, computed_tiles & 1);
     int n_block = range.n_block_max - 1;
-    float const first_k_scale = Traits::kFp8 ? k_descale(tile, n_block) : 1.f;
+    float const first_k_scale = Traits::kFp8 ? k_descale(tile_k_descales, n_block) : 1.f;
     Tensor scores = new_scores();
     k_ring.wait_full(k_pos);
     wait_turn();
@@ -218,7 +234,7 @@ struct FwdMainloop {
     into_operand(scores, tOrP);
 
     auto step = [&](int n, auto masked) {
-      float const k_scale = Traits::kFp8 ? k_descale(tile, n) : 1.f;
+      float const k_scale = Traits::kFp8 ? k_descale(tile_k_descales, n) : 1.f;
       Tensor next_scores = new_scores();
       k_ring.wait_full(k_pos);
       wait_turn();
@@ -236,7 +252,11 @@ struct FwdMainloop {
       finish_before_next_wait(softmax.row_sum[0] + softmax.row_sum[1], p.num_tiles < 0, &smem.unused_sink);
       warpgroup_wait<0>();
       release_v();
-      if constexpr (!Traits::kRescaleOBeforeGemm) { scale_rows(acc_o, o_scale); }
+      if constexpr (Traits::kFp8) {
+        rescale_unless_unchanged(acc_o, o_scale);
+      } else if constexpr (!Traits::kRescaleOBeforeGemm) {
+        scale_rows(acc_o, o_scale);
+      }
       into_operand(next_scores, tOrP);
     };
     --n_block;

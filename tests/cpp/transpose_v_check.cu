@@ -26,8 +26,8 @@ int check() {
     uint32_t regs[32][4];
     int load_addr[32], store_addr[32];
     for (int lane = 0; lane < 32; ++lane) {
-      load_addr[lane] = A::load_offset(A::lane_load(lane), A::unit_load(unit));
-      store_addr[lane] = A::store_offset(A::lane_store(lane), A::unit_store(unit));
+      load_addr[lane] = A::load_offset(A::lane_load(lane), unit);
+      store_addr[lane] = A::store_offset(A::lane_store(lane), unit);
     }
     for (int m = 0; m < 4; ++m) {  // bank ways of each 8-row phase
       std::set<int> lw[32], sw[32];
