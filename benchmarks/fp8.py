@@ -291,8 +291,9 @@ def markdown(records, header):
     f"# FP8 attention forward: {header}",
     "",
     "TFLOP/s (4 b h s^2 d, halved when causal). jax_fa3: the FP8 kernel on pre-quantized inputs; "
-    "fp8_attention: end to end on bf16 inputs, quantization included. cuDNN FP8 writes e4m3, "
-    "jax_fa3 bf16.",
+    "fp8_attention: end to end on bf16 inputs, quantization included (at head dim 64 with "
+    "its default split_kv: k and v as value + residual through the d128 kernel, which the "
+    "quantization ms column then includes). cuDNN FP8 writes e4m3, jax_fa3 bf16.",
     "",
   ]
   rows = [r for r in records if r["part"] == "attention"]

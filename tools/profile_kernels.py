@@ -19,23 +19,28 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-import jax_fa3  # noqa: E402
+import jax_fa3
 
 
 def backward_calls(head_dim, seqlen, cudnn):
   shape = (16384 // seqlen, seqlen, 2048 // head_dim, head_dim)
   q, k, v, dout = (
-    jax.random.normal(key, shape, jnp.bfloat16) for key in jax.random.split(jax.random.key(head_dim), 4)
+    jax.random.normal(key, shape, jnp.bfloat16)
+    for key in jax.random.split(jax.random.key(head_dim), 4)
   )
   impls = {"jax_fa3": jax_fa3.flash_attention}
   if cudnn:
     impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
   for name, attention in impls.items():
-    yield name, jax.jit(lambda q, k, v, dout, f=attention: jax.vjp(f, q, k, v)[1](dout)), (q, k, v, dout)
+    yield (
+      name,
+      jax.jit(lambda q, k, v, dout, f=attention: jax.vjp(f, q, k, v)[1](dout)),
+      (q, k, v, dout),
+    )
 
 
 def fp8_calls(head_dim, seqlen, cudnn):
-  import fp8  # noqa: PLC0415  (benchmarks/fp8.py: its inputs and calls)
+  import fp8  # benchmarks/fp8.py: its inputs and calls
 
   problem = fp8.Problem(head_dim, seqlen, fp8.HIDDEN // head_dim, 16384 // seqlen, causal=False)
   q, k, v = problem.inputs()
@@ -45,21 +50,25 @@ def fp8_calls(head_dim, seqlen, cudnn):
 
 
 def decode_calls(head_dim, seqlen, batch, cudnn):
-  import decode  # noqa: PLC0415  (benchmarks/decode.py's inputs)
+  import decode  # benchmarks/decode.py: its inputs
 
-  q, k_cache, v_cache, lengths, (k_new, v_new), table = decode.Decode(
+  q, k_cache, v_cache, lengths, (k_new, v_new), _ = decode.Decode(
     batch, seqlen, 32, 8, head_dim, 0
   ).inputs()
   yield (
     "jax_fa3",
     jax.jit(
-      lambda q, k, v, n, kn, vn: jax_fa3.flash_attention_with_kvcache(q, k, v, n, k_new=kn, v_new=vn)[0]
+      lambda q, k, v, n, kn, vn: jax_fa3.flash_attention_with_kvcache(
+        q, k, v, n, k_new=kn, v_new=vn
+      )[0]
     ),
     (q, k_cache, v_cache, lengths, k_new, v_new),
   )
   if cudnn:
     attend = jax.jit(
-      lambda q, k, v, n: jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=n, implementation="cudnn")
+      lambda q, k, v, n: jax.nn.dot_product_attention(
+        q, k, v, key_value_seq_lengths=n, implementation="cudnn"
+      )
     )
     yield "cudnn", attend, (q, k_cache, v_cache, lengths + 1)
 
@@ -70,7 +79,9 @@ def main():
   parser.add_argument("--head-dims", type=int, nargs="+", default=[128, 256])
   parser.add_argument("--seqlen", type=int, default=8192)
   parser.add_argument("--batch", type=int, default=1, help="decode only")
-  parser.add_argument("--cudnn", action="store_true", help="also cuDNN's kernel for the same inputs")
+  parser.add_argument(
+    "--cudnn", action="store_true", help="also cuDNN's kernel for the same inputs"
+  )
   args = parser.parse_args()
   for head_dim in args.head_dims:
     if args.mode == "backward":
