@@ -87,10 +87,11 @@ struct OnlineSoftmax {
     static_assert(decltype(size<0>(s))::value == kRows);
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      float new_max = kFirst || kFp8 ? -INFINITY : row_max[r];
+      float new_max;  // this tile's maximum; kFp8 folds in the running one below, in log2 units
       if constexpr (kFp8) {
         new_max = row_max_of(s, r);
       } else {
+        new_max = kFirst ? -INFINITY : row_max[r];
         CUTLASS_PRAGMA_UNROLL
         for (int c = 0; c < size<1>(s); ++c) { new_max = fmaxf(new_max, s(r, c)); }
       }

@@ -25,7 +25,7 @@ using namespace cute;
 //
 // The swizzled layouts are linear in each of the lane part and the unit part, and the two
 // use disjoint bits; a swizzle XORs bit fields, so offset = swizzle(lane) ^ swizzle(unit).
-// Units are compile-time constants (fwd/transpose_v.h unrolls each warp's units), so a
+// Units are compile-time constants (VTransposer::transpose_units unrolls each warp's), so a
 // unit's part is an immediate: the bits a lane part can hold are XORed, the others added.
 template <class Traits>
 struct VTransposeAddressing {
@@ -78,15 +78,11 @@ struct VTransposeAddressing {
   CUTE_HOST_DEVICE static constexpr uint32_t unit_store(int unit) {
     return swizzled(StoreLayout{}, linear(StoreLayout{}, unit_dim(unit), unit_key(unit)));
   }
-  // Every bit that some lane's part sets.
-  CUTE_HOST_DEVICE static constexpr uint32_t lane_load_bits() {
+  // Every bit that some lane's part (of the store offsets, or of the load offsets) sets.
+  template <bool kStore>
+  CUTE_HOST_DEVICE static constexpr uint32_t lane_bits() {
     uint32_t bits = 0;
-    for (int lane = 0; lane < 32; ++lane) { bits |= lane_load(lane); }
-    return bits;
-  }
-  CUTE_HOST_DEVICE static constexpr uint32_t lane_store_bits() {
-    uint32_t bits = 0;
-    for (int lane = 0; lane < 32; ++lane) { bits |= lane_store(lane); }
+    for (int lane = 0; lane < 32; ++lane) { bits |= kStore ? lane_store(lane) : lane_load(lane); }
     return bits;
   }
   // lane ^ unit, as (lane ^ the unit's bits that a lane part may hold) + the unit's other bits.
@@ -94,10 +90,10 @@ struct VTransposeAddressing {
     return (lane_part ^ (unit_part & lane_bits)) + (unit_part & ~lane_bits);
   }
   CUTE_HOST_DEVICE static constexpr uint32_t load_offset(uint32_t lane_part, int unit) {
-    return combine(lane_part, unit_load(unit), lane_load_bits());
+    return combine(lane_part, unit_load(unit), lane_bits<false>());
   }
   CUTE_HOST_DEVICE static constexpr uint32_t store_offset(uint32_t lane_part, int unit) {
-    return combine(lane_part, unit_store(unit), lane_store_bits());
+    return combine(lane_part, unit_store(unit), lane_bits<true>());
   }
 };
 
