@@ -1,10 +1,12 @@
 """One call of each kernel family for a profiler to look at (tools/profile.sh,
 tools/profile_source.sh). Each implementation runs twice: profile the second launch.
 
-python tools/profile_kernels.py [--mode backward|fp8|decode] [--head-dims 128 256]
-                                [--seqlen 8192] [--batch 1] [--cudnn]
+python tools/profile_kernels.py [--mode forward|backward|fp8|decode] [--head-dims 128 256]
+                                [--seqlen 8192] [--batch 1] [--causal] [--cudnn] [--fa3]
 
-- backward: forward + backward of flash_attention in bf16 (16k tokens, 2048 hidden);
+- forward: flash_attention's forward in bf16 (16k tokens, 2048 hidden: the paper sweep's sizes);
+- backward: forward + backward of flash_attention in bf16 (same sizes);
+  for both, --fa3 adds FlashAttention-3's own kernels (the flash-attn3-jax wheel, d128 only);
 - fp8: the FP8 forward on e4m3 inputs with per-head descales (benchmarks/fp8.py's inputs);
   with --cudnn also cuDNN's FP8 forward;
 - decode: flash_attention_with_kvcache, one token appended (benchmarks/decode.py's inputs,
@@ -22,21 +24,30 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks
 import jax_fa3
 
 
-def backward_calls(head_dim, seqlen, cudnn):
+def bf16_calls(head_dim, seqlen, causal, cudnn, fa3, backward):
   shape = (16384 // seqlen, seqlen, 2048 // head_dim, head_dim)
   q, k, v, dout = (
     jax.random.normal(key, shape, jnp.bfloat16)
     for key in jax.random.split(jax.random.key(head_dim), 4)
   )
-  impls = {"jax_fa3": jax_fa3.flash_attention}
+  impls = {"jax_fa3": lambda q, k, v: jax_fa3.flash_attention(q, k, v, causal=causal)}
   if cudnn:
-    impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-  for name, attention in impls.items():
-    yield (
-      name,
-      jax.jit(lambda q, k, v, dout, f=attention: jax.vjp(f, q, k, v)[1](dout)),
-      (q, k, v, dout),
+    impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=causal, implementation="cudnn"
     )
+  if fa3 and head_dim == 128:
+    import flash_attn3_jax  # FlashAttention-3's own kernels (carried wheel)
+
+    impls["fa3"] = lambda q, k, v: flash_attn3_jax.flash_mha(q, k, v, is_causal=causal)
+  for name, attention in impls.items():
+    if backward:
+      yield (
+        name,
+        jax.jit(lambda q, k, v, dout, f=attention: jax.vjp(f, q, k, v)[1](dout)),
+        (q, k, v, dout),
+      )
+    else:
+      yield name, jax.jit(attention), (q, k, v)
 
 
 def fp8_calls(head_dim, seqlen, cudnn):
@@ -75,17 +86,23 @@ def decode_calls(head_dim, seqlen, batch, cudnn):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--mode", choices=("backward", "fp8", "decode"), default="backward")
+  parser.add_argument(
+    "--mode", choices=("forward", "backward", "fp8", "decode"), default="backward"
+  )
   parser.add_argument("--head-dims", type=int, nargs="+", default=[128, 256])
   parser.add_argument("--seqlen", type=int, default=8192)
   parser.add_argument("--batch", type=int, default=1, help="decode only")
   parser.add_argument(
     "--cudnn", action="store_true", help="also cuDNN's kernel for the same inputs"
   )
+  parser.add_argument("--fa3", action="store_true", help="forward/backward: also FA3's own kernels")
+  parser.add_argument("--causal", action="store_true", help="forward/backward: causal")
   args = parser.parse_args()
   for head_dim in args.head_dims:
-    if args.mode == "backward":
-      calls = backward_calls(head_dim, args.seqlen, args.cudnn)
+    if args.mode in ("forward", "backward"):
+      calls = bf16_calls(
+        head_dim, args.seqlen, args.causal, args.cudnn, args.fa3, args.mode == "backward"
+      )
     elif args.mode == "fp8":
       calls = fp8_calls(head_dim, args.seqlen, args.cudnn)
     else:
