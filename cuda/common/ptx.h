@@ -23,13 +23,6 @@ __device__ __forceinline__ float tanh_approx(float x) {
   return y;
 }
 
-// max(x, y), NaN if either is NaN (fmaxf would return the other operand).
-__device__ __forceinline__ float max_nan(float x, float y) {
-  float z;
-  asm("max.NaN.f32 %0, %1, %2;" : "=f"(z) : "f"(x), "f"(y));
-  return z;
-}
-
 // Four 8x8 matrices of 16-bit elements, transposed, from the shared-memory rows the lanes address.
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t shared_address, uint32_t (&words)[4]) {
   asm volatile("ldmatrix.sync.aligned.x4.trans.m8n8.shared.b16 {%0, %1, %2, %3}, [%4];\n"

@@ -42,23 +42,6 @@ __device__ __forceinline__ void scale_rows(Tensor<Engine, Layout>& acc, float co
   }
 }
 
-// 2^x without the exponential unit (MUFU.EX2, 16 results per clock per SM), on the FMA and
-// integer pipes: 2^x = 2^n * 2^f with n = round(x) and f in [-0.5, 0.5], 2^f a degree-3
-// polynomial (relative error below 7.5e-5, fitted here for relative error; e4m3's step is
-// 6e-2, bf16's 4e-3). Where the exponentials alone take as long as the other warpgroup's
-// GEMMs, a share of them here shortens the softmax. x <= 127; -inf (a masked score) gives
-// about 2^-125, NaN gives NaN.
-__device__ __forceinline__ float exp2_on_fma(float x) {
-  constexpr float kRounder = 12582912.f;  // 1.5 * 2^23: x + kRounder holds round(x) in its low bits
-  x = max_nan(x, -125.f);                 // 2^n stays a normal number
-  float const shifted = __fadd_rn(x, kRounder);
-  float const f = __fsub_rn(x, __fsub_rn(shifted, kRounder));
-  float const poly = fmaf(fmaf(fmaf(0.0551716685f, f, 0.2426111400f), f, 0.6932609678f), f, 0.9999280572f);
-  // round(x) sits in the low bits of shifted's pattern; << 23 moves it into the exponent.
-  float const two_to_n = __int_as_float((__float_as_int(shifted) << 23) + 0x3f800000);
-  return poly * two_to_n;
-}
-
 // Running row maximum and row sum of exp over the key tiles seen so far. Scores are kept
 // raw; scale_log2 turns them into log2 units, so each probability costs one FFMA + one EX2.
 //
@@ -67,10 +50,7 @@ __device__ __forceinline__ float exp2_on_fma(float x) {
 // exp2(x - max + kFp8Offset) in (0, 256], which uses e4m3's range (max 448) rather than
 // rounding small probabilities to its subnormals. The offset cancels in the normalisation;
 // the lse and the max logit take it back out.
-//
-// kFmaExp2Period: every kFmaExp2Period-th column's exponential runs on the FMA pipe
-// (exp2_on_fma); 0: none.
-template <int kRows, bool kFp8 = false, int kFmaExp2Period = 0>
+template <int kRows, bool kFp8 = false>
 struct OnlineSoftmax {
   static constexpr float kFp8Offset = 8.f;
   float row_max[kRows];  // raw scores; kFp8: log2 units
@@ -133,8 +113,7 @@ struct OnlineSoftmax {
       float sum = 0.f;
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < size<1>(s); ++c) {
-        float const x = s(r, c) * scale_log2 - shift;
-        s(r, c) = kFmaExp2Period > 0 && c % kFmaExp2Period == kFmaExp2Period - 1 ? exp2_on_fma(x) : exp2f(x);
+        s(r, c) = exp2f(s(r, c) * scale_log2 - shift);
         sum += s(r, c);
       }
       row_sum[r] = kFirst ? sum : row_sum[r] * o_scale[r] + sum;

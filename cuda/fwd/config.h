@@ -33,7 +33,6 @@ struct FwdTileConfig;
     static constexpr bool kIntraWarpgroupOverlap = !kAblateIntraWarpgroupOverlap;         \
     /* Large accumulators rescale under the next QK^T rather than after P·V. */           \
     static constexpr bool kRescaleOBeforeGemm = HEAD_DIM > 128;                           \
-    static constexpr int kFmaExp2Period = 0; /* every exponential on MUFU.EX2 */          \
   };
 
 //               head dim  M    N   N (causal/local)  pingpong
@@ -48,7 +47,7 @@ JAX_FA3_FWD_TILE(256,      128, 80,  64,              false)
 // FP8 (e4m3): half the bytes per score's probability, so longer key tiles fit. One kBlockN per
 // head dim whatever the mask: per-block K descale factors (fp8_attention) cover one key tile.
 // V is transposed on chip from a staging buffer (fwd/transpose_v.h).
-#define JAX_FA3_FWD_FP8_TILE(HEAD_DIM, BLOCK_M, BLOCK_N, FMA_EXP2_PERIOD)                \
+#define JAX_FA3_FWD_FP8_TILE(HEAD_DIM, BLOCK_M, BLOCK_N)                                 \
   template <bool kHasWindow>                                                              \
   struct FwdTileConfig<1, HEAD_DIM, kHasWindow> {                                         \
     static constexpr int kBlockM = BLOCK_M;                                               \
@@ -57,26 +56,13 @@ JAX_FA3_FWD_TILE(256,      128, 80,  64,              false)
     static constexpr bool kPingpong = !kAblatePingpong;                                   \
     static constexpr bool kIntraWarpgroupOverlap = !kAblateIntraWarpgroupOverlap;         \
     static constexpr bool kRescaleOBeforeGemm = false;                                    \
-    static constexpr int kFmaExp2Period = JAX_FA3_FMA_EXP2_PERIOD_OR(FMA_EXP2_PERIOD);   \
   };
 
-// FMA exp2: every k-th exponential of a row runs on the FMA pipe (common/softmax.h,
-// exp2_on_fma), 0 for none. With e4m3 GEMMs at twice the 16-bit rate, a warpgroup's
-// exponentials (MUFU, 16 a clock per SM) take as long as the other warpgroup's GEMMs at
-// head dim 128; the polynomial's instructions fill issue slots the softmax leaves free.
-// Experiments override it for every head dim with -DJAX_FA3_FMA_EXP2_PERIOD=k.
-#if defined(JAX_FA3_FMA_EXP2_PERIOD)
-#define JAX_FA3_FMA_EXP2_PERIOD_OR(k) (JAX_FA3_FMA_EXP2_PERIOD)
-#else
-#define JAX_FA3_FMA_EXP2_PERIOD_OR(k) (k)
-#endif
-
-//                    head dim  M    N    FMA exp2 period
-JAX_FA3_FWD_FP8_TILE(64,       192, 160, 4)
-JAX_FA3_FWD_FP8_TILE(128,      128, 224, 4)
-JAX_FA3_FWD_FP8_TILE(256,      128, 128, 0)
+//                    head dim  M    N
+JAX_FA3_FWD_FP8_TILE(64,       192, 160)
+JAX_FA3_FWD_FP8_TILE(128,      128, 224)
+JAX_FA3_FWD_FP8_TILE(256,      128, 128)
 
 #undef JAX_FA3_FWD_FP8_TILE
-#undef JAX_FA3_FMA_EXP2_PERIOD_OR
 
 }  // namespace jax_fa3

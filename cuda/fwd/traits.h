@@ -37,7 +37,6 @@ struct FwdTraits {
   static constexpr bool kPingpong = Config::kPingpong;
   static constexpr bool kIntraWarpgroupOverlap = Config::kIntraWarpgroupOverlap;
   static constexpr bool kRescaleOBeforeGemm = Config::kRescaleOBeforeGemm;
-  static constexpr int kFmaExp2Period = Config::kFmaExp2Period;
 
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
