@@ -2,6 +2,8 @@
 // two or three consumer warpgroups (WGMMA + softmax), registers moved to the consumers.
 #pragma once
 
+#include <type_traits>
+
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -46,17 +48,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(CUTE_GRID_CONS
   }
   __syncthreads();
 
-  // Tiles claimed from a counter, also where all cost the same: a CTA that finished early
-  // takes the next tile instead of its fixed turn, which shortens the last wave.
-  using Scheduler = DynamicTileScheduler<Traits::kConsumerThreads>;
+  using Scheduler = std::conditional_t<Traits::kHasWindow, DynamicTileScheduler<Traits::kConsumerThreads>,
+                                       StaticTileScheduler>;
   Scheduler scheduler;
   if constexpr (Traits::kHasSegments) {  // the plan's tiles, each with its batch row, times the heads
     int const tiles = planned_tiles(p);
     scheduler = Scheduler{tiles, p.heads, tiles * p.heads, min(p.heads_per_l2_section, p.heads), p.heads,
                           p.tile_counter, &smem.next_tile};
-  } else {
+  } else if constexpr (Traits::kHasWindow) {
     scheduler = Scheduler{p.num_m_blocks, p.heads, p.num_tiles, p.heads_per_l2_section, p.batch * p.heads,
                           p.tile_counter, &smem.next_tile};
+  } else {
+    scheduler = Scheduler{p.num_m_blocks, p.heads, p.num_tiles};
   }
 
   if (warpgroup == 0) {

@@ -108,7 +108,9 @@ cudaError_t launch_fwd(FwdParams const& fp, cudaStream_t stream) {
   auto kernel = fwd_kernel<Traits>;
   if (cudaError_t e = set_shared_memory<fwd_kernel<Traits>>(Traits::kSharedBytes); e != cudaSuccess) { return e; }
 
-  if (cudaError_t e = cudaMemsetAsync(fp.tile_counter, 0, sizeof(int), stream); e != cudaSuccess) { return e; }
+  if constexpr (Traits::kHasWindow) {
+    if (cudaError_t e = cudaMemsetAsync(fp.tile_counter, 0, sizeof(int), stream); e != cudaSuccess) { return e; }
+  }
   if (fp.max_logit) {  // key 0: below every score (common/max_logit.h)
     size_t const bytes = sizeof(uint32_t) * fp.batch * fp.heads;
     if (cudaError_t e = cudaMemsetAsync(fp.max_logit, 0, bytes, stream); e != cudaSuccess) { return e; }
