@@ -126,6 +126,33 @@ struct FwdMainloop {
     for (int r = 0; r < kRows; ++r) { rows[r] = get<0>(rc(r, 0)); }
   }
 
+  // A warpgroup whose 64 rows all lie past seqlen_q (the last query tile of a sequence that
+  // is not a multiple of kBlockM) issues no GEMM and computes no softmax, so that the
+  // tensor cores go to the other warpgroups. It still takes every turn and every wait and
+  // release on the Q, K and V buffers, in the order compute() does, so the rings' phases and
+  // the pingpong order stay those of a full tile. Its rows are never stored.
+  __device__ void skip_tile(KeyBlockRange<kBlockM, kBlockN> const& range) {
+    cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full, computed_tiles & 1);
+    k_ring.wait_full(k_pos);
+    wait_turn();
+    pass_turn();
+    release_k();
+    for (int n = range.n_block_max - 2; n >= range.n_block_min; --n) {
+      k_ring.wait_full(k_pos);
+      wait_turn();
+      v_ring.wait_full(v_pos);
+      pass_turn();
+      release_k();
+      release_v();
+    }
+    if (warpgroup_leader()) { cutlass::arch::ClusterBarrier::arrive(&smem.q_empty); }
+    v_ring.wait_full(v_pos);
+    wait_turn();
+    pass_turn();
+    release_v();
+    ++computed_tiles;
+  }
+
   // Packed sequences: a planned tile (fwd/key_blocks.h). Rows past row_end come out as 0 and -inf.
   template <class AccO>
   __device__ void compute(QueryTile const& tile, PlannedTile<kBlockM, kBlockN> const& planned, AccO& acc_o,
@@ -147,6 +174,15 @@ struct FwdMainloop {
         return tile.m_block * kBlockM;
       }
     };
+    if constexpr (!Traits::kHasSegments) {
+      if (first_row() + warpgroup * (kBlockM / kConsumerWarpgroups) >= seqlen_q) {
+        clear(acc_o);
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < kRows; ++r) { lse[r] = -INFINITY; }
+        skip_tile(range);
+        return;
+      }
+    }
     typename Traits::TiledMmaQK mma_qk;
     typename Traits::TiledMmaPV mma_pv;
     auto thread_qk = mma_qk.get_thread_slice(thread_idx);
