@@ -20,7 +20,7 @@ constexpr bool kAblateIntraWarpgroupOverlap = false;
 template <int kElementBytes, int kHeadDim, bool kHasWindow>
 struct FwdTileConfig;
 
-#define JAX_FA3_FWD_TILE(HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_WINDOW, PINGPONG)           \
+#define JAX_FA3_FWD_TILE(HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_WINDOW, PINGPONG, DYNAMIC)  \
   template <bool kHasWindow>                                                              \
   struct FwdTileConfig<2, HEAD_DIM, kHasWindow> {                                         \
     static constexpr int kBlockM = BLOCK_M;                                               \
@@ -33,14 +33,19 @@ struct FwdTileConfig;
     static constexpr bool kIntraWarpgroupOverlap = !kAblateIntraWarpgroupOverlap;         \
     /* Large accumulators rescale under the next QK^T rather than after P·V. */           \
     static constexpr bool kRescaleOBeforeGemm = HEAD_DIM > 128;                           \
+    /* Tiles claimed from a counter also without a mask window (else round-robin). */     \
+    static constexpr bool kDynamicScheduler = DYNAMIC;                                    \
   };
 
-//               head dim  M    N   N (causal/local)  pingpong
-JAX_FA3_FWD_TILE(64,       192, 128, 128,             true)
-JAX_FA3_FWD_TILE(96,       128, 144, 128,             true)
-JAX_FA3_FWD_TILE(128,      128, 176, 128,             true)
-JAX_FA3_FWD_TILE(192,      128, 112, 96,              false)
-JAX_FA3_FWD_TILE(256,      128, 80,  64,              false)
+// Dynamic scheduler without a window (windows always use it): measured on the H200 against
+// round-robin (benchmarks/NOTES.md, session 11), non-causal TFLOP/s: d64 +3% from 8k,
+// d256 +5-7% from 4k (-5% at 512), d128 -2 to -3.5% up to 4k; 96 and 192 unmeasured.
+//               head dim  M    N   N (causal/local)  pingpong  dynamic scheduler
+JAX_FA3_FWD_TILE(64,       192, 128, 128,             true,     true)
+JAX_FA3_FWD_TILE(96,       128, 144, 128,             true,     false)
+JAX_FA3_FWD_TILE(128,      128, 176, 128,             true,     false)
+JAX_FA3_FWD_TILE(192,      128, 112, 96,              false,    false)
+JAX_FA3_FWD_TILE(256,      128, 80,  64,              false,    true)
 
 #undef JAX_FA3_FWD_TILE
 
@@ -56,6 +61,7 @@ JAX_FA3_FWD_TILE(256,      128, 80,  64,              false)
     static constexpr bool kPingpong = !kAblatePingpong;                                   \
     static constexpr bool kIntraWarpgroupOverlap = !kAblateIntraWarpgroupOverlap;         \
     static constexpr bool kRescaleOBeforeGemm = false;                                    \
+    static constexpr bool kDynamicScheduler = false; /* unmeasured for FP8 */             \
   };
 
 //                    head dim  M    N

@@ -48,14 +48,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(CUTE_GRID_CONS
   }
   __syncthreads();
 
-  using Scheduler = std::conditional_t<Traits::kHasWindow, DynamicTileScheduler<Traits::kConsumerThreads>,
+  using Scheduler = std::conditional_t<Traits::kDynamicScheduler, DynamicTileScheduler<Traits::kConsumerThreads>,
                                        StaticTileScheduler>;
   Scheduler scheduler;
   if constexpr (Traits::kHasSegments) {  // the plan's tiles, each with its batch row, times the heads
     int const tiles = planned_tiles(p);
     scheduler = Scheduler{tiles, p.heads, tiles * p.heads, min(p.heads_per_l2_section, p.heads), p.heads,
                           p.tile_counter, &smem.next_tile};
-  } else if constexpr (Traits::kHasWindow) {
+  } else if constexpr (Traits::kDynamicScheduler) {
     scheduler = Scheduler{p.num_m_blocks, p.heads, p.num_tiles, p.heads_per_l2_section, p.batch * p.heads,
                           p.tile_counter, &smem.next_tile};
   } else {

@@ -108,7 +108,7 @@ cudaError_t launch_fwd(FwdParams const& fp, cudaStream_t stream) {
   auto kernel = fwd_kernel<Traits>;
   if (cudaError_t e = set_shared_memory<fwd_kernel<Traits>>(Traits::kSharedBytes); e != cudaSuccess) { return e; }
 
-  if constexpr (Traits::kHasWindow) {
+  if constexpr (Traits::kDynamicScheduler) {
     if (cudaError_t e = cudaMemsetAsync(fp.tile_counter, 0, sizeof(int), stream); e != cudaSuccess) { return e; }
   }
   if (fp.max_logit) {  // key 0: below every score (common/max_logit.h)

@@ -37,6 +37,9 @@ struct FwdTraits {
   static constexpr bool kPingpong = Config::kPingpong;
   static constexpr bool kIntraWarpgroupOverlap = Config::kIntraWarpgroupOverlap;
   static constexpr bool kRescaleOBeforeGemm = Config::kRescaleOBeforeGemm;
+  // Tiles from the dynamic scheduler's counter: always with a window or packed sequences
+  // (uneven tiles), and where the tile table says so.
+  static constexpr bool kDynamicScheduler = kHasWindow || Config::kDynamicScheduler;
 
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
