@@ -11,7 +11,8 @@ struct QueryTile {
 };
 
 // Static round-robin in the order m_block (fastest), head, batch, so the CTAs running at
-// the same time share one head's K and V in L2. For uniform work (no mask window).
+// the same time share one head's K and V in L2. For uniform work (no mask window), at the
+// head dims whose tile table row does not ask for the dynamic one (fwd/config.h).
 struct StaticTileScheduler {
   int num_m_blocks, heads, num_tiles;
 
@@ -26,10 +27,10 @@ struct StaticTileScheduler {
 };
 
 // Dynamic longest-first order for masked (causal, local) attention, whose tiles differ
-// in cost. Heads are taken in L2-sized sections; inside a section the most expensive
-// m_blocks of every head go first. Each CTA's next tile comes from a global counter
-// (zeroed on-stream before every launch); the producer warp takes it and hands it to the
-// consumers through shared memory.
+// in cost, and for uniform tiles where it measured faster (fwd/config.h). Heads are taken
+// in L2-sized sections; inside a section the most expensive m_blocks of every head go
+// first. Each CTA's next tile comes from a global counter (zeroed on-stream before every
+// launch); the producer warp takes it and hands it to the consumers through shared memory.
 template <int kConsumerThreads>
 struct DynamicTileScheduler {
   int num_m_blocks, heads, num_tiles, heads_per_section;
