@@ -74,6 +74,7 @@ def _cases():
       Case("bfloat16", d, 3, 900, 1100, 8, 2, window=CAUSAL, seqused=True),
       Case("bfloat16", d, 2, 2048, 2048, 4, 4, window=CAUSAL, softcap=15.0),
       Case("bfloat16", d, 1, 4096 + 17, 4096 + 17, 2, 2),
+      Case("bfloat16", d, 1, 5000, 300, 4, 2),  # short keys, long queries (d128: wide window)
       Case("bfloat16", d, 1, 64, 4000, 4, 4, window=(500, 200)),
     ]
   return cases
