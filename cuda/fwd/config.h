@@ -40,6 +40,7 @@ struct FwdTileConfig;
 // Dynamic scheduler without a window (windows always use it): measured on the H200 against
 // round-robin (benchmarks/NOTES.md, session 11), non-causal TFLOP/s: d64 +3% from 8k,
 // d256 +5-7% from 4k (-5% at 512), d128 -2 to -3.5% up to 4k; 96 and 192 unmeasured.
+// Head dim 128 up to 4096 keys runs the window kernel instead (run_fwd in fwd/launch.h).
 //               head dim  M    N   N (causal/local)  pingpong  dynamic scheduler
 JAX_FA3_FWD_TILE(64,       192, 128, 128,             true,     true)
 JAX_FA3_FWD_TILE(96,       128, 144, 128,             true,     false)
