@@ -127,10 +127,11 @@ struct FwdMainloop {
   }
 
   // A warpgroup whose 64 rows all lie past seqlen_q (the last query tile of a sequence that
-  // is not a multiple of kBlockM) issues no GEMM and computes no softmax, so that the
-  // tensor cores go to the other warpgroups. It still takes every turn and every wait and
-  // release on the Q, K and V buffers, in the order compute() does, so the rings' phases and
-  // the pingpong order stay those of a full tile. Its rows are never stored.
+  // is not a multiple of kBlockM, or a packed tile cut short at a document) issues no GEMM
+  // and computes no softmax, so that the tensor cores go to the other warpgroups. It still
+  // takes every turn and every wait and release on the Q, K and V buffers, in the order
+  // compute() does, so the rings' phases and the pingpong order stay those of a full tile.
+  // Its rows are never stored.
   __device__ void skip_tile(KeyBlockRange<kBlockM, kBlockN> const& range) {
     cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full, computed_tiles & 1);
     k_ring.wait_full(k_pos);
@@ -174,14 +175,14 @@ struct FwdMainloop {
         return tile.m_block * kBlockM;
       }
     };
-    if constexpr (!Traits::kHasSegments) {
-      if (first_row() + warpgroup * (kBlockM / kConsumerWarpgroups) >= seqlen_q) {
-        clear(acc_o);
-        CUTLASS_PRAGMA_UNROLL
-        for (int r = 0; r < kRows; ++r) { lse[r] = -INFINITY; }
-        skip_tile(range);
-        return;
-      }
+    // Packed, seqlen_q is the planned tile's row_end: a tile cut at a document's end
+    // leaves its last warpgroups idle just the same.
+    if (first_row() + warpgroup * (kBlockM / kConsumerWarpgroups) >= seqlen_q) {
+      clear(acc_o);
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < kRows; ++r) { lse[r] = -INFINITY; }
+      skip_tile(range);
+      return;
     }
     typename Traits::TiledMmaQK mma_qk;
     typename Traits::TiledMmaPV mma_pv;
