@@ -20,7 +20,7 @@ constexpr bool kAblateIntraWarpgroupOverlap = false;
 template <int kElementBytes, int kHeadDim, bool kHasWindow>
 struct FwdTileConfig;
 
-#define JAX_FA3_FWD_TILE(HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_WINDOW, PINGPONG, DYNAMIC)  \
+#define JAX_FA3_FWD_TILE(HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_WINDOW, PINGPONG, DYNAMIC, SHORT_KEYS) \
   template <bool kHasWindow>                                                              \
   struct FwdTileConfig<2, HEAD_DIM, kHasWindow> {                                         \
     static constexpr int kBlockM = BLOCK_M;                                               \
@@ -35,18 +35,23 @@ struct FwdTileConfig;
     static constexpr bool kRescaleOBeforeGemm = HEAD_DIM > 128;                           \
     /* Tiles claimed from a counter also without a mask window (else round-robin). */     \
     static constexpr bool kDynamicScheduler = DYNAMIC;                                    \
+    /* Unmasked calls with at most this many keys run the window kernel (0: never). */   \
+    static constexpr int kShortKeysWindowKernel = SHORT_KEYS;                             \
   };
 
 // Dynamic scheduler without a window (windows always use it): measured on the H200 against
 // round-robin (benchmarks/NOTES.md, session 11), non-causal TFLOP/s: d64 +3% from 8k,
 // d256 +5-7% from 4k (-5% at 512), d128 -2 to -3.5% up to 4k; 96 and 192 unmeasured.
-// Head dim 128 up to 4096 keys runs the window kernel instead (run_fwd in fwd/launch.h).
-//               head dim  M    N   N (causal/local)  pingpong  dynamic scheduler
-JAX_FA3_FWD_TILE(64,       192, 128, 128,             true,     true)
-JAX_FA3_FWD_TILE(96,       128, 144, 128,             true,     false)
-JAX_FA3_FWD_TILE(128,      128, 176, 128,             true,     false)
-JAX_FA3_FWD_TILE(192,      128, 112, 96,              false,    false)
-JAX_FA3_FWD_TILE(256,      128, 80,  64,              false,    true)
+// Short keys: unmasked calls with at most that many keys run the window kernel, under a
+// window wider than the sequences (run_fwd in fwd/launch.h). Measured at d128 (NOTES.md,
+// session 12): its 128-key tiles and dynamic scheduler +2.6% at 512, +2.3% at 1k, +0.8-1.4%
+// at 2k-4k against the 176-key tiles, even from 8k; other head dims unmeasured.
+//               head dim  M    N   N (causal/local)  pingpong  dynamic scheduler  short keys
+JAX_FA3_FWD_TILE(64,       192, 128, 128,             true,     true,              0)
+JAX_FA3_FWD_TILE(96,       128, 144, 128,             true,     false,             0)
+JAX_FA3_FWD_TILE(128,      128, 176, 128,             true,     false,             4096)
+JAX_FA3_FWD_TILE(192,      128, 112, 96,              false,    false,             0)
+JAX_FA3_FWD_TILE(256,      128, 80,  64,              false,    true,              0)
 
 #undef JAX_FA3_FWD_TILE
 
@@ -63,6 +68,7 @@ JAX_FA3_FWD_TILE(256,      128, 80,  64,              false,    true)
     static constexpr bool kIntraWarpgroupOverlap = !kAblateIntraWarpgroupOverlap;         \
     static constexpr bool kRescaleOBeforeGemm = false;                                    \
     static constexpr bool kDynamicScheduler = false; /* unmeasured for FP8 */             \
+    static constexpr int kShortKeysWindowKernel = 0;                                      \
   };
 
 //                    head dim  M    N

@@ -120,11 +120,6 @@ cudaError_t launch_fwd(FwdParams const& fp, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Head dim 128 without a mask and with at most this many keys runs the window kernel
-// under a window wider than the sequences: its 128-key tiles and dynamic scheduler were
-// measured faster there than the plain kernel's 176-key tiles (NOTES.md, session 12).
-constexpr int kShortKeysWindowKernel = 4096;
-
 // The variant entry point: picks the kernel for packed sequences, a mask window, or none.
 template <class Element, class ElementOut, int kHeadDim>
 cudaError_t run_fwd(FwdParams const& fp, cudaStream_t stream) {
@@ -132,10 +127,12 @@ cudaError_t run_fwd(FwdParams const& fp, cudaStream_t stream) {
     if (fp.q_rows) { return launch_fwd<FwdTraits<Element, ElementOut, kHeadDim, kHeadDim, true, true>>(fp, stream); }
   }
   using Windowed = FwdTraits<Element, ElementOut, kHeadDim, kHeadDim, true>;
+  using Plain = FwdTraits<Element, ElementOut, kHeadDim, kHeadDim, false>;
   bool const has_window = fp.window_left >= 0 || fp.window_right >= 0;
   if (has_window) { return launch_fwd<Windowed>(fp, stream); }
-  if constexpr (sizeof(Element) > 1 && kHeadDim == 128) {
-    if (fp.seqlen_k <= kShortKeysWindowKernel) {
+  constexpr int kShortKeys = Plain::Config::kShortKeysWindowKernel;  // the tile table's column
+  if constexpr (kShortKeys > 0) {
+    if (fp.seqlen_k <= kShortKeys) {
       FwdParams wide = fp;  // row i sees keys [i - seqlen_q, i + seqlen_k]: all of them
       wide.diagonal_offset = 0;
       wide.window_left = fp.seqlen_q;
@@ -143,7 +140,7 @@ cudaError_t run_fwd(FwdParams const& fp, cudaStream_t stream) {
       return launch_fwd<Windowed>(wide, stream);
     }
   }
-  return launch_fwd<FwdTraits<Element, ElementOut, kHeadDim, kHeadDim, false>>(fp, stream);
+  return launch_fwd<Plain>(fp, stream);
 }
 
 // The forward's tile for packed sequences, (kBlockM, kBlockN): its plan is made in JAX.
