@@ -44,8 +44,8 @@ struct FwdTileConfig;
     static constexpr bool kDynamicScheduler = DYNAMIC;                                    \
     /* Unmasked calls with at most this many keys run the window kernel (0: never). */   \
     static constexpr int kShortKeysWindowKernel = SHORT_KEYS;                             \
-    /* Of every 8 score columns, those whose exp2 runs on the FMA pipe (softmax.h). */   \
-    static constexpr int kExp2OnFmaPer8 = JAX_FA3_EXP2_ON_FMA(EXP2_FMA);                  \
+    /* Of every 16 score columns, those whose exp2 runs on the FMA pipe (softmax.h). */  \
+    static constexpr int kExp2OnFmaPer16 = JAX_FA3_EXP2_ON_FMA(EXP2_FMA);                  \
   };
 
 // Dynamic scheduler without a window (windows always use it): measured on the H200 against
@@ -78,7 +78,7 @@ JAX_FA3_FWD_TILE(256,      128, 80,  64,              false,    true,           
     static constexpr bool kRescaleOBeforeGemm = false;                                    \
     static constexpr bool kDynamicScheduler = false; /* unmeasured for FP8 */             \
     static constexpr int kShortKeysWindowKernel = 0;                                      \
-    static constexpr int kExp2OnFmaPer8 = JAX_FA3_EXP2_ON_FMA(EXP2_FMA);                  \
+    static constexpr int kExp2OnFmaPer16 = JAX_FA3_EXP2_ON_FMA(EXP2_FMA);                  \
   };
 
 //                    head dim  M    N    exp2 on FMA
