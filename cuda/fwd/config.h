@@ -20,14 +20,7 @@ constexpr bool kAblateIntraWarpgroupOverlap = false;
 template <int kElementBytes, int kHeadDim, bool kHasWindow>
 struct FwdTileConfig;
 
-// Experiment builds (-DJAX_FA3_EXP2_ON_FMA_OVERRIDE=k) set every table's exp2 column to k.
-#if defined(JAX_FA3_EXP2_ON_FMA_OVERRIDE)
-#define JAX_FA3_EXP2_ON_FMA(K) JAX_FA3_EXP2_ON_FMA_OVERRIDE
-#else
-#define JAX_FA3_EXP2_ON_FMA(K) K
-#endif
-
-#define JAX_FA3_FWD_TILE(HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_WINDOW, PINGPONG, DYNAMIC, SHORT_KEYS, EXP2_FMA) \
+#define JAX_FA3_FWD_TILE(HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_WINDOW, PINGPONG, DYNAMIC, SHORT_KEYS) \
   template <bool kHasWindow>                                                              \
   struct FwdTileConfig<2, HEAD_DIM, kHasWindow> {                                         \
     static constexpr int kBlockM = BLOCK_M;                                               \
@@ -44,8 +37,8 @@ struct FwdTileConfig;
     static constexpr bool kDynamicScheduler = DYNAMIC;                                    \
     /* Unmasked calls with at most this many keys run the window kernel (0: never). */   \
     static constexpr int kShortKeysWindowKernel = SHORT_KEYS;                             \
-    /* Of every 16 score columns, those whose exp2 runs on the FMA pipe (softmax.h). */  \
-    static constexpr int kExp2OnFmaPer16 = JAX_FA3_EXP2_ON_FMA(EXP2_FMA);                  \
+    /* Exp2 all on MUFU: every share on the FMA pipe measured slower (FP8 table). */     \
+    static constexpr int kExp2OnFmaPer8 = 0;                                              \
   };
 
 // Dynamic scheduler without a window (windows always use it): measured on the H200 against
@@ -55,18 +48,22 @@ struct FwdTileConfig;
 // window wider than the sequences (run_fwd in fwd/launch.h). Measured at d128 (NOTES.md,
 // session 12): its 128-key tiles and dynamic scheduler +2.6% at 512, +2.3% at 1k, +0.8-1.4%
 // at 2k-4k against the 176-key tiles, even from 8k; other head dims unmeasured.
-//               head dim  M    N   N (causal/local)  pingpong  dynamic scheduler  short keys  exp2 on FMA
-JAX_FA3_FWD_TILE(64,       192, 128, 128,             true,     true,              0,          0)
-JAX_FA3_FWD_TILE(96,       128, 144, 128,             true,     false,             0,          0)
-JAX_FA3_FWD_TILE(128,      128, 176, 128,             true,     false,             4096,       0)
-JAX_FA3_FWD_TILE(192,      128, 112, 96,              false,    false,             0,          0)
-JAX_FA3_FWD_TILE(256,      128, 80,  64,              false,    true,              0,          0)
+//               head dim  M    N   N (causal/local)  pingpong  dynamic scheduler  short keys
+JAX_FA3_FWD_TILE(64,       192, 128, 128,             true,     true,              0)
+JAX_FA3_FWD_TILE(96,       128, 144, 128,             true,     false,             0)
+JAX_FA3_FWD_TILE(128,      128, 176, 128,             true,     false,             4096)
+JAX_FA3_FWD_TILE(192,      128, 112, 96,              false,    false,             0)
+JAX_FA3_FWD_TILE(256,      128, 80,  64,              false,    true,              0)
 
 #undef JAX_FA3_FWD_TILE
 
 // FP8 (e4m3): half the bytes per score's probability, so longer key tiles fit. One kBlockN per
 // head dim whatever the mask: per-block K descale factors (fp8_attention) cover one key tile.
 // V is transposed on chip from a staging buffer (fwd/transpose_v.h).
+// Exp2 on FMA: of every 8 score columns, those whose exp2 runs on the FMA pipe instead of
+// MUFU (softmax.h). Measured on the H200 (NOTES.md, session 13): at d128, where MUFU paces
+// the softmax, 1 in 8 gives +7-8% from 8k (+3-5% at 2k), 2 in 8 -6%; at d64 and d256, and
+// in the 16-bit kernels, any share loses (the extra instructions cost issue slots).
 #define JAX_FA3_FWD_FP8_TILE(HEAD_DIM, BLOCK_M, BLOCK_N, EXP2_FMA)                       \
   template <bool kHasWindow>                                                              \
   struct FwdTileConfig<1, HEAD_DIM, kHasWindow> {                                         \
@@ -78,15 +75,14 @@ JAX_FA3_FWD_TILE(256,      128, 80,  64,              false,    true,           
     static constexpr bool kRescaleOBeforeGemm = false;                                    \
     static constexpr bool kDynamicScheduler = false; /* unmeasured for FP8 */             \
     static constexpr int kShortKeysWindowKernel = 0;                                      \
-    static constexpr int kExp2OnFmaPer16 = JAX_FA3_EXP2_ON_FMA(EXP2_FMA);                  \
+    static constexpr int kExp2OnFmaPer8 = EXP2_FMA;                                       \
   };
 
 //                    head dim  M    N    exp2 on FMA
 JAX_FA3_FWD_FP8_TILE(64,       192, 160, 0)
-JAX_FA3_FWD_FP8_TILE(128,      128, 224, 0)
+JAX_FA3_FWD_FP8_TILE(128,      128, 224, 1)
 JAX_FA3_FWD_FP8_TILE(256,      128, 128, 0)
 
 #undef JAX_FA3_FWD_FP8_TILE
-#undef JAX_FA3_EXP2_ON_FMA
 
 }  // namespace jax_fa3

@@ -208,7 +208,7 @@ struct FwdMainloop {
         return AttentionMask{seqlen_k, p.window_left, p.window_right, p.diagonal_offset};
       }
     }();
-    OnlineSoftmax<kRows, Traits::kFp8, Traits::kExp2OnFmaPer16> softmax;
+    OnlineSoftmax<kRows, Traits::kFp8, Traits::kExp2OnFmaPer8> softmax;
     softmax.scale_log2 = p.scale_log2;
     float const scale_q = Traits::kFp8 ? q_descale(tile) : 1.f;
     float const* const tile_k_descales = Traits::kFp8 ? k_descales(tile) : nullptr;

@@ -37,7 +37,7 @@ struct FwdTraits {
   static constexpr bool kPingpong = Config::kPingpong;
   static constexpr bool kIntraWarpgroupOverlap = Config::kIntraWarpgroupOverlap;
   static constexpr bool kRescaleOBeforeGemm = Config::kRescaleOBeforeGemm;
-  static constexpr int kExp2OnFmaPer16 = Config::kExp2OnFmaPer16;
+  static constexpr int kExp2OnFmaPer8 = Config::kExp2OnFmaPer8;
   // Tiles from the dynamic scheduler's counter: always with a window or packed sequences
   // (uneven tiles), and where the tile table says so.
   static constexpr bool kDynamicScheduler = kHasWindow || Config::kDynamicScheduler;
