@@ -4,7 +4,8 @@
   forward and backward agreeing on every (query tile, key tile) pair; an off-by-one there
   deadlocks the GPU;
 - the backward workspace: Python's bwd_workspace_bytes must cover what the kernels carve
-  (tests/cpp/workspace_check.cc), or the FFI handler refuses the call.
+  (tests/cpp/workspace_check.cc), or the FFI handler refuses the call;
+- the forward's exp2 on the FMA pipe against exp2 (tests/cpp/exp2_on_fma_check.cc).
 A checker's output is matched case for case, so one that prints too little fails. Without a
 C++ compiler these tests skip, except under CI=true, where they fail."""
 
@@ -186,3 +187,13 @@ def test_fp8_v_transpose_layouts(tmp_path):
   assert result.returncode == 0 and dims == compiled_head_dims("fwd", "e4m3"), result.stdout
   for line in lines:
     assert " 0 wrong V^T bytes" in line and line.endswith("ldmatrix 1 stmatrix 1"), line
+
+
+def test_exp2_on_fma_accuracy(tmp_path):
+  """The forward's exp2 on the FMA pipe (cuda/common/exp2_on_fma.h, the FP8 d128 kernel's
+  share of its softmax): within 1.05e-4 of 2^x at every fraction from -125 to 8.5, exact at
+  integers, masked scores (-inf) at most 2^-126, NaN kept."""
+  binary = _build(tmp_path, "exp2_on_fma_check")
+  result = subprocess.run([str(binary)], capture_output=True, text=True)
+  assert result.returncode == 0 and result.stdout.rstrip().endswith("OK"), result.stdout
+  assert "inexact integers 0" in result.stdout and "NaN stays NaN 1" in result.stdout

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cute/tensor.hpp>
 
+#include "common/exp2_on_fma.h"
 #include "common/layouts.h"
 #include "common/ptx.h"
 
@@ -28,22 +29,6 @@ template <class Engine, class Layout>
 __device__ __forceinline__ void apply_softcap(Tensor<Engine, Layout>& scores, float prescale) {
   CUTLASS_PRAGMA_UNROLL
   for (int i = 0; i < size(scores); ++i) { scores(i) = tanh_approx(scores(i) * prescale); }
-}
-
-// 2^x on the FMA pipe instead of the MUFU unit, which does 16 exp2 a cycle per SM, so
-// that a share of a tile's exp2 run beside the others (the share is a column of the
-// forward tile tables). x = j + f with j = round(x) and |f| <= 1/2; 2^f is a cubic (relative
-// error 1.0e-4, exact at f = 0, far inside bf16's and e4m3's rounding) and j goes into
-// the exponent bits. Rounding by adding 1.5 * 2^23 leaves j in t's low mantissa bits, so
-// t's bits shifted by 23 are j << 23. x is clamped to -126 (-inf, a masked score, gives
-// 2^-126 or a subnormal: zero to the flush-to-zero arithmetic after it).
-__device__ __forceinline__ float exp2_on_fma(float x) {
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23
-  x = fmaxf(x, -126.f);
-  float const t = __fadd_rn(x, kRound);
-  float const f = __fsub_rn(x, __fsub_rn(t, kRound));
-  float const p = __fmaf_rn(__fmaf_rn(__fmaf_rn(0.05500858f, f, 0.24221037f), f, 0.6932829f), f, 1.f);
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
 }
 
 // Multiplies every row of an accumulator tile by its factor.

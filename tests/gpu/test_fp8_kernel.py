@@ -431,3 +431,25 @@ def test_papers_table_3_on_the_gpu():
       )(q, k, v)
       rmse[hadamard, block] = float(np.sqrt(np.mean((np.asarray(out, np.float64) - ref) ** 2)))
   assert rmse[True, True] <= 1e-2 and rmse[True, True] < 0.75 * rmse[False, False], rmse
+
+
+@pytest.mark.parametrize("dtype", [FP8, "bfloat16"])
+@pytest.mark.parametrize("head_dim", DIMS)
+def test_a_nan_key_makes_every_output_row_nan(head_dim, dtype):
+  """A NaN in one key makes every score of its column NaN, and every row that sees it NaN, as
+  in XLA: whichever of a thread's columns it lands in, MUFU's exp2 or exp2_on_fma's share
+  (cuda/common/exp2_on_fma.h; FP8 d128). Batch entry b has the NaN at key b, so the 32
+  entries cover every key position modulo 32 (4 threads x 8 columns of a tile row); a last
+  entry without one must come out finite (outputs are poisoned with NaN before the launch)."""
+  batch, seqlen_q, seqlen_k = 33, 64, 256
+  rng = np.random.default_rng(head_dim)
+  shape = lambda s: (batch, s, 1, head_dim)
+  q, k, v = (
+    rng.standard_normal(shape(s)).astype(np.float32) for s in (seqlen_q, seqlen_k, seqlen_k)
+  )
+  k[np.arange(batch - 1), np.arange(batch - 1), 0, head_dim // 2] = np.nan
+  cast = lambda x: jnp.asarray(x, E4M3 if dtype == FP8 else jnp.bfloat16)
+  out, _ = kernel_ffi.fwd(cast(q), cast(k), cast(v), softmax_scale=head_dim**-0.5)
+  out = np.asarray(out, np.float32)
+  assert np.isnan(out[:-1]).all(), [b for b in range(batch - 1) if not np.isnan(out[b]).all()]
+  assert np.isfinite(out[-1]).all()
