@@ -52,8 +52,8 @@ __device__ __forceinline__ void scale_rows(Tensor<Engine, Layout>& acc, float co
 // rounding small probabilities to its subnormals. The offset cancels in the normalisation;
 // the lse and the max logit take it back out.
 //
-// kExp2OnFmaPer8: of every 8 columns of a thread's row, how many take exp2_on_fma (the
-// first k: measured, spreading them otherwise schedules worse, NOTES.md session 13).
+// kExp2OnFmaPer8: of every 8 columns of a thread's row, how many take exp2_on_fma, the first
+// k of each 8 (other spreads measured no better: NOTES.md, session 13).
 template <int kRows, bool kFp8 = false, int kExp2OnFmaPer8 = 0>
 struct OnlineSoftmax {
   static constexpr float kFp8Offset = 8.f;

@@ -61,9 +61,9 @@ JAX_FA3_FWD_TILE(256,      128, 80,  64,              false,    true,           
 // head dim whatever the mask: per-block K descale factors (fp8_attention) cover one key tile.
 // V is transposed on chip from a staging buffer (fwd/transpose_v.h).
 // Exp2 on FMA: of every 8 score columns, those whose exp2 runs on the FMA pipe instead of
-// MUFU (softmax.h). Measured on the H200 (NOTES.md, session 13): at d128, where MUFU paces
-// the softmax, 1 in 8 gives +7-8% from 8k (+3-5% at 2k), 2 in 8 -6%; at d64 and d256, and
-// in the 16-bit kernels, any share loses (the extra instructions cost issue slots).
+// MUFU (common/exp2_on_fma.h). Measured on the H200 (NOTES.md, session 13): at d128, where
+// MUFU paces the softmax, 1 in 8 gives +6-7% from 8k (+3-4% at 2k), 2 in 8 -6%; at d64 and
+// d256, and in the 16-bit kernels, any share loses (the extra instructions cost issue slots).
 #define JAX_FA3_FWD_FP8_TILE(HEAD_DIM, BLOCK_M, BLOCK_N, EXP2_FMA)                       \
   template <bool kHasWindow>                                                              \
   struct FwdTileConfig<1, HEAD_DIM, kHasWindow> {                                         \
