@@ -64,7 +64,7 @@ JAX_FA3_FWD_TILE(256,      128, 80,  64,              false,    true,           
 // MUFU (common/exp2_on_fma.h). Measured on the H200 (NOTES.md, session 13): at d128, where
 // MUFU paces the softmax, 1 in 8 gives +6-7% from 8k (+3-4% at 2k), 2 in 8 -6%; at d64 and
 // d256, and in the 16-bit kernels, any share loses (the extra instructions cost issue slots).
-#define JAX_FA3_FWD_FP8_TILE(HEAD_DIM, BLOCK_M, BLOCK_N, EXP2_FMA)                       \
+#define JAX_FA3_FWD_FP8_TILE(HEAD_DIM, BLOCK_M, BLOCK_N, DYNAMIC, EXP2_FMA)              \
   template <bool kHasWindow>                                                              \
   struct FwdTileConfig<1, HEAD_DIM, kHasWindow> {                                         \
     static constexpr int kBlockM = BLOCK_M;                                               \
@@ -73,15 +73,15 @@ JAX_FA3_FWD_TILE(256,      128, 80,  64,              false,    true,           
     static constexpr bool kPingpong = !kAblatePingpong;                                   \
     static constexpr bool kIntraWarpgroupOverlap = !kAblateIntraWarpgroupOverlap;         \
     static constexpr bool kRescaleOBeforeGemm = false;                                    \
-    static constexpr bool kDynamicScheduler = false; /* unmeasured for FP8 */             \
+    static constexpr bool kDynamicScheduler = DYNAMIC;                                    \
     static constexpr int kShortKeysWindowKernel = 0;                                      \
     static constexpr int kExp2OnFmaPer8 = EXP2_FMA;                                       \
   };
 
-//                    head dim  M    N    exp2 on FMA
-JAX_FA3_FWD_FP8_TILE(64,       192, 160, 0)
-JAX_FA3_FWD_FP8_TILE(128,      128, 224, 1)
-JAX_FA3_FWD_FP8_TILE(256,      128, 128, 0)
+//                    head dim  M    N    dynamic scheduler  exp2 on FMA
+JAX_FA3_FWD_FP8_TILE(64,       192, 160, true,              0)
+JAX_FA3_FWD_FP8_TILE(128,      128, 224, true,              1)
+JAX_FA3_FWD_FP8_TILE(256,      128, 128, true,              0)
 
 #undef JAX_FA3_FWD_FP8_TILE
 
