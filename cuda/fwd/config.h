@@ -61,7 +61,8 @@ JAX_FA3_FWD_TILE(256,      128, 80,  64,              false,    true,           
 // head dim whatever the mask: per-block K descale factors (fp8_attention) cover one key tile.
 // V is transposed on chip from a staging buffer (fwd/transpose_v.h).
 // Dynamic scheduler without a window: measured on the H200 against round-robin (NOTES.md,
-// session 13), non-causal TFLOP/s: d64 +2-4%, d128 +2-3%, d256 +2-2.5% from 8k (-0.5% at 2k).
+// session 13), non-causal TFLOP/s from 8k: d64 +2-3%, d128 +2%, d256 +2-2.5% (at 2k: +4%, +3%,
+// -0.5%).
 // Exp2 on FMA: of every 8 score columns, those whose exp2 runs on the FMA pipe instead of
 // MUFU (common/exp2_on_fma.h). Measured on the H200 (NOTES.md, session 13): at d128, where
 // MUFU paces the softmax, 1 in 8 gives +6-7% from 8k (+3-4% at 2k), 2 in 8 -6%; at d64 and
