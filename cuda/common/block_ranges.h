@@ -6,11 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define JAX_FA3_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define JAX_FA3_HOST_DEVICE inline
-#endif
+#include "common/host_device.h"
 
 namespace jax_fa3 {
 

@@ -8,16 +8,12 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define JAX_FA3_MATH __host__ __device__ __forceinline__
-#else
-#define JAX_FA3_MATH inline
-#endif
+#include "common/host_device.h"
 
 namespace jax_fa3 {
 
 // max(x, low), but NaN for a NaN x (fmaxf would return low).
-JAX_FA3_MATH float max_keeping_nan(float x, float low) {
+JAX_FA3_HOST_DEVICE float max_keeping_nan(float x, float low) {
 #if defined(__CUDA_ARCH__)
   float y;
   asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(x), "f"(low));
@@ -32,7 +28,7 @@ JAX_FA3_MATH float max_keeping_nan(float x, float low) {
 // exponent bits. Adding 1.5 * 2^23 rounds x and leaves j in t's low mantissa bits, so t's
 // bits shifted by 23 are j << 23. x is clamped to -126, so -inf (a masked score) gives at
 // most 2^-126, zero to the flush-to-zero arithmetic after it; NaN stays NaN, as with MUFU.
-JAX_FA3_MATH float exp2_on_fma(float x) {
+JAX_FA3_HOST_DEVICE float exp2_on_fma(float x) {
   constexpr float kRound = 12582912.f;  // 1.5 * 2^23
   x = max_keeping_nan(x, -126.f);
   float const t = x + kRound;
@@ -47,5 +43,3 @@ JAX_FA3_MATH float exp2_on_fma(float x) {
 }
 
 }  // namespace jax_fa3
-
-#undef JAX_FA3_MATH
