@@ -191,9 +191,10 @@ def test_fp8_v_transpose_layouts(tmp_path):
 
 def test_exp2_on_fma_accuracy(tmp_path):
   """The forward's exp2 on the FMA pipe (cuda/common/exp2_on_fma.h, the FP8 d128 kernel's
-  share of its softmax): within 1.05e-4 of 2^x at every fraction from -125 to 8.5, exact at
-  integers, masked scores (-inf) at most 2^-126, NaN kept."""
+  share of its softmax): within 9e-5 of 2^x at every fraction from -126 to 8.5, exact at
+  integers, masked scores (-inf) at most 2^-126. (NaN is kept by the softmax's row maximum
+  instead: the GPU test of a NaN key.)"""
   binary = _build(tmp_path, "exp2_on_fma_check")
   result = subprocess.run([str(binary)], capture_output=True, text=True)
   assert result.returncode == 0 and result.stdout.rstrip().endswith("OK"), result.stdout
-  assert "inexact integers 0" in result.stdout and "NaN stays NaN 1" in result.stdout
+  assert "inexact integers 0" in result.stdout

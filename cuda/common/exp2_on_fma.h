@@ -12,34 +12,35 @@
 
 namespace jax_fa3 {
 
-// max(x, low), but NaN for a NaN x (fmaxf would return low).
-JAX_FA3_HOST_DEVICE float max_keeping_nan(float x, float low) {
+// t = x + 1.5 * 2^23 rounded down: floor(x) lands in t's low mantissa bits.
+JAX_FA3_HOST_DEVICE float add_round_down(float x, float magic) {
 #if defined(__CUDA_ARCH__)
-  float y;
-  asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(x), "f"(low));
-  return y;
+  return __fadd_rd(x, magic);
 #else
-  return x != x ? x : fmaxf(x, low);
+  return std::floor(x) + magic;  // the same value for |x| < 2^22
 #endif
 }
 
-// For x <= 127: x = j + f with j = round(x) and |f| <= 1/2; 2^f is a cubic (relative error
-// 1.0e-4, exact at f = 0: far inside bf16's and e4m3's rounding), times 2^j built in the
-// exponent bits. Adding 1.5 * 2^23 rounds x and leaves j in t's low mantissa bits, so t's
-// bits shifted by 23 are j << 23. x is clamped to -126, so -inf (a masked score) gives at
-// most 2^-126, zero to the flush-to-zero arithmetic after it; NaN stays NaN, as with MUFU.
+// For -inf <= x <= 127: x = j + f with j = floor(x) and 0 <= f < 1; 2^f is a cubic (relative
+// error 8.6e-5, exact at f = 0: far inside bf16's and e4m3's rounding) and j is added into
+// its exponent bits (a signed add: ptxas makes it one LEA, on the integer pipe). x is clamped
+// to -127, so -inf (a masked score) gives less than 2^-126, zero to the flush-to-zero
+// arithmetic after it. NaN is not kept here: the softmax keeps it upstream (a NaN score
+// makes its row's maximum NaN, so the row's MUFU columns are NaN too).
 JAX_FA3_HOST_DEVICE float exp2_on_fma(float x) {
   constexpr float kRound = 12582912.f;  // 1.5 * 2^23
-  x = max_keeping_nan(x, -126.f);
-  float const t = x + kRound;
+  x = fmaxf(x, -127.f);
+  float const t = add_round_down(x, kRound);
   float const f = x - (t - kRound);
-  float const p = fmaf(fmaf(fmaf(0.05500858f, f, 0.24221037f), f, 0.6932829f), f, 1.f);
-  uint32_t t_bits;
+  float const p = fmaf(fmaf(fmaf(0.07706602f, f, 0.22764611f), f, 0.6951165f), f, 1.f);
+  int32_t p_bits, t_bits;
+  memcpy(&p_bits, &p, 4);
   memcpy(&t_bits, &t, 4);
-  uint32_t const scale_bits = (t_bits << 23) + 0x3f800000u;  // 2^j: j + 127 in the exponent
-  float scale;
-  memcpy(&scale, &scale_bits, 4);
-  return p * scale;
+  int32_t const bits = p_bits + int32_t(uint32_t(t_bits) << 23);
+  float y;
+  memcpy(&y, &bits, 4);
+  return y;
 }
 
 }  // namespace jax_fa3
+

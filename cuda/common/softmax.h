@@ -12,11 +12,24 @@ namespace jax_fa3 {
 
 using namespace cute;
 
+// max(a, b); with kKeepNan, NaN if either is (fmaxf returns the other).
+template <bool kKeepNan>
+__device__ __forceinline__ float max_of(float a, float b) {
+  if constexpr (kKeepNan) {
+    float y;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+    return y;
+  } else {
+    return fmaxf(a, b);
+  }
+}
+
 // The four threads of a quad hold the same rows (acc_rows_cols), so row reductions
 // finish with two butterfly shuffles.
+template <bool kKeepNan = false>
 __device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+  x = max_of<kKeepNan>(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return max_of<kKeepNan>(x, __shfl_xor_sync(0xffffffff, x, 2));
 }
 
 __device__ __forceinline__ float quad_sum(float x) {
@@ -60,6 +73,9 @@ struct OnlineSoftmax {
   float row_max[kRows];  // raw scores; kFp8: log2 units
   float row_sum[kRows];  // per-thread partial sums, reduced across the quad in finalize()
   float scale_log2;
+  // exp2_on_fma does not keep NaN, so with a share on it a NaN score makes its row's
+  // maximum NaN instead (every exp2 of the row, MUFU's too, is then NaN).
+  static constexpr bool kNanMax = kExp2OnFmaPer8 > 0;
 
   // The maximum of row r's columns (-inf when none is a number) through kMaxChains
   // independent chains of fmaxf: exact, max being associative, and a chain kMaxChains
@@ -73,11 +89,11 @@ struct OnlineSoftmax {
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kMaxChains; ++i) { chain[i] = -INFINITY; }  // as a NaN-only row: -inf
     CUTLASS_PRAGMA_UNROLL
-    for (int c = 0; c < kCols; ++c) { chain[c % kMaxChains] = fmaxf(chain[c % kMaxChains], s(r, c)); }
+    for (int c = 0; c < kCols; ++c) { chain[c % kMaxChains] = max_of<kNanMax>(chain[c % kMaxChains], s(r, c)); }
     CUTLASS_PRAGMA_UNROLL
     for (int width = kMaxChains / 2; width > 0; width /= 2) {
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < width; ++i) { chain[i] = fmaxf(chain[i], chain[i + width]); }
+      for (int i = 0; i < width; ++i) { chain[i] = max_of<kNanMax>(chain[i], chain[i + width]); }
     }
     return chain[0];
   }
@@ -97,13 +113,13 @@ struct OnlineSoftmax {
       } else {
         new_max = kFirst ? -INFINITY : row_max[r];
         CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < size<1>(s); ++c) { new_max = fmaxf(new_max, s(r, c)); }
+        for (int c = 0; c < size<1>(s); ++c) { new_max = max_of<kNanMax>(new_max, s(r, c)); }
       }
-      new_max = quad_max(new_max);
+      new_max = quad_max<kNanMax>(new_max);
       float shift;
       if constexpr (kFp8) {
         new_max *= scale_log2;  // scale_log2 > 0 keeps the order (and -inf)
-        if (!kFirst) { new_max = fmaxf(new_max, row_max[r]); }
+        if (!kFirst) { new_max = max_of<kNanMax>(new_max, row_max[r]); }
         float const top = new_max == -INFINITY ? 0.f : new_max;
         o_scale[r] = kFirst ? 1.f : exp2f(row_max[r] - top);
         shift = top - kFp8Offset;

@@ -13,8 +13,8 @@ int main() {
   using jax_fa3::exp2_on_fma;
   double worst = 0.0, worst_at = 0.0;
   long samples = 0;
-  // Every 2^-14 from -125 to 8.5: 2.2 million arguments, all fractional positions.
-  for (double x = -125.0; x <= 8.5; x += 1.0 / 16384) {
+  // Every 2^-14 from -126 to 8.5: 2.2 million arguments, all fractional positions.
+  for (double x = -126.0; x <= 8.5; x += 1.0 / 16384) {
     float const xf = float(x);
     double const error = std::fabs(double(exp2_on_fma(xf)) / std::exp2(double(xf)) - 1.0);
     if (error > worst) { worst = error, worst_at = xf; }
@@ -24,13 +24,11 @@ int main() {
   for (int j = -126; j <= 8; ++j) { inexact_integers += exp2_on_fma(float(j)) != std::ldexp(1.0f, j); }
   float const masked = exp2_on_fma(-std::numeric_limits<float>::infinity());
   float const below = exp2_on_fma(-1000.f);
-  bool const nan_stays = std::isnan(exp2_on_fma(std::numeric_limits<float>::quiet_NaN()));
   std::printf("samples %ld worst relative error %.3e at %.6f\n", samples, worst, worst_at);
   std::printf("inexact integers %d\n", inexact_integers);
   std::printf("-inf gives %.3e, -1000 gives %.3e (bound 2^-126 = %.3e)\n", masked, below, std::ldexp(1.0, -126));
-  std::printf("NaN stays NaN %d\n", int(nan_stays));
-  bool const ok = worst < 1.05e-4 && inexact_integers == 0 && masked >= 0.f && masked <= std::ldexp(1.0f, -126) &&
-                  below >= 0.f && below <= std::ldexp(1.0f, -126) && nan_stays;
+  bool const ok = worst < 9e-5 && inexact_integers == 0 && masked >= 0.f && masked <= std::ldexp(1.0f, -126) &&
+                  below >= 0.f && below <= std::ldexp(1.0f, -126);
   std::printf("%s\n", ok ? "OK" : "FAILED");
   return ok ? 0 : 1;
 }
