@@ -11,18 +11,10 @@
 #include "common/launch.h"
 #include "common/params.h"
 #include "fwd/kernel.h"
+#include "fwd/tile_order.h"
 #include "fwd/traits.h"
 
 namespace jax_fa3 {
-
-// Query heads per L2 section of the causal scheduler: as many heads' K and V as fit in
-// about 32 MB of the 50 MB L2, counted in query heads.
-inline int heads_per_l2_section(FwdParams const& fp, int element_bytes) {
-  int64_t const kv_bytes_per_head = int64_t(fp.seqlen_k) * (fp.head_dim + fp.head_dim_v) * element_bytes;
-  int64_t const kv_heads_in_l2 = std::max<int64_t>(1, (int64_t(32) << 20) / kv_bytes_per_head);
-  int64_t const group = fp.heads / fp.kv_heads;
-  return int(std::min<int64_t>(kv_heads_in_l2 * group, int64_t(fp.batch) * fp.heads));
-}
 
 template <class Traits>
 cudaError_t launch_fwd(FwdParams const& fp, cudaStream_t stream) {
