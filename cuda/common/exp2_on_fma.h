@@ -23,7 +23,7 @@ JAX_FA3_HOST_DEVICE float add_round_down(float x, float magic) {
 
 // For -inf <= x <= 127: x = j + f with j = floor(x) and 0 <= f < 1; 2^f is a cubic (relative
 // error 8.6e-5, exact at f = 0: far inside bf16's and e4m3's rounding) and j is added into
-// its exponent bits (a signed add: ptxas makes it one LEA, on the integer pipe). x is clamped
+// its exponent bits (a signed add: one IMAD, shift and add together; no FMUL). x is clamped
 // to -127, so -inf (a masked score) gives less than 2^-126, zero to the flush-to-zero
 // arithmetic after it. NaN is not kept here: the softmax keeps it upstream (a NaN score
 // makes its row's maximum NaN, so the row's MUFU columns are NaN too).
