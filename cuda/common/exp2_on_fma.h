@@ -43,4 +43,3 @@ JAX_FA3_HOST_DEVICE float exp2_on_fma(float x) {
 }
 
 }  // namespace jax_fa3
-
