@@ -28,7 +28,9 @@ HOPPER := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/de
 .PHONY: bench test install wheel
 
 # $(call install,extras): the requirements first, then the package alone, built without
-# isolation against them (so the header paths, and the build folder, stay the same).
+# isolation against them (so the header paths, and the build folder, stay the same). The
+# build's pinned jaxlib is not installed (it would hold back .venv's jax): CMake fetches its
+# XLA FFI headers into the build folder, once, unless JAX_PIN installs that very jaxlib.
 define install
 	$(VENV)/bin/python tools/requirements.py build package $(1) $(JAX_CUDA) \
 	  | $(VENV)/bin/pip install --quiet -r /dev/stdin $(JAX_PIN)

@@ -9,10 +9,12 @@ import dataclasses
 import importlib
 import importlib.metadata
 import pathlib
+import re
 import shutil
 from typing import Any, Mapping, NamedTuple
 
 import jax
+import jaxlib
 import numpy as np
 
 FWD_TARGET = "jax_fa3_fwd"
@@ -198,14 +200,116 @@ def _missing_extension_reason(error: ImportError, package_dir: pathlib.Path) -> 
   )
 
 
+# How jaxlib words its refusal of an FFI handler for the XLA FFI API version the handler was
+# compiled for (jaxlib 0.10.2 to 0.12.0.1: "... failed because the handler's API version
+# (0.5) is incompatible with the framework's API version (0.4). Minimum supported API version
+# is (0.1).").
+_FFI_API_REFUSAL = re.compile(
+  r"API version \((\d+)\.(\d+)\) is incompatible with the framework's API version "
+  r"\((\d+)\.(\d+)\)(?:\. Minimum supported API version is \((\d+\.\d+)\))?"
+)
+
+
+def _dotted(numbers) -> str:
+  return ".".join(str(n) for n in numbers)
+
+
+def _ffi_api_mismatch(extension_api, jaxlib_api, headers_from=None, minimum_api=None) -> str:
+  """Why the running jaxlib refuses the extension's FFI handlers, and what to do. A handler
+  declares the XLA FFI API version (major, minor) of the headers it was compiled against,
+  those of jaxlib `headers_from` where the build recorded it; a jaxlib accepts versions from
+  a minimum (`minimum_api`, "0.1", where known) up to its own (`jaxlib_api`)."""
+  refused = (
+    f"jaxlib {jaxlib.__version__} refuses the CUDA extension's FFI handlers: they were "
+    f"compiled for XLA FFI API {_dotted(extension_api)}"
+    + (f" (the headers of jaxlib {headers_from})" if headers_from else "")
+  )
+  if tuple(extension_api) > tuple(jaxlib_api):
+    newer = (
+      f"jax {headers_from} or newer"
+      if headers_from
+      else f"a jax whose jaxlib has XLA FFI API {_dotted(extension_api)} or newer"
+    )
+    return (
+      f"{refused}, and it accepts {_dotted(jaxlib_api)} at most. Install {newer}, or rebuild "
+      f"jax_fa3 (`pip install .` from its source), whose build compiles against the FFI "
+      f"headers of the oldest jaxlib it supports (every later jaxlib accepts those)"
+    )
+  oldest = f" and {minimum_api} at least" if minimum_api else ""
+  return (
+    f"{refused}, and it accepts {_dotted(jaxlib_api)} at most{oldest}. Install a jax_fa3 "
+    f"release built for this jax, or an older jax"
+  )
+
+
+def _ffi_api_refusal(error: str, headers_from: str | None = None) -> str | None:
+  """_ffi_api_mismatch's reason where `error`, from jax.ffi.register_ffi_target, is jaxlib
+  refusing a handler for its XLA FFI API version; None for any other error."""
+  found = _FFI_API_REFUSAL.search(error)
+  if not found:
+    return None
+  handler_api = (int(found[1]), int(found[2]))
+  jaxlib_api = (int(found[3]), int(found[4]))
+  return _ffi_api_mismatch(handler_api, jaxlib_api, headers_from, found[5])
+
+
+def _jaxlib_ffi_api() -> tuple[int, int] | None:
+  """The running jaxlib's XLA FFI API version, the newest it accepts from a handler: from
+  the headers its wheel ships (None where there are none)."""
+  header = pathlib.Path(jaxlib.__file__).parent / "include" / "xla" / "ffi" / "api" / "c_api.h"
+  try:
+    text = header.read_text()
+  except OSError:
+    return None
+  found = [
+    re.search(rf"^#define XLA_FFI_API_{part} (\d+)", text, re.MULTILINE)
+    for part in ("MAJOR", "MINOR")
+  ]
+  return (int(found[0][1]), int(found[1][1])) if all(found) else None
+
+
+def _built_ffi() -> tuple[str, tuple[int, int]] | None:
+  """(jaxlib version, XLA FFI API version) of the headers the extension was compiled
+  against, from the module CMakeLists.txt writes beside it (None where it is missing)."""
+  try:
+    record = importlib.import_module("jax_fa3._ffi_headers")
+  except ImportError:
+    return None
+  return record.JAXLIB_VERSION, tuple(record.FFI_API_VERSION)
+
+
+def _register(targets: Mapping[str, Any], built: tuple[str, tuple[int, int]] | None) -> str | None:
+  """Registers the extension's FFI targets with jax: None, or why the running jaxlib refuses
+  them for their XLA FFI API version (`built`: as _built_ffi returns it).
+
+  jax applies a CUDA registration when it starts its CUDA backend, which may come later
+  (a refusal then fails inside jax, logged there), so a handler whose FFI API is known to be
+  newer than the running jaxlib's is not registered at all."""
+  headers_from = built[0] if built else None
+  jaxlib_api = _jaxlib_ffi_api()
+  if built and jaxlib_api and built[1] > jaxlib_api:
+    return _ffi_api_mismatch(built[1], jaxlib_api, headers_from)
+  try:
+    for name, capsule in targets.items():
+      jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+  except jax.errors.JaxRuntimeError as e:
+    reason = _ffi_api_refusal(str(e), headers_from)
+    if reason is None:
+      raise
+    return reason
+  return None
+
+
 def _load() -> KernelStatus:
   try:
     _fa3_cuda = importlib.import_module("jax_fa3._fa3_cuda")
   except ImportError as e:
     return KernelStatus((), _missing_extension_reason(e, pathlib.Path(__file__).parent))
+  built = _built_ffi()
   targets = _fa3_cuda.registrations()
-  for name, capsule in targets.items():
-    jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+  refused = _register(targets, built)
+  if refused:
+    return KernelStatus((), refused)
   variants = tuple(Variant(d, t, o, int(h), int(hv)) for d, t, o, h, hv in _fa3_cuda.variants())
   reason = None if variants else "the extension was built with an empty variant list"
   segment_tiles = {(d, t, int(h)): (int(m), int(n)) for d, t, h, m, n in _fa3_cuda.segment_tiles()}
@@ -213,10 +317,13 @@ def _load() -> KernelStatus:
   descale_blocks = {
     (t, o, int(h)): (int(m), int(n)) for t, o, h, m, n in _fa3_cuda.descale_blocks()
   }
+  build_info = dict(_fa3_cuda.build_info())
+  if built:
+    build_info["xla_ffi"] = f"{_dotted(built[1])} (jaxlib {built[0]} headers)"
   return KernelStatus(
     variants,
     reason,
-    dict(_fa3_cuda.build_info()),
+    build_info,
     segment_tiles,
     decode_shapes,
     descale_blocks,
