@@ -1,8 +1,8 @@
 // Checks the dynamic scheduler's section size (cuda/fwd/tile_order.h) on the host:
 // - window_hides_no_key against brute force over small problems: never true where some row
 //   misses a key, and true wherever a two-sided window hides nothing;
-// - one head per section for run_fwd's short-keys window, the L2-sized section otherwise
-//   (no window, causal, a window that hides a key, packed sequences).
+// - one head per section without a window and for run_fwd's short-keys window, the L2-sized
+//   section otherwise (causal, a window that hides a key, packed sequences).
 // Prints one line per check group, then "ok" and exits 0; or the first failure and exits 1.
 #include <cstdio>
 
@@ -67,16 +67,16 @@ int main() {
     FwdParams packed = wide;
     int rows = 0;
     packed.q_rows = &rows;
-    int const l2_heads = jax_fa3::heads_per_l2_section(none, bf16);
-    if (jax_fa3::heads_per_l2_section(wide, bf16) != 1 || l2_heads <= 1 ||
-        jax_fa3::heads_per_l2_section(causal, bf16) != l2_heads ||
+    int const l2_heads = jax_fa3::heads_per_l2_section(causal, bf16);
+    if (jax_fa3::heads_per_l2_section(wide, bf16) != 1 || jax_fa3::heads_per_l2_section(none, bf16) != 1 ||
+        l2_heads <= 1 ||
         jax_fa3::heads_per_l2_section(hides_one, bf16) != l2_heads ||
         jax_fa3::heads_per_l2_section(packed, bf16) != l2_heads) {
       std::printf("FAILED heads_per_l2_section at seqlen %d (L2 section %d heads)\n", seqlen, l2_heads);
       return 1;
     }
   }
-  std::printf("heads_per_l2_section one head under the short-keys window only\n");
+  std::printf("heads_per_l2_section one head without a window or under the short-keys window only\n");
   std::printf("ok\n");
   return 0;
 }
