@@ -18,6 +18,7 @@ enum class Barrier : int {
                           // the warpgroup's part of the step's dQ is in shared memory
   kDQEmpty = 9,           // backward, 9..10: dQ writer -> its warpgroup, the bulk reduce has read it
   kTransposeV = 11,       // FP8 forward: the warps transposing V finished a stage
+  kOStaged = 12,          // forward epilogue: every consumer's part of O is in shared memory
 };
 
 __device__ __forceinline__ void barrier_sync(Barrier id, int num_threads, int offset = 0) {

@@ -54,7 +54,18 @@ struct FwdEpilogue {
     copy(smem_copy, thread_copy.retile_S(o), thread_copy.partition_D(sO));
     // stmatrix writes through the generic proxy; TMA reads through the async proxy.
     cutlass::arch::fence_view_async_shared();
-    barrier_sync(Barrier::kConsumers, kConsumerThreads);
+    if constexpr (Traits::kEarlyTileHandoff) {
+      // Only the storing warp waits for the whole of O; the others arrive and go on to the
+      // next tile. The barrier is not kConsumers: a warp that went on can reach that one
+      // next, and it waits for the storing warp.
+      if (is_store_warp()) {
+        barrier_sync(Barrier::kOStaged, kConsumerThreads);
+      } else {
+        barrier_arrive(Barrier::kOStaged, kConsumerThreads);
+      }
+    } else {
+      barrier_sync(Barrier::kConsumers, kConsumerThreads);
+    }
 
     if (is_store_thread()) {
       Tensor mO = p.tma_o.get_tma_tensor(make_shape(p.seqlen_q, int(kHeadDimV), p.heads, p.batch));
@@ -114,6 +125,7 @@ struct FwdEpilogue {
   // The last warp stores: it is the last in the pingpong order, so its waits for the
   // store delay the next tile the least.
   __device__ bool is_store_thread() const { return thread_idx == kConsumerThreads - 32; }
+  __device__ bool is_store_warp() const { return thread_idx / 32 == kConsumerThreads / 32 - 1; }
 
   // Outstanding stores must finish reading shared memory before the CTA exits.
   __device__ void finish() const {

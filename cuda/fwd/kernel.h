@@ -108,6 +108,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(CUTE_GRID_CONS
                                               select<0, 1>(typename Traits::TileShapePV{}));
           float lse[FwdMainloop<Traits>::kRows];
           mainloop.compute(tile, range, seqlen_q, seqlen_k, acc_o, lse, rows);
+          if constexpr (Traits::kEarlyTileHandoff) {
+            // The next tile's index before the store: the hand-off's barrier with the producer
+            // warp then falls where the warpgroups meet anyway, not after the store's.
+            tile_index = scheduler.consumer_next(tile_index);
+            epilogue.store(tile, acc_o, lse, rows);
+            continue;
+          }
           epilogue.store(tile, acc_o, lse, rows);
         }
         tile_index = scheduler.consumer_next(tile_index);

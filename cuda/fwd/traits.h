@@ -41,6 +41,12 @@ struct FwdTraits {
   // Tiles from the dynamic scheduler's counter: always with a window or packed sequences
   // (uneven tiles), and where the tile table says so.
   static constexpr bool kDynamicScheduler = kHasWindow || Config::kDynamicScheduler;
+  // The consumers take the next tile before the epilogue's store, and only the storing warp
+  // waits for the whole of O in shared memory (fwd/epilogue.h): for masked kernels without
+  // pingpong, whose two warpgroups reach the epilogue together. Measured on the H200
+  // (benchmarks/NOTES.md, session 15): d256 causal +1-5%; with pingpong (d64, d128, FP8
+  // causal) even to -1.6%, and unmasked kernels 1-2% slower at 16k. d192 is unmeasured.
+  static constexpr bool kEarlyTileHandoff = kHasWindow && !kPingpong;
 
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
