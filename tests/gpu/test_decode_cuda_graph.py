@@ -43,7 +43,8 @@ def _decode_in_command_buffer(dump):
   XLA versions that form command buffers on the HLO outline a computation named
   command_buffer* around the call; newer ones convert thunks instead (jax 0.11.2: the
   module's thunk_sequence_after_thunk_passes.txt, written where a thunk pass changed the
-  sequence, holds the command buffer)."""
+  sequence, holds a kCommandBuffer thunk with the kCustomCall nested in it; the module has
+  no other custom call)."""
   optimized = [
     p for p in dump.glob("*after_optimizations.txt") if "jax_fa3_decode" in p.read_text()
   ]
@@ -59,7 +60,9 @@ def _decode_in_command_buffer(dump):
     dump / f"{module}.{n}.txt" for n in ("thunk_sequence", "thunk_sequence_after_thunk_passes")
   )
   thunks = {p.name: p.read_text() for p in (before, after) if p.exists()}
-  converted = after.exists() and re.search(r"command.?buffer", after.read_text(), re.IGNORECASE)
+  # "000: kCommandBuffer ...", then its commands indented, the custom call among them.
+  nested_call = r"^\d+: kCommandBuffer\b.*(?:\n[ \t]+\d+: .*)*?\n[ \t]+\d+: kCustomCall\b"
+  converted = after.exists() and re.search(nested_call, after.read_text(), re.MULTILINE)
   return bool(outlined or converted), thunks
 
 
