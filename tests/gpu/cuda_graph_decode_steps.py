@@ -48,6 +48,7 @@ def main(path):
     ),
     donate_argnums=(1, 2),
   )
+  bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
   k_cache = jnp.asarray(k_cache0, jnp.bfloat16)
   v_cache = jnp.asarray(v_cache0, jnp.bfloat16)
   record = {"table": table, "k_cache0": k_cache0, "v_cache0": v_cache0}
@@ -55,7 +56,6 @@ def main(path):
     q = normal(BATCH, 1, HEADS, HEAD_DIM)
     k_new, v_new = normal(BATCH, 1, KV_HEADS, HEAD_DIM), normal(BATCH, 1, KV_HEADS, HEAD_DIM)
     lengths = start + i
-    bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
     (out, lse), k_cache, v_cache = step(
       bf16(q), k_cache, v_cache, jnp.asarray(lengths), bf16(k_new), bf16(v_new), table
     )

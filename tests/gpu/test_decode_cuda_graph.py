@@ -1,8 +1,9 @@
 """flash_attention_with_kvcache captured in a CUDA graph (an XLA command buffer) and
 replayed: the same decode loop (cuda_graph_decode_steps.py) runs in two processes, once
 with XLA's command buffers forced on for custom calls and once with them off. The first
-must really have put the decode call in a command buffer (read off XLA's optimized HLO),
-both must agree bit for bit, and every step must match the float64 oracle."""
+must really have put the decode call in a command buffer (read off XLA's dumps of the step:
+its optimized HLO, or its thunk sequence), both must agree bit for bit, and every step must
+match the float64 oracle."""
 
 import os
 import pathlib
@@ -25,9 +26,7 @@ def _run_steps(tmp_path, name, xla_flags):
   dump = tmp_path / f"{name}_hlo"
   result = tmp_path / f"{name}.npz"
   env = dict(os.environ)
-  # The HLO is dumped around the pass that outlines command buffers, and at the end.
-  dump_flags = f"--xla_dump_to={dump} --xla_dump_hlo_pass_re=command-buffer-scheduling"
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags} {dump_flags}".strip()
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags} --xla_dump_to={dump}".strip()
   env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1]), str(HERE), env.get("PYTHONPATH", "")])
   done = subprocess.run(
     [sys.executable, str(SCRIPT), str(result)], env=env, capture_output=True, text=True, timeout=300
