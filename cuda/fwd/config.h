@@ -17,13 +17,16 @@ constexpr bool kAblateIntraWarpgroupOverlap = true;
 constexpr bool kAblateIntraWarpgroupOverlap = false;
 #endif
 
-template <int kElementBytes, int kHeadDim, bool kHasWindow>
+// kShortMasked: the masked row's tile for calls with few keys (the table's "short masked"
+// column); it changes kBlockM only.
+template <int kElementBytes, int kHeadDim, bool kHasWindow, bool kShortMasked = false>
 struct FwdTileConfig;
 
-#define JAX_FA3_FWD_TILE(HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_WINDOW, PINGPONG, DYNAMIC, SHORT_KEYS) \
-  template <bool kHasWindow>                                                              \
-  struct FwdTileConfig<2, HEAD_DIM, kHasWindow> {                                         \
-    static constexpr int kBlockM = BLOCK_M;                                               \
+#define JAX_FA3_FWD_TILE(HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_N_WINDOW, PINGPONG, DYNAMIC, SHORT_KEYS, \
+                         SHORT_MASKED_KEYS)                                                \
+  template <bool kHasWindow, bool kShortMasked>                                           \
+  struct FwdTileConfig<2, HEAD_DIM, kHasWindow, kShortMasked> {                           \
+    static constexpr int kBlockM = kHasWindow && kShortMasked ? 128 : BLOCK_M;            \
     static constexpr int kBlockN = kHasWindow ? BLOCK_N_WINDOW : BLOCK_N;                 \
     static constexpr int kStages = 2;                                                     \
     /* Two warpgroups take turns on the tensor cores; above 128 the output */            \
@@ -37,6 +40,8 @@ struct FwdTileConfig;
     static constexpr bool kDynamicScheduler = DYNAMIC;                                    \
     /* Unmasked calls with at most this many keys run the window kernel (0: never). */   \
     static constexpr int kShortKeysWindowKernel = SHORT_KEYS;                             \
+    /* Masked calls with at most this many keys run 128-row tiles (0: never). */          \
+    static constexpr int kShortMaskedKeys = SHORT_MASKED_KEYS;                            \
     /* Exp2 all on MUFU: every share on the FMA pipe measured slower (FP8 table). */     \
     static constexpr int kExp2OnFmaPer8 = 0;                                              \
   };
@@ -48,12 +53,15 @@ struct FwdTileConfig;
 // window wider than the sequences (run_fwd in fwd/launch.h). Measured at d128 (NOTES.md,
 // session 12): its 128-key tiles and dynamic scheduler +2.6% at 512, +2.3% at 1k, +0.8-1.4%
 // at 2k-4k against the 176-key tiles, even from 8k; other head dims unmeasured.
-//               head dim  M    N   N (causal/local)  pingpong  dynamic scheduler  short keys
-JAX_FA3_FWD_TILE(64,       192, 128, 128,             true,     true,              0)
-JAX_FA3_FWD_TILE(96,       128, 144, 128,             true,     false,             0)
-JAX_FA3_FWD_TILE(128,      128, 176, 128,             true,     false,             4096)
-JAX_FA3_FWD_TILE(192,      128, 112, 96,              false,    false,             0)
-JAX_FA3_FWD_TILE(256,      128, 80,  64,              false,    true,              0)
+// Short masked: causal or local calls with at most that many keys take 128-row tiles where
+// the table has 192. Measured at d64 (NOTES.md, session 14): causal +7-9% at 512-1k, -4% at
+// 2k and more beyond (three warpgroups sharing each K/V tile win once rows are many).
+//               head dim  M    N   N (causal/local)  pingpong  dynamic scheduler  short keys  short masked
+JAX_FA3_FWD_TILE(64,       192, 128, 128,             true,     true,              0,          1024)
+JAX_FA3_FWD_TILE(96,       128, 144, 128,             true,     false,             0,          0)
+JAX_FA3_FWD_TILE(128,      128, 176, 128,             true,     false,             4096,       0)
+JAX_FA3_FWD_TILE(192,      128, 112, 96,              false,    false,             0,          0)
+JAX_FA3_FWD_TILE(256,      128, 80,  64,              false,    true,              0,          0)
 
 #undef JAX_FA3_FWD_TILE
 
@@ -69,8 +77,8 @@ JAX_FA3_FWD_TILE(256,      128, 80,  64,              false,    true,           
 // d256, and in the 16-bit kernels, any share loses (the extra instructions cost issue slots).
 // Its cheaper form (rounding down, no FMUL; session 14) added +0.8-1.6% at d128.
 #define JAX_FA3_FWD_FP8_TILE(HEAD_DIM, BLOCK_M, BLOCK_N, DYNAMIC, EXP2_FMA)              \
-  template <bool kHasWindow>                                                              \
-  struct FwdTileConfig<1, HEAD_DIM, kHasWindow> {                                         \
+  template <bool kHasWindow, bool kShortMasked>                                           \
+  struct FwdTileConfig<1, HEAD_DIM, kHasWindow, kShortMasked> {                           \
     static constexpr int kBlockM = BLOCK_M;                                               \
     static constexpr int kBlockN = BLOCK_N;                                               \
     static constexpr int kStages = 2;                                                     \
@@ -79,6 +87,7 @@ JAX_FA3_FWD_TILE(256,      128, 80,  64,              false,    true,           
     static constexpr bool kRescaleOBeforeGemm = false;                                    \
     static constexpr bool kDynamicScheduler = DYNAMIC;                                    \
     static constexpr int kShortKeysWindowKernel = 0;                                      \
+    static constexpr int kShortMaskedKeys = 0;                                            \
     static constexpr int kExp2OnFmaPer8 = EXP2_FMA;                                       \
   };
 

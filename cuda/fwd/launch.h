@@ -121,7 +121,15 @@ cudaError_t run_fwd(FwdParams const& fp, cudaStream_t stream) {
   using Windowed = FwdTraits<Element, ElementOut, kHeadDim, kHeadDim, true>;
   using Plain = FwdTraits<Element, ElementOut, kHeadDim, kHeadDim, false>;
   bool const has_window = fp.window_left >= 0 || fp.window_right >= 0;
-  if (has_window) { return launch_fwd<Windowed>(fp, stream); }
+  if (has_window) {
+    constexpr int kShortMasked = Windowed::Config::kShortMaskedKeys;  // the tile table's column
+    if constexpr (kShortMasked > 0) {
+      if (fp.seqlen_k <= kShortMasked) {
+        return launch_fwd<FwdTraits<Element, ElementOut, kHeadDim, kHeadDim, true, false, true>>(fp, stream);
+      }
+    }
+    return launch_fwd<Windowed>(fp, stream);
+  }
   constexpr int kShortKeys = Plain::Config::kShortKeysWindowKernel;  // the tile table's column
   if constexpr (kShortKeys > 0) {
     if (fp.seqlen_k <= kShortKeys) {

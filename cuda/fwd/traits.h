@@ -20,13 +20,14 @@ using namespace cute;
 // Element: q, k, v (16-bit or FP8 e4m3); ElementOut: the output (16-bit).
 // kHasSegments: the mask comes row by row (packed sequences, common/segments.h); it takes
 // the masked kernel's tiles and its dynamic scheduler, as documents differ in cost.
+// kShortMasked: the masked kernel for calls with few keys (fwd/config.h, "short masked").
 template <class Element_, class ElementOut_, int kHeadDim_, int kHeadDimV_, bool kHasWindow_,
-          bool kHasSegments_ = false>
+          bool kHasSegments_ = false, bool kShortMasked_ = false>
 struct FwdTraits {
   using Element = Element_;
   using ElementOut = ElementOut_;
   static constexpr bool kFp8 = sizeof(Element) == 1;
-  using Config = FwdTileConfig<int(sizeof(Element)), kHeadDim_, kHasWindow_ || kHasSegments_>;
+  using Config = FwdTileConfig<int(sizeof(Element)), kHeadDim_, kHasWindow_ || kHasSegments_, kShortMasked_>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kHeadDimV = kHeadDimV_;
   static constexpr bool kHasSegments = kHasSegments_;

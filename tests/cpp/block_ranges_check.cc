@@ -87,13 +87,17 @@ template <int kHeadDim, int kElementBytes = 2>
 bool check_fwd(Problem const& pr, bool print) {
   using Plain = jax_fa3::FwdTileConfig<kElementBytes, kHeadDim, false>;
   using Windowed = jax_fa3::FwdTileConfig<kElementBytes, kHeadDim, true>;
+  using ShortWindowed = jax_fa3::FwdTileConfig<kElementBytes, kHeadDim, true, true>;
   char const* direction = kElementBytes == 1 ? "fwd-fp8" : "fwd";
   if (print) {
     std::printf("tile %s d%d no-window %dx%d\n", direction, kHeadDim, Plain::kBlockM, Plain::kBlockN);
     std::printf("tile %s d%d window %dx%d\n", direction, kHeadDim, Windowed::kBlockM, Windowed::kBlockN);
+    std::printf("tile %s d%d short-window %dx%d\n", direction, kHeadDim, ShortWindowed::kBlockM,
+                ShortWindowed::kBlockN);
   }
   return check<Plain::kBlockM, Plain::kBlockN>(pr, "fwd no-window") &&
-         check<Windowed::kBlockM, Windowed::kBlockN>(pr, "fwd window");
+         check<Windowed::kBlockM, Windowed::kBlockN>(pr, "fwd window") &&
+         check<ShortWindowed::kBlockM, ShortWindowed::kBlockN>(pr, "fwd short-window");
 }
 
 template <int kHeadDim>
