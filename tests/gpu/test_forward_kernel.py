@@ -66,6 +66,9 @@ def _cases():
       Case("bfloat16", d, 2, 511, 1500, 8, 4, window=CAUSAL, diagonal="top_left"),
       Case("bfloat16", d, 2, 1500, 511, 8, 4, window=CAUSAL, diagonal="top_left"),
       Case("bfloat16", d, 1, 1024, 1024, 4, 1, window=CAUSAL, diagonal=-300),
+      # d64: the last length of the 128-row masked kernel, and the first past it.
+      Case("bfloat16", d, 2, 1024, 1024, 4, 2, window=CAUSAL),
+      Case("bfloat16", d, 2, 1025, 1025, 4, 2, window=CAUSAL),
       Case("bfloat16", d, 1, 640, 640, 4, 4, window=(0, 0)),  # only the diagonal
       Case("bfloat16", d, 1, 640, 2000, 4, 4, window=(100, -1)),  # left bound only
       Case("float16", d, 2, 7, 7, 2, 1, window=CAUSAL),
