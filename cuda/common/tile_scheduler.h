@@ -24,20 +24,23 @@ struct StaticTileScheduler {
   __device__ int producer_next(int tile) { return tile + gridDim.x; }
   __device__ void producer_finish() {}
   __device__ int consumer_next(int tile) { return tile + gridDim.x; }
+  __device__ QueryTile consumer_tile(int tile) const { return decode(tile); }
 };
 
 // Dynamic longest-first order for masked (causal, local) attention, whose tiles differ
 // in cost, and for uniform tiles where it measured faster (fwd/config.h). Heads are taken
 // in L2-sized sections; inside a section the most expensive m_blocks of every head go
 // first. Each CTA's next tile comes from a global counter (zeroed on-stream before every
-// launch); the producer warp takes it and hands it to the consumers through shared memory.
+// launch); the producer warp takes it and hands it to the consumers through shared memory,
+// decoded, so that the divisions of decode() stay off the consumers' path between tiles.
 template <int kConsumerThreads>
 struct DynamicTileScheduler {
   int num_m_blocks, heads, num_tiles, heads_per_section;
   int total_heads;  // batch * heads
   int* counter;     // global
-  int* slot;        // shared
+  int4* slot;       // shared: the next tile's index, m_block, head and batch
   int published = 0;
+  QueryTile handed{-1, 0, 0};  // consumers: the last tile received (m_block -1: none yet)
 
   static constexpr int kBarrierThreads = 32 + kConsumerThreads;  // the producer warp + consumers
 
@@ -60,7 +63,10 @@ struct DynamicTileScheduler {
     next = __shfl_sync(0xffffffff, next, 0);
     // Wait until the consumers have read the previous value before overwriting it.
     if (published > 0) { barrier_sync(Barrier::kSchedulerEmpty, kBarrierThreads); }
-    if (threadIdx.x % 32 == 0) { *slot = next; }
+    if (threadIdx.x % 32 == 0) {
+      QueryTile const tile = next < num_tiles ? decode(next) : QueryTile{0, 0, 0};
+      *slot = make_int4(next, tile.m_block, tile.head, tile.batch);
+    }
     barrier_arrive(Barrier::kSchedulerFull, kBarrierThreads);
     ++published;
     return next;
@@ -73,10 +79,14 @@ struct DynamicTileScheduler {
 
   __device__ int consumer_next(int /*tile*/) {
     barrier_sync(Barrier::kSchedulerFull, kBarrierThreads);
-    int const next = *slot;
+    int4 const next = *slot;
     barrier_arrive(Barrier::kSchedulerEmpty, kBarrierThreads);
-    return next;
+    handed = {next.y, next.z, next.w};
+    return next.x;
   }
+
+  // The consumers' tile: the first one decoded here, the others as the producer decoded them.
+  __device__ QueryTile consumer_tile(int tile) const { return handed.m_block < 0 ? decode(tile) : handed; }
 };
 
 }  // namespace jax_fa3

@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(CUTE_GRID_CONS
     mainloop.init_turns();
     if constexpr (Traits::kHasSegments) {
       for (int tile_index = scheduler.first(); tile_index < scheduler.num_tiles;) {
-        QueryTile tile = scheduler.decode(tile_index);
+        QueryTile tile = scheduler.consumer_tile(tile_index);
         auto const planned = planned_tile<Traits>(p, tile);
         tile.batch = planned.batch;
         if (planned.blocks.empty()) {
@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(CUTE_GRID_CONS
       }
     } else {
       for (int tile_index = scheduler.first(); tile_index < p.num_tiles;) {
-        QueryTile const tile = scheduler.decode(tile_index);
+        QueryTile const tile = scheduler.consumer_tile(tile_index);
         int const seqlen_q = used_length(p.seqused_q, tile.batch, p.seqlen_q);
         int const seqlen_k = used_length(p.seqused_k, tile.batch, p.seqlen_k);
         auto const range = key_blocks<Traits>(p, tile, seqlen_q, seqlen_k);

@@ -133,7 +133,7 @@ struct FwdTraits {
     uint64_t q_full;   // Q of the current tile landed
     uint64_t q_empty;  // every consumer warpgroup finished its last Q·K^T of the tile
     uint64_t o_free;   // the previous tile's output left shared memory (kOAliasesV)
-    int next_tile;     // the dynamic scheduler's hand-off slot
+    int4 next_tile;    // the dynamic scheduler's hand-off slot
     float unused_sink;  // target of finish_before_next_wait's never-executed store
     std::conditional_t<kFp8, TransposedVStorage, NoTransposedVStorage> transposed;
   };
