@@ -241,8 +241,8 @@ struct FwdMainloop {
     float o_scale[kRows];
 
     // Prologue: S for the rightmost key tile, which holds the key-length or diagonal edge
-    // whenever there is one; masked unless the tile is fully visible (keys a multiple of
-    // the tile without a window, as most unmasked calls are).
+    // whenever there is one; masked unless fully visible (kUnmaskedPrologue: keys a multiple
+    // of the tile without a window, as most unmasked calls are).
     cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full, computed_tiles & 1);
     int n_block = range.n_block_max - 1;
     float const first_k_scale = Traits::kFp8 ? k_descale(tile_k_descales, n_block) : 1.f;
@@ -253,7 +253,7 @@ struct FwdMainloop {
     pass_turn();
     warpgroup_wait<0>();
     release_k();
-    if (n_block >= range.n_block_right_masked || n_block < range.n_block_left_masked) {
+    if (!Traits::kUnmaskedPrologue || n_block >= range.n_block_right_masked || n_block < range.n_block_left_masked) {
       prepare_scores(scores, n_block, std::true_type{}, first_k_scale);
     } else {
       prepare_scores(scores, n_block, std::false_type{}, first_k_scale);

@@ -48,6 +48,14 @@ struct FwdTraits {
   // (benchmarks/NOTES.md, session 15): d256 causal +1-5%; with pingpong (d64, d128, FP8
   // causal) even to -1.6%, and unmasked kernels 1-2% slower at 16k. d192 is unmeasured.
   static constexpr bool kEarlyTileHandoff = kHasWindow && !kPingpong;
+  // The prologue's key tile runs unmasked when it is fully visible (fwd/mainloop.h): in the
+  // kernels that unmasked calls run (no window, or the short-keys window kernel) and whose
+  // key tile is a power of two, which common lengths are multiples of. Measured on the H200
+  // (benchmarks/NOTES.md, session 16): d64 non-causal +9% at 512, +3% at 16k; d128 non-causal
+  // +4.5% at 512. Elsewhere the tile is never fully visible, and the branch alone cost 1-2%
+  // (d64 causal, d128 at 16k).
+  static constexpr bool kUnmaskedPrologue = (kBlockN & (kBlockN - 1)) == 0 && !kHasSegments &&
+                                            (!kHasWindow || Config::kShortKeysWindowKernel > 0);
 
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
