@@ -80,10 +80,9 @@ def test_block_ranges_match_brute_force(tmp_path):
   )
   checked = {tuple(line.split()[1:4]) for line in lines if line.startswith("tile fwd")}
   checked |= {tuple(line.split()[1:3]) for line in lines if line.startswith("tile bwd")}
-  expected = {("fwd", f"d{d}", window) for d in fwd for window in ("no-window", "window", "short-window")}
-  expected |= {
-    ("fwd-fp8", f"d{d}", window) for d in fp8 for window in ("no-window", "window", "short-window")
-  }
+  windows = ("no-window", "window", "short-window")
+  expected = {("fwd", f"d{d}", window) for d in fwd for window in windows}
+  expected |= {("fwd-fp8", f"d{d}", window) for d in fp8 for window in windows}
   expected |= {("bwd", f"d{d}") for d in bwd}
   assert checked == expected, result.stdout
 
