@@ -52,7 +52,7 @@ struct FwdTraits {
   // kernels that unmasked calls run (no window, or the short-keys window kernel) and whose
   // key tile is a power of two, which common lengths are multiples of. Measured on the H200
   // (benchmarks/NOTES.md, session 16): d64 non-causal +9% at 512, +3% at 16k; d128 non-causal
-  // +4.5% at 512. Elsewhere the tile is never fully visible, and the branch alone cost 1-2%
+  // +4.5% at 512. Elsewhere the tile is rarely fully visible, and the branch alone cost 1-2%
   // (d64 causal, d128 at 16k).
   static constexpr bool kUnmaskedPrologue = (kBlockN & (kBlockN - 1)) == 0 && !kHasSegments &&
                                             (!kHasWindow || Config::kShortKeysWindowKernel > 0);
