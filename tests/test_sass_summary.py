@@ -70,12 +70,11 @@ def test_cli_compares_two_inputs(tool, tmp_path, capsys):
   second.write_text(LISTING.replace("        /*0060*/                   LDL R7, [R1] ;", ""))
   tool.main([str(first), str(second), "--kernel", "loop"])
   out = capsys.readouterr().out
-  rows = [
-    line.split() for line in out.splitlines() if line.strip().startswith(("a.sass", "b.sass"))
-  ]
-  assert [row[0] for row in rows] == ["a.sass", "b.sass"]
-  assert rows[0][1:] == ["11", "3", "3", "2", "1", "9", "1"]
-  assert rows[1][1:] == ["10", "3", "3", "1", "0", "8", "1"]
+  assert f"#1 = {first}" in out and f"#2 = {second}" in out
+  rows = [line.split() for line in out.splitlines() if line.startswith("  #")]
+  assert [row[:2] for row in rows] == [["#1", "a.sass"], ["#2", "b.sass"]]
+  assert rows[0][2:] == ["11", "3", "3", "2", "1", "9", "1"]
+  assert rows[1][2:] == ["10", "3", "3", "1", "0", "8", "1"]
 
 
 def test_no_match_is_an_error(tool, tmp_path):

@@ -162,15 +162,21 @@ def main(argv=None):
 
   fields = list(summary([]))
   header = "input".ljust(12) + "".join(f"{f:>18}" for f in fields)
+  # Inputs are labelled #1, #2, ... (builds of one file often share its name).
+  labels = [f"#{i} {pathlib.Path(path).name}"[:12] for i, path in enumerate(args.inputs, 1)]
+  if len(args.inputs) > 1:
+    for label, path in zip(labels, args.inputs):
+      print(f"{label.split()[0]} = {path}")
+    print()
   for name in chosen:
     print(readable[name][: args.width])
     print("  " + header)
-    for path, listing in zip(args.inputs, listings):
+    for label, listing in zip(labels, listings):
       if name not in listing:
-        print(f"  {pathlib.Path(path).name[:12]:12}  (not in this input)")
+        print(f"  {label:12}  (not in this input)")
         continue
       counts = summary(listing[name])
-      print(f"  {pathlib.Path(path).name[:12]:12}" + "".join(f"{counts[f]:>18}" for f in fields))
+      print(f"  {label:12}" + "".join(f"{counts[f]:>18}" for f in fields))
       if args.trace:
         print(f"    trace: {trace(listing[name])}")
     print()
