@@ -26,18 +26,17 @@ import sys
 INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);")
 FUNCTION = re.compile(r"^\s*Function : (\S+)\s*$", re.MULTILINE)
 # Ops that --trace keeps: what orders a warp-specialised, pipelined kernel.
+# Prefixes: "LDS"/"STS" also keep LDSM/STSM, "WARPGROUP" the arrives and the waits.
 TRACE_OPS = (
   "HGMMA",
-  "DEPBAR",
+  "WARPGROUP",
   "BAR",
+  "MEMBAR",
   "SYNCS",
+  "FENCE",
   "MUFU",
   "LDS",
   "STS",
-  "STSM",
-  "LDSM",
-  "MEMBAR",
-  "FENCE",
   "UTMA",
   "UBLK",
 )
@@ -114,9 +113,7 @@ def summary(instructions):
 
 def trace(instructions):
   """The kernel's shaping ops in order, runs collapsed (`HGMMA.64x64x16.F32.BF16x8`)."""
-  kept = [
-    op for op in map(opcode, instructions) if op.startswith(TRACE_OPS) or op.startswith("WARPGROUP")
-  ]
+  kept = [op for op in map(opcode, instructions) if op.startswith(TRACE_OPS)]
   runs = []
   for op in kept:
     if runs and runs[-1][0] == op:
@@ -163,10 +160,11 @@ def main(argv=None):
   fields = list(summary([]))
   header = "input".ljust(12) + "".join(f"{f:>18}" for f in fields)
   # Inputs are labelled #1, #2, ... (builds of one file often share its name).
-  labels = [f"#{i} {pathlib.Path(path).name}"[:12] for i, path in enumerate(args.inputs, 1)]
+  tags = [f"#{i}" for i in range(1, len(args.inputs) + 1)]
+  labels = [f"{tag} {pathlib.Path(path).name}"[:12] for tag, path in zip(tags, args.inputs)]
   if len(args.inputs) > 1:
-    for label, path in zip(labels, args.inputs):
-      print(f"{label.split()[0]} = {path}")
+    for tag, path in zip(tags, args.inputs):
+      print(f"{tag} = {path}")
     print()
   for name in chosen:
     print(readable[name][: args.width])
