@@ -17,6 +17,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 
+#include "bwd/config.h"
 #include "bwd/postprocess.h"
 #include "bwd/producer.h"
 #include "bwd/query_blocks.h"
