@@ -13,15 +13,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "gpu")
 os.environ["JAX_FA3_DEBUG_POISON"] = "1"  # forced: the NaN check below relies on it
 import kernel_ffi  # noqa: E402
 
-CASES = [  # (dtype, head_dim, batch, seqlen_q, seqlen_k, heads, kv_heads, window, seqused)
-  ("bfloat16", 128, 1, 7, 7, 2, 1, (-1, 0), False),
-  ("bfloat16", 128, 2, 129, 300, 4, 2, (-1, -1), False),
-  ("float16", 64, 2, 200, 333, 6, 2, (-1, 0), True),
-  ("bfloat16", 256, 1, 130, 100, 2, 2, (-1, 0), False),
-  ("bfloat16", 96, 1, 65, 257, 2, 1, (16, 8), False),
-  ("bfloat16", 192, 1, 1, 90, 2, 2, (-1, -1), False),
-  ("bfloat16", 128, 2, 200, 1000, 16, 16, (-1, -1), False),  # 256 tiles: persistent CTAs take 2
-  ("bfloat16", 128, 2, 1000, 1000, 16, 16, (-1, 0), False),  # the same, claimed dynamically
+# (dtype, head_dim, batch, seqlen_q, seqlen_k, heads, kv_heads, window, seqused, softcap); the
+# softcap cases run the kernels compiled with it (the backward's SoftcapMode::kOn).
+CASES = [
+  ("bfloat16", 128, 1, 7, 7, 2, 1, (-1, 0), False, 0.0),
+  ("bfloat16", 128, 2, 129, 300, 4, 2, (-1, -1), False, 30.0),
+  ("float16", 64, 2, 200, 333, 6, 2, (-1, 0), True, 0.0),
+  ("bfloat16", 256, 1, 130, 100, 2, 2, (-1, 0), False, 15.0),
+  ("bfloat16", 96, 1, 65, 257, 2, 1, (16, 8), False, 0.0),
+  ("bfloat16", 192, 1, 1, 90, 2, 2, (-1, -1), False, 0.0),
+  # 256 tiles: persistent CTAs take 2; then the same, claimed dynamically
+  ("bfloat16", 128, 2, 200, 1000, 16, 16, (-1, -1), False, 0.0),
+  ("bfloat16", 128, 2, 1000, 1000, 16, 16, (-1, 0), False, 0.0),
 ]
 
 
@@ -31,7 +34,7 @@ def main():
   rng = np.random.default_rng(0)
   compiled_bwd = kernel_ffi.compiled("bwd")
   bad = 0
-  for dtype, d, b, sq, sk, h, hk, window, seqused in CASES:
+  for dtype, d, b, sq, sk, h, hk, window, seqused, softcap in CASES:
     if head_dims and d not in head_dims:
       continue
     q, k, v = (
@@ -44,7 +47,13 @@ def main():
         seqused_q=jnp.asarray(rng.integers(0, sq + 1, b), jnp.int32),
         seqused_k=jnp.asarray(rng.integers(0, sk + 1, b), jnp.int32),
       )
-    kw = dict(softmax_scale=1 / math.sqrt(d), window=window, diagonal_offset=sk - sq, **lengths)
+    kw = dict(
+      softmax_scale=1 / math.sqrt(d),
+      softcap=softcap,
+      window=window,
+      diagonal_offset=sk - sq,
+      **lengths,
+    )
     out, lse = kernel_ffi.fwd(q, k, v, **kw)
     results = [("out", out), ("lse", lse)]
     if (dtype, d) in compiled_bwd:
@@ -55,7 +64,7 @@ def main():
       if np.isnan(np.asarray(x, np.float32)).any():
         print(f"NaN in {name}: {dtype} d{d} b{b} q{sq} k{sk} h{h}/{hk} window={window}")
         bad += 1
-    print(f"done {dtype} d{d} q{sq} k{sk}", flush=True)
+    print(f"done {dtype} d{d} q{sq} k{sk} softcap={softcap}", flush=True)
   sys.exit(1 if bad else 0)
 
 

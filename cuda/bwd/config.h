@@ -14,6 +14,12 @@
 
 namespace jax_fa3 {
 
+// Whether a backward kernel applies the softcap. kOff and kOn compile it out or in: the
+// run-time branch costs the unpacked d128 kernel 4 spill instructions in its step loop and
+// nearly doubles the loop's code (NOTES.md, session 18). The packed kernel keeps kRuntime,
+// so that its translation units do not compile a third kernel.
+enum class SoftcapMode { kOff, kOn, kRuntime };
+
 // Compiled for 64, 128 and 256; 96 pads to 128 and 192 to 256 (dQ's head-dim split must
 // keep whole 64-element swizzle atoms per warpgroup).
 template <int kHeadDim>

@@ -146,11 +146,13 @@ cudaError_t launch_bwd(BwdParams const& b, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// The variant entry point: the kernel for packed sequences, or the one for everything else.
+// The variant entry point: the kernel for packed sequences, or for everything else the
+// one with or without the softcap.
 template <class Element, int kHeadDim>
 cudaError_t run_bwd(BwdParams const& b, cudaStream_t stream) {
-  return b.q_rows ? launch_bwd<BwdTraits<Element, kHeadDim, true>>(b, stream)
-                  : launch_bwd<BwdTraits<Element, kHeadDim>>(b, stream);
+  if (b.q_rows) { return launch_bwd<BwdTraits<Element, kHeadDim, true, SoftcapMode::kRuntime>>(b, stream); }
+  return b.softcap > 0.f ? launch_bwd<BwdTraits<Element, kHeadDim, false, SoftcapMode::kOn>>(b, stream)
+                         : launch_bwd<BwdTraits<Element, kHeadDim, false, SoftcapMode::kOff>>(b, stream);
 }
 
 // The backward's tile for packed sequences, (kBlockM, kBlockN): its plans are made in JAX.

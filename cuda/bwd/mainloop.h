@@ -17,6 +17,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 
+#include "bwd/config.h"
 #include "bwd/postprocess.h"
 #include "bwd/producer.h"
 #include "bwd/query_blocks.h"
@@ -155,7 +156,8 @@ struct BwdMainloop {
         }
       };
       auto dpsum_at = [&](int c) { return smem.dpsum[stage][column_of(c)]; };
-      bool const softcap = p.softcap_prescale != 0.f;
+      bool const softcap = Traits::kSoftcap == SoftcapMode::kRuntime ? p.softcap_prescale != 0.f
+                                                                       : Traits::kSoftcap == SoftcapMode::kOn;
       if (!softcap) {
         // P^T once S^T is ready (dP^T still runs), then dS^T once dP^T is.
         warpgroup_wait<1>();

@@ -22,13 +22,14 @@ namespace jax_fa3 {
 using namespace cute;
 
 // kHasSegments: the mask comes row by row (packed sequences, common/segments.h), and the
-// query tiles each key block visits from a plan.
-template <class Element_, int kHeadDim_, bool kHasSegments_ = false>
+// query tiles each key block visits from a plan. kSoftcap: see SoftcapMode.
+template <class Element_, int kHeadDim_, bool kHasSegments_ = false, SoftcapMode kSoftcap_ = SoftcapMode::kRuntime>
 struct BwdTraits {
   using Element = Element_;
   using Config = BwdTileConfig<kHeadDim_>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kHasSegments = kHasSegments_;
+  static constexpr SoftcapMode kSoftcap = kSoftcap_;
   static constexpr int kBlockM = Config::kBlockM;
   static constexpr int kBlockN = Config::kBlockN;
   using Blocks = std::conditional_t<kHasSegments, PlannedQueryBlocks<kBlockM, kBlockN>, QueryBlocks<kBlockM, kBlockN>>;
