@@ -14,10 +14,11 @@
 
 namespace jax_fa3 {
 
-// Whether a backward kernel applies the softcap. kOff and kOn compile it out or in: the
-// run-time branch costs the unpacked d128 kernel 4 spill instructions in its step loop and
-// nearly doubles the loop's code (NOTES.md, session 18). The packed kernel keeps kRuntime,
-// so that its translation units do not compile a third kernel.
+// Whether a backward kernel applies the softcap. kOff and kOn compile it out or in; kRuntime
+// branches on it in the step, which nearly doubles the step loop's code and adds spills to it
+// (NOTES.md, sessions 18-19). Measured on the H200 against kRuntime: the unpacked backward
+// +0.2-2.9% with kOff; packed forward+backward +12-25% at d64, +1-1.3% at d256, but -0.5 to
+// -1.6% at d128 (BwdTileConfig::kPackedSoftcapCompiled).
 enum class SoftcapMode { kOff, kOn, kRuntime };
 
 // Compiled for 64, 128 and 256; 96 pads to 128 and 192 to 256 (dQ's head-dim split must
@@ -38,6 +39,8 @@ struct BwdTileConfig {
   // Persistent CTAs (see KeyTileOrder) where the tile loop's registers fit: at head dim 64
   // they make the mainloop spill (300 B, measured 3% slower), so there one CTA per tile.
   static constexpr bool kPersistent = kHeadDim != 64;
+  // The packed (segment-id) kernel in two, with and without the softcap (see SoftcapMode).
+  static constexpr bool kPackedSoftcapCompiled = kHeadDim != 128;
 };
 
 // The preprocess kernel (bwd/preprocess.h): 256 threads, each reading 16 bytes of dO and of

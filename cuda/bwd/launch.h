@@ -146,13 +146,22 @@ cudaError_t launch_bwd(BwdParams const& b, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// The variant entry point: the kernel for packed sequences, or for everything else the
-// one with or without the softcap.
+// The kernel compiled with the softcap, or the one without it.
+template <class Element, int kHeadDim, bool kHasSegments>
+cudaError_t launch_bwd_by_softcap(BwdParams const& b, cudaStream_t stream) {
+  return b.softcap > 0.f ? launch_bwd<BwdTraits<Element, kHeadDim, kHasSegments, SoftcapMode::kOn>>(b, stream)
+                         : launch_bwd<BwdTraits<Element, kHeadDim, kHasSegments, SoftcapMode::kOff>>(b, stream);
+}
+
+// The variant entry point: the kernels for packed sequences, or those for everything else.
 template <class Element, int kHeadDim>
 cudaError_t run_bwd(BwdParams const& b, cudaStream_t stream) {
-  if (b.q_rows) { return launch_bwd<BwdTraits<Element, kHeadDim, true, SoftcapMode::kRuntime>>(b, stream); }
-  return b.softcap > 0.f ? launch_bwd<BwdTraits<Element, kHeadDim, false, SoftcapMode::kOn>>(b, stream)
-                         : launch_bwd<BwdTraits<Element, kHeadDim, false, SoftcapMode::kOff>>(b, stream);
+  if (!b.q_rows) { return launch_bwd_by_softcap<Element, kHeadDim, false>(b, stream); }
+  if constexpr (BwdTileConfig<kHeadDim>::kPackedSoftcapCompiled) {
+    return launch_bwd_by_softcap<Element, kHeadDim, true>(b, stream);
+  } else {
+    return launch_bwd<BwdTraits<Element, kHeadDim, true, SoftcapMode::kRuntime>>(b, stream);
+  }
 }
 
 // The backward's tile for packed sequences, (kBlockM, kBlockN): its plans are made in JAX.

@@ -110,6 +110,9 @@ CASES = [
   Case(seqlen_q=777, seqlen_k=1333, causal=True),  # cross attention, kv ids of their own
   Case(seqlen_q=1333, seqlen_k=500, mean_doc=120),
   Case(softcap=30.0, causal=True),
+  # The packed backward's softcap kernels where it is compiled in (bwd/config.h)
+  Case(head_dim=64, softcap=20.0, mean_doc=150),
+  Case(head_dim=256, seqlen_q=700, softcap=30.0, causal=True, pad=11),
   Case(dtype="float16", causal=True, pad=100),
   Case(seqlen_q=8192, heads=4, kv_heads=4, mean_doc=512, causal=True, batch=2),  # >> SMs tiles
   Case(seqlen_q=3000, mean_doc=3000, causal=True),  # one long document: unmasked tiles
