@@ -335,6 +335,7 @@ def test_split_heuristic_fills_the_gpu():
   assert 250 <= 8 * split(1, 8, 1, 32768) <= 264  # about one full wave of 264 CTA slots
   assert split(64, 8, 1, 32768) == 1  # 512 CTAs already
   assert split(1, 8, 1, 256) == 1  # too few keys to share out
+  assert split(1, 8, 1, 2048) == 16  # two 64-key tiles per split
   assert 1 <= split(8, 8, 1, 8192) <= 8
 
 

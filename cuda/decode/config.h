@@ -30,6 +30,7 @@ struct Config {
   static constexpr int kCtasPerSm = kHeadDim <= 128 ? 2 : 1;
 
   static_assert(kHeadDim % 64 == 0, "the swizzle permutes 8 chunks of 16 bytes");
+  static_assert(32 % kChunks == 0, "a warp's 32 lanes copy whole rows (head_dim <= 256)");
 
   // Shared memory: Q [rows, kHeadDim]; per warp and stage K then V [kWarpKeys, kHeadDim]
   // (reused as the f32 [kWarps, rows, kHeadDim] exchange after the loop); row statistics.

@@ -40,22 +40,44 @@ struct WarpAttention {
     Element* const sv = stage + Cfg::kTileElems;
     int64_t const row_stride = int64_t(p.kv_heads) * p.head_dim;
     int64_t const head_offset = int64_t(kv_head) * p.head_dim;
+    // A lane copies the same 16-byte chunk of every row it touches: rows lane / kChunks + R i.
+    constexpr int kRowsPerCopy = 32 / Cfg::kChunks;
+    constexpr int kCopies = Cfg::kWarpKeys / kRowsPerCopy;
+    int const chunk = lane % Cfg::kChunks;
+    int const lane_row = lane / Cfg::kChunks;
+    int const bytes = chunk * 8 < p.head_dim ? 16 : 0;
+    // Row r of the swizzled tile at copy i: (R i + lane_row) & 7 == ((R i) & 7) ^ lane_row,
+    // because lane_row < R and R is a power of two, so the lane's part of the chunk's XOR is fixed.
+    auto dst = [&](int i) {
+      int const row = kRowsPerCopy * i + lane_row;
+      return row * kHeadDim + (((chunk ^ lane_row) ^ ((kRowsPerCopy * i) & 7)) << 3);
+    };
+    // The common case: the 16 keys are 16 consecutive cache rows (a contiguous cache, or
+    // one page), so each copy's source is the previous one's plus a constant stride.
+    int const first = __shfl_sync(0xffffffffu, code, 0);
+    if (__all_sync(0xffffffffu, first >= 0 && (lane >= Cfg::kWarpKeys || code == first + lane))) {
+      int64_t const offset = (int64_t(first) + lane_row) * row_stride + head_offset + chunk * 8;
+      Element const* const k_src = static_cast<Element const*>(p.k_cache) + offset;
+      Element const* const v_src = static_cast<Element const*>(p.v_cache) + offset;
+      int64_t const copy_stride = kRowsPerCopy * row_stride;
 #pragma unroll
-    for (int i = 0; i < Cfg::kWarpKeys * Cfg::kChunks / 32; ++i) {
-      int const index = i * 32 + lane;
-      int const row = index / Cfg::kChunks;
-      int const chunk = index % Cfg::kChunks;
-      int const row_code = __shfl_sync(0xffffffffu, code, row);
+      for (int i = 0; i < kCopies; ++i) {
+        cp_async_16(smem_addr(sk + dst(i)), k_src + i * copy_stride, bytes);
+        cp_async_16(smem_addr(sv + dst(i)), v_src + i * copy_stride, bytes);
+      }
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) {
+      int const row_code = __shfl_sync(0xffffffffu, code, kRowsPerCopy * i + lane_row);
       bool const from_new = row_code <= -2;
       int64_t const source_row = from_new ? -2 - row_code : row_code;
-      bool const present = row_code != kNoRow && chunk * 8 < p.head_dim;
+      bool const present = row_code != kNoRow;
       int64_t const offset = present ? source_row * row_stride + head_offset + chunk * 8 : 0;
       auto const* k_base = static_cast<Element const*>(from_new ? p.k_new : p.k_cache);
       auto const* v_base = static_cast<Element const*>(from_new ? p.v_new : p.v_cache);
-      int const bytes = present ? 16 : 0;
-      int const dst = swizzled<kHeadDim>(row, chunk);
-      cp_async_16(smem_addr(sk + dst), k_base + offset, bytes);
-      cp_async_16(smem_addr(sv + dst), v_base + offset, bytes);
+      cp_async_16(smem_addr(sk + dst(i)), k_base + offset, present ? bytes : 0);
+      cp_async_16(smem_addr(sv + dst(i)), v_base + offset, present ? bytes : 0);
     }
   }
 
@@ -118,12 +140,16 @@ struct WarpAttention {
                       pack2<Element>(s[1][0], s[1][1]), pack2<Element>(s[1][2], s[1][3])};
 
     // O = O * scale + P V, two n8 tiles of head dims per transposed ldmatrix.
+    // Once the rows' maxima settle, most steps keep them: then every factor is exactly 1 and
+    // the warp skips the rescale (a uniform branch; 4 multiplies per n8 tile otherwise).
+    if (__any_sync(0xffffffffu, scale_o[0] != 1.f || scale_o[1] != 1.f)) {
 #pragma unroll
-    for (int n = 0; n < kNTiles; ++n) {
-      o[n][0] *= scale_o[0];
-      o[n][1] *= scale_o[0];
-      o[n][2] *= scale_o[1];
-      o[n][3] *= scale_o[1];
+      for (int n = 0; n < kNTiles; ++n) {
+        o[n][0] *= scale_o[0];
+        o[n][1] *= scale_o[0];
+        o[n][2] *= scale_o[1];
+        o[n][3] *= scale_o[1];
+      }
     }
 #pragma unroll
     for (int nd = 0; nd < kHeadDim / 16; ++nd) {

@@ -28,6 +28,7 @@ struct DecodeParams {
   int seqlen_new;
   // Contiguous: page_size = max_seqlen, num_pages = batch and sequence b owns "page" b.
   int page_size, num_pages, max_pages;
+  int page_shift;         // log2(page_size) when it is a power of two, else -1
   int64_t capacity;       // positions a sequence can hold: max_pages * page_size
 
   float softmax_scale;

@@ -35,20 +35,17 @@ struct Sequence {
     total = length_ok ? int(end) : 0;
   }
 
-  // The page holding position `pos` (< capacity), or -1 when the table's entry is out of range.
-  __device__ int page_of(int pos) const {
-    if constexpr (!kPaged) {
-      return batch;
-    } else {
-      int const page = p.page_table[int64_t(batch) * p.max_pages + pos / p.page_size];
-      return page >= 0 && page < p.num_pages ? page : -1;
-    }
-  }
-
-  // The cache row of position `pos`, or -1 when its page is out of range.
+  // The cache row of position `pos` (< capacity), or -1 when its page-table entry is out of
+  // range. A contiguous cache is one page per sequence (no division); a power-of-two page
+  // size divides by a shift.
   __device__ int cache_row(int pos) const {
-    int const page = page_of(pos);
-    return page < 0 ? -1 : page * p.page_size + pos % p.page_size;
+    if constexpr (!kPaged) {
+      return batch * p.page_size + pos;
+    } else {
+      int const slot = p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size;
+      int const page = p.page_table[int64_t(batch) * p.max_pages + slot];
+      return page >= 0 && page < p.num_pages ? page * p.page_size + (pos - slot * p.page_size) : -1;
+    }
   }
 
   // Where key `key` is read from (see kNoRow). A bad page reads nothing: the split that

@@ -154,6 +154,10 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   p.head_dim = int(head_dim);
   p.seqlen_new = int(seqlen_new);
   p.page_size = int(page_size);
+  p.page_shift = -1;
+  for (int shift = 0; shift < 31; ++shift) {
+    if (page_size == (int64_t(1) << shift)) { p.page_shift = shift; }
+  }
   p.num_pages = int(num_pages);
   p.max_pages = int(max_pages);
   p.capacity = max_pages * page_size;
