@@ -19,14 +19,16 @@ struct Config {
   static constexpr int kHeadDim = kHeadDim_;  // the compiled width; a smaller multiple of 8 runs zero-padded
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  // One k16 step of P·V: each warp consumes 16 keys per stage.
-  static constexpr int kWarpKeys = 16;
+  // Keys a warp consumes per stage, in k16 slices of P·V: 16 at d128/d256; 32 at d64, whose
+  // rows are half as long, so that a step's fixed costs (the waits, the row maxima and sums,
+  // the rescale) are paid per 8 KB of K and V at every head dim up to 128.
+  static constexpr int kWarpKeys = kHeadDim <= 64 ? 32 : 16;
   static constexpr int kBlockN = kWarps * kWarpKeys;  // keys per CTA per main-loop step
   static constexpr int kChunks = kHeadDim / 8;        // 16-byte chunks per row
   static constexpr int kTileElems = kWarpKeys * kHeadDim;  // one of K or V, per warp and stage
-  // 8 KB (K + V) per warp and stage at d128; d64 takes more stages of half the size, d256
-  // fewer of twice the size, so that 2, 2 and 1 CTAs fit on an SM with ~100 KB in flight.
-  static constexpr int kStages = kHeadDim <= 64 ? 6 : 3;
+  // 8 KB (K + V) per warp and stage at d64 and d128, 16 KB at d256 (one CTA an SM there), so
+  // that 2, 2 and 1 CTAs fit on an SM with ~64-100 KB in flight.
+  static constexpr int kStages = 3;
   static constexpr int kCtasPerSm = kHeadDim <= 128 ? 2 : 1;
 
   static_assert(kHeadDim % 64 == 0, "the swizzle permutes 8 chunks of 16 bytes");

@@ -111,7 +111,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) decode_kernel(
   int const tile_end = int(int64_t(split + 1) * num_tiles / p.num_splits);
   int const steps = tile_end - tile_begin;
 
-  // This warp's 16 keys of tile t start at warp_key(t); lane l < 16 fetches key l's row code.
+  // This warp's kWarpKeys keys of tile t start at warp_key(t); lane l < kWarpKeys fetches key l's
+  // row code.
   auto warp_key = [&](int t) { return key_begin + (tile_begin + t) * Cfg::kBlockN + warp * Cfg::kWarpKeys; };
   auto row_code = [&](int t) { return t < steps && lane < Cfg::kWarpKeys ? seq.row_code(warp_key(t) + lane) : kNoRow; };
   Element* const ring = skv + warp * kStages * 2 * Cfg::kTileElems;

@@ -33,8 +33,8 @@ struct WarpAttention {
     row_sum[0] = row_sum[1] = 0.f;
   }
 
-  // Starts the copy of 16 keys' K and V rows into one stage. Lane l < 16 holds the row code
-  // (sequence.h) of key l in `code`; columns past head_dim are zero-filled.
+  // Starts the copy of kWarpKeys keys' K and V rows into one stage. Lane l < kWarpKeys holds
+  // the row code (sequence.h) of key l in `code`; columns past head_dim are zero-filled.
   __device__ static void load_stage(Element* stage, int code, DecodeParams const& p, int kv_head, int lane) {
     Element* const sk = stage;
     Element* const sv = stage + Cfg::kTileElems;
@@ -52,8 +52,8 @@ struct WarpAttention {
       int const row = kRowsPerCopy * i + lane_row;
       return row * kHeadDim + (((chunk ^ lane_row) ^ ((kRowsPerCopy * i) & 7)) << 3);
     };
-    // The common case: the 16 keys are 16 consecutive cache rows (a contiguous cache, or
-    // one page), so each copy's source is the previous one's plus a constant stride.
+    // The common case: the keys are consecutive cache rows (a contiguous cache, or one page),
+    // so each copy's source is the previous one's plus a constant stride.
     int const first = __shfl_sync(0xffffffffu, code, 0);
     if (__all_sync(0xffffffffu, first >= 0 && (lane >= Cfg::kWarpKeys || code == first + lane))) {
       int64_t const offset = (int64_t(first) + lane_row) * row_stride + head_offset + chunk * 8;
@@ -81,22 +81,29 @@ struct WarpAttention {
     }
   }
 
-  // Attends one stage: keys key0 .. key0 + 15; row r of this lane sees keys [begin[r], end[r]).
-  // scale_log2 turns a score into log2 units; with softcap > 0 the score is first capped.
+  // Attends one stage: keys key0 .. key0 + kWarpKeys - 1; row r of this lane sees keys
+  // [begin[r], end[r]). scale_log2 turns a score into log2 units; with softcap > 0 the score
+  // is first capped.
   __device__ void step(Element const* sq, Element const* stage, int key0, int const (&begin)[2],
                        int const (&end)[2], float scale_log2, float softcap_prescale, bool softcap, int lane) {
+    constexpr int kGroups = Cfg::kWarpKeys / 16;  // k16 slices of keys
     Element const* const sk = stage;
     Element const* const sv = stage + Cfg::kTileElems;
 
-    // S = Q Kᵀ: 16 rows x 16 keys, as two n8 tiles.
-    float s[2][4] = {};
+    // S = Q Kᵀ: 16 rows x kWarpKeys keys, as n8 tiles (two per group of 16 keys).
+    float s[2 * kGroups][4] = {};
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      uint32_t a[4], b[4];
+      uint32_t a[4];
       ldmatrix_x4(a, smem_addr(sq + swizzled<kHeadDim>(lane & 15, kk * 2 + (lane >> 4))));
-      ldmatrix_x4(b, smem_addr(sk + swizzled<kHeadDim>((lane & 7) + (lane >> 4) * 8, kk * 2 + ((lane >> 3) & 1))));
-      mma_16x8x16<Element>(s[0], a, b[0], b[1]);
-      mma_16x8x16<Element>(s[1], a, b[2], b[3]);
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        uint32_t b[4];
+        ldmatrix_x4(b, smem_addr(sk + swizzled<kHeadDim>(16 * g + (lane & 7) + (lane >> 4) * 8,
+                                                         kk * 2 + ((lane >> 3) & 1))));
+        mma_16x8x16<Element>(s[2 * g], a, b[0], b[1]);
+        mma_16x8x16<Element>(s[2 * g + 1], a, b[2], b[3]);
+      }
     }
 
     // Online softmax in log2 units, masked keys at -inf.
@@ -106,7 +113,7 @@ struct WarpAttention {
     for (int r = 0; r < 2; ++r) {
       float tile_max = -INFINITY;
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
+      for (int n = 0; n < 2 * kGroups; ++n) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           float x = s[n][2 * r + c];
@@ -125,7 +132,7 @@ struct WarpAttention {
       row_max[r] = new_max;
       float sum = 0.f;
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
+      for (int n = 0; n < 2 * kGroups; ++n) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           s[n][2 * r + c] = fast_exp2(s[n][2 * r + c] - reference);
@@ -134,10 +141,6 @@ struct WarpAttention {
       }
       row_sum[r] = row_sum[r] * scale_o[r] + sum;
     }
-
-    // P as the A operand: its accumulator layout is already mma's A layout (rows g, g + 8).
-    uint32_t pa[4] = {pack2<Element>(s[0][0], s[0][1]), pack2<Element>(s[0][2], s[0][3]),
-                      pack2<Element>(s[1][0], s[1][1]), pack2<Element>(s[1][2], s[1][3])};
 
     // O = O * scale + P V, two n8 tiles of head dims per transposed ldmatrix.
     // Once the rows' maxima settle, most steps keep them: then every factor is exactly 1 and
@@ -152,11 +155,19 @@ struct WarpAttention {
       }
     }
 #pragma unroll
-    for (int nd = 0; nd < kHeadDim / 16; ++nd) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, smem_addr(sv + swizzled<kHeadDim>((lane & 7) + ((lane >> 3) & 1) * 8, nd * 2 + (lane >> 4))));
-      mma_16x8x16<Element>(o[2 * nd], pa, b[0], b[1]);
-      mma_16x8x16<Element>(o[2 * nd + 1], pa, b[2], b[3]);
+    for (int g = 0; g < kGroups; ++g) {
+      // P of 16 keys as the A operand: its accumulator layout is already mma's A layout.
+      uint32_t const pa[4] = {pack2<Element>(s[2 * g][0], s[2 * g][1]), pack2<Element>(s[2 * g][2], s[2 * g][3]),
+                              pack2<Element>(s[2 * g + 1][0], s[2 * g + 1][1]),
+                              pack2<Element>(s[2 * g + 1][2], s[2 * g + 1][3])};
+#pragma unroll
+      for (int nd = 0; nd < kHeadDim / 16; ++nd) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, smem_addr(sv + swizzled<kHeadDim>(16 * g + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                                               nd * 2 + (lane >> 4))));
+        mma_16x8x16<Element>(o[2 * nd], pa, b[0], b[1]);
+        mma_16x8x16<Element>(o[2 * nd + 1], pa, b[2], b[3]);
+      }
     }
   }
 };

@@ -101,6 +101,8 @@ CASES = [  # batch, seqlen_q, heads, kv_heads, head_dim, capacity, seqlen_new, p
   (2, 1, 8, 2, 96, 256, 1, 0, (-1, -1), 0.0, 1),  # head_dim 96 runs on the 128 kernel
   (1, 1, 32, 8, 128, 32768, 1, 0, (-1, -1), 0.0, 0),  # many splits
   (2, 1, 32, 8, 128, 4096, 1, 48, (-1, -1), 0.0, 0),  # a page size that is not a power of 2
+  (2, 2, 16, 4, 64, 1024, 2, 16, (-1, -1), 20.0, 0),  # d64's 32-key stages over 16-row pages
+  (2, 1, 8, 2, 48, 300, 1, 0, (-1, -1), 0.0, 0),  # head_dim 48 runs on the 64 kernel
 ]
 
 
