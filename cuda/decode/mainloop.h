@@ -55,7 +55,7 @@ struct WarpAttention {
     // The common case: the keys are consecutive cache rows (a contiguous cache, or one page),
     // so each copy's source is the previous one's plus a constant stride.
     int const first = __shfl_sync(0xffffffffu, code, 0);
-    if (__all_sync(0xffffffffu, first >= 0 && (lane >= Cfg::kWarpKeys || code == first + lane))) {
+    if (__all_sync(0xffffffffu, first >= 0 && (lane >= Cfg::kWarpKeys || code - first == lane))) {
       int64_t const offset = (int64_t(first) + lane_row) * row_stride + head_offset + chunk * 8;
       Element const* const k_src = static_cast<Element const*>(p.k_cache) + offset;
       Element const* const v_src = static_cast<Element const*>(p.v_cache) + offset;
