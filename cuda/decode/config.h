@@ -26,8 +26,8 @@ struct Config {
   static constexpr int kBlockN = kWarps * kWarpKeys;  // keys per CTA per main-loop step
   static constexpr int kChunks = kHeadDim / 8;        // 16-byte chunks per row
   static constexpr int kTileElems = kWarpKeys * kHeadDim;  // one of K or V, per warp and stage
-  // 8 KB (K + V) per warp and stage at d64 and d128, 16 KB at d256 (one CTA an SM there), so
-  // that 2, 2 and 1 CTAs fit on an SM with ~64-100 KB in flight.
+  // 8 KB (K + V) per warp and stage at d64 and d128, 16 KB at d256: 2, 2 and 1 CTAs fit on
+  // an SM, and with two stages of each warp in flight an SM has 128 KB of reads in flight.
   static constexpr int kStages = 3;
   static constexpr int kCtasPerSm = kHeadDim <= 128 ? 2 : 1;
 
