@@ -99,16 +99,10 @@ def attend_threaded(q, k_cache, v_cache, lengths, k_new, v_new, table, calls, nu
   (batch 64 x 128k: 34 GB of K and V). From the second call on, a call finds L2 as a decode
   loop leaves it, not as XLA's copy of the undonated caches before the first leaves it."""
   out = None
+  append = dict(k_new=k_new, v_new=v_new, page_table=table, num_splits=num_splits)
   for _ in range(calls):
     out, k_cache, v_cache = jax_fa3.flash_attention_with_kvcache(
-      q,
-      k_cache,
-      v_cache,
-      lengths,
-      k_new=k_new,
-      v_new=v_new,
-      page_table=table,
-      num_splits=num_splits,
+      q, k_cache, v_cache, lengths, **append
     )
   return out
 
