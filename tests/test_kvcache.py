@@ -468,3 +468,25 @@ def test_sinks_are_checked(normal):
     jax_fa3.flash_attention_with_kvcache(
       q, k_cache, v_cache, jnp.zeros(3, jnp.int32), sinks=jnp.zeros(2)
     )
+
+
+# --- the decode benchmark ------------------------------------------------------------------
+
+
+def test_decode_benchmark_runs_at_a_tiny_size(tmp_path, monkeypatch):
+  """benchmarks/decode.py end to end at its smallest size, on whatever path this machine has:
+  the threaded calls (decode.attend_threaded) run and every cell gets a positive bandwidth."""
+  import json
+  import pathlib
+
+  monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+  import decode
+
+  decode.main(
+    ["--impls", "jax_fa3", "--batches", "1", "--seqlens", "64", "--page-sizes", "0", "16"]
+    + ["--head-dims", "128", "--iterations", "1", "--out", str(tmp_path)]
+  )
+  records = json.loads((tmp_path / "decode.json").read_text())
+  assert sorted(r["page_size"] for r in records) == [0, 16]
+  assert all(r["impl"] == "jax_fa3" and r["gbps"] > 0 for r in records)
+  assert "| 128 | 1 | 64 |" in (tmp_path / "decode.md").read_text()
