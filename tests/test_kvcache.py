@@ -5,6 +5,8 @@ to the same cases in tests/gpu/test_decode_kernel.py.
 """
 
 import functools
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -476,9 +478,6 @@ def test_sinks_are_checked(normal):
 def test_decode_benchmark_runs_at_a_tiny_size(tmp_path, monkeypatch):
   """benchmarks/decode.py end to end at its smallest size, on whatever path this machine has:
   the threaded calls (decode.attend_threaded) run and every cell gets a positive bandwidth."""
-  import json
-  import pathlib
-
   monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
   import decode
 
