@@ -393,7 +393,9 @@ def main(argv=None):
   parser.add_argument("--head-dims", type=int, nargs="+", help="default: 128 256 (64 optional)")
   parser.add_argument("--seqlens", type=int, nargs="+", help="default: 1024 ... 16384")
   parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
-  parser.add_argument("--impls", nargs="+", choices=IMPLS, default=IMPLS)
+  parser.add_argument(
+    "--impls", nargs="*", choices=IMPLS, default=IMPLS, help="none given: the quantizer alone"
+  )
   parser.add_argument("--iterations", type=int, help="timed runs per point (default 20 on a GPU)")
   parser.add_argument(
     "--quick", action="store_true", help="seqlens 4096 and 16384 only, 10 runs per point"

@@ -12,7 +12,7 @@
 
 On a Hopper GPU with the CUDA extension this is one kernel (FFI target
 `jax_fa3_fp8_quantize`, `cuda/quantize/`) that reads x once (twice for a block longer than
-one CTA holds, 32768 / head_dim rows: the second read mostly from L2) and writes x8 and
+64 rows: the second read from L2, or, past 256 rows, by a second launch) and writes x8 and
 descale, the transform done in registers and warp shuffles. Elsewhere, and for head dims
 other than 64, 128 and 256, the same function runs as XLA ops. Both do the same float32
 operations in the same order, so they agree bit for bit (see `quantize_fp8`).
@@ -38,9 +38,9 @@ E4M3_MAX = 448.0
 QUANTIZE_TARGET = "jax_fa3_fp8_quantize"
 # The head dims cuda/quantize/quantize.cu is compiled for (its handler refuses others).
 KERNEL_HEAD_DIMS = (64, 128, 256)
-# Values a kernel CTA holds (cuda/quantize/params.h: kQuantizeValuesPerThread *
-# kQuantizeMaxThreads): blocks longer than this / head_dim rows take two passes.
-_VALUES_PER_CTA = 32 * 1024
+# Rows a kernel CTA takes (cuda/quantize/geometry.h: kQuantizeChunkRows): longer blocks take
+# two launches, with an amax per chunk in the workspace between them.
+_CHUNK_ROWS = 256
 _INPUT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _TINY_AMAX = np.float32(2.0**-64)
 _TINY_PRESCALE = np.float32(2.0**64)
@@ -113,12 +113,12 @@ def num_blocks(seqlen: int, block_rows: int | None) -> int:
   return 1 if not block_rows else -(-seqlen // block_rows)
 
 
-def workspace_bytes(batch, seqlen, heads, head_dim, block_rows) -> int:
-  """Bytes of scratch the kernel needs (cuda/quantize/params.h, QuantizeGeometry): a float32
-  amax per CTA when a block is longer than a CTA holds; 256 otherwise (block_rows 0 or None:
+def workspace_bytes(batch, seqlen, heads, block_rows) -> int:
+  """Bytes of scratch the kernel needs (cuda/quantize/geometry.h, QuantizeGeometry): a float32
+  amax per CTA when a block is longer than a CTA takes; 256 otherwise (block_rows 0 or None:
   one block per (batch, head))."""
   rows = min(block_rows or seqlen, seqlen)
-  chunks = max(1, -(-rows // (_VALUES_PER_CTA // head_dim)))
+  chunks = max(1, -(-rows // _CHUNK_ROWS))
   needed = 4 * batch * heads * num_blocks(seqlen, block_rows) * chunks if chunks > 1 else 0
   return max(256, -(-needed // 256) * 256)
 
@@ -269,7 +269,7 @@ def _quantize_cuda(x, signs, *, block_rows):
       jax.ShapeDtypeStruct(x.shape, jnp.float8_e4m3fn),
       jax.ShapeDtypeStruct((batch, heads, num_blocks(seqlen, block_rows)), jnp.float32),
       jax.ShapeDtypeStruct(
-        (workspace_bytes(batch, seqlen, heads, head_dim, block_rows),), jnp.uint8
+        (workspace_bytes(batch, seqlen, heads, block_rows),), jnp.uint8
       ),
     ),
   )(x, signs, block_rows=int(block_rows))

@@ -1,6 +1,7 @@
 """FP8 forward calls for compute-sanitizer (memcheck: out-of-bounds accesses; racecheck: the
 on-chip V transpose's shared-memory hand-offs): every FP8 head dim, odd lengths, causal with
-seqlen_q != seqlen_k, a window, GQA, per-block descales, and the quantizer of fp8_attention.
+seqlen_q != seqlen_k, a window, GQA, per-block descales, the quantizer of fp8_attention, and
+the quantizer alone (every input dtype; one slab, several, and blocks of two launches).
 Exits non-zero when an output holds NaN (outputs are poisoned before each launch)."""
 
 import math
@@ -49,8 +50,24 @@ def main():
     bad = bool(np.isnan(np.asarray(out, np.float32)).any())
     print(f"d{d} fp8_attention: {'NaN' if bad else 'ok'}")
     failures += bad
+  failures += quantizer_cases(rng)
   print("done" if not failures else f"{failures} calls with NaN")
   return 1 if failures else 0
+
+
+def quantizer_cases(rng):
+  from jax_fa3.fp8_quantize import quantize_fp8, random_signs  # pylint: disable=import-outside-toplevel
+
+  failures = 0
+  for d in (64, 128, 256):
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+      x = jnp.asarray(rng.standard_normal((2, 601, 3, d)), dtype)
+      for block_rows, signs in ((64, random_signs(d)), (224, random_signs(d)), (257, None), (None, None)):
+        x8, descale = quantize_fp8(x, block_rows=block_rows, signs=signs)
+        bad = bool(np.isnan(np.asarray(x8, np.float32)).any() or np.isnan(np.asarray(descale)).any())
+        print(f"quantize_fp8 d{d} {jnp.dtype(dtype).name} block_rows={block_rows}: {'NaN' if bad else 'ok'}")
+        failures += bad
+  return failures
 
 
 if __name__ == "__main__":

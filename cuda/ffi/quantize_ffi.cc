@@ -46,7 +46,7 @@ ffi::Error QuantizeImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer si
   if (hadamard && (signs.element_type() != ffi::DataType::F32 || !has_dims(signs, {head_dim}))) {
     return invalid("fp8_quantize: signs must be float32 [head_dim] or absent ([0]); got " + shape_str(signs));
   }
-  QuantizeGeometry const g = quantize_geometry(seqlen, head_dim, block_rows);
+  QuantizeGeometry const g = quantize_geometry(seqlen, block_rows);
   if (batch * heads * g.chunks_per_head() > kMaxGridX) {
     return invalid("fp8_quantize: batch * heads * blocks of x " + shape_str(x) + " must be < 2^31");
   }

@@ -7,17 +7,19 @@
 
 namespace jax_fa3 {
 
-// A CTA keeps its rows in registers between the amax and the write: 32 float32 values per
-// thread, at most 1024 threads, so 32768 / head_dim rows (512, 256, 128 for d 64, 128, 256).
+// A CTA is kQuantizeSlabRows rows of 32 values a thread (2 * head_dim threads): one slab of
+// rows in registers at a time. It takes a chunk of up to kQuantizeChunkRows rows: a chunk of
+// one slab is read once and held from the load to the store; a longer one is read twice
+// (the amax, then the write, the second read from L2), so that small CTAs at several an SM
+// keep loads in flight while others compute.
 constexpr int kQuantizeValuesPerThread = 32;
-constexpr int kQuantizeMaxThreads = 1024;
-constexpr int64_t quantize_rows_per_cta(int64_t head_dim) {
-  return kQuantizeValuesPerThread * kQuantizeMaxThreads / head_dim;
-}
+constexpr int kQuantizeSlabRows = 64;
+constexpr int64_t kQuantizeChunkRows = 256;
+constexpr int quantize_threads(int head_dim) { return kQuantizeSlabRows * head_dim / kQuantizeValuesPerThread; }
 
 // How the rows of one (batch, head) are cut: blocks (one scale each) of chunks (one CTA
-// each). A block of one chunk is read once and written in one pass. A longer block is read
-// twice: one pass writes each chunk's amax to the workspace, a second reduces them and writes.
+// each). A block of one chunk is done by one launch. A longer block takes two: one writes
+// each chunk's amax to the workspace, the second reduces them and writes.
 struct QuantizeGeometry {
   int64_t block_rows;        // rows per scale: the block_rows attribute, or seqlen for one per head
   int64_t num_blocks;        // scales per (batch, head)
@@ -33,14 +35,13 @@ struct QuantizeGeometry {
 };
 
 // block_rows = 0 means one block per (batch, head) (Python's block_rows=None).
-inline QuantizeGeometry quantize_geometry(int64_t seqlen, int64_t head_dim, int64_t block_rows) {
+inline QuantizeGeometry quantize_geometry(int64_t seqlen, int64_t block_rows) {
   QuantizeGeometry g{};
   g.block_rows = block_rows > 0 ? block_rows : seqlen;
   g.num_blocks = block_rows > 0 ? (seqlen + block_rows - 1) / block_rows : 1;
   int64_t const rows = std::min(g.block_rows, seqlen);  // rows in the largest block
-  int64_t const capacity = quantize_rows_per_cta(head_dim);
-  g.chunks_per_block = std::max<int64_t>(1, (rows + capacity - 1) / capacity);
-  g.chunk_rows = g.chunks_per_block > 1 ? capacity : rows;
+  g.chunks_per_block = std::max<int64_t>(1, (rows + kQuantizeChunkRows - 1) / kQuantizeChunkRows);
+  g.chunk_rows = g.chunks_per_block > 1 ? kQuantizeChunkRows : rows;
   return g;
 }
 

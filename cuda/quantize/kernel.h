@@ -1,6 +1,6 @@
 // The FP8 quantizer kernel: x (bf16/f16/f32) -> x' = WHT(x * signs) / sqrt(d) (or x' = x)
-// -> one scale per block of rows -> e4m3. A CTA holds its rows in registers, 32 values per
-// thread, from the load to the store (params.h: QuantizeGeometry says which rows).
+// -> one scale per block of rows -> e4m3. A CTA takes a chunk of rows (geometry.h) in slabs of
+// 64 rows, 32 values a thread in registers.
 #pragma once
 
 #include <cstdint>
@@ -10,9 +10,10 @@
 
 namespace jax_fa3::quantize {
 
-// kWhole: the block is one chunk: amax and write in one pass over x.
-// kChunkAmax, kWrite: a longer block: each chunk's amax to the workspace, then a second pass
-// reduces the block's chunk amaxes and writes (re-reading its chunk of x, mostly from L2).
+// kWhole: the block is one chunk: amax and write in one launch. A chunk of one slab stays in
+// registers between the two; a longer one is read again for the write (from L2).
+// kChunkAmax, kWrite: a longer block: each chunk's amax to the workspace, then a second launch
+// reduces the block's chunk amaxes and writes (re-reading its chunk of x).
 enum class Pass { kWhole, kChunkAmax, kWrite };
 
 // The largest value over the CTA, in every thread; NaN anywhere gives NaN. Called once or
@@ -42,20 +43,29 @@ struct BlockScale {
   }
 };
 
-template <class T, int kHeadDim>
-__global__ void __launch_bounds__(kQuantizeMaxThreads) fp8_quantize_kernel(QuantizeParams const p, Pass const pass) {
-  using L = RowLayout<kHeadDim>;
-  __shared__ float scratch[kQuantizeMaxThreads / 32];
-  int const lane_in_row = threadIdx.x % L::kLanesPerRow;
-  int const row_in_chunk = threadIdx.x / L::kLanesPerRow;
+template <int kHeadDim>
+constexpr int kThreads = quantize_threads(kHeadDim);
 
-  uint32_t negate = 0;  // bit k: value k's element has a negative sign
-  if (p.signs) {
-#pragma unroll
-    for (int k = 0; k < L::kValues; ++k) {
-      negate |= (__float_as_uint(__ldg(p.signs + L::element(k, lane_in_row))) >> 31) << k;
-    }
-  }
+// 2-byte inputs up to d128 load a slab's words while the slab before is transformed, in 85
+// registers a thread (768 threads an SM). At d256 they load as they go, in 64 registers,
+// which keeps two 512-thread CTAs an SM. float32 inputs load as they go (a slab's words would
+// not fit beside its values), in 85 registers (128 at d256).
+template <class T, int kHeadDim>
+constexpr bool kPrefetch = sizeof(T) == 2 && kHeadDim <= 128;
+template <class T, int kHeadDim>
+constexpr int kMinCtasPerSm = sizeof(T) == 2 && kHeadDim == 256 ? 2 : 768 / kThreads<kHeadDim>;
+
+template <class T, int kHeadDim>
+__global__ void __launch_bounds__(kThreads<kHeadDim>, kMinCtasPerSm<T, kHeadDim>)
+    fp8_quantize_kernel(QuantizeParams const p, Pass const pass) {
+  using L = RowLayout<kHeadDim>;
+  constexpr int kRowWords = kHeadDim * int(sizeof(T)) / 16;  // 16-byte words of a row of x
+  constexpr bool kPrefetch = quantize::kPrefetch<T, kHeadDim>;
+  __shared__ uint4 sign_masks[kRowWords];
+  __shared__ float scratch[kThreads<kHeadDim> / 32];
+  int const lane_in_row = threadIdx.x % L::kLanesPerRow;
+  int const row_in_slab = threadIdx.x / L::kLanesPerRow;
+  bool const rotate = p.signs != nullptr;
 
   // One CTA per chunk: blockIdx.x = (b * heads + h) * chunks_per_head + chunk.
   QuantizeGeometry const& g = p.geometry;
@@ -66,53 +76,93 @@ __global__ void __launch_bounds__(kQuantizeMaxThreads) fp8_quantize_kernel(Quant
   int64_t const block_begin = block * g.block_rows;
   int64_t const chunk_begin = block_begin + part * g.chunk_rows;
   int64_t const chunk_end = min(min(chunk_begin + g.chunk_rows, block_begin + g.block_rows), p.seqlen);
-  int64_t const row = chunk_begin + row_in_chunk;
-  bool const valid = row < chunk_end;
+  int const slabs = chunk_end > chunk_begin ? int((chunk_end - chunk_begin + kQuantizeSlabRows - 1) / kQuantizeSlabRows) : 0;
   int64_t const b = head_index / p.heads, h = head_index % p.heads;
-  int64_t const offset = ((b * p.seqlen + row) * p.heads + h) * kHeadDim + lane_in_row * L::kRun;
+  int64_t const row_stride = p.heads * kHeadDim;  // elements between two rows of one head
+  int64_t const first = ((b * p.seqlen + chunk_begin + row_in_slab) * p.heads + h) * kHeadDim + lane_in_row * L::kRun;
+  auto offset = [&](int slab) { return first + int64_t(slab) * kQuantizeSlabRows * row_stride; };
+  auto valid = [&](int slab) { return chunk_begin + slab * kQuantizeSlabRows + row_in_slab < chunk_end; };
 
-  Run<T> runs[L::kRuns];
+  // The CTA visits its slabs once for the amax and once for the write (kWhole with one slab:
+  // once for both, the values staying in registers; kChunkAmax, kWrite: once).
+  int const amax_visits = pass == Pass::kWrite ? 0 : slabs;
+  bool const resident = pass == Pass::kWhole && slabs == 1;
+  int const visits = amax_visits + (pass == Pass::kChunkAmax || resident ? 0 : slabs);
+  Run<T> runs[L::kRuns];  // the words of the slab visited next
+  auto load = [&](int visit) {
+    int const slab = visit % max(slabs, 1);
 #pragma unroll
-  for (int r = 0; r < L::kRuns; ++r) { runs[r].load(static_cast<T const*>(p.x) + offset + r * L::kRunStride, valid); }
+    for (int r = 0; r < L::kRuns; ++r) {
+      runs[r].load(static_cast<T const*>(p.x) + offset(slab) + r * L::kRunStride, valid(slab));
+    }
+  };
+  if (kPrefetch && visits > 0) { load(0); }  // in flight while the masks and the chunk amaxes are read
 
+  if (rotate) {
+    uint32_t* const words = reinterpret_cast<uint32_t*>(sign_masks);
+    for (int i = threadIdx.x; i < 4 * kRowWords; i += blockDim.x) { words[i] = sign_word<T>(p.signs, i); }
+    __syncthreads();
+  }
   float amax = 0.f;
-  if (pass == Pass::kWrite) {  // the block's chunk amaxes, read while x is in flight
+  if (pass == Pass::kWrite) {  // the block's chunk amaxes
     float const* chunk_amax = p.partial_amax + head_index * chunks_per_head + block * g.chunks_per_block;
     for (int i = threadIdx.x; i < g.chunks_per_block; i += blockDim.x) { amax = max_keeping_nan(amax, chunk_amax[i]); }
     amax = cta_max(amax, scratch);
   }
 
+  // Visit `visit`: this thread's 32 values of its slab as float32 in v, rotated but not yet
+  // scaled by 1 / sqrt(head_dim) (rows past the chunk give zeros).
   float v[L::kValues];
-#pragma unroll
-  for (int r = 0; r < L::kRuns; ++r) { runs[r].to_floats(v + r * L::kRun); }
-  if (p.signs) {
-#pragma unroll
-    for (int k = 0; k < L::kValues; ++k) { v[k] = flip_sign(v[k], (negate >> k) & 1u); }
-    walsh_hadamard<kHeadDim>(v, lane_in_row);
-#pragma unroll
-    for (int k = 0; k < L::kValues; ++k) { v[k] = v[k] * p.hadamard_scale; }
-  }
-
-  if (pass != Pass::kWrite) {
-#pragma unroll
-    for (int k = 0; k < L::kValues; ++k) { amax = max_keeping_nan(amax, fabsf(v[k])); }
-    amax = cta_max(amax, scratch);
-  }
-  if (pass == Pass::kChunkAmax) {
-    if (threadIdx.x == 0) { p.partial_amax[blockIdx.x] = amax; }
-    return;
-  }
-
-  BlockScale const s(amax);
-  if (valid) {
-#pragma unroll
-    for (int k = 0; k < L::kValues; ++k) { v[k] = (v[k] * s.pre) * s.scale; }
+  auto transform = [&](int visit) {
+    if (!kPrefetch) { load(visit); }
 #pragma unroll
     for (int r = 0; r < L::kRuns; ++r) {
-      *reinterpret_cast<uint4*>(p.x8 + offset + r * L::kRunStride) = to_e4m3(v + r * L::kRun);
+      if (rotate) { runs[r].flip_signs(sign_masks + (r * L::kRunStride + lane_in_row * L::kRun) * int(sizeof(T)) / 16); }
+      runs[r].to_floats(v + r * L::kRun);
+    }
+    if (kPrefetch && visit + 1 < visits) { load(visit + 1); }
+    if (rotate) { walsh_hadamard<kHeadDim>(v, lane_in_row); }
+  };
+  BlockScale scale(0.f);
+  auto store = [&](int slab) {
+    if (!valid(slab)) { return; }
+    if (rotate) {
+#pragma unroll
+      for (int k = 0; k < L::kValues; ++k) { v[k] = v[k] * p.hadamard_scale; }
+    }
+    if (scale.pre != 1.f) {  // a block below 2^-64 (x * 1 would change nothing)
+#pragma unroll
+      for (int k = 0; k < L::kValues; ++k) { v[k] = v[k] * scale.pre; }
+    }
+#pragma unroll
+    for (int k = 0; k < L::kValues; ++k) { v[k] = v[k] * scale.scale; }
+#pragma unroll
+    for (int r = 0; r < L::kRuns; ++r) {
+      *reinterpret_cast<uint4*>(p.x8 + offset(slab) + r * L::kRunStride) = to_e4m3(v + r * L::kRun);
+    }
+  };
+
+  for (int visit = 0; visit < amax_visits; ++visit) {
+    transform(visit);
+#pragma unroll
+    for (int k = 0; k < L::kValues; ++k) { amax = max_keeping_nan(amax, fabsf(v[k])); }
+  }
+  if (pass != Pass::kWrite) {
+    // max |y * s| = float32(max |y| * s) for s > 0: rounding is monotonic (NaN stays NaN).
+    if (rotate) { amax = amax * p.hadamard_scale; }
+    amax = cta_max(amax, scratch);
+    if (pass == Pass::kChunkAmax) {
+      if (threadIdx.x == 0) { p.partial_amax[blockIdx.x] = amax; }
+      return;
     }
   }
-  if (threadIdx.x == 0 && part == 0) { p.descale[head_index * g.num_blocks + block] = s.descale; }
+  scale = BlockScale(amax);
+  if (resident) { store(0); }
+  for (int visit = amax_visits; visit < visits; ++visit) {
+    transform(visit);
+    store(visit - amax_visits);
+  }
+  if (threadIdx.x == 0 && part == 0) { p.descale[head_index * g.num_blocks + block] = scale.descale; }
 }
 
 }  // namespace jax_fa3::quantize

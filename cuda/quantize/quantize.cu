@@ -16,13 +16,11 @@ namespace {
 
 template <class T, int kHeadDim>
 cudaError_t launch(QuantizeParams const& p, cudaStream_t stream) {
-  using L = quantize::RowLayout<kHeadDim>;
   QuantizeGeometry const& g = p.geometry;
   int64_t const ctas = p.batch * p.heads * g.chunks_per_head();
   if (ctas == 0) { return cudaSuccess; }
-  int64_t const warps = std::max<int64_t>(1, (g.chunk_rows + L::kRowsPerWarp - 1) / L::kRowsPerWarp);
   dim3 const grid{unsigned(ctas)};  // the handler refuses more than 2^31 - 1 (quantize_ctas)
-  dim3 const block{unsigned(32 * warps)};
+  dim3 const block{unsigned(quantize::kThreads<kHeadDim>)};
   auto const kernel = quantize::fp8_quantize_kernel<T, kHeadDim>;
   if (g.two_pass()) {
     kernel<<<grid, block, 0, stream>>>(p, quantize::Pass::kChunkAmax);

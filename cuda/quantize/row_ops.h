@@ -29,7 +29,6 @@ struct RowLayout {
   static constexpr int kRuns = kValues / kRun;
   static constexpr int kRunStride = kHeadDim / kRuns;  // elements between a lane's two runs
   static constexpr int kLanesPerRow = kHeadDim / kValues;
-  static constexpr int kRowsPerWarp = 32 / kLanesPerRow;
   static_assert(kRuns == 2 && kLanesPerRow >= 1 && kLanesPerRow <= 32 && kHeadDim % kValues == 0);
 
   __device__ static int element(int value, int lane_in_row) {
@@ -50,11 +49,6 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
-// x * sign as a sign-bit flip: exact, and equal to multiplying by -1 or +1.
-__device__ __forceinline__ float flip_sign(float x, uint32_t negate) {
-  return __uint_as_float(__float_as_uint(x) ^ (negate << 31));
-}
-
 // The unnormalised transform: butterflies (a, b) -> (a + b, a - b), a the element of lower
 // index, for strides 1, 2, 4, ..., kHeadDim / 2 in that order.
 template <int kHeadDim>
@@ -73,12 +67,11 @@ __device__ __forceinline__ void walsh_hadamard(float (&v)[RowLayout<kHeadDim>::k
   }
 #pragma unroll
   for (int m = 1; m < L::kLanesPerRow; m *= 2) {  // stride 16 m: partner lane l ^ m
-    bool const upper = lane_in_row & m;
+    // The lower lane keeps a + b, the upper b' = a - b: both are v * sign + other, one FFMA
+    // that rounds once, as the add does (v * +-1 is exact).
+    float const sign = lane_in_row & m ? -1.f : 1.f;
 #pragma unroll
-    for (int k = 0; k < L::kValues; ++k) {
-      float const other = __shfl_xor_sync(kFullWarp, v[k], m);
-      v[k] = upper ? other - v[k] : v[k] + other;
-    }
+    for (int k = 0; k < L::kValues; ++k) { v[k] = fmaf(v[k], sign, __shfl_xor_sync(kFullWarp, v[k], m)); }
   }
 #pragma unroll
   for (int k = 0; k < L::kRun; ++k) {  // stride kHeadDim / 2: the two runs
@@ -105,6 +98,16 @@ struct Run {
     }
   }
 
+  // Multiplies the elements by the signs: XOR with their sign bits, packed as the elements are
+  // (sign_words below), two bfloat16 or float16 values a 32-bit operation.
+  __device__ __forceinline__ void flip_signs(uint4 const* masks) {
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) {
+      uint4 const m = masks[w];
+      words[w].x ^= m.x, words[w].y ^= m.y, words[w].z ^= m.z, words[w].w ^= m.w;
+    }
+  }
+
   // The 16 elements as float32 (exact).
   __device__ __forceinline__ void to_floats(float* out) const {
     constexpr int kPerWord = 16 / sizeof(T);
@@ -116,6 +119,19 @@ struct Run {
     }
   }
 };
+
+// Word i of a row of x as XOR masks: the sign bits of its elements where signs[] is negative.
+template <class T>
+__device__ __forceinline__ uint32_t sign_word(float const* signs, int i) {
+  constexpr int kPerWord = 4 / int(sizeof(T));
+  uint32_t mask = 0;
+#pragma unroll
+  for (int e = 0; e < kPerWord; ++e) {
+    uint32_t const negative = __float_as_uint(__ldg(signs + i * kPerWord + e)) >> 31;
+    mask |= negative << (8 * sizeof(T) * (e + 1) - 1);
+  }
+  return mask;
+}
 
 // Round-to-nearest-even e4m3 with saturation to +-448 (cvt.rn.satfinite), 16 values to 16 bytes.
 __device__ __forceinline__ uint4 to_e4m3(float const* v) {

@@ -60,7 +60,7 @@ def kernel(x, block_rows, signs, workspace=None, descale_blocks=None):
   batch, seqlen, heads, head_dim = x.shape
   blocks = fp8_quantize.num_blocks(seqlen, block_rows) if descale_blocks is None else descale_blocks
   if workspace is None:
-    workspace = fp8_quantize.workspace_bytes(batch, seqlen, heads, head_dim, block_rows)
+    workspace = fp8_quantize.workspace_bytes(batch, seqlen, heads, block_rows)
   x8, descale, _ = jax.ffi.ffi_call(
     TARGET,
     (
@@ -101,9 +101,10 @@ def test_kernel_equals_the_reference_bit_for_bit(normal, dtype, head_dim, block_
     (128, 65, None),
     (256, 129, 128),
     (256, 127, None),
-    (128, 4097, None),  # longer than a CTA holds (256 rows at d128): two passes
-    (64, 3001, 1000),  # blocks longer than a CTA (512 rows at d64): two passes, short last block
-    (256, 300, 129),  # 129 > 128 rows: two chunks per block, the second of one row
+    (128, 4097, None),  # longer than a CTA takes (256 rows): two launches
+    (64, 3001, 1000),  # blocks longer than a CTA: two launches, a short last block
+    (128, 600, 257),  # 257 > 256 rows: two chunks per block, the second of one row
+    (256, 300, 129),  # three 64-row slabs a CTA, the last of one row, read twice
     (128, 100, 1),
   ],
 )
