@@ -268,9 +268,7 @@ def _quantize_cuda(x, signs, *, block_rows):
     (
       jax.ShapeDtypeStruct(x.shape, jnp.float8_e4m3fn),
       jax.ShapeDtypeStruct((batch, heads, num_blocks(seqlen, block_rows)), jnp.float32),
-      jax.ShapeDtypeStruct(
-        (workspace_bytes(batch, seqlen, heads, block_rows),), jnp.uint8
-      ),
+      jax.ShapeDtypeStruct((workspace_bytes(batch, seqlen, heads, block_rows),), jnp.uint8),
     ),
   )(x, signs, block_rows=int(block_rows))
   return x8, descale

@@ -62,10 +62,19 @@ def quantizer_cases(rng):
   for d in (64, 128, 256):
     for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
       x = jnp.asarray(rng.standard_normal((2, 601, 3, d)), dtype)
-      for block_rows, signs in ((64, random_signs(d)), (224, random_signs(d)), (257, None), (None, None)):
+      for block_rows, signs in (
+        (64, random_signs(d)),
+        (224, random_signs(d)),
+        (257, None),
+        (None, None),
+      ):
         x8, descale = quantize_fp8(x, block_rows=block_rows, signs=signs)
-        bad = bool(np.isnan(np.asarray(x8, np.float32)).any() or np.isnan(np.asarray(descale)).any())
-        print(f"quantize_fp8 d{d} {jnp.dtype(dtype).name} block_rows={block_rows}: {'NaN' if bad else 'ok'}")
+        bad = bool(
+          np.isnan(np.asarray(x8, np.float32)).any() or np.isnan(np.asarray(descale)).any()
+        )
+        print(
+          f"quantize_fp8 d{d} {jnp.dtype(dtype).name} block_rows={block_rows}: {'NaN' if bad else 'ok'}"
+        )
         failures += bad
   return failures
 
