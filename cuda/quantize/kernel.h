@@ -46,21 +46,14 @@ struct BlockScale {
 template <int kHeadDim>
 constexpr int kThreads = quantize_threads(kHeadDim);
 
-// 2-byte inputs up to d128 load a slab's words while the slab before is transformed, in 85
-// registers a thread (768 threads an SM). At d256 they load as they go, in 64 registers,
-// which keeps two 512-thread CTAs an SM. float32 inputs load as they go (a slab's words would
-// not fit beside its values), in 85 registers (128 at d256).
+// 64 registers a thread, so that an SM holds 1024 threads (4 CTAs at d128). The quantizer is
+// bound by instruction issue, not by loads in flight: loading the next slab while this one
+// is transformed (80 registers, 768 threads an SM) measured 3-8% slower (NOTES, session 21).
 template <class T, int kHeadDim>
-constexpr bool kPrefetch = sizeof(T) == 2 && kHeadDim <= 128;
-template <class T, int kHeadDim>
-constexpr int kMinCtasPerSm = sizeof(T) == 2 && kHeadDim == 256 ? 2 : 768 / kThreads<kHeadDim>;
-
-template <class T, int kHeadDim>
-__global__ void __launch_bounds__(kThreads<kHeadDim>, kMinCtasPerSm<T, kHeadDim>)
+__global__ void __launch_bounds__(kThreads<kHeadDim>, 1024 / kThreads<kHeadDim>)
     fp8_quantize_kernel(QuantizeParams const p, Pass const pass) {
   using L = RowLayout<kHeadDim>;
   constexpr int kRowWords = kHeadDim * int(sizeof(T)) / 16;  // 16-byte words of a row of x
-  constexpr bool kPrefetch = quantize::kPrefetch<T, kHeadDim>;
   __shared__ uint4 sign_masks[kRowWords];
   __shared__ float scratch[kThreads<kHeadDim> / 32];
   int const lane_in_row = threadIdx.x % L::kLanesPerRow;
@@ -83,71 +76,40 @@ __global__ void __launch_bounds__(kThreads<kHeadDim>, kMinCtasPerSm<T, kHeadDim>
   auto offset = [&](int slab) { return first + int64_t(slab) * kQuantizeSlabRows * row_stride; };
   auto valid = [&](int slab) { return chunk_begin + slab * kQuantizeSlabRows + row_in_slab < chunk_end; };
 
-  // The CTA visits its slabs once for the amax and once for the write (kWhole with one slab:
-  // once for both, the values staying in registers; kChunkAmax, kWrite: once).
-  int const amax_visits = pass == Pass::kWrite ? 0 : slabs;
-  bool const resident = pass == Pass::kWhole && slabs == 1;
-  int const visits = amax_visits + (pass == Pass::kChunkAmax || resident ? 0 : slabs);
-  Run<T> runs[L::kRuns];  // the words of the slab visited next
-  auto load = [&](int visit) {
-    int const slab = visit % max(slabs, 1);
-#pragma unroll
-    for (int r = 0; r < L::kRuns; ++r) {
-      runs[r].load(static_cast<T const*>(p.x) + offset(slab) + r * L::kRunStride, valid(slab));
-    }
-  };
-  if (kPrefetch && visits > 0) { load(0); }  // in flight while the masks and the chunk amaxes are read
-
   if (rotate) {
     uint32_t* const words = reinterpret_cast<uint32_t*>(sign_masks);
     for (int i = threadIdx.x; i < 4 * kRowWords; i += blockDim.x) { words[i] = sign_word<T>(p.signs, i); }
     __syncthreads();
   }
-  float amax = 0.f;
-  if (pass == Pass::kWrite) {  // the block's chunk amaxes
-    float const* chunk_amax = p.partial_amax + head_index * chunks_per_head + block * g.chunks_per_block;
-    for (int i = threadIdx.x; i < g.chunks_per_block; i += blockDim.x) { amax = max_keeping_nan(amax, chunk_amax[i]); }
-    amax = cta_max(amax, scratch);
-  }
 
-  // Visit `visit`: this thread's 32 values of its slab as float32 in v, rotated but not yet
-  // scaled by 1 / sqrt(head_dim) (rows past the chunk give zeros).
+  // This thread's 32 values of slab `slab` as float32 in v, rotated but not yet scaled by
+  // 1 / sqrt(head_dim) (rows past the chunk give zeros).
   float v[L::kValues];
-  auto transform = [&](int visit) {
-    if (!kPrefetch) { load(visit); }
+  auto load_and_rotate = [&](int slab) {
+    Run<T> runs[L::kRuns];
+#pragma unroll
+    for (int r = 0; r < L::kRuns; ++r) {
+      runs[r].load(static_cast<T const*>(p.x) + offset(slab) + r * L::kRunStride, valid(slab));
+    }
 #pragma unroll
     for (int r = 0; r < L::kRuns; ++r) {
       if (rotate) { runs[r].flip_signs(sign_masks + (r * L::kRunStride + lane_in_row * L::kRun) * int(sizeof(T)) / 16); }
       runs[r].to_floats(v + r * L::kRun);
     }
-    if (kPrefetch && visit + 1 < visits) { load(visit + 1); }
     if (rotate) { walsh_hadamard<kHeadDim>(v, lane_in_row); }
   };
-  BlockScale scale(0.f);
-  auto store = [&](int slab) {
-    if (!valid(slab)) { return; }
-    if (rotate) {
-#pragma unroll
-      for (int k = 0; k < L::kValues; ++k) { v[k] = v[k] * p.hadamard_scale; }
-    }
-    if (scale.pre != 1.f) {  // a block below 2^-64 (x * 1 would change nothing)
-#pragma unroll
-      for (int k = 0; k < L::kValues; ++k) { v[k] = v[k] * scale.pre; }
-    }
-#pragma unroll
-    for (int k = 0; k < L::kValues; ++k) { v[k] = v[k] * scale.scale; }
-#pragma unroll
-    for (int r = 0; r < L::kRuns; ++r) {
-      *reinterpret_cast<uint4*>(p.x8 + offset(slab) + r * L::kRunStride) = to_e4m3(v + r * L::kRun);
-    }
-  };
 
-  for (int visit = 0; visit < amax_visits; ++visit) {
-    transform(visit);
+  float amax = 0.f;
+  if (pass == Pass::kWrite) {  // the block's chunk amaxes
+    float const* chunk_amax = p.partial_amax + head_index * chunks_per_head + block * g.chunks_per_block;
+    for (int i = threadIdx.x; i < g.chunks_per_block; i += blockDim.x) { amax = max_keeping_nan(amax, chunk_amax[i]); }
+    amax = cta_max(amax, scratch);
+  } else {
+    for (int slab = 0; slab < slabs; ++slab) {
+      load_and_rotate(slab);
 #pragma unroll
-    for (int k = 0; k < L::kValues; ++k) { amax = max_keeping_nan(amax, fabsf(v[k])); }
-  }
-  if (pass != Pass::kWrite) {
+      for (int k = 0; k < L::kValues; ++k) { amax = max_keeping_nan(amax, fabsf(v[k])); }
+    }
     // max |y * s| = float32(max |y| * s) for s > 0: rounding is monotonic (NaN stays NaN).
     if (rotate) { amax = amax * p.hadamard_scale; }
     amax = cta_max(amax, scratch);
@@ -156,13 +118,29 @@ __global__ void __launch_bounds__(kThreads<kHeadDim>, kMinCtasPerSm<T, kHeadDim>
       return;
     }
   }
-  scale = BlockScale(amax);
-  if (resident) { store(0); }
-  for (int visit = amax_visits; visit < visits; ++visit) {
-    transform(visit);
-    store(visit - amax_visits);
+
+  // The write: a slab read again (from L2), or, for a chunk of one slab, v as it is.
+  BlockScale const s(amax);
+  bool const resident = pass == Pass::kWhole && slabs == 1;
+  for (int slab = 0; slab < slabs; ++slab) {
+    if (!resident) { load_and_rotate(slab); }
+    if (!valid(slab)) { continue; }
+    if (rotate) {
+#pragma unroll
+      for (int k = 0; k < L::kValues; ++k) { v[k] = v[k] * p.hadamard_scale; }
+    }
+    if (s.pre != 1.f) {  // a block below 2^-64 (x * 1 would change nothing)
+#pragma unroll
+      for (int k = 0; k < L::kValues; ++k) { v[k] = v[k] * s.pre; }
+    }
+#pragma unroll
+    for (int k = 0; k < L::kValues; ++k) { v[k] = v[k] * s.scale; }
+#pragma unroll
+    for (int r = 0; r < L::kRuns; ++r) {
+      *reinterpret_cast<uint4*>(p.x8 + offset(slab) + r * L::kRunStride) = to_e4m3(v + r * L::kRun);
+    }
   }
-  if (threadIdx.x == 0 && part == 0) { p.descale[head_index * g.num_blocks + block] = scale.descale; }
+  if (threadIdx.x == 0 && part == 0) { p.descale[head_index * g.num_blocks + block] = s.descale; }
 }
 
 }  // namespace jax_fa3::quantize
