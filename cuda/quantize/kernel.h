@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kThreads<kHeadDim>, 1024 / kThreads<kHeadDim>)
     }
 #pragma unroll
     for (int r = 0; r < L::kRuns; ++r) {
-      if (rotate) { runs[r].flip_signs(sign_masks + (r * L::kRunStride + lane_in_row * L::kRun) * int(sizeof(T)) / 16); }
+      if (rotate) { runs[r].flip_signs(sign_masks + L::element(r * L::kRun, lane_in_row) * int(sizeof(T)) / 16); }
       runs[r].to_floats(v + r * L::kRun);
     }
     if (rotate) { walsh_hadamard<kHeadDim>(v, lane_in_row); }

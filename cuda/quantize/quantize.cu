@@ -1,7 +1,6 @@
 // The FP8 quantizer's launches, for bf16/f16/f32 inputs and head dims 64, 128, 256: the one
 // translation unit of cuda/quantize (compiled without fast math and FMA contraction, see
 // CMakeLists.txt, so that its float arithmetic is the reference's).
-#include <algorithm>
 #include <cstdint>
 
 #include <cuda_bf16.h>
