@@ -182,22 +182,38 @@ def decode_workspace_bytes(batch, kv_heads, m_blocks, num_splits, head_dim) -> i
   return _round_up(4 * rows * head_dim, 256) + _round_up(4 * rows, 256)
 
 
-def decode_num_splits(batch, kv_heads, m_blocks, max_keys, block_n, ctas_per_sm, num_sms) -> int:
+# Keys a split needs for the kernel to run one CTA an SM rather than two (see decode_num_splits).
+DECODE_LONG_SPLIT_KEYS = 1024
+
+
+def decode_num_splits(
+  batch, kv_heads, m_blocks, max_keys, block_n, ctas_per_sm, num_sms, paged=False
+) -> int:
   """How many splits of the keys fill the GPU: the fewest that come within 5% of the best
   wave efficiency (CTAs / (waves * slots)), keeping at least 2 key tiles per split. Under 8
   tiles nothing is split: the combine's fixed ~2.5 us outweighs what splitting saves there.
-  (Measured on the H200, batch 1, d128: 2k keys 8.5 us at 16 splits against 9.9 at 8.)"""
+  (Measured on the H200, batch 1, d128: 2k keys 8.5 us at 16 splits against 9.9 at 8.)
+  A contiguous cache counts one CTA an SM where that leaves every split at least
+  DECODE_LONG_SPLIT_KEYS keys, else ctas_per_sm: half the splits of two an SM measured
+  0.5-2.8% faster from 1k keys a split (batch 1 at 16k-64k, batch 2-8 at 8k-128k, d64 and
+  d128), and 11% slower at 512 (batch 1, 8k keys: 16 splits against 32). A paged cache
+  keeps two an SM: with one, page size 16 measured 1-2% slower (NOTES, session 22)."""
   units = batch * kv_heads * m_blocks
-  slots = num_sms * ctas_per_sm
   tiles = -(-max_keys // block_n)
   most = max(1, min(DECODE_MAX_SPLITS, tiles // 2 if tiles >= 8 else 1))
 
-  def efficiency(splits):
-    ctas = units * splits
-    return ctas / (-(-ctas // slots) * slots)
+  def fewest_filling(slots):
+    def efficiency(splits):
+      ctas = units * splits
+      return ctas / (-(-ctas // slots) * slots)
 
-  best = max(efficiency(s) for s in range(1, most + 1))
-  return next(s for s in range(1, most + 1) if efficiency(s) >= 0.95 * best)
+    best = max(efficiency(s) for s in range(1, most + 1))
+    return next(s for s in range(1, most + 1) if efficiency(s) >= 0.95 * best)
+
+  splits = fewest_filling(num_sms)
+  if ctas_per_sm > 1 and (paged or max_keys < DECODE_LONG_SPLIT_KEYS * splits):
+    splits = fewest_filling(num_sms * ctas_per_sm)
+  return splits
 
 
 def _round_up(x, multiple):
@@ -437,7 +453,14 @@ def _decode_cuda(
     capacity = k_cache.shape[1] * (page_table.shape[1] if page_table.size else 1)
     max_keys = capacity + (k_new.shape[1] if k_new.ndim == 4 else 0)
     num_splits = decode_num_splits(
-      batch, kv_heads, m_blocks, max_keys, block_n, ctas_per_sm, _kernels.sm_count()
+      batch,
+      kv_heads,
+      m_blocks,
+      max_keys,
+      block_n,
+      ctas_per_sm,
+      _kernels.sm_count(),
+      paged=bool(page_table.size),
     )
   workspace = decode_workspace_bytes(batch, kv_heads, m_blocks, num_splits, head_dim)
   out, lse, k_cache, v_cache, _ = jax.ffi.ffi_call(

@@ -334,11 +334,18 @@ def test_cuda_lowering_aliases_the_caches(monkeypatch):
 
 def test_split_heuristic_fills_the_gpu():
   split = functools.partial(primitives.decode_num_splits, block_n=64, ctas_per_sm=2, num_sms=132)
-  assert 250 <= 8 * split(1, 8, 1, 32768) <= 264  # about one full wave of 264 CTA slots
+  # Long splits: about one CTA on each of the 132 SMs.
+  assert 120 <= 8 * split(1, 8, 1, 32768) <= 132
+  assert 120 <= 64 * split(8, 8, 1, 8192) <= 132
+  # Splits shorter than DECODE_LONG_SPLIT_KEYS at one an SM: about two CTAs an SM (264 slots).
+  assert 250 <= 8 * split(1, 8, 1, 8192) <= 264
   assert split(64, 8, 1, 32768) == 1  # 512 CTAs already
   assert split(1, 8, 1, 256) == 1  # too few keys to share out
   assert split(1, 8, 1, 2048) == 16  # two 64-key tiles per split
-  assert 1 <= split(8, 8, 1, 8192) <= 8
+  # A paged cache keeps two CTAs an SM.
+  assert 250 <= 8 * split(1, 8, 1, 32768, paged=True) <= 264
+  # One CTA an SM at most (head dim 256): the long-split rule changes nothing.
+  assert split(1, 8, 1, 32768, ctas_per_sm=1) == split(1, 8, 1, 32768)
 
 
 # --- vmap --------------------------------------------------------------------------------

@@ -7,15 +7,20 @@
 
 namespace jax_fa3 {
 
-// A CTA is kQuantizeSlabRows rows of 32 values a thread (2 * head_dim threads): one slab of
-// rows in registers at a time. It takes a chunk of up to kQuantizeChunkRows rows: a chunk of
-// one slab is read once and held from the load to the store; a longer one is read twice
-// (the amax, then the write, the second read from L2), so that small CTAs at several an SM
-// keep loads in flight while others compute.
-constexpr int kQuantizeValuesPerThread = 32;
+// A CTA is kQuantizeSlabRows rows of 32 or 64 values a thread: one slab of rows in registers
+// at a time. It takes a chunk of up to kQuantizeChunkRows rows: a chunk of one slab is read
+// once and held from the load to the store; a longer one is read twice (the amax, then the
+// write, the second read from L2), so that small CTAs at several an SM keep loads in flight
+// while others compute.
+// Values a thread: 64 at head dim 256 (4 lanes a row: one cross-lane butterfly stage fewer,
+// at 128 registers and 512 threads an SM), 32 elsewhere (64 registers, 1024 threads an SM).
+// Measured on the H200 (benchmarks/NOTES.md, session 22), 64 against 32: d256 q and k -6%,
+// v -1.5%; d128 q -4%, k +7%, v +4%; d64 +23 to +60% (fewer loads in flight).
+constexpr int quantize_values_per_thread(int head_dim) { return head_dim == 256 ? 64 : 32; }
+constexpr int quantize_threads_per_sm(int head_dim) { return quantize_values_per_thread(head_dim) == 64 ? 512 : 1024; }
 constexpr int kQuantizeSlabRows = 64;
 constexpr int64_t kQuantizeChunkRows = 256;
-constexpr int quantize_threads(int head_dim) { return kQuantizeSlabRows * head_dim / kQuantizeValuesPerThread; }
+constexpr int quantize_threads(int head_dim) { return kQuantizeSlabRows * head_dim / quantize_values_per_thread(head_dim); }
 
 // How the rows of one (batch, head) are cut: blocks (one scale each) of chunks (one CTA
 // each). A block of one chunk is done by one launch. A longer block takes two: one writes

@@ -1,6 +1,6 @@
 // The FP8 quantizer kernel: x (bf16/f16/f32) -> x' = WHT(x * signs) / sqrt(d) (or x' = x)
 // -> one scale per block of rows -> e4m3. A CTA takes a chunk of rows (geometry.h) in slabs of
-// 64 rows, 32 values a thread in registers.
+// 64 rows, 32 or 64 values a thread in registers (geometry.h).
 #pragma once
 
 #include <cstdint>
@@ -46,11 +46,11 @@ struct BlockScale {
 template <int kHeadDim>
 constexpr int kThreads = quantize_threads(kHeadDim);
 
-// 64 registers a thread, so that an SM holds 1024 threads (4 CTAs at d128). The quantizer is
-// bound by instruction issue, not by loads in flight: loading the next slab while this one
-// is transformed (80 registers, 768 threads an SM) measured 3-8% slower (NOTES, session 21).
+// With 32 values a thread, 64 registers, so that an SM holds 1024 threads (4 CTAs at d128):
+// loading the next slab while this one is transformed (80 registers, 768 threads an SM)
+// measured 3-8% slower (NOTES, session 21).
 template <class T, int kHeadDim>
-__global__ void __launch_bounds__(kThreads<kHeadDim>, 1024 / kThreads<kHeadDim>)
+__global__ void __launch_bounds__(kThreads<kHeadDim>, quantize_threads_per_sm(kHeadDim) / kThreads<kHeadDim>)
     fp8_quantize_kernel(QuantizeParams const p, Pass const pass) {
   using L = RowLayout<kHeadDim>;
   constexpr int kRowWords = kHeadDim * int(sizeof(T)) / 16;  // 16-byte words of a row of x
@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kThreads<kHeadDim>, 1024 / kThreads<kHeadDim>)
     __syncthreads();
   }
 
-  // This thread's 32 values of slab `slab` as float32 in v, rotated but not yet scaled by
+  // This thread's values of slab `slab` as float32 in v, rotated but not yet scaled by
   // 1 / sqrt(head_dim) (rows past the chunk give zeros).
   float v[L::kValues];
   auto load_and_rotate = [&](int slab) {

@@ -18,18 +18,19 @@ namespace jax_fa3::quantize {
 
 constexpr uint32_t kFullWarp = 0xffffffffu;
 
-// A row of kHeadDim elements is spread over kLanesPerRow lanes, 32 values each, in two runs
-// of 16 contiguous elements: value k of lane l is element (k / 16) * kHeadDim / 2 + 16 l + k % 16.
+// A row of kHeadDim elements is spread over kLanesPerRow lanes, kValues (32 or 64) each, in
+// kRuns runs of 16 contiguous elements: value k of lane l is element
+// (k / 16) * kRunStride + 16 l + k % 16, with kRunStride = kHeadDim / kRuns.
 // A run is one 16-byte e4m3 store and one to four 16-byte loads. Butterflies of stride
-// h < 16 and h = kHeadDim / 2 stay in a lane; the others (16 <= h < kHeadDim / 2) cross lanes.
+// h < 16 and h >= kRunStride stay in a lane; the others (16 <= h < kRunStride) cross lanes.
 template <int kHeadDim>
 struct RowLayout {
-  static constexpr int kValues = kQuantizeValuesPerThread;
+  static constexpr int kValues = quantize_values_per_thread(kHeadDim);
   static constexpr int kRun = 16;
   static constexpr int kRuns = kValues / kRun;
-  static constexpr int kRunStride = kHeadDim / kRuns;  // elements between a lane's two runs
+  static constexpr int kRunStride = kHeadDim / kRuns;  // elements between a lane's runs
   static constexpr int kLanesPerRow = kHeadDim / kValues;
-  static_assert(kRuns == 2 && kLanesPerRow >= 1 && kLanesPerRow <= 32 && kHeadDim % kValues == 0);
+  static_assert(kRuns >= 2 && kLanesPerRow >= 1 && kLanesPerRow <= 32 && kHeadDim % kValues == 0);
 
   __device__ static int element(int value, int lane_in_row) {
     return (value / kRun) * kRunStride + lane_in_row * kRun + value % kRun;
@@ -74,10 +75,15 @@ __device__ __forceinline__ void walsh_hadamard(float (&v)[RowLayout<kHeadDim>::k
     for (int k = 0; k < L::kValues; ++k) { v[k] = fmaf(v[k], sign, __shfl_xor_sync(kFullWarp, v[k], m)); }
   }
 #pragma unroll
-  for (int k = 0; k < L::kRun; ++k) {  // stride kHeadDim / 2: the two runs
-    float const a = v[k], b = v[k + L::kRun];
-    v[k] = a + b;
-    v[k + L::kRun] = a - b;
+  for (int h = L::kRun; h < L::kValues; h *= 2) {  // strides kRunStride * h / kRun: between runs
+#pragma unroll
+    for (int k = 0; k < L::kValues; ++k) {
+      if (!(k & h)) {
+        float const a = v[k], b = v[k + h];
+        v[k] = a + b;
+        v[k + h] = a - b;
+      }
+    }
   }
 }
 
