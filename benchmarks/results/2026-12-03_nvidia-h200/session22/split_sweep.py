@@ -1,4 +1,5 @@
 """Session 22: decode time against an explicit num_splits (0 = the heuristic), cuDNN beside it."""
+
 import functools
 import sys
 
@@ -19,9 +20,15 @@ def ours(problem, splits, iterations=10):
 
 
 CASES = [
-  (1, 16384, 128, [0, 16, 32]), (1, 32768, 128, [0, 16, 32]), (1, 65536, 128, [0, 16, 32]),
-  (1, 32768, 64, [0, 16, 32]), (2, 32768, 128, [0, 8, 16]), (2, 8192, 128, [0, 8, 16]),
-  (8, 8192, 128, [0, 2, 4]), (8, 32768, 128, [0, 2, 4]), (8, 131072, 128, [0, 2, 4]),
+  (1, 16384, 128, [0, 16, 32]),
+  (1, 32768, 128, [0, 16, 32]),
+  (1, 65536, 128, [0, 16, 32]),
+  (1, 32768, 64, [0, 16, 32]),
+  (2, 32768, 128, [0, 8, 16]),
+  (2, 8192, 128, [0, 8, 16]),
+  (8, 8192, 128, [0, 2, 4]),
+  (8, 32768, 128, [0, 2, 4]),
+  (8, 131072, 128, [0, 2, 4]),
   (4, 32768, 128, [0, 4, 8]),
 ]
 for b, s, d, counts in CASES:
@@ -31,4 +38,7 @@ for b, s, d, counts in CASES:
   for rep in range(2):
     for splits in counts:
       t = ours(p, splits)
-      print(f"b{b} s{s} d{d} splits {splits:3d} {t * 1000:7.2f} us {p.kv_bytes() / t / 1e6:6.0f} GB/s", flush=True)
+      print(
+        f"b{b} s{s} d{d} splits {splits:3d} {t * 1000:7.2f} us {p.kv_bytes() / t / 1e6:6.0f} GB/s",
+        flush=True,
+      )
