@@ -50,15 +50,14 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
-// The unnormalised transform: butterflies (a, b) -> (a + b, a - b), a the element of lower
-// index, for strides 1, 2, 4, ..., kHeadDim / 2 in that order.
-template <int kHeadDim>
-__device__ __forceinline__ void walsh_hadamard(float (&v)[RowLayout<kHeadDim>::kValues], int lane_in_row) {
-  using L = RowLayout<kHeadDim>;
+// Butterflies (a, b) -> (a + b, a - b) between a lane's values k and k + h, for value strides
+// h = kFirst, 2 kFirst, ... below kEnd, in that order.
+template <int kFirst, int kEnd, int kValues>
+__device__ __forceinline__ void in_lane_butterflies(float (&v)[kValues]) {
 #pragma unroll
-  for (int h = 1; h < L::kRun; h *= 2) {
+  for (int h = kFirst; h < kEnd; h *= 2) {
 #pragma unroll
-    for (int k = 0; k < L::kValues; ++k) {
+    for (int k = 0; k < kValues; ++k) {
       if (!(k & h)) {
         float const a = v[k], b = v[k + h];
         v[k] = a + b;
@@ -66,6 +65,14 @@ __device__ __forceinline__ void walsh_hadamard(float (&v)[RowLayout<kHeadDim>::k
       }
     }
   }
+}
+
+// The unnormalised transform: butterflies (a, b) -> (a + b, a - b), a the element of lower
+// index, for strides 1, 2, 4, ..., kHeadDim / 2 in that order.
+template <int kHeadDim>
+__device__ __forceinline__ void walsh_hadamard(float (&v)[RowLayout<kHeadDim>::kValues], int lane_in_row) {
+  using L = RowLayout<kHeadDim>;
+  in_lane_butterflies<1, L::kRun>(v);  // strides 1-8: inside a run
 #pragma unroll
   for (int m = 1; m < L::kLanesPerRow; m *= 2) {  // stride 16 m: partner lane l ^ m
     // The lower lane keeps a + b, the upper b' = a - b: both are v * sign + other, one FFMA
@@ -74,17 +81,7 @@ __device__ __forceinline__ void walsh_hadamard(float (&v)[RowLayout<kHeadDim>::k
 #pragma unroll
     for (int k = 0; k < L::kValues; ++k) { v[k] = fmaf(v[k], sign, __shfl_xor_sync(kFullWarp, v[k], m)); }
   }
-#pragma unroll
-  for (int h = L::kRun; h < L::kValues; h *= 2) {  // strides kRunStride * h / kRun: between runs
-#pragma unroll
-    for (int k = 0; k < L::kValues; ++k) {
-      if (!(k & h)) {
-        float const a = v[k], b = v[k + h];
-        v[k] = a + b;
-        v[k + h] = a - b;
-      }
-    }
-  }
+  in_lane_butterflies<L::kRun, L::kValues>(v);  // strides kRunStride and up: between runs
 }
 
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
