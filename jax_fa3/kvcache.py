@@ -54,7 +54,8 @@ def flash_attention_with_kvcache(
       output 0 and lse `sinks[h]`).
     num_splits: how many parts the keys of each sequence are split into on the GPU
       (flash-decoding), combined in the same call; 0 picks it from the batch, heads, cache
-      size and SM count. At most 128. Results are the same up to float rounding.
+      size, cache layout (paged or not) and SM count. At most 128. Results are the same up
+      to float rounding.
     return_lse: also return the float32 log-sum-exp `[batch, heads, seqlen_q]`.
 
   A sequence whose `cache_seqlens` is negative or leaves no room for k_new, or whose page
