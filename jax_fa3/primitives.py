@@ -210,10 +210,11 @@ def decode_num_splits(
     best = max(efficiency(s) for s in range(1, most + 1))
     return next(s for s in range(1, most + 1) if efficiency(s) >= 0.95 * best)
 
-  splits = fewest_filling(num_sms)
-  if ctas_per_sm > 1 and (paged or max_keys < DECODE_LONG_SPLIT_KEYS * splits):
-    splits = fewest_filling(num_sms * ctas_per_sm)
-  return splits
+  if not paged:
+    one_an_sm = fewest_filling(num_sms)
+    if ctas_per_sm == 1 or max_keys >= DECODE_LONG_SPLIT_KEYS * one_an_sm:
+      return one_an_sm
+  return fewest_filling(num_sms * ctas_per_sm)
 
 
 def _round_up(x, multiple):
