@@ -10,8 +10,8 @@ python tools/profile_kernels.py [--mode forward|backward|fp8|decode] [--head-dim
 - fp8: the FP8 forward on e4m3 inputs with per-head descales (benchmarks/fp8.py's inputs);
   with --cudnn also cuDNN's FP8 forward;
 - decode: flash_attention_with_kvcache, one token appended (benchmarks/decode.py's inputs,
-  32/8 heads, cache of --seqlen keys), two calls threaded per run; with --cudnn also jax.nn's
-  cuDNN attention on it.
+  32/8 heads, cache of --seqlen keys, paged with --page-size), two calls threaded per run;
+  with --cudnn also jax.nn's cuDNN attention on it (contiguous caches only).
 """
 
 import argparse
@@ -61,20 +61,20 @@ def fp8_calls(head_dim, seqlen, cudnn):
     yield impl, jax.jit(fn), args
 
 
-def decode_calls(head_dim, seqlen, batch, cudnn):
+def decode_calls(head_dim, seqlen, batch, cudnn, page_size=0):
   import decode  # benchmarks/decode.py: its inputs
 
-  q, k_cache, v_cache, lengths, (k_new, v_new), _ = decode.Decode(
-    batch, seqlen, 32, 8, head_dim, 0
+  q, k_cache, v_cache, lengths, (k_new, v_new), table = decode.Decode(
+    batch, seqlen, 32, 8, head_dim, page_size
   ).inputs()
   # Two calls threaded per run: the second launch of the decode kernel is the first clean one
   # (the first follows XLA's copy of the undonated caches; decode.attend_threaded).
   yield (
     "jax_fa3",
-    jax.jit(lambda q, k, v, n, kn, vn: decode.attend_threaded(q, k, v, n, kn, vn, None, calls=2)),
-    (q, k_cache, v_cache, lengths, k_new, v_new),
+    jax.jit(lambda q, k, v, n, kn, vn, t: decode.attend_threaded(q, k, v, n, kn, vn, t, calls=2)),
+    (q, k_cache, v_cache, lengths, k_new, v_new, table),
   )
-  if cudnn:
+  if cudnn and not page_size:
     attend = jax.jit(
       lambda q, k, v, n: jax.nn.dot_product_attention(
         q, k, v, key_value_seq_lengths=n, implementation="cudnn"
@@ -92,6 +92,9 @@ def main():
   parser.add_argument("--seqlen", type=int, default=8192)
   parser.add_argument("--batch", type=int, default=1, help="decode only")
   parser.add_argument(
+    "--page-size", type=int, default=0, help="decode only: a paged cache (0: contiguous)"
+  )
+  parser.add_argument(
     "--cudnn", action="store_true", help="also cuDNN's kernel for the same inputs"
   )
   parser.add_argument("--fa3", action="store_true", help="forward/backward: also FA3's own kernels")
@@ -105,7 +108,7 @@ def main():
     elif args.mode == "fp8":
       calls = fp8_calls(head_dim, args.seqlen, args.cudnn)
     else:
-      calls = decode_calls(head_dim, args.seqlen, args.batch, args.cudnn)
+      calls = decode_calls(head_dim, args.seqlen, args.batch, args.cudnn, args.page_size)
     for name, fn, fn_args in calls:
       for _ in range(2):
         jax.block_until_ready(fn(*fn_args))
