@@ -14,7 +14,7 @@
 # ptxas's reports (-Xptxas -v is in the build's flags) stay in /tmp/variant_<name of OUT>/.
 # JOBS (default 2) compiles run at once.
 set -euo pipefail
-if [ $# -lt 3 ]; then sed -n '2,16p' "$0"; exit 2; fi
+if [ $# -lt 3 ]; then sed -n '2,15p' "$0"; exit 2; fi
 SRC=$(cd "$1" && pwd); OUT=$(realpath -m "$2"); shift 2
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 B=$(cd "${BUILD:-$REPO/build/device}" && pwd)
